@@ -1,0 +1,169 @@
+"""Configuration of the data stage: one plain dataclass the Hydra schema can mirror field for field.
+
+Every field is a plain value (str, int, float, bool, None, list of SourceConfig), so the schema can copy
+the names and defaults. `DataConfig.from_dict` accepts the same fields as a nested dict (e.g. a Hydra /
+OmegaConf node turned into a container) and rejects unknown keys with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt")
+OVERLONG = ("truncate", "drop")
+ON_BAD_RECORD = ("raise", "skip")
+
+
+@dataclass
+class SourceConfig:
+    """One prompt source of the mixture."""
+
+    # Local file (.jsonl, .jsonl.gz, .json, .parquet, .arrow, .feather), a folder written by
+    # `datasets.Dataset.save_to_disk`, or a Hugging Face Hub dataset id (needs `datasets` and a network).
+    path_or_id: str
+    # Record layout: "messages" (list of {role, content}), "sharegpt" (list of {from, value}),
+    # "alpaca" (instruction / input / output), "prompt" (one text field, see `field`), or "auto"
+    # (decided from the first record's keys: messages, conversations, instruction).
+    format: str = "auto"
+    # Where the record keeps its data. "prompt": the prompt text, a dotted/indexed path such as
+    # "question" or "turns[0].content" (required). "messages"/"sharegpt": the list field (default
+    # "messages"/"conversations"). "alpaca": the instruction field (default "instruction").
+    field: str | None = None
+    # Where the dataset's own response is, kept when `regenerate` is false. "prompt": optional path
+    # (e.g. "answer"). "alpaca": default "output", else "response". Chat formats: the final assistant turn.
+    response_field: str | None = None
+    # Relative weight in the mixture; used only when DataConfig.num_samples is set.
+    weight: float = 1.0
+    # Take at most this many records of this source (a seeded random subset), after dedup.
+    max_samples: int | None = None
+    # Split name, for Hub datasets and save_to_disk folders holding a DatasetDict.
+    split: str = "train"
+    # Hub dataset configuration name (e.g. "main" for gsm8k); None for local files.
+    subset: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Short label used in reports and rejected.jsonl."""
+        return self.path_or_id
+
+
+@dataclass
+class ChatTemplateConfig:
+    """How conversations are rendered: always with the tokenizer's own chat template."""
+
+    # Qwen3's switch. None: do not pass it (the template's default); true/false: pass it.
+    enable_thinking: bool | None = None
+    # Prepended as a system message to conversations that have none. None: leave conversations as they are.
+    system_prompt: str | None = None
+    # Extra end-of-turn tokens (strings) closing an assistant turn, besides the tokenizer's eos token.
+    stop_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """The data stage: sources -> (regenerate or keep responses) -> pack -> run_dir/data."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Backbone (HF folder, Hub id or .gguf file). Its tokenizer renders the data; it writes the responses
+    # when `regenerate` is true. The caller usually fills it from the model section.
+    model: str | None = None
+    # Tokenizer folder/id when it differs from `model` (None: use `model`).
+    tokenizer: str | None = None
+    # Seed for every random choice of this stage (subsets, mixture, split order, sampling).
+    seed: int = 0
+    # Total number of selected prompts (train + holdout) split between sources in proportion to their
+    # weights. None: take every record of every source (each capped by its max_samples).
+    num_samples: int | None = None
+    # Fraction of selected prompts kept apart for evaluation (written to holdout.jsonl, never packed).
+    holdout_fraction: float = 0.0
+    # Exact number of held-out prompts; overrides holdout_fraction when set.
+    holdout_count: int | None = None
+    # Drop records whose prompt (all messages before the response, whitespace-collapsed, case-folded)
+    # was already seen in any source. The first occurrence, in source order, is kept.
+    dedup: bool = True
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    # True: the frozen backbone writes every response (self-distillation). False: keep the dataset's own.
+    regenerate: bool = True
+    # Longest regenerated response, in tokens.
+    max_new_tokens: int = 1024
+    # 0: greedy decoding. > 0: sampling at this temperature (no top-k / top-p), seeded per batch.
+    temperature: float = 0.0
+    # Prompts per generate call (length-bucketed, left-padded).
+    batch_size: int = 32
+    # Length of a packed training row, in tokens.
+    seq_len: int = 4096
+    # Conversation longer than seq_len: "truncate" (keep the first seq_len tokens) or "drop" it.
+    overlong: str = "truncate"
+    # Malformed record: "raise" an error naming file, line and reason, or "skip" it into rejected.jsonl.
+    on_bad_record: str = "raise"
+    # Prompts per regeneration shard: the unit of resumption and of the rank split.
+    shard_size: int = 512
+    # Packed rows per Arrow file of the training set.
+    rows_per_file: int = 4096
+    # Static KV cache for the built-in HF generator (falls back to dynamic with a warning).
+    static_cache: bool = True
+    # tqdm progress bars.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SourceConfig) else _make(SourceConfig, s, "data.sources[]")
+                        for s in self.sources]
+        if not isinstance(self.chat_template, ChatTemplateConfig):
+            self.chat_template = _make(ChatTemplateConfig, self.chat_template, "data.chat_template")
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"data.{key}: {msg}")
+
+        for i, s in enumerate(self.sources):
+            if s.format not in FORMATS:
+                bad(f"sources[{i}].format", f"{s.format!r} is not one of {FORMATS}")
+            if s.format == "prompt" and not s.field:
+                bad(f"sources[{i}].field", "format 'prompt' needs `field` (e.g. 'question' or 'turns[0].content')")
+            if not s.weight > 0:
+                bad(f"sources[{i}].weight", f"must be > 0, got {s.weight}")
+            if s.max_samples is not None and s.max_samples < 0:
+                bad(f"sources[{i}].max_samples", f"must be >= 0, got {s.max_samples}")
+        if self.overlong not in OVERLONG:
+            bad("overlong", f"{self.overlong!r} is not one of {OVERLONG}")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            bad("on_bad_record", f"{self.on_bad_record!r} is not one of {ON_BAD_RECORD}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            bad("holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
+        for key in ("seq_len", "batch_size", "shard_size", "rows_per_file", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.temperature < 0:
+            bad("temperature", f"must be >= 0, got {self.temperature}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "DataConfig") -> "DataConfig":
+        if isinstance(d, DataConfig):
+            return d
+        return _make(cls, d, "data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *keys: str) -> str:
+        """Hash of the named fields (all fields that shape the outputs when none are named)."""
+        d = self.to_dict()
+        d.pop("progress")
+        if keys:
+            d = {k: d[k] for k in keys}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _make(cls, d: Mapping[str, Any], where: str):
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    return cls(**dict(d))

@@ -1,0 +1,42 @@
+"""A static KV cache with per-row committed lengths.
+
+Fixed shapes (S slots per row, allocated once) so the draft and verify passes can be captured as
+CUDA graphs. "Cropping" after a verify pass is only a change of `lengths`: slots past a row's length
+are never read (see `masks.py`) and are overwritten by the next pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StaticKVCache:
+    k: list[torch.Tensor]  # per layer (B, Hkv, S, D)
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # (B,) long: committed tokens per row
+
+    @classmethod
+    def allocate(cls, layers: int, batch: int, kv_heads: int, slots: int, head_dim: int,
+                 dtype=torch.float32, device="cpu") -> "StaticKVCache":
+        shape = (batch, kv_heads, slots, head_dim)
+        return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                   lengths=torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write (B, Hkv, T, D) at slots lengths[b] .. lengths[b]+T-1 (clamped to the last slot,
+        which callers keep as slack: it is never a committed position)."""
+        B, H, T, D = k_new.shape
+        idx = (self.lengths[:, None] + torch.arange(T, device=k_new.device)[None, :]).clamp_(max=self.slots - 1)
+        idx = idx[:, None, :, None].expand(B, H, T, D)
+        self.k[layer].scatter_(2, idx, k_new.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, idx, v_new.to(self.v[layer].dtype))
+
+    def reset(self) -> None:
+        self.lengths.zero_()

@@ -1,0 +1,58 @@
+"""Attention visibility rules, in one place.
+
+Training (dual-pass mask): the diffusion stream holds N blocks of K queries per row; block n has
+anchor a_n. Keys are [AR keys of the row (L)] ++ [diffusion keys (N*K)]. A block query sees AR key j
+iff j < a_n (strictly before its anchor; the anchor token itself is the block's first diffusion
+token) and diffusion key j' iff j' is in the same block (bidirectional inside the block).
+
+Decoding, static cache of S slots with per-row committed length `lengths[b]`:
+  * draft:  block queries see cache slot j iff j < lengths[b], and all K keys of their block;
+  * AR (prefill/verify): the pass first writes its K/V at lengths[b] + t; query t sees slot j iff
+    j <= lengths[b] + t (the committed prefix plus the causal part of its own block).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dual_pass_mask_dense(anchors: torch.Tensor, L: int, K: int) -> torch.Tensor:
+    """Boolean (B, 1, N*K, L + N*K) mask, True = may attend. Reference and CPU path."""
+    B, N = anchors.shape
+    dev = anchors.device
+    q_block = torch.arange(N * K, device=dev) // K  # (NK,)
+    limit = anchors[:, q_block]  # (B, NK): AR keys must be < anchor of the query's block
+    ar = torch.arange(L, device=dev)[None, None, :] < limit[:, :, None]  # (B, NK, L)
+    same = (q_block[:, None] == q_block[None, :])  # (NK, NK)
+    diff = same[None].expand(B, -1, -1)
+    return torch.cat([ar, diff], dim=-1)[:, None]
+
+
+def dual_pass_block_mask(anchors: torch.Tensor, L: int, K: int, heads: int, block: int = 128):
+    """The same rule as a FlexAttention BlockMask (sparse: blocks past every anchor are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, N = anchors.shape
+    anchors = anchors.contiguous()
+
+    def rule(b, h, q, kv):
+        n = q // K
+        is_ar = kv < L
+        return (is_ar & (kv < anchors[b, n])) | (~is_ar & ((kv - L) // K == n))
+
+    return create_block_mask(rule, B=B, H=None, Q_LEN=N * K, KV_LEN=L + N * K, BLOCK_SIZE=block,
+                             device=anchors.device)
+
+
+def draft_mask(lengths: torch.Tensor, S: int, K: int) -> torch.Tensor:
+    """(B, 1, K, S + K): committed prefix plus the whole block."""
+    B = lengths.shape[0]
+    pre = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]  # (B, S)
+    pre = pre[:, None, :].expand(B, K, S)
+    blk = torch.ones(B, K, K, dtype=torch.bool, device=lengths.device)
+    return torch.cat([pre, blk], dim=-1)[:, None]
+
+
+def cached_causal_mask(lengths: torch.Tensor, S: int, T: int) -> torch.Tensor:
+    """(B, 1, T, S): query t (at position lengths+t) sees slots j <= lengths + t."""
+    qpos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
+    return (torch.arange(S, device=lengths.device)[None, None, :] <= qpos[:, :, None])[:, None]

@@ -1,0 +1,342 @@
+"""Draft heads on a frozen causal LM: Orthrus dual-view twins, and the Medusa-style baseline.
+
+Read top to bottom: `DraftModel` owns the frozen backbone and the AR view (training AR pass,
+cached prefill/verify for decoding); `OrthrusModel` adds the twins and the diffusion view;
+`MedusaModel` adds residual MLP heads on the final hidden state. Both expose the same training
+interface (`student_hidden`) and the same decoding interface (`propose`), so training, decoding and
+evaluation never branch on the head type.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import masks
+from .anchors import Supervision, sample_anchors, supervision
+from .backbones import family_of
+from .cache import StaticKVCache
+from .layers import flex, layer_step, sdpa
+
+TWINS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
+
+
+def choose_mask_token(vocab_len: int, embed_rows: int, requested: int | None = None, force: bool = False):
+    """Pick the mask token id. Returns (id, needs_extra_embedding).
+
+    Default: the first id after the tokenizer's real vocabulary when the embedding has spare rows
+    (Qwen3: 151669 = len(tokenizer)). With no spare row (SmolLM2), the id is `embed_rows` and its
+    embedding is a separate frozen vector (the mean embedding): the output vocabulary is never
+    changed, so the verify pass is exactly the backbone.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"mask_token_id must be >= 0, got {requested}")
+        if requested < vocab_len and not force:
+            raise ValueError(
+                f"mask_token_id={requested} is a real token of the tokenizer (vocabulary size {vocab_len}); "
+                f"drafting would confuse it with text. Use an id >= {vocab_len}, leave it unset for the "
+                "default, or set model.force_mask_token_id=true if you really mean it.")
+        if requested > embed_rows:
+            raise ValueError(f"mask_token_id={requested} is beyond the embedding ({embed_rows} rows); "
+                             f"use at most {embed_rows} (= one extra row)")
+        return requested, requested >= embed_rows
+    if embed_rows > vocab_len:
+        return vocab_len, False
+    return embed_rows, True
+
+
+@dataclass
+class DecodeState:
+    """What a drafter may use at a decode step: the cache (positions < a), the newest committed
+    token x_a (not in the cache) and the final hidden state that produced it."""
+    cache: StaticKVCache
+    last_token: torch.Tensor  # (B,)
+    last_hidden: torch.Tensor  # (B, H)
+
+
+@dataclass
+class TrainBatchOut:
+    hs: torch.Tensor  # (T, H) student hidden at supervised positions
+    ht: torch.Tensor  # (T, H) teacher (AR) hidden at the matching positions
+    sup: Supervision
+    extra: dict = field(default_factory=dict)
+
+
+class DraftModel(nn.Module):
+    head_type = "base"
+    draft_passes_per_step = 1  # backbone forward passes a proposal costs (for TPF)
+
+    def __init__(self, backbone: nn.Module, block_size: int, mask_token_id: int | None = None,
+                 vocab_len: int | None = None, force_mask_token_id: bool = False, attn_backend: str = "sdpa",
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.family = family_of(backbone.config)
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (one anchor + at least one proposal), got {block_size}")
+        if attn_backend not in ("sdpa", "flex"):
+            raise ValueError(f"attn_backend must be 'sdpa' or 'flex', got {attn_backend!r}")
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.block_size = block_size
+        self.attn_backend = attn_backend
+        self.grad_checkpointing = grad_checkpointing
+        emb = backbone.get_input_embeddings()
+        rows = emb.num_embeddings
+        vocab_len = rows if vocab_len is None else vocab_len
+        self.mask_token_id, extra = choose_mask_token(vocab_len, rows, mask_token_id, force_mask_token_id)
+        if extra:
+            with torch.no_grad():
+                mean = emb.weight.float().mean(0).to(emb.weight.dtype)
+            self.register_buffer("mask_embedding", mean.clone(), persistent=True)
+        else:
+            self.mask_embedding = None
+
+    # ---- shared pieces --------------------------------------------------------------------
+    @property
+    def decoder(self):
+        return self.backbone.model
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.backbone.get_output_embeddings().weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.decoder.embed_tokens
+        if self.mask_embedding is None:
+            return emb(ids)
+        is_mask = ids == self.mask_token_id
+        h = emb(ids.masked_fill(is_mask, 0))
+        return torch.where(is_mask[..., None], self.mask_embedding.to(h.dtype), h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.lm_head(hidden)
+
+    def rope(self, h, positions):
+        return self.decoder.rotary_emb(h, positions)
+
+    # ---- AR view ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def ar_pass(self, input_ids: torch.Tensor):
+        """Frozen causal pass over whole rows: final (normed) hidden states (B, L, H) and every layer's
+        post-RoPE keys/values (the 'AR cache' the diffusion view attends to during training)."""
+        B, L = input_ids.shape
+        h = self.embed(input_ids)
+        pos = torch.arange(L, device=input_ids.device)[None].expand(B, L)
+        cos, sin = self.rope(h, pos)
+        kv = []
+        for layer in self.decoder.layers:
+            def attend(q, k, v, layer=layer):
+                kv.append((k, v))
+                return sdpa(q, k, v, None, layer.self_attn.scaling, causal=True)
+            h = layer_step(layer, h, cos, sin, "ar", attend)
+        return self.decoder.norm(h), kv
+
+    def ar_cached(self, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Prefill / verify: causal pass of `ids` (B, T) at positions lengths+t, writing its K/V to the
+        cache. Returns final hidden (B, T, H). Does not advance `cache.lengths`."""
+        B, T = ids.shape
+        h = self.embed(ids)
+        pos = cache.lengths[:, None] + torch.arange(T, device=ids.device)[None]
+        cos, sin = self.rope(h, pos)
+        mask = masks.cached_causal_mask(cache.lengths, cache.slots, T)
+        for i, layer in enumerate(self.decoder.layers):
+            def attend(q, k, v, i=i, layer=layer):
+                cache.write(i, k, v)
+                return sdpa(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask, layer.self_attn.scaling)
+            h = layer_step(layer, h, cos, sin, "ar", attend)
+        return self.decoder.norm(h)
+
+    def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:
+        p = next(self.backbone.parameters())
+        attn = self.decoder.layers[0].self_attn
+        kvh = self.config.num_key_value_heads
+        return StaticKVCache.allocate(len(self.decoder.layers), batch, kvh, slots, attn.head_dim,
+                                      dtype=dtype or p.dtype, device=device or p.device)
+
+    # ---- training ---------------------------------------------------------------------------
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup: Supervision) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_outputs(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, n_anchors: int,
+                      generator: torch.Generator | None = None, anchors=None) -> TrainBatchOut:
+        """Frozen AR pass + the heads' pass over N sampled anchor blocks; student/teacher hidden states
+        at every supervised position, for a loss over the shared lm_head."""
+        if anchors is None:
+            anchors, valid = sample_anchors(loss_mask, n_anchors, generator)
+        else:
+            anchors, valid = anchors
+        sup = supervision(anchors, valid, loss_mask, self.block_size)
+        ar_hidden, kv = self.ar_pass(input_ids)
+        hs = self.student_hidden(input_ids, ar_hidden, kv, anchors, valid, sup)
+        ht = ar_hidden[sup.batch, sup.teacher_pos]
+        return TrainBatchOut(hs=hs, ht=ht, sup=sup)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changed (or added), under the names export uses."""
+        raise NotImplementedError
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def propose(self, state: DecodeState) -> torch.Tensor:
+        """Draft logits (B, K-1, V) for the next K-1 tokens after x_a."""
+        raise NotImplementedError
+
+    def forward(self, input_ids, **kw):
+        """Diffusion off: the stock backbone, untouched."""
+        return self.backbone(input_ids=input_ids, **kw)
+
+
+class OrthrusModel(DraftModel):
+    head_type = "orthrus"
+
+    def __init__(self, backbone, block_size: int = 32, trainable: tuple[str, ...] | list[str] = TWINS, **kw):
+        super().__init__(backbone, block_size, **kw)
+        unknown = set(trainable) - set(TWINS)
+        if unknown:
+            raise ValueError(f"unknown twins in heads.trainable: {sorted(unknown)}; choose from {list(TWINS)}")
+        for layer in self.decoder.layers:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if self.family.qk_norm else ()):
+                twin = copy.deepcopy(getattr(attn, name))  # starts as a copy of the frozen AR weights
+                twin.requires_grad_(name + "_diff" in trainable)
+                setattr(attn, name + "_diff", twin)
+        if not any(p.requires_grad for p in self.parameters()):
+            warnings.warn("heads.trainable selects no parameter of this backbone family: nothing will train")
+
+    def twin_names(self) -> list[str]:
+        return [n for n, _ in self.backbone.named_parameters() if "_diff." in n]
+
+    def head_state_dict(self):
+        return {n: p for n, p in self.backbone.state_dict().items() if "_diff." in n} | (
+            {"mask_embedding": self.mask_embedding} if self.mask_embedding is not None else {})
+
+    def _diffusion_layers(self, h, cos, sin, attend_for_layer):
+        for i, layer in enumerate(self.decoder.layers):
+            def step(h, i=i, layer=layer):
+                return layer_step(layer, h, cos, sin, "diff", attend_for_layer(i, layer))
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(step, h, use_reentrant=False)
+            else:
+                h = step(h)
+        return self.decoder.norm(h)
+
+    def diffusion_train(self, input_ids, kv, anchors) -> torch.Tensor:
+        """All N blocks of every row in one pass under the dual-pass mask. Returns (B, N*K, H)."""
+        B, L = input_ids.shape
+        N, K = anchors.shape[1], self.block_size
+        i = torch.arange(K, device=input_ids.device)
+        pos = (anchors[:, :, None] + i).view(B, N * K)
+        ids = torch.full((B, N, K), self.mask_token_id, dtype=torch.long, device=input_ids.device)
+        ids[:, :, 0] = input_ids.gather(1, anchors)
+        h = self.embed(ids.view(B, N * K))
+        cos, sin = self.rope(h, pos)
+        if self.attn_backend == "flex":
+            bm = masks.dual_pass_block_mask(anchors, L, K, heads=self.config.num_attention_heads)
+
+            def attend_for_layer(li, layer):
+                def attend(q, k, v):
+                    kk = torch.cat([kv[li][0].to(k.dtype), k], 2)
+                    vv = torch.cat([kv[li][1].to(v.dtype), v], 2)
+                    return flex(q, kk, vv, bm, layer.self_attn.scaling)
+                return attend
+        else:
+            dense = masks.dual_pass_mask_dense(anchors, L, K)
+
+            def attend_for_layer(li, layer):
+                def attend(q, k, v):
+                    kk = torch.cat([kv[li][0].to(k.dtype), k], 2)
+                    vv = torch.cat([kv[li][1].to(v.dtype), v], 2)
+                    return sdpa(q, kk, vv, dense, layer.self_attn.scaling)
+                return attend
+        return self._diffusion_layers(h, cos, sin, attend_for_layer)
+
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup):
+        stream = self.diffusion_train(input_ids, kv, anchors)
+        return stream[sup.batch, sup.stream_pos]
+
+    def draft(self, block_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Inference diffusion pass: block (B, K) at positions lengths..lengths+K-1 over the cache
+        prefix (< lengths). Returns final hidden (B, K, H)."""
+        B, K = block_ids.shape
+        h = self.embed(block_ids)
+        pos = cache.lengths[:, None] + torch.arange(K, device=block_ids.device)[None]
+        cos, sin = self.rope(h, pos)
+        mask = masks.draft_mask(cache.lengths, cache.slots, K)
+
+        def attend_for_layer(li, layer):
+            def attend(q, k, v):
+                kk = torch.cat([cache.k[li].to(k.dtype), k], 2)
+                vv = torch.cat([cache.v[li].to(v.dtype), v], 2)
+                return sdpa(q, kk, vv, mask, layer.self_attn.scaling)
+            return attend
+        return self._diffusion_layers(h, cos, sin, attend_for_layer)
+
+    def propose(self, state: DecodeState) -> torch.Tensor:
+        B = state.last_token.shape[0]
+        block = torch.full((B, self.block_size), self.mask_token_id, dtype=torch.long, device=state.last_token.device)
+        block[:, 0] = state.last_token
+        return self.logits(self.draft(block, state.cache)[:, :-1])
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int, dtype=None):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)  # starts as identity: every head first predicts the next token
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return x + self.act(self.linear(x))
+
+
+class MedusaModel(DraftModel):
+    """Medusa-style baseline: K-1 residual MLP heads on the final hidden state at a-1, sharing the frozen
+    lm_head. Head i proposes x_{a+i+1} (same targets as Orthrus block offset i). It needs no extra
+    backbone pass to draft (it reads the hidden state the last verify pass produced)."""
+    head_type = "medusa"
+    draft_passes_per_step = 0
+
+    def __init__(self, backbone, block_size: int = 32, **kw):
+        super().__init__(backbone, block_size, **kw)
+        p = next(backbone.parameters())
+        self.heads = nn.ModuleList([ResBlock(self.config.hidden_size, dtype=p.dtype).to(p.device)
+                                    for _ in range(block_size - 1)])
+
+    def head_state_dict(self):
+        return {f"medusa_heads.{k}": v for k, v in self.heads.state_dict().items()}
+
+    def _apply_heads(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., K-1, H)"""
+        return torch.stack([head(h) for head in self.heads], dim=-2)
+
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup):
+        base = ar_hidden[sup.batch, sup.teacher_pos - sup.offset - 1]  # hidden at a-1
+        out = torch.empty_like(base)
+        for i, head in enumerate(self.heads):
+            sel = sup.offset == i
+            if sel.any():
+                out = out.index_put((sel.nonzero(as_tuple=True)[0],), head(base[sel]))
+        return out
+
+    def propose(self, state: DecodeState) -> torch.Tensor:
+        return self.logits(self._apply_heads(state.last_hidden))
+
+
+def build_draft_model(head_type: str, backbone, **kw) -> DraftModel:
+    if head_type == "orthrus":
+        return OrthrusModel(backbone, **kw)
+    if head_type == "medusa":
+        kw.pop("trainable", None)
+        return MedusaModel(backbone, **kw)
+    raise ValueError(f"heads.type must be 'orthrus' or 'medusa', got {head_type!r}")
