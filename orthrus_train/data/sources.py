@@ -268,13 +268,14 @@ def _text(value: Any, what: str) -> str:
 
 
 def detect_format(record: Any) -> str:
-    if isinstance(record, dict):
-        for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
-            if key in record:
-                return fmt
-    keys = sorted(record)[:12] if isinstance(record, dict) else type(record).__name__
-    raise ValueError(f"cannot tell the format of a record with keys {keys}: set the source's format "
-                     "('messages', 'sharegpt', 'alpaca', or 'prompt' with field=...)")
+    """Format of a source from one record (format="auto")."""
+    if not isinstance(record, dict):
+        raise BadRecordError("wrong_type", f"expected a JSON object, got {type(record).__name__}")
+    for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        if key in record:
+            return fmt
+    raise ValueError(f"cannot tell the format of a record with keys {sorted(record)[:12]}: set the source's "
+                     "format ('messages', 'sharegpt', 'alpaca', or 'prompt' with field=...)")
 
 
 def normalize(record: Any, src: SourceConfig, fmt: str) -> list[dict[str, str]]:
@@ -324,18 +325,16 @@ def normalize(record: Any, src: SourceConfig, fmt: str) -> list[dict[str, str]]:
 
 
 def _check_conversation(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    for i, m in enumerate(msgs):
-        if m["role"] == "system" and i != 0:
-            raise BadRecordError("bad_role", f"turn {i} is a system message; only the first turn may be")
-    prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+    """Roles: an optional system turn, then user and assistant alternating, starting with user."""
+    roles = [m["role"] for m in msgs]
+    turns = roles[1:] if roles[0] == "system" else roles
+    if not turns or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(turns)):
+        raise BadRecordError("bad_role", "roles must be an optional system turn, then user and assistant "
+                                         f"alternating from user; got {roles}")
+    prompt = msgs[:-1] if roles[-1] == "assistant" else msgs
     users = [m for m in prompt if m["role"] == "user"]
-    if not users or prompt[-1]["role"] != "user":
-        raise BadRecordError("bad_role", "the prompt must end with a user turn (roles: "
-                                         f"{[m['role'] for m in msgs]})")
     if not any(m["content"].strip() for m in users):
         raise BadRecordError("empty_prompt", "the prompt is empty (no user text)")
-    if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"].strip():
-        raise BadRecordError("empty_response", "the final assistant response is empty")
     return msgs
 
 
@@ -362,6 +361,11 @@ def read_source(index: int, src: SourceConfig, *, require_response: bool, on_bad
             if fmt is None:
                 fmt = detect_format(raw)
             msgs = normalize(raw, src, fmt)
+            if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"].strip():
+                if require_response:
+                    raise BadRecordError("empty_response", "the final assistant response is empty and "
+                                                           "data.regenerate is false")
+                msgs = msgs[:-1]  # regeneration replaces it anyway
             if require_response and msgs[-1]["role"] != "assistant":
                 raise BadRecordError("no_response", "the record has no response and data.regenerate is false"
                                      + ("" if fmt not in ("prompt", "alpaca") else

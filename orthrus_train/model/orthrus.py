@@ -183,7 +183,8 @@ class DraftModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changed (or added), under the names export uses."""
+        """Only what training changed (or added), under the names export uses. The values are the live
+        parameters/buffers themselves (copying into them loads a checkpoint)."""
         raise NotImplementedError
 
     # ---- decoding ---------------------------------------------------------------------------
@@ -217,8 +218,11 @@ class OrthrusModel(DraftModel):
         return [n for n, _ in self.backbone.named_parameters() if "_diff." in n]
 
     def head_state_dict(self):
-        return {n: p for n, p in self.backbone.state_dict().items() if "_diff." in n} | (
-            {"mask_embedding": self.mask_embedding} if self.mask_embedding is not None else {})
+        tensors = dict(self.backbone.named_parameters())
+        out = {n: p for n, p in tensors.items() if "_diff." in n}
+        if self.mask_embedding is not None:
+            out["mask_embedding"] = self.mask_embedding
+        return out
 
     def _diffusion_layers(self, h, cos, sin, attend_for_layer):
         for i, layer in enumerate(self.decoder.layers):
@@ -314,7 +318,7 @@ class MedusaModel(DraftModel):
                                     for _ in range(block_size - 1)])
 
     def head_state_dict(self):
-        return {f"medusa_heads.{k}": v for k, v in self.heads.state_dict().items()}
+        return {f"medusa_heads.{k}": v for k, v in self.heads.named_parameters()}
 
     def _apply_heads(self, h: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., K-1, H)"""

@@ -1,0 +1,25 @@
+"""orthrus_kernels: Triton kernels for orthrus-train, each with a torch fallback.
+
+Front doors pick the backend (``backend="auto"|"triton"|"torch"``): Triton on CUDA tensors or
+under ``TRITON_INTERPRET=1``, torch otherwise. The speculative-verification front door lives in
+``orthrus_train.decode.verify`` (the one home of the acceptance rule); this package only holds
+its Triton implementation.
+"""
+
+from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend
+from orthrus_kernels.fused_kl import (
+    chunked_linear_ce_reference,
+    chunked_linear_kl_reference,
+    fused_linear_ce,
+    fused_linear_kl,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "interpreting",
+    "resolve_backend",
+    "fused_linear_kl",
+    "fused_linear_ce",
+    "chunked_linear_kl_reference",
+    "chunked_linear_ce_reference",
+]

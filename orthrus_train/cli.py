@@ -1,0 +1,96 @@
+"""`python -m orthrus_train [recipe=NAME] [key=value ...] [--cfg job]`
+
+Composes the recipe with Hydra, validates it against the structured schema, then either prints it
+(`--cfg job`), submits it to Slurm (`launcher=slurm`), or runs the stages in this process.
+Configuration errors exit with status 2 before anything is written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: python -m orthrus_train [recipe=NAME] [stage=all|data|train|eval|export|publish] [run_dir=PATH]
+                             [group=choice] [key=value ...] [--cfg job] [--list-recipes]
+
+  recipe=NAME        one of the recipes in recipes/ (default: tiny, the CPU demo)
+  stage=...          all = data, train, eval, export (default); or one stage, reading the run folder
+  run_dir=PATH       the run folder (default: outputs/<recipe>)
+  launcher=slurm     submit as a Slurm job instead of running here (launcher.dry_run=true prints the script)
+  --cfg job          print the resolved configuration and exit (loads no model)
+  key=value          any configuration key, e.g. train.lr=1e-4 model.path=/models/Qwen3-8B deepspeed=zero3
+"""
+
+
+def _split_args(argv: list[str]):
+    recipe, overrides, show_cfg, list_recipes = "tiny", [], False, False
+    it = iter(range(len(argv)))
+    skip = False
+    for i in it:
+        if skip:
+            skip = False
+            continue
+        a = argv[i]
+        if a in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if a == "--list-recipes":
+            list_recipes = True
+        elif a in ("--cfg", "-c"):
+            if i + 1 >= len(argv) or argv[i + 1] != "job":
+                raise SystemExit("--cfg takes 'job' (print the resolved configuration)")
+            show_cfg, skip = True, True
+        elif a == "--cfg=job":
+            show_cfg = True
+        elif a.startswith("recipe="):
+            recipe = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            print(f"unknown option {a!r}\n\n{USAGE}", file=sys.stderr)
+            raise SystemExit(2)
+        else:
+            overrides.append(a)
+    return recipe, overrides, show_cfg, list_recipes
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config.loader import UnknownRecipe, available_recipes, compose, to_yaml
+    from .config.schema import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe, overrides, show_cfg, list_recipes = _split_args(argv)
+    if list_recipes:
+        print("\n".join(available_recipes()))
+        return 0
+    try:
+        cfg = compose(recipe, overrides)
+    except UnknownRecipe as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        if show_cfg and "model.path is required" in str(e):
+            # --cfg job must work before a checkpoint exists (e.g. to plan a 72B run)
+            from .config.loader import compose_unvalidated
+            print(to_yaml(compose_unvalidated(recipe, overrides)))
+            print(f"# note: this configuration cannot run yet: {e}", file=sys.stderr)
+            return 0
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if show_cfg:
+        print(to_yaml(cfg))
+        return 0
+
+    run_root = Path(cfg.run_dir or os.path.join("outputs", recipe)).expanduser().resolve()
+    cfg.run_dir = str(run_root)
+    if cfg.launcher.type == "slurm" and not os.environ.get("ORTHRUS_IN_SLURM_JOB"):
+        from .launch.slurm import submit
+
+        jobs = submit(cfg.launcher, run_root, [f"recipe={recipe}"] + [o for o in overrides
+                                                                      if not o.startswith(("launcher=", "+launcher="))])
+        return 0 if jobs is not None else 1
+
+    from .pipeline import run_stages
+    return run_stages(cfg, run_root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The structured configuration: every key a recipe or the command line may set, with its type.
+
+Hydra composes `recipes/NAME.yaml` with the groups in `configs/`; the result is merged into
+`RootConfig`, so an unknown key, a wrong type or a missing required value fails at start with the
+key named. Semantic checks that span keys live in `validate()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..data.config import DataConfig
+from ..launch.slurm import SlurmConfig
+
+
+@dataclass
+class TinyShape:
+    """Backbone shape for model.init=random with model.shape=tiny (the CPU demo and tests)."""
+    family: str = "qwen3"
+    vocab_size: int = 320
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    initializer_range: float = 0.2  # sharp random logits: the demo backbone writes low-entropy text
+
+
+@dataclass
+class ModelConfig:
+    # Local Hugging Face folder, a .gguf file, or a Hub id. Required unless init=random.
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    # pretrained: load `path`. random: build `shape` with random weights (memory/throughput planning).
+    init: str = "pretrained"
+    # For init=random: tiny (see `tiny`) or a Qwen3 shape name (qwen3-0.6b ... qwen3-72b, qwen3-30b-a3b).
+    shape: Optional[str] = None
+    tiny: TinyShape = field(default_factory=TinyShape)
+    # Tokenizer folder/id when it differs from `path`; for init=random the project's byte tokenizer.
+    tokenizer: Optional[str] = None
+    dtype: str = "bfloat16"  # bfloat16 | float32 (CPU demo)
+    # Default: first id after the real vocabulary (Qwen3: 151669) or one extra embedding row.
+    mask_token_id: Optional[int] = None
+    force_mask_token_id: bool = False
+    # Base model license, for the model card.
+    license: Optional[str] = None
+
+
+@dataclass
+class HeadsConfig:
+    type: str = "orthrus"  # orthrus | medusa (baseline)
+    block_size: int = 32  # K: one draft pass proposes K-1 tokens
+    # Which twins train (others stay copies of the AR weights).
+    trainable: list[str] = field(default_factory=lambda: ["q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff",
+                                                          "q_norm_diff", "k_norm_diff"])
+    attn_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (default: no account needed) | online | disabled
+    project: str = "orthrus-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    anchors_per_row: int = 256
+    micro_batch: int = 1  # rows per GPU per forward
+    global_batch: int = 128  # rows per optimizer step (micro_batch x grad accumulation x world size)
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 caps the optimizer steps
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    loss: str = "kl"  # kl (forward KL to the teacher) | ce (hard cross-entropy to the teacher's argmax)
+    loss_backend: str = "auto"  # auto (triton on CUDA) | torch | triton
+    loss_chunk: int = 2048  # tokens per chunk of the torch loss path
+    temperature: float = 1.0
+    grad_checkpointing: bool = True
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 0
+    save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 2  # ZeRO stage 1, 2 or 3 (3 also partitions the frozen backbone)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 200_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
+
+
+@dataclass
+class EvalSettings:
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k"])
+    benchmark_paths: dict[str, str] = field(default_factory=dict)
+    num_prompts: int = 100
+    max_new_tokens: int = 256
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    use_cuda_graphs: bool = True
+    hf_generate_reference: bool = True
+    enable_thinking: Optional[bool] = None
+    lossless_prompts: int = 100
+    ks_tokens: int = 100_000
+    chi2_prefixes: int = 3
+    chi2_samples: int = 2000
+    near_tie_gap: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportConfig:
+    layout: str = "full"  # full (all weights, like the official checkpoints) | heads (twins only)
+    max_shard_size: str = "5GB"
+    base_model_id: Optional[str] = None  # recorded in heads-only exports (defaults to model.path)
+
+
+@dataclass
+class HubConfig:
+    repo_id: Optional[str] = None
+    private: bool = False
+    dry_run: bool = False
+    force: bool = False
+    tag: Optional[str] = None
+
+
+@dataclass
+class LauncherConfig(SlurmConfig):
+    """launcher=local runs in this process (or under torchrun/deepspeed/srun); launcher=slurm writes a
+    batch script into RUN/slurm/ and submits it (see docs/slurm.md for every field)."""
+    type: str = "local"  # local | slurm
+
+
+@dataclass
+class RootConfig:
+    recipe: str = "tiny"
+    description: str = ""
+    stage: str = "all"  # all (data, train, eval, export) | data | train | eval | export | publish
+    run_dir: Optional[str] = None  # default: outputs/<recipe>
+    resume: str = "auto"  # auto (newest complete checkpoint) | never | a checkpoint path
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+STAGES = ("data", "train", "eval", "export", "publish")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+def _one_of(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def validate(cfg: RootConfig) -> None:
+    _one_of("stage", cfg.stage, ("all",) + STAGES)
+    _one_of("model.init", cfg.model.init, ("pretrained", "random"))
+    _one_of("model.dtype", cfg.model.dtype, ("bfloat16", "float32", "float16"))
+    _one_of("heads.type", cfg.heads.type, ("orthrus", "medusa"))
+    _one_of("heads.attn_backend", cfg.heads.attn_backend, ("auto", "sdpa", "flex"))
+    _one_of("train.loss", cfg.train.loss, ("kl", "ce"))
+    _one_of("train.loss_backend", cfg.train.loss_backend, ("auto", "torch", "triton"))
+    _one_of("train.precision", cfg.train.precision, ("bf16", "fp32"))
+    _one_of("deepspeed.stage", cfg.deepspeed.stage, (0, 1, 2, 3))
+    _one_of("export.layout", cfg.export.layout, ("full", "heads"))
+    _one_of("launcher.type", cfg.launcher.type, ("local", "slurm"))
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _one_of("train.wandb.mode", cfg.train.wandb.mode, ("offline", "online", "disabled"))
+    if cfg.model.init == "pretrained" and not cfg.model.path:
+        raise ConfigError(
+            f"model.path is required for recipe {cfg.recipe!r}: point it at your checkpoint "
+            f"(a Hugging Face folder, a .gguf file or a Hub id), e.g. model.path=/models/Qwen3-8B, "
+            f"or use model.init=random to build the shape with random weights for memory/throughput planning")
+    if cfg.model.init == "random" and not cfg.model.shape:
+        raise ConfigError("model.shape is required with model.init=random (tiny, or a Qwen3 shape such as qwen3-8b)")
+    if cfg.heads.block_size < 2:
+        raise ConfigError(f"heads.block_size must be >= 2, got {cfg.heads.block_size}")
+    t = cfg.train
+    for key in ("seq_len", "anchors_per_row", "micro_batch", "global_batch", "loss_chunk", "save_every", "log_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must have two values, got {t.betas}")
+    if cfg.data.seq_len != t.seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} and train.seq_len={t.seq_len} differ; set both "
+                          "(recipes interpolate data.seq_len: ${{train.seq_len}})")
+    if cfg.stage == "publish" and not cfg.hub.repo_id:
+        raise ConfigError("stage=publish needs hub.repo_id=ORG/NAME")

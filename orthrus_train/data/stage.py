@@ -1,0 +1,266 @@
+"""The data stage: sources -> (regenerate or keep responses) -> pack -> run_dir/data.
+
+Outputs under `run_dir/data/`:
+
+    train/           packed Arrow rows + index.json (read with PackedDataset)
+    prompts.jsonl    the training prompts in order; a row's doc_ids index this file
+    holdout.jsonl    prompts kept apart for evaluation (never packed)
+    rejected.jsonl   each rejected record with its place and reason
+    regen/           regeneration shards (resumable), when data.regenerate is true
+    report.json      counts, accounting, timings; written last, so its presence means "done"
+
+Accounting: records read == rejected + duplicates + not selected + holdout + dropped overlong + packed;
+`check_accounting` enforces it before the report is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import DataConfig
+from .pack import pack, stats_dict, write_packed
+from ..model.backbones import load_backbone, load_tokenizer
+from .regen import Generator, HFGenerator, eos_ids_for, load_responses, missing_shards, rank_world, regenerate
+from .sources import BadRecordError, Rejected, load_sources, reason_counts, write_jsonl
+from .templates import ChatRenderer, TemplateError
+
+ACCOUNTING_BUCKETS = ("rejected", "duplicates", "not_selected", "holdout", "dropped_overlong", "packed")
+
+
+def check_accounting(acc: Mapping[str, int]) -> None:
+    """records_read must equal the sum of the buckets every record ends in."""
+    total = sum(acc[k] for k in ACCOUNTING_BUCKETS)
+    if acc["records_read"] != total:
+        raise RuntimeError(f"data accounting does not close: read {acc['records_read']} != "
+                           + " + ".join(f"{k} {acc[k]}" for k in ACCOUNTING_BUCKETS) + f" = {total}")
+
+
+def as_data_config(cfg_like: Any) -> DataConfig:
+    """DataConfig from a DataConfig, a mapping, an OmegaConf node, or a config holding one under `data`."""
+    if isinstance(cfg_like, DataConfig):
+        return cfg_like
+    if hasattr(cfg_like, "_get_node"):  # OmegaConf
+        from omegaconf import OmegaConf
+
+        cfg_like = OmegaConf.to_container(cfg_like, resolve=True)
+    if not isinstance(cfg_like, Mapping) and hasattr(cfg_like, "data"):
+        cfg_like = cfg_like.data
+    elif isinstance(cfg_like, Mapping) and "data" in cfg_like and "sources" not in cfg_like:
+        cfg_like = cfg_like["data"]
+    return DataConfig.from_dict(cfg_like)
+
+
+class _LazyHFGenerator:
+    """HFGenerator that loads the backbone on the first call (a resumed run with nothing left loads nothing)."""
+
+    def __init__(self, model_path: str, tokenizer: Any, stop_ids: set[int], static_cache: bool):
+        self.model_path, self.tokenizer, self.stop_ids, self.static_cache = model_path, tokenizer, stop_ids, static_cache
+        self._gen: HFGenerator | None = None
+
+    def generate(self, prompts, max_new_tokens, *, temperature=0.0, seed=0):
+        if self._gen is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+            model = load_backbone(self.model_path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                  device="cuda" if cuda else "cpu")
+            pad = self.tokenizer.pad_token_id
+            eos = eos_ids_for(model, self.tokenizer, self.stop_ids)
+            self._gen = HFGenerator(model, eos, eos[0] if pad is None else pad, static_cache=self.static_cache)
+        return self._gen.generate(prompts, max_new_tokens, temperature=temperature, seed=seed)
+
+
+def _wait_for_all_shards(regen_dir: Path, n_prompts: int, shard_size: int, timeout_s: float) -> None:
+    """Rank 0 polls the shared folder (a collective barrier would hit NCCL's timeout on long runs)."""
+    deadline, last_note = time.monotonic() + timeout_s, 0.0
+    while missing := missing_shards(regen_dir, n_prompts, shard_size):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 waited {timeout_s:.0f} s for regeneration shards {missing[:10]} in "
+                               f"{regen_dir}; are all ranks running? Rerun to resume.")
+        if time.monotonic() - last_note > 60:
+            print(f"[data] waiting for {len(missing)} shard(s) from other ranks in {regen_dir}", flush=True)
+            last_note = time.monotonic()
+        time.sleep(2.0)
+
+
+def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generator | None = None, *,
+                   tokenizer: Any = None, rank: int | None = None, world_size: int | None = None,
+                   wait_timeout_s: float = 86400.0) -> dict[str, Any] | None:
+    """Run the data stage into run_dir/data and return the report (None on ranks other than 0).
+
+    tokenizer: a tokenizer object, or None to load data.tokenizer / data.model.
+    generator: writes the responses when data.regenerate is true; None loads data.model into an HFGenerator.
+    rank / world_size: default to RANK / WORLD_SIZE; every rank regenerates its shards, rank 0 packs.
+    Running again with the same config returns the finished report without redoing anything.
+    """
+    cfg = as_data_config(cfg_like)
+    data_dir = Path(run_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rank, world_size = rank_world(rank, world_size)
+    fingerprint = _fingerprint(cfg, tokenizer)
+    report_path = data_dir / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        if report.get("fingerprint") != fingerprint:
+            raise RuntimeError(f"{data_dir} was made with another data config (fingerprint "
+                               f"{report.get('fingerprint')} != {fingerprint}); use a new run directory or "
+                               f"delete {data_dir}")
+        if rank == 0:
+            print(summary(report, note="already done, nothing redone"), flush=True)
+        return report if rank == 0 else None
+
+    t_start = time.perf_counter()
+    if tokenizer is None:
+        source = cfg.tokenizer or cfg.model
+        if not source:
+            raise ValueError("data.tokenizer and data.model are both unset: the stage needs the backbone's "
+                             "tokenizer to render conversations")
+        tokenizer = load_tokenizer(source)
+    renderer = ChatRenderer(tokenizer, enable_thinking=cfg.chat_template.enable_thinking,
+                            system_prompt=cfg.chat_template.system_prompt, stop_tokens=cfg.chat_template.stop_tokens)
+
+    src = load_sources(cfg, require_response=not cfg.regenerate)
+    rejected: list[Rejected] = list(src.rejected)
+    encoded, kept, prompt_overlong = [], [], 0
+    for i, rec in enumerate(src.train):
+        try:
+            enc = renderer.encode_prompt(rec.prompt_messages) if cfg.regenerate else renderer.encode(rec.messages)
+        except TemplateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the template raised on this record (e.g. role order)
+            err = BadRecordError("template_error", f"the chat template failed on this record: {e}", rec.where)
+            if cfg.on_bad_record == "raise":
+                raise err from e
+            rejected.append(Rejected(rec.source, rec.where, err.reason, err.detail, rec.to_json()))
+            continue
+        if cfg.regenerate and len(enc) >= cfg.seq_len:
+            prompt_overlong += 1  # no room for a single response token
+            continue
+        encoded.append(enc)
+        kept.append(i)
+    n_template_rejected = len(rejected) - len(src.rejected)
+
+    regen_report = None
+    if cfg.regenerate:
+        regen_dir = data_dir / "regen"
+        prompts = [e.input_ids for e in encoded]
+        if generator is None:
+            if not cfg.model:
+                raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
+            generator = _LazyHFGenerator(cfg.model, tokenizer, renderer.stop_token_ids, cfg.static_cache)
+        t0 = time.perf_counter()
+        stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
+                           shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress)
+        if world_size > 1:
+            if rank != 0:
+                return None
+            _wait_for_all_shards(regen_dir, len(prompts), cfg.shard_size, wait_timeout_s)
+        responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size)
+        eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
+        docs = [(e.input_ids + r, e.loss_mask + [1] * len(r)) for e, r in zip(encoded, responses)]
+        regen_report = {
+            "prompts": len(prompts), "new_tokens": totals["new_tokens"], "seconds": round(totals["seconds"], 3),
+            "tokens_per_s": round(totals["tokens_per_s"], 1), "shards": stats.shards,
+            "shards_done_this_run": stats.shards_done, "shards_skipped": stats.shards_skipped,
+            "responses_without_eos": sum(1 for r in responses if not r or r[-1] not in eos),
+            "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
+        }
+    else:
+        docs = [(e.input_ids, e.loss_mask) for e in encoded]
+    if rank != 0:
+        return None
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(renderer.stop_token_ids)
+    rows, pstats = pack(docs, cfg.seq_len, pad_id, overlong=cfg.overlong)
+    # doc_ids refer to prompts.jsonl, the full list of training prompts
+    for row in rows:
+        row.doc_ids = [kept[d] for d in row.doc_ids]
+
+    write_jsonl(data_dir / "prompts.jsonl", src.train)
+    write_jsonl(data_dir / "holdout.jsonl", src.holdout)
+    write_jsonl(data_dir / "rejected.jsonl", rejected)
+    index = write_packed(rows, data_dir / "train", seq_len=cfg.seq_len, pad_token_id=pad_id,
+                         rows_per_file=cfg.rows_per_file, extra={"fingerprint": fingerprint})
+
+    c = src.counts
+    accounting = {"records_read": c["read"], "rejected": len(rejected), "duplicates": c["duplicates"],
+                  "not_selected": c["not_selected"], "holdout": c["holdout"],
+                  "dropped_overlong": prompt_overlong + pstats.dropped_overlong, "packed": pstats.packed}
+    check_accounting(accounting)
+    assert c["train"] == n_template_rejected + prompt_overlong + pstats.dropped_overlong + pstats.packed
+    report = {
+        "fingerprint": fingerprint,
+        "data_dir": str(data_dir),
+        "prompts_read": c["read"],
+        "rows_written": index["rows"],
+        "documents_packed": pstats.packed,
+        "tokens": pstats.tokens,
+        "supervised_tokens": pstats.supervised_tokens,
+        "pad_tokens": pstats.pad_tokens,
+        "seq_len": cfg.seq_len,
+        "rejected": len(rejected),
+        "rejected_by_reason": reason_counts(rejected),
+        "dedup_removed": c["duplicates"],
+        "truncated": pstats.truncated,
+        "dropped_overlong": accounting["dropped_overlong"],
+        "dropped_overlong_prompt": prompt_overlong,
+        "holdout": c["holdout"],
+        "accounting": accounting,
+        "per_source": src.per_source,
+        "regeneration": regen_report,
+        "packing": stats_dict(pstats),
+        "files": {"train": "train", "n_train_files": len(index["files"]), "prompts": "prompts.jsonl",
+                  "holdout": "holdout.jsonl", "rejected": "rejected.jsonl"},
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "config": cfg.to_dict(),
+    }
+    tmp = report_path.with_name("report.json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, report_path)
+    print(summary(report), flush=True)
+    return report
+
+
+def _fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
+    h = hashlib.sha256(cfg.fingerprint().encode())
+    if tokenizer is not None:
+        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+        h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+        h.update(str(len(tokenizer)).encode())
+    return h.hexdigest()[:16]
+
+
+def summary(report: Mapping[str, Any], note: str = "") -> str:
+    """One screen: where every record went, regeneration speed, packing."""
+    a = report["accounting"]
+    lines = [f"data stage -> {report['data_dir']}" + (f"  ({note})" if note else "")]
+    lines.append(f"  {'source':<48} {'read':>7} {'reject':>7} {'dup':>6} {'chosen':>7}")
+    for s in report["per_source"]:
+        name = s["source"] if len(s["source"]) <= 48 else "..." + s["source"][-45:]
+        lines.append(f"  {name:<48} {s['read']:>7} {s['rejected']:>7} {s['duplicates']:>6} {s['selected']:>7}")
+    reasons = ", ".join(f"{k} {v}" for k, v in report["rejected_by_reason"].items()) or "none"
+    lines.append(f"  records {a['records_read']} = rejected {a['rejected']} + duplicates {a['duplicates']} + "
+                 f"not selected {a['not_selected']} + holdout {a['holdout']} + dropped overlong "
+                 f"{a['dropped_overlong']} + packed {a['packed']}")
+    lines.append(f"  rejected by reason: {reasons}")
+    g = report["regeneration"]
+    if g:
+        lines.append(f"  regeneration: {g['prompts']} prompts, {g['new_tokens']} new tokens in {g['seconds']} s "
+                     f"({g['tokens_per_s']} tok/s); shards {g['shards']} (skipped {g['shards_skipped']}); "
+                     f"{g['responses_without_eos']} hit max_new_tokens")
+    else:
+        lines.append("  regeneration: off (dataset responses kept)")
+    p = report["packing"]
+    total = max(1, report["rows_written"] * report["seq_len"])
+    lines.append(f"  packed: {report['rows_written']} rows x {report['seq_len']} tokens, {p['packed']} documents "
+                 f"({p['truncated']} truncated), {report['tokens']} tokens, {report['supervised_tokens']} "
+                 f"supervised, padding {100 * report['pad_tokens'] / total:.1f}%")
+    lines.append("  files: train/, prompts.jsonl, holdout.jsonl, rejected.jsonl, report.json")
+    return "\n".join(lines)

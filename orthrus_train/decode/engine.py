@@ -1,0 +1,429 @@
+"""Speculative decoding engine: Orthrus / Medusa drafts verified by the frozen backbone, and the plain
+AR baseline, on one static KV cache with fixed shapes.
+
+One step of a row whose newest committed token is x_a (cache holds positions < a):
+
+  propose  draft logits (B, K-1, V) = model.propose(cache, x_a, last_hidden); drafts d_1..d_{K-1}
+           are sampled from them (argmax at temperature 0) with the row's counter-based uniforms;
+  verify   one AR pass over [x_a, d_1..d_{K-1}] at positions a..a+K-1 (writes its K/V to the cache);
+           the acceptance rule (`decode/verify.py`, the one place it lives) returns m accepted drafts
+           and the next token; the row emits d_1..d_m and the next token (m+1 tokens), its cache
+           length becomes a+m+1, the next token is the new x_a and last_hidden = verify hidden[m].
+
+The AR baseline is the same verify step with T=1 (no drafts): one token per backbone pass. Prefill
+writes the prompt minus its last token, so that every emitted token, the first one included, comes
+from a verify pass (acceptance length and TPF count every token; the AR baseline scores exactly 1).
+
+Rows stop at an end-of-sequence token (emitted, then frozen) or at `max_new_tokens`. Frozen rows keep
+riding along in the fixed-shape batch but never advance their cache, emit, or count passes.
+
+All per-step state lives in static device buffers updated in place, and the two step functions
+(`_propose_step`, `_verify_step`) read and write only those buffers: on CUDA with
+`use_cuda_graphs=True` each is captured once per (mode, sampling settings) as a
+`torch.cuda.CUDAGraph` and replayed; the host reads one "any row still active" flag every
+`sync_every` steps and the records once at the end, never per token. On the CPU the same functions
+run eagerly.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..model.orthrus import DecodeState, DraftModel
+from . import verify
+from .rng import counter_uniforms
+
+MODES = ("spec", "ar")
+FINISH = {0: "running", 1: "eos", 2: "length"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RowRecord:
+    """What one prompt produced, with the counts every metric is computed from (`eval/metrics.py`)."""
+    tokens: list[int]  # emitted tokens (the EOS token included when the row stopped on it)
+    prompt_len: int
+    verify_passes: int  # backbone AR passes over [x_a, drafts] (prefill excluded)
+    draft_passes: int  # backbone passes spent drafting (Orthrus: one per verify pass; Medusa, AR: 0)
+    accepted: list[int]  # per verify pass: drafts accepted by the rule (0..K-1), before EOS/length cut
+    finish_reason: str  # "eos" | "length"
+    seed: int
+    block_size: int  # K of the pass that produced it (1 for the AR baseline)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GenerateResult:
+    rows: list[RowRecord]
+    mode: str
+    prefill_s: float  # wall seconds of the prefill pass (host-synchronized)
+    decode_s: float  # wall seconds of the propose/verify loop (host-synchronized)
+    steps: int  # batch steps run (includes up to sync_every-1 steps after the last row finished)
+    batch_size: int  # engine batch (rows beyond len(prompts) are idle padding)
+    cuda_graphs: bool
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def draft_probs(logits: torch.Tensor, sp: "SamplingParams") -> torch.Tensor:
+    """The draft distribution q exactly as the acceptance rule computes it (so p/q is the right ratio)."""
+    return torch.softmax(verify.processed_logits(logits, sp.temperature, sp.top_k, sp.top_p), dim=-1)
+
+
+class _State:
+    """Static per-step buffers of one engine (fixed shapes: batch B, block K, slots S)."""
+
+    def __init__(self, model: DraftModel, B: int, S: int, K: int, out_width: int, dtype, device):
+        H = model.config.hidden_size
+        V = model.backbone.get_output_embeddings().weight.shape[0]
+        self.cache = model.new_cache(B, S, device=device, dtype=dtype)
+        z = dict(device=device, dtype=torch.long)
+        self.last_token = torch.zeros(B, **z)
+        self.last_hidden = torch.zeros(B, H, device=device, dtype=dtype)
+        self.seeds = torch.zeros(B, **z)
+        self.max_new = torch.zeros(B, **z)
+        self.active = torch.zeros(B, device=device, dtype=torch.bool)
+        self.any_active = torch.zeros((), device=device, dtype=torch.bool)
+        self.n_out = torch.zeros(B, **z)
+        self.n_verify = torch.zeros(B, **z)
+        self.finish = torch.zeros(B, **z)
+        self.out = torch.zeros(B, out_width, **z)  # last column: sink for masked writes
+        self.acc = torch.full((B, out_width), -1, **z)
+        self.drafts = torch.zeros(B, K - 1, **z)
+        self.draft_logits = torch.zeros(B, K - 1, V, device=device, dtype=dtype)
+        self.eos = torch.full((8,), -1, **z)
+
+
+class DecodeEngine:
+    """Batched speculative / AR decoding on one static cache.
+
+    model: an `OrthrusModel` or `MedusaModel` (any `DraftModel` with `propose`).
+    batch_size: fixed batch B of every pass (a call with fewer prompts pads with idle rows).
+    max_len: cache slots per row; must hold prompt + max_new_tokens + K + 1.
+    use_cuda_graphs: capture the propose and verify steps as CUDA graphs (CUDA only; ignored on CPU).
+    sync_every: steps between host reads of the "all rows done" flag.
+    verify_backend: backend of the acceptance rule's front door ("auto" | "triton" | "torch").
+    verify_fn: the acceptance rule, called like `decode.verify.verify` (the default); tests inject
+      deliberately broken rules here.
+    """
+
+    def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
+                 sync_every: int = 16, verify_backend: str = "auto", verify_fn: Callable | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.model = model
+        self.K = model.block_size
+        self.B = batch_size
+        self.S = max_len
+        p = next(model.backbone.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.sync_every = sync_every
+        self.verify_fn = verify_fn or verify.verify
+        self.verify_backend = verify_backend
+        self.cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda")
+        if use_cuda_graphs and not self.cuda_graphs:
+            warnings.warn("use_cuda_graphs=True ignored: the model is not on a CUDA device (running eagerly)")
+        self.graph_error: str | None = None
+        self._graphs: dict = {}
+        self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
+        self._mode = "spec"
+        self._sampling = SamplingParams()
+
+    # ------------------------------------------------------------------------------- step functions
+    def _propose_step(self) -> None:
+        st, m = self._st, self.model
+        logits = m.propose(DecodeState(st.cache, st.last_token, st.last_hidden))
+        sp = self._sampling
+        if sp.greedy:
+            d = logits.argmax(-1)
+        else:
+            u = counter_uniforms(st.seeds, st.n_verify, 0, self.K - 1)
+            d = verify.inverse_cdf(draft_probs(logits, sp), u)
+        st.draft_logits.copy_(logits)
+        st.drafts.copy_(d)
+
+    def _verify_step(self) -> None:
+        st, model, sp = self._st, self.model, self._sampling
+        B = self.B
+        spec = self._mode == "spec"
+        ids = torch.cat([st.last_token[:, None], st.drafts], 1) if spec else st.last_token[:, None]
+        T = ids.shape[1]
+        hidden = model.ar_cached(ids, st.cache)  # (B, T, H)
+        target = model.logits(hidden)  # (B, T, V)
+        drafts = st.drafts if spec else st.drafts[:, :0]
+        dlog = st.draft_logits if spec else st.draft_logits[:, :0]
+        u = counter_uniforms(st.seeds, st.n_verify, self.K - 1, T)
+        m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
+                                top_p=sp.top_p, backend=self.verify_backend)
+        m, nxt = m.long(), nxt.long()
+        j = torch.arange(T, device=ids.device)
+        # tokens emitted at slots j = 0..m: d_1..d_m, then the rule's next token
+        cand = torch.cat([drafts, nxt[:, None]], 1)
+        cand = torch.where(j[None] == m[:, None], nxt[:, None], cand)
+        valid = j[None] <= m[:, None]
+        is_eos = (cand[..., None] == st.eos).any(-1) & valid
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), torch.full_like(m, T))
+        act = st.active
+        n_emit = torch.minimum(torch.minimum(m + 1, first_eos + 1), (st.max_new - st.n_out).clamp(min=0))
+        n_emit = n_emit * act
+        sink = st.out.shape[1] - 1
+        pos = torch.where(j[None] < n_emit[:, None], st.n_out[:, None] + j[None], torch.full_like(cand, sink))
+        st.out.scatter_(1, pos, cand)
+        apos = torch.where(act, st.n_verify, torch.full_like(m, sink))
+        st.acc.scatter_(1, apos[:, None], m[:, None])
+        st.n_verify.add_(act.long())
+        st.n_out.add_(n_emit)
+        hit_eos = act & (first_eos < n_emit)
+        finished = act & (hit_eos | (st.n_out >= st.max_new))
+        st.finish.copy_(torch.where(finished, torch.where(hit_eos, 1, 2), st.finish))
+        still = act & ~finished
+        st.cache.lengths.add_(torch.where(still, m + 1, 0))
+        st.last_token.copy_(torch.where(still, nxt, st.last_token))
+        h_m = hidden[torch.arange(B, device=ids.device), m]
+        st.last_hidden.copy_(torch.where(still[:, None], h_m.to(st.last_hidden.dtype), st.last_hidden))
+        st.active.copy_(still)
+        st.any_active.copy_(still.any())
+
+    # ------------------------------------------------------------------------------- graphs
+    def _steps(self):
+        """The callables of one decode step for the current mode and sampling settings."""
+        fns = [self._propose_step, self._verify_step] if self._mode == "spec" else [self._verify_step]
+        if not self.cuda_graphs:
+            return fns
+        key = (self._mode, self._sampling)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(fns)
+            except Exception as e:  # e.g. MoE routing with host syncs: cannot be captured
+                self.graph_error = f"{e.__class__.__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly")
+                self.cuda_graphs = False
+                torch.cuda.synchronize()
+                return fns
+        return [g.replay for g in self._graphs[key]]
+
+    def _capture(self, fns):
+        st = self._st
+        saved = {k: v.clone() for k, v in vars(st).items() if isinstance(v, torch.Tensor)}
+        saved_len = st.cache.lengths.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):  # warm up (kernel selection, Triton compilation) outside the graph
+                for f in fns:
+                    f()
+        torch.cuda.current_stream().wait_stream(s)
+        graphs = []
+        with torch.no_grad():
+            for f in fns:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    f()
+                graphs.append(g)
+        for k, v in saved.items():  # warm-up steps moved the state; the cache K/V they wrote lie past
+            getattr(st, k).copy_(v)  # every committed length and are overwritten before being read
+        st.cache.lengths.copy_(saved_len)
+        return graphs
+
+    # ------------------------------------------------------------------------------- generate
+    def required_slots(self, prompt_len: int, max_new_tokens: int) -> int:
+        return prompt_len + max_new_tokens + self.K + 1
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
+                 seeds: Sequence[int] | None = None, eos_token_ids: Sequence[int] = (), mode: str = "spec"
+                 ) -> GenerateResult:
+        """Decode up to `batch_size` prompts (lists of token ids). mode "spec": propose + verify;
+        "ar": the AR baseline (verify with no drafts). seeds: one per prompt (default 0..n-1)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        n = len(prompts)
+        if not 1 <= n <= self.B:
+            raise ValueError(f"got {n} prompts; this engine decodes 1..{self.B} per call (batch_size)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if any(len(p) < 1 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if self.required_slots(longest, max_new_tokens) > self.S:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + K={self.K} + 1 "
+                             f"needs {self.required_slots(longest, max_new_tokens)} cache slots; the engine has "
+                             f"max_len={self.S}")
+        eos = sorted({int(e) for e in eos_token_ids})
+        if len(eos) > self._st.eos.numel():
+            raise ValueError(f"at most {self._st.eos.numel()} end-of-sequence ids, got {eos}")
+        seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        self._mode = mode
+        self._sampling = sampling or SamplingParams()
+        st, dev = self._st, self.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        steps_fns = self._steps()  # may capture graphs (before the clock starts)
+
+        sync()
+        t0 = time.perf_counter()
+        self._prefill(prompts, max_new_tokens, seeds, eos)
+        sync()
+        t1 = time.perf_counter()
+        steps = 0
+        for steps in range(1, max_new_tokens + 1):  # every active row emits >= 1 token per step
+            for f in steps_fns:
+                f()
+            if steps % self.sync_every == 0 and not bool(st.any_active):
+                break
+        sync()
+        t2 = time.perf_counter()
+
+        out, n_out, n_ver, acc, fin = (x.cpu() for x in (st.out, st.n_out, st.n_verify, st.acc, st.finish))
+        per_pass = self.model.draft_passes_per_step if mode == "spec" else 0
+        rows = []
+        for b in range(n):
+            nv = int(n_ver[b])
+            rows.append(RowRecord(tokens=out[b, : int(n_out[b])].tolist(), prompt_len=len(prompts[b]),
+                                  verify_passes=nv, draft_passes=nv * per_pass, accepted=acc[b, :nv].tolist(),
+                                  finish_reason=FINISH[int(fin[b])], seed=seeds[b],
+                                  block_size=self.K if mode == "spec" else 1))
+            if rows[-1].finish_reason == "running":
+                raise RuntimeError(f"row {b} did not finish within {max_new_tokens} steps (engine bug)")
+        return GenerateResult(rows, mode, t1 - t0, t2 - t1, steps, self.B, self.cuda_graphs)
+
+    def _prefill(self, prompts, max_new_tokens, seeds, eos):
+        """Cache the prompts minus their last token (right-padded batch), set every static buffer."""
+        st, dev, B = self._st, self.device, self.B
+        n = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts] + [1] * (B - n), dtype=torch.long)
+        L = int(lens.max()) - 1
+        st.cache.lengths.zero_()
+        if L > 0:
+            ids = torch.zeros(B, L, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                ids[b, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
+            h = self.model.ar_cached(ids.to(dev), st.cache)  # (B, L, H)
+            idx = (lens - 2).clamp(min=0).to(dev)
+            last_h = h[torch.arange(B, device=dev), idx]
+            st.last_hidden.copy_(torch.where((lens >= 2).to(dev)[:, None], last_h.to(st.last_hidden.dtype), 0))
+        else:
+            st.last_hidden.zero_()
+        st.cache.lengths.copy_((lens - 1).to(dev))
+        st.last_token.copy_(torch.tensor([p[-1] for p in prompts] + [0] * (B - n), dtype=torch.long))
+        st.seeds.copy_(torch.tensor(list(seeds) + [0] * (B - n), dtype=torch.long))
+        st.max_new.fill_(max_new_tokens)
+        active = torch.zeros(B, dtype=torch.bool)
+        active[:n] = True
+        st.active.copy_(active)
+        st.any_active.fill_(True)
+        st.n_out.zero_()
+        st.n_verify.zero_()
+        st.finish.zero_()
+        st.acc.fill_(-1)
+        st.drafts.zero_()
+        st.eos.fill_(-1)
+        if eos:
+            st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+
+    def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
+                     eos_token_ids: Sequence[int] = (), mode: str = "spec") -> list[GenerateResult]:
+        """`generate` over any number of prompts, `batch_size` at a time (in the given order)."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        out = []
+        for i in range(0, len(prompts), self.B):
+            out.append(self.generate(prompts[i:i + self.B], max_new_tokens, sampling, seeds[i:i + self.B],
+                                     eos_token_ids, mode))
+        return out
+
+
+@dataclass
+class HFResult:
+    tokens: list[list[int]]
+    seconds: float
+    static_cache: bool  # whether a static cache was actually used
+    note: str = ""
+    per_batch_s: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                sampling: SamplingParams | None = None, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+                batch_size: int = 1, static_cache: bool = True, seed: int = 0) -> HFResult:
+    """Reference: `transformers` `generate` on the frozen backbone (left-padded batches), for timing and
+    for greedy agreement. Outputs are cut after the first end-of-sequence token, like the engine's.
+    static_cache falls back to the dynamic cache (noted in the result) where the install lacks it."""
+    from transformers import GenerationConfig
+
+    sp = sampling or SamplingParams()
+    dev = next(backbone.parameters()).device
+    eos = sorted({int(e) for e in eos_token_ids})
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=not sp.greedy, pad_token_id=pad_token_id,
+              eos_token_id=eos or None)
+    if not sp.greedy:
+        kw.update(temperature=sp.temperature, top_k=sp.top_k or None, top_p=sp.top_p)
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    note = ""
+    use_static = static_cache
+    if use_static:
+        kw["cache_implementation"] = "static"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tokens: list[list[int]] = []
+    times = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[i:i + batch_size]]
+        L = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), L), pad_token_id, dtype=torch.long)
+        att = torch.zeros(len(chunk), L, dtype=torch.long)
+        for b, p in enumerate(chunk):
+            ids[b, L - len(p):] = torch.tensor(p)
+            att[b, L - len(p):] = 1
+        ids, att = ids.to(dev), att.to(dev)
+        torch.manual_seed(seed + i)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+            if not use_static:
+                raise
+            note = f"static cache unavailable ({e.__class__.__name__}: {str(e)[:200]}); used the dynamic cache"
+            warnings.warn(note)
+            use_static = False
+            kw.pop("cache_implementation")
+            sync()
+            t0 = time.perf_counter()
+            out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
+        sync()
+        times.append(time.perf_counter() - t0)
+        for row in out[:, L:].tolist():
+            cut = next((k for k, t in enumerate(row) if t in eos), None)
+            tokens.append(row[: cut + 1] if cut is not None else row)
+    return HFResult(tokens, sum(times), use_static, note, times)

@@ -1,0 +1,59 @@
+"""Counter-based uniforms for decoding: reproducible per row, drawn on the device, graph-safe.
+
+Every random number the engine uses is a pure function of (row seed, row step counter, slot):
+`u = H(seed, counter, slot)` where H is a chain of murmur3 `fmix32` finalizers, computed with int64
+tensor arithmetic (no overflow: 32-bit words, 16-bit split multiplies). Consequences:
+
+* a row's samples do not depend on which other rows share its batch, on the batch size, or on whether
+  the step ran eagerly or as a CUDA graph replay (no generator state is advanced anywhere);
+* nothing is drawn on the host, so a decode step never synchronizes;
+* the same (seed, counter, slot) always gives the same number, on every device and torch version.
+
+Slots: at verify pass `c` of a row, the draft samples use slots 0..K-2 and the acceptance rule slots
+K-1..2K-2 (see `engine.py`).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32, without int64 overflow."""
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer (a bijection of [0, 2**32) with full avalanche)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """Uniforms in (0, 1), float32, shape (B, n): slots offset..offset+n-1 of step `counters[b]` of row b.
+
+    seeds, counters: (B,) int64 (any values; seeds use their low 64 bits, counters their low 32)."""
+    seeds = seeds.long()
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = fmix32(lo ^ 0x6A09E667)
+    h = fmix32(h ^ hi)
+    h = fmix32(h ^ (counters.long() & _M32))
+    slots = torch.arange(offset, offset + n, device=seeds.device, dtype=torch.long)
+    h = fmix32(h[:, None] ^ fmix32(_mul32(slots, 0x9E3779B1) ^ 0x3C6EF372)[None, :])
+    h = fmix32(h ^ 0xBB67AE85)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def row_seed(*keys) -> int:
+    """A 63-bit seed from any printable keys (base seed, benchmark name, prompt index, round...):
+    stable across processes and machines (unlike Python's `hash`)."""
+    digest = hashlib.sha256("\x1f".join(str(k) for k in keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

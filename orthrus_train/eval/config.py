@@ -1,0 +1,156 @@
+"""Configuration of the eval stage: plain dataclasses the Hydra schema can mirror field for field.
+
+`EvalConfig.from_dict` accepts the same fields as a nested dict (a Hydra / OmegaConf node turned into a
+container) and rejects unknown keys, naming the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class LosslessConfig:
+    """Checks that drafted decoding gives exactly the backbone's output (greedy) / distribution (sampling)."""
+
+    enabled: bool = True
+    # (a) greedy exactness: prompts (taken from the first benchmark) decoded greedily by both the drafted
+    # decoding and the AR baseline of the same engine, compared token for token.
+    greedy_prompts: int = 16
+    # A divergence whose top-two AR logit gap (recomputed at the divergence) is below this is a near-tie
+    # (numerical noise of a low-precision dtype), not a bug. float32 on the CPU must show no divergence.
+    near_tie_tolerance: float = 1e-2
+    # Sampling checks run at this temperature with the eval's top_k / top_p.
+    temperature: float = 1.0
+    # (b) KS test of the randomized PIT of every sampled token; sampled outputs of the benchmarks at
+    # `temperature` are used, topped up with more samples of the same prompts until this many tokens.
+    ks_min_tokens: int = 100_000
+    # Give up topping up after this many extra rounds over the prompts (the report says so).
+    ks_max_rounds: int = 50
+    # Longest sampled continuation for the top-up rounds (None: the eval's max_new_tokens).
+    ks_max_new_tokens: int | None = None
+    # A check fails when its p-value is below alpha (chi-square: after a Bonferroni correction).
+    alpha: float = 1e-3
+    # (c) chi-square: this many fixed prefixes (first prompts of the first benchmark), each sampled
+    # `chi2_samples` times for 2 tokens; tests the 1st token's law, and the 2nd token's given the most
+    # frequent 1st token (when at least `chi2_min_conditional` samples have it).
+    chi2_prefixes: int = 3
+    chi2_samples: int = 2000
+    chi2_min_conditional: int = 200
+    # Bins with expected count below this are pooled into one.
+    chi2_min_expected: float = 5.0
+
+
+@dataclass
+class EvalConfig:
+    """The eval stage: benchmarks x temperatures, the AR baseline, lossless checks, report files."""
+
+    # Benchmark names: gsm8k, math500, humaneval, mt_bench, alpaca, arena_hard, spec_bench, or any name
+    # given a file in `benchmark_paths` and a prompt field in `benchmark_fields`.
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "mt_bench", "alpaca"])
+    # name -> local file (.jsonl, .jsonl.gz, .json, .json.gz, .parquet). Known benchmarks without a path
+    # are looked for under `data_root`, then fetched from the Hugging Face Hub (needs `datasets` + network).
+    benchmark_paths: dict[str, str] = field(default_factory=dict)
+    # name -> prompt field path (e.g. "question", "turns[0].content", "turns" for multi-turn lists).
+    # Required for custom benchmarks; overrides the known default for the others.
+    benchmark_fields: dict[str, str] = field(default_factory=dict)
+    # Folder laid out like shared/data (gsm8k/test.jsonl, humaneval/HumanEval.jsonl.gz,
+    # arena_hard/question.jsonl, alpaca_eval/model_outputs.json). None: not used.
+    data_root: str | None = None
+    # Prompts per benchmark (the first ones in file order, after excluding training overlaps).
+    num_prompts: int = 100
+    max_new_tokens: int = 512
+    # 0 = greedy. Every benchmark runs at every temperature.
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    # Base of every per-prompt seed (row seeds are derived from it, the benchmark, the prompt index).
+    seed: int = 0
+    # Rows per decode batch (the engine's fixed batch size).
+    batch_size: int = 1
+    # Capture the draft and verify steps as CUDA graphs (CUDA only; ignored on the CPU).
+    use_cuda_graphs: bool = True
+    # Steps between host reads of the engine's "all rows done" flag.
+    sync_every: int = 16
+    # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
+    verify_backend: str = "auto"
+    # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).
+    ar_baseline: bool = True
+    # Also time `transformers` generate (greedy / sampled, static cache when available) on the backbone.
+    hf_generate_reference: bool = False
+    # Render prompts with the tokenizer's chat template (false: raw prompt text).
+    apply_chat_template: bool = True
+    # Qwen3's switch; None: do not pass it (the template's default).
+    enable_thinking: bool | None = None
+    # System message prepended to every conversation; None: none.
+    system_prompt: str | None = None
+    # Extra end-of-sequence tokens (strings), besides the tokenizer's eos and the generation config's.
+    stop_tokens: list[str] = field(default_factory=list)
+    # Training prompts: a file of prompt hashes (one per line, `data.sources.prompt_key`) or a JSONL of
+    # records with `messages` (e.g. the data stage's train records). Eval prompts whose first user turn
+    # matches one are reported and, with exclude_train_overlap, dropped.
+    train_prompts_file: str | None = None
+    exclude_train_overlap: bool = True
+    lossless: LosslessConfig = field(default_factory=LosslessConfig)
+    # Write PNG plots next to report.json / report.md.
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lossless, LosslessConfig):
+            self.lossless = _make(LosslessConfig, self.lossless, "eval.lossless")
+        self.temperatures = [float(t) for t in self.temperatures]
+        self.benchmarks = list(self.benchmarks)
+        self.benchmark_paths = dict(self.benchmark_paths)
+        self.benchmark_fields = dict(self.benchmark_fields)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"eval.{key}: {msg}")
+
+        if not self.benchmarks:
+            bad("benchmarks", "is empty; name at least one benchmark")
+        for key in ("num_prompts", "max_new_tokens", "batch_size", "sync_every"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.temperatures:
+            bad("temperatures", "is empty; e.g. [0, 1]")
+        if any(t < 0 for t in self.temperatures):
+            bad("temperatures", f"must be >= 0, got {self.temperatures}")
+        if self.top_k < 0:
+            bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.verify_backend not in ("auto", "triton", "torch"):
+            bad("verify_backend", f"{self.verify_backend!r} is not one of auto, triton, torch")
+        lc = self.lossless
+        if lc.temperature <= 0:
+            bad("lossless.temperature", f"the sampling checks need a temperature > 0, got {lc.temperature}")
+        if not 0 < lc.alpha < 1:
+            bad("lossless.alpha", f"must be in (0, 1), got {lc.alpha}")
+        for key in ("greedy_prompts", "ks_min_tokens", "chi2_samples"):
+            if getattr(lc, key) < 1:
+                bad(f"lossless.{key}", f"must be >= 1, got {getattr(lc, key)}")
+        for key in ("chi2_prefixes", "ks_max_rounds"):
+            if getattr(lc, key) < 0:
+                bad(f"lossless.{key}", f"must be >= 0, got {getattr(lc, key)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "EvalConfig") -> "EvalConfig":
+        if isinstance(d, EvalConfig):
+            return d
+        return _make(cls, d, "eval")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _make(cls, d: Mapping[str, Any], where: str):
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**dict(d))

@@ -1,0 +1,161 @@
+"""Model card (README.md) for an Orthrus export folder.
+
+Everything in the card comes from the caller or from the run folder's reports; an input that is absent is
+written as missing, never filled in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Paths inside a run folder (kept in line with orthrus_train/run_dir.py).
+DATA_REPORT = "data/report.json"
+TRAIN_REPORT = "train/report.json"
+EVAL_REPORT = "eval/report.json"
+PLOT_DIRS = ("eval/plots", "plots")
+
+METRIC_DEFINITIONS = {
+    "acceptance length": "emitted tokens / verify passes",
+    "TPF (tokens per forward)": "emitted tokens / (draft passes + verify passes); the prefill pass is excluded",
+}
+MISSING = "_missing: {what} was not provided to the exporter._"
+
+
+def read_json(path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def lossless_verdict(report: dict | None) -> tuple[bool | None, str]:
+    """(passed, why) from an eval report's `lossless` section; passed is None when there is no verdict."""
+    if report is None:
+        return None, "no eval report"
+    section = report.get("lossless")
+    if section is None:
+        return None, "the eval report has no 'lossless' section"
+    if isinstance(section, bool):
+        return section, f"lossless = {section}"
+    if isinstance(section, dict):
+        for key in ("passed", "pass", "ok"):
+            if isinstance(section.get(key), bool):
+                return section[key], f"lossless.{key} = {section[key]}"
+        status = str(section.get("status", "")).lower()
+        if status in ("pass", "passed", "ok"):
+            return True, f"lossless.status = {section['status']}"
+        if status in ("fail", "failed", "error"):
+            return False, f"lossless.status = {section['status']}"
+    return None, "the 'lossless' section has no passed/ok/status verdict"
+
+
+def _json_block(obj) -> str:
+    return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```"
+
+
+def _config_block(config) -> str:
+    if isinstance(config, str):
+        return "```yaml\n" + config.strip() + "\n```"
+    try:
+        import yaml
+
+        return "```yaml\n" + yaml.safe_dump(config, sort_keys=False).strip() + "\n```"
+    except ImportError:
+        return _json_block(config)
+
+
+def _table(rows: list[dict]) -> str:
+    columns = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _eval_section(report: dict | None) -> str:
+    out = ["## Evaluation", "", "Metric definitions:", ""]
+    out += [f"* **{name}** = {definition}" for name, definition in METRIC_DEFINITIONS.items()]
+    if report and isinstance(report.get("metric_definitions"), dict):
+        out += [f"* **{name}** (from the eval report) = {d}" for name, d in report["metric_definitions"].items()]
+    out.append("")
+    if report is None:
+        out.append("_missing: the run folder has no eval/report.json; no evaluation results are reported._")
+        return "\n".join(out)
+    results = report.get("results")
+    if isinstance(results, dict):
+        results = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v} for k, v in results.items()]
+    if isinstance(results, list) and results and all(isinstance(r, dict) for r in results):
+        out.append(_table(results))
+    else:
+        rest = {k: v for k, v in report.items() if k not in ("lossless", "metric_definitions")}
+        out += ["The eval report has no `results` table; its content:", "", _json_block(rest)]
+    passed, why = lossless_verdict(report)
+    verdict = {True: "PASSED", False: "FAILED", None: "no verdict"}[passed]
+    out += ["", "### Lossless check", "", f"**{verdict}** ({why}). Greedy Orthrus decoding must reproduce greedy "
+            "autoregressive decoding of the base model token for token."]
+    if isinstance(report.get("lossless"), dict):
+        out += ["", _json_block(report["lossless"])]
+    return "\n".join(out)
+
+
+def _usage(repo: str, layout: str, base: str | None) -> str:
+    base_note = (f"# heads-only: the base model ({base}) is fetched and its weights are checked against the recorded sha256\n"
+                 if layout == "heads" else "")
+    return f"""```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+{base_note}tok = AutoTokenizer.from_pretrained("{repo}")
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16, device_map="cuda")
+text = tok.apply_chat_template([{{"role": "user", "content": "Write a haiku about GPUs."}}], tokenize=False,
+                               add_generation_prompt=True)
+ids = tok(text, return_tensors="pt").input_ids.to(model.device)
+out = model.generate(ids, max_new_tokens=256, use_diffusion_mode=True)  # greedy by default: lossless
+print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+# model.generate(ids, ..., temperature=0.7, top_k=20, top_p=0.8) samples with rejection sampling;
+# use_diffusion_mode=False runs plain autoregressive decoding of the base model.
+```"""
+
+
+def build_card(info: dict) -> str:
+    """Render README.md. `info` keys: base_model, base_revision, license, layout, backbone_model_type, block_size,
+    mask_token_id, dtype, num_twin_params, num_params, base_sha256, recipe, config, data_report, training,
+    eval_report, plots, repo_id, title."""
+    base, layout = info.get("base_model"), info["layout"]
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags:", "- orthrus", "- speculative-decoding", "- diffusion-drafting"]
+    if base:
+        front.append(f"base_model: {base}")
+    if info.get("license"):
+        front.append(f"license: {info['license']}")
+    front.append("---")
+    facts = [("base model", base or "_missing_"), ("base revision", info.get("base_revision") or "_missing_"),
+             ("backbone family", info["backbone_model_type"]), ("layout", layout), ("block size K", info["block_size"]),
+             ("mask token id", info["mask_token_id"]), ("weights dtype", info.get("dtype")),
+             ("twin (draft) parameters", f"{info.get('num_twin_params', 0):,}")]
+    if info.get("num_params"):
+        facts.append(("total parameters", f"{info['num_params']:,}"))
+    if info.get("base_sha256"):
+        facts.append(("base weights sha256", f"`{info['base_sha256']}`"))
+    title = info.get("title") or f"Orthrus draft heads for {base or 'an unnamed base model'}"
+    parts = ["\n".join(front), f"# {title}", "",
+             "Orthrus (arXiv 2605.12825) adds twin attention projections (`*_diff`) to every layer of a frozen causal LM. "
+             "They draft a block of tokens in one bidirectional pass over the base model's own KV cache; one causal pass of "
+             "the unchanged base model then verifies them, so greedy output is identical to the base model's.", "",
+             "## Model", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in facts]
+    parts += ["", "## Usage", "", _usage(info.get("repo_id") or "<path-or-repo-id>", layout, base)]
+    parts += ["", "## Training recipe", ""]
+    parts.append(f"Recipe: `{info['recipe']}`" if info.get("recipe") else MISSING.format(what="the recipe name"))
+    parts += ["", "Resolved config:", "",
+              _config_block(info["config"]) if info.get("config") else MISSING.format(what="the resolved config")]
+    parts += ["", "## Data", "", _json_block(info["data_report"]) if info.get("data_report")
+              else "_missing: the run folder has no data/report.json._"]
+    parts += ["", "## Training", "", _json_block(info["training"]) if info.get("training")
+              else MISSING.format(what="training tokens/time (no train report)")]
+    parts += ["", _eval_section(info.get("eval_report"))]
+    plots = info.get("plots") or []
+    parts += ["", "## Plots", ""] + ([f"![{Path(p).stem}]({p})" for p in plots] or ["_missing: no plots in the run folder._"])
+    parts += ["", "## License", "", f"The weights follow the base model's license: **{info['license']}**."
+              if info.get("license") else "_missing: the base model's license was not provided; check the base model's "
+              "card before redistributing._", ""]
+    return "\n".join(parts)

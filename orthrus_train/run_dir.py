@@ -1,0 +1,88 @@
+"""The run folder: the interface between stages. Names here are stable; see docs/run-folder.md.
+
+    RUN/
+      config.yaml            resolved configuration of the latest invocation
+      tokenizer/             tokenizer used by every stage (the demo's byte tokenizer is written here)
+      data/                  packed training rows (train/), holdout.jsonl, rejected.jsonl, report.json
+      checkpoints/           step-XXXXXXXX/ folders (complete ones carry COMPLETE) and `latest`
+      metrics.jsonl          one JSON line per logged training step
+      export/                Hugging Face folder (loadable with trust_remote_code)
+      eval/                  report.json, report.md, *.png
+      slurm/                 batch scripts and job logs (launcher=slurm)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def data_report(self) -> Path:
+        return self.data / "report.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval / "report.json"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.root / "train_summary.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,370 @@
+"""The training stage on DeepSpeed: ZeRO 1/2/3, a frozen backbone, exact resume.
+
+Determinism by construction: the rows of optimizer step s are a pure function of (seed, s); each
+micro-batch k of a step goes to rank k % world, and each row's anchors come from a generator seeded
+by (seed, epoch, row position). So a resumed run recomputes exactly the losses of an uninterrupted
+one, and 2 processes compute the same micro-batches as 1 process with the same global batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..losses import chunked_distill, per_offset_agreement
+from ..run_dir import RunDir, atomic_write_json
+from . import checkpoint as ckpt
+from .flops import measured_peak_flops, row_flops
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class Plan:
+    total_rows: int
+    global_batch: int
+    micro_batch: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.global_batch // self.micro_batch
+
+    @property
+    def accum(self) -> int:
+        return self.micro_per_step // self.world
+
+
+def make_plan(total_rows: int, t, world: int) -> Plan:
+    G, m = t.global_batch, t.micro_batch
+    if (G // m) % world:
+        raise ValueError(f"train.global_batch={G} / train.micro_batch={m} = {G // m} micro-batches per step cannot be "
+                         f"split evenly over {world} processes; choose a global batch that is a multiple of "
+                         f"micro_batch x world_size = {m * world}")
+    spe = total_rows // G
+    if spe == 0:
+        raise ValueError(f"the data stage wrote {total_rows} rows but one optimizer step needs train.global_batch={G}; "
+                         "add prompts (data.num_samples / more sources) or lower train.global_batch")
+    total = max(1, math.ceil(t.epochs * spe))
+    if t.max_steps > 0:
+        total = min(total, t.max_steps)
+    return Plan(total_rows, G, m, world, spe, total)
+
+
+def step_rows(plan: Plan, step: int, seed: int) -> tuple[int, torch.Tensor]:
+    """(epoch, global row ids of this optimizer step in micro-batch order)."""
+    epoch, within = divmod(step, plan.steps_per_epoch)
+    perm = torch.randperm(plan.total_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    return epoch, perm[within * plan.global_batch:(within + 1) * plan.global_batch]
+
+
+def row_seed(seed: int, epoch: int, row: int) -> int:
+    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + row * 0xC2B2AE3D) % (2 ** 63 - 1)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
+    warm = max(1, int(round(warmup_ratio * total_steps)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        p = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+# ------------------------------------------------------------------------------------------ step
+class DistillStep(nn.Module):
+    """What DeepSpeed wraps: one micro-batch -> scalar loss (mean over its supervised tokens)."""
+
+    def __init__(self, model, loss: str, backend: str, chunk: int, temperature: float, n_anchors: int):
+        super().__init__()
+        self.model = model
+        self.loss, self.backend, self.chunk = loss, backend, chunk
+        self.temperature, self.n_anchors = temperature, n_anchors
+
+    def forward(self, input_ids, loss_mask, seeds: list[int]):
+        from ..model.anchors import sample_anchors
+
+        anchors, valid = zip(*(sample_anchors(loss_mask[b:b + 1], self.n_anchors,
+                                              torch.Generator().manual_seed(int(s)))
+                               for b, s in enumerate(seeds)))
+        out = self.model.train_outputs(input_ids, loss_mask, self.n_anchors,
+                                       anchors=(torch.cat(anchors), torch.cat(valid)))
+        weight = self.model.lm_weight()
+        with _gathered(weight):
+            per_tok, s_arg, t_arg = self._loss(out.hs, out.ht, weight)
+        n = per_tok.numel()
+        loss = per_tok.sum() / max(n, 1)
+        if n == 0:
+            loss = out.hs.sum() * 0.0
+        stats = {"offset": out.sup.offset, "s_arg": s_arg, "t_arg": t_arg, "n_sup": n,
+                 "n_blocks": int(torch.cat(valid).sum()), "loss_sum": float(per_tok.detach().sum())}
+        return loss, stats
+
+    def _loss(self, hs, ht, weight):
+        if self.backend == "triton":
+            from orthrus_kernels import fused_linear_ce, fused_linear_kl
+            from ..losses import teacher_argmax
+            t_arg = teacher_argmax(ht, weight, self.chunk)
+            if self.loss == "kl":
+                per = fused_linear_kl(hs, ht, weight, temperature=self.temperature)
+            else:
+                per = fused_linear_ce(hs, weight, t_arg)
+            with torch.no_grad():
+                s_arg = teacher_argmax(hs.detach(), weight, self.chunk)
+            return per, s_arg, t_arg
+        return chunked_distill(hs, ht, weight, kind=self.loss, chunk_size=self.chunk, temperature=self.temperature)
+
+
+def _gathered(param):
+    if hasattr(param, "ds_id"):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def consolidated_heads(model) -> dict[str, torch.Tensor]:
+    """The trained head tensors as full CPU tensors (gathers ZeRO-3 partitions one at a time)."""
+    out = {}
+    for name, t in model.head_state_dict().items():
+        with _gathered(t):
+            out[name] = t.detach().to("cpu").clone().contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ run
+def ds_config(cfg, plan: Plan) -> dict:
+    t, d = cfg.train, cfg.deepspeed
+    zero = {"stage": d.stage, "overlap_comm": d.overlap_comm, "reduce_bucket_size": d.reduce_bucket_size,
+            "contiguous_gradients": True}
+    if d.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=d.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=d.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    conf = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    conf.update(d.extra)
+    return conf
+
+
+def init_distributed(device: torch.device, dist):
+    """Every launch path (torchrun, deepspeed, srun) ends here with the same env:// variables."""
+    from ..launch.dist_env import export_torch_env
+
+    export_torch_env(dist)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return deepspeed
+
+
+def run_train(cfg, run: RunDir, dist, model=None, log=print) -> dict:
+    from ..data.pack import PackedDataset
+    from ..launch.preemption import PreemptionHandler, any_rank
+    from ..model.factory import build_backbone, build_model, resolve_device, tokenizer_for
+    from .logging import MetricsLogger
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+        device = torch.device("cuda", dist.local_rank)
+    deepspeed = init_distributed(device, dist)
+    rank, world = dist.rank, dist.world_size
+    t = cfg.train
+    torch.manual_seed(t.seed)
+
+    data = PackedDataset(run.data / "train")
+    if data.seq_len != t.seq_len:
+        raise ValueError(f"packed rows are {data.seq_len} tokens but train.seq_len={t.seq_len}; rerun stage=data "
+                         "or set train.seq_len to match")
+    plan = make_plan(data.total_rows, t, world)
+    if model is None:
+        tok = tokenizer_for(cfg, run.tokenizer)
+        model = build_model(cfg, build_backbone(cfg, device), tok)
+    backend = t.loss_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    step_mod = DistillStep(model, t.loss, backend, t.loss_chunk, t.temperature, t.anchors_per_row)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan.total_steps, t.warmup_ratio, t.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=step_mod, optimizer=opt, lr_scheduler=sched,
+                                           config=ds_config(cfg, plan))
+
+    start = 0
+    if cfg.resume != "never":
+        folder = None
+        if cfg.resume == "auto":
+            folder = ckpt.find_resumable(run.checkpoints, rank, log=log if rank == 0 else (lambda *_: None))
+        else:
+            from pathlib import Path
+            folder = Path(cfg.resume)
+            bad = ckpt.problems(folder, rank)
+            if bad:
+                raise ValueError(f"resume={cfg.resume} is not a loadable checkpoint: " + "; ".join(bad))
+        if folder is not None:
+            state = ckpt.load(engine, folder, rank)
+            start = state["step"]
+            if rank == 0:
+                log(f"[train] resumed from {folder} at step {start}/{plan.total_steps}")
+    n_trainable = sum(p.numel() for p in params) if not hasattr(params[0], "ds_numel") else sum(p.ds_numel for p in params)
+    n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total)
+    preempt = PreemptionHandler(requeue_enabled=cfg.launcher.requeue, rank=rank).install()
+    peak = measured_peak_flops(device)
+    K = model.block_size
+    mcfg = model.config
+    last_ckpt = ckpt.find_resumable(run.checkpoints, None, log=lambda *_: None)
+    summary = {}
+    step = start
+    try:
+        for step in range(start, plan.total_steps):
+            t0 = time.perf_counter()
+            epoch, rows = step_rows(plan, step, t.seed)
+            mine = [k for k in range(plan.micro_per_step) if k % world == rank]
+            agg = {"loss_sum": 0.0, "n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
+            offs, s_all, t_all = [], [], []
+            flops = 0.0
+            for k in mine:
+                ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
+                batch = [data[int(r)] for r in ids_k]
+                input_ids = torch.stack([b["input_ids"] for b in batch]).to(device)
+                loss_mask = torch.stack([b["loss_mask"] for b in batch]).to(device)
+                seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
+                loss, st = engine(input_ids, loss_mask, seeds)
+                if any_rank(not math.isfinite(loss.detach().item())):
+                    raise TrainingDiverged(
+                        f"non-finite loss at step {step} (micro-batch {k}, rows {ids_k.tolist()}, lr "
+                        f"{sched.get_last_lr()[0]:.3g}); the last good checkpoint is kept: "
+                        f"{last_ckpt or 'none yet'}. Lower train.lr, check the data rows, or use train.precision=fp32.")
+                engine.backward(loss)
+                engine.step()
+                agg["loss_mean_sum"] += loss.detach().item()
+                agg["micro"] += 1
+                agg["n_sup"] += st["n_sup"]
+                agg["n_blocks"] += st["n_blocks"]
+                offs.append(st["offset"]), s_all.append(st["s_arg"]), t_all.append(st["t_arg"])
+                flops += row_flops(mcfg, t.seq_len, st["n_blocks"] / len(ids_k), K, st["n_sup"] / len(ids_k),
+                                   t.grad_checkpointing, medusa=model.head_type == "medusa") * len(ids_k)
+            offset = torch.cat(offs).cpu()
+            s_arg, t_arg = torch.cat(s_all).cpu(), torch.cat(t_all).cpu()
+            hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
+            counts = torch.bincount(offset, minlength=K - 1).double()
+            red = torch.cat([torch.tensor([agg["loss_mean_sum"], agg["micro"], agg["n_sup"], agg["n_blocks"], flops],
+                                          dtype=torch.float64), hits, counts])
+            if world > 1:
+                red = red.to(device)
+                torch.distributed.all_reduce(red)
+                red = red.cpu()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            loss_mean = float(red[0] / red[1])
+            hits, counts = red[5:5 + K - 1], red[5 + K - 1:]
+            rates = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
+            expected = 1.0 + float(torch.cumprod(torch.nan_to_num(rates, nan=0.0), 0).sum())
+            tokens = plan.global_batch * t.seq_len
+            record = {
+                "step": step + 1, "epoch": epoch, "loss": loss_mean, "lr": sched.get_last_lr()[0],
+                "grad_norm": _grad_norm(engine), "agreement": [round(float(r), 4) for r in rates.tolist()],
+                "expected_accept": expected, "supervised_tokens": int(red[2]), "blocks": int(red[3]),
+                "tokens_per_s": tokens / dt, "step_time_s": dt,
+                "mfu": (float(red[4]) / dt / (peak * world)) if peak else None,
+                "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None,
+            }
+            logger.log(record)
+            summary = record
+            stop = any_rank(preempt.should_checkpoint_and_exit)
+            last = step + 1 == plan.total_steps
+            if stop or last or (step + 1) % t.save_every == 0:
+                last_ckpt = _save(engine, model, run, step + 1, epoch, plan, rank, t.keep_checkpoints, record)
+            if stop:
+                if rank == 0:
+                    log(f"[train] signal received: checkpoint {last_ckpt.name} written; stopping for requeue")
+                preempt.requeue()
+                logger.close()
+                sys.exit(preempt.exit_code or 143)
+    finally:
+        preempt.uninstall()
+    logger.close(final=summary, checkpoint=str(last_ckpt) if last_ckpt else None)
+    if rank == 0:
+        atomic_write_json(run.train_summary, {"plan": plan.__dict__, "final": summary,
+                                              "checkpoint": str(last_ckpt) if last_ckpt else None,
+                                              "trainable_params": n_trainable, "total_params": n_total})
+    return summary
+
+
+def _grad_norm(engine):
+    try:
+        g = engine.get_global_grad_norm()
+        return None if g is None else float(g)
+    except Exception:  # noqa: BLE001 - optional diagnostic
+        return None
+
+
+def _save(engine, model, run: RunDir, step: int, epoch: int, plan: Plan, rank: int, keep: int, record: dict):
+    from safetensors.torch import save_file
+
+    state = {"step": step, "epoch": epoch, "rows_consumed": step * plan.global_batch, "plan": plan.__dict__,
+             "head_type": model.head_type, "block_size": model.block_size, "mask_token_id": model.mask_token_id,
+             "metrics": record}
+    heads = consolidated_heads(model)
+
+    class _Engine:  # write heads.safetensors into the temp folder before the manifest is made
+        def save_checkpoint(self, root, tag, **kw):
+            engine.save_checkpoint(root, tag=tag, **kw)
+            if rank == 0:
+                save_file(heads, os.path.join(root, tag, "heads.safetensors"),
+                          metadata={"head_type": model.head_type, "block_size": str(model.block_size),
+                                    "mask_token_id": str(model.mask_token_id)})
+    return ckpt.save(_Engine(), run.checkpoints, step, state, rank, keep)
+
+
+def load_heads(model, folder) -> None:
+    """Load heads.safetensors of a checkpoint folder into a freshly built model (eval/export)."""
+    from safetensors.torch import load_file
+
+    f = folder / "heads.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: {folder} is not a complete training checkpoint")
+    heads = load_file(str(f))
+    expected = model.head_state_dict()
+    missing, extra = sorted(set(expected) - set(heads)), sorted(set(heads) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{f} does not match this model (heads.type/block_size/backbone?): "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for k, v in heads.items():
+            if expected[k].shape != v.shape:
+                raise ValueError(f"{f}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+            expected[k].copy_(v.to(expected[k].dtype))

@@ -1,0 +1,26 @@
+"""Export tests: offline, repo root importable, one session-wide set of full exports (one per family)."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `import orthrus_train`
+
+import pytest  # noqa: E402
+
+from orthrus_export_testlib import FAMILIES, MASK_ID, tiny_backbone, tiny_tokenizer, with_twins  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """{family: (backbone, backbone_config, state dict with twins, full export folder)}, built once per session."""
+    from orthrus_train.export import export_folder
+
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for family in FAMILIES:
+        backbone, config = tiny_backbone(family)
+        sd = with_twins(backbone)
+        folder = export_folder(sd, config, tiny_tokenizer(), root / f"{family}_full", block_size=4, mask_token_id=MASK_ID)
+        out[family] = (backbone, config, sd, folder)
+    return out
