@@ -112,12 +112,13 @@ if HAS_TRITON:
     @triton.jit
     def _stats_kernel(
         hs_ptr, ht_ptr, w_ptr, tgt_ptr,
-        ms_ptr, ls_ptr, mt_ptr, lt_ptr, acc_ptr,
+        ms_ptr, ls_ptr, mt_ptr, lt_ptr, acc_ptr, sarg_ptr, targ_ptr,
         T, V, H, split_cols,
         stride_hs_t, stride_hs_h, stride_ht_t, stride_ht_h, stride_w_v, stride_w_h,
         inv_temp,
         MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        ARGMAX: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -132,6 +133,9 @@ if HAS_TRITON:
         m_t = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         l_t = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        # Argmax rides along for the per-offset agreement metrics (saves two logit matmuls).
+        a_s = tl.zeros([BLOCK_T], dtype=tl.int32)
+        a_t = tl.zeros([BLOCK_T], dtype=tl.int32)
         if TEACHER:
             tgt = rows  # unused: KL mode passes no targets
         else:
@@ -152,11 +156,15 @@ if HAS_TRITON:
                 t = t * inv_temp
                 diff = tl.where(col_ok[None, :], t - s, 0.0)  # before masking: no inf - inf
             s = tl.where(col_ok[None, :], s, float("-inf"))
+            if ARGMAX:  # strict '>' keeps the first maximum, like torch.argmax
+                a_s = tl.where(tl.max(s, axis=1) > m_s, v0 + tl.argmax(s, axis=1), a_s)
             m_new = tl.maximum(m_s, tl.max(s, axis=1))
             l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m_s = m_new
             if TEACHER:
                 t = tl.where(col_ok[None, :], t, float("-inf"))
+                if ARGMAX:
+                    a_t = tl.where(tl.max(t, axis=1) > m_t, v0 + tl.argmax(t, axis=1), a_t)
                 mt_new = tl.maximum(m_t, tl.max(t, axis=1))
                 alpha = tl.exp(m_t - mt_new)
                 e = tl.exp(t - mt_new[:, None])
@@ -171,6 +179,10 @@ if HAS_TRITON:
         tl.store(ms_ptr + out, m_s, mask=row_ok)
         tl.store(ls_ptr + out, l_s, mask=row_ok)
         tl.store(acc_ptr + out, acc, mask=row_ok)
+        if ARGMAX:
+            tl.store(sarg_ptr + out, a_s, mask=row_ok)
+            if TEACHER:
+                tl.store(targ_ptr + out, a_t, mask=row_ok)
         if TEACHER:
             tl.store(mt_ptr + out, m_t, mask=row_ok)
             tl.store(lt_ptr + out, l_t, mask=row_ok)
@@ -227,7 +239,7 @@ if HAS_TRITON:
     # waste (and minutes) in the interpreter, where fixed small tiles are used instead.
     _AUTOTUNE = (not interpreting()) and os.environ.get("ORTHRUS_KERNELS_AUTOTUNE", "1") != "0"
     if _AUTOTUNE:
-        _stats_launch = triton.autotune(_configs(), key=["V", "H", "MODE"])(_stats_kernel)
+        _stats_launch = triton.autotune(_configs(), key=["V", "H", "MODE", "ARGMAX"])(_stats_kernel)
         _grad_launch = triton.autotune(_configs(), key=["V", "H", "MODE"])(_grad_logits_kernel)
     else:
         _stats_launch = _stats_kernel
@@ -252,7 +264,7 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def _triton_stats(hs, ht, weight, targets, inv_temp, mode):
+def _triton_stats(hs, ht, weight, targets, inv_temp, mode, want_argmax):
     T, H = hs.shape
     V = weight.shape[0]
     dev = hs.device
@@ -274,31 +286,43 @@ def _triton_stats(hs, ht, weight, targets, inv_temp, mode):
     lt = torch.empty((n_split, T), **f32) if teacher else ls
     ht_ = ht if teacher else hs
     tgt = targets if targets is not None else torch.empty(1, device=dev, dtype=torch.int64)
+    i32 = dict(device=dev, dtype=torch.int32)
+    sarg = torch.empty((n_split, T), **i32) if want_argmax else tgt
+    targ = torch.empty((n_split, T), **i32) if (want_argmax and teacher) else sarg
 
     args = (
-        hs, ht_, weight, tgt, ms, ls, mt, lt, acc, T, V, H, split_cols,
+        hs, ht_, weight, tgt, ms, ls, mt, lt, acc, sarg, targ, T, V, H, split_cols,
         hs.stride(0), hs.stride(1), ht_.stride(0), ht_.stride(1),
         weight.stride(0), weight.stride(1), inv_temp,
     )
     if _AUTOTUNE:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), n_split)  # noqa: E731
-        _stats_launch[grid](*args, MODE=mode, PRECISION=_precision(weight), DOT_F32=False)
+        _stats_launch[grid](*args, MODE=mode, PRECISION=_precision(weight), DOT_F32=False,
+                            ARGMAX=want_argmax)
     else:
         meta = _fixed_meta()
         grid = (triton.cdiv(T, meta["BLOCK_T"]), n_split)
-        _stats_launch[grid](*args, MODE=mode, PRECISION=_precision(weight), DOT_F32=interpreting(), **meta)
+        _stats_launch[grid](*args, MODE=mode, PRECISION=_precision(weight), DOT_F32=interpreting(),
+                            ARGMAX=want_argmax, **meta)
 
     # Merge the per-split streaming statistics (n_split x T floats: negligible).
-    m = ms.max(0).values
+    # The split holding the global max also holds the global argmax (first split on ties, and
+    # each split reports its first maximum, so the result is torch.argmax's first maximum).
+    m, m_split = ms.max(0)
     lse_s = m + torch.log((ls * torch.exp(ms - m)).sum(0))
+    s_arg = t_arg = None
+    if want_argmax:
+        s_arg = sarg.gather(0, m_split[None]).squeeze(0).long()
     if teacher:
-        mtm = mt.max(0).values
+        mtm, mt_split = mt.max(0)
         scale = torch.exp(mt - mtm)
         l_t = (lt * scale).sum(0)
         lse_t = mtm + torch.log(l_t)
         loss = (acc * scale).sum(0) / l_t - lse_t + lse_s
-        return loss, lse_s, lse_t
-    return lse_s - acc.sum(0), lse_s, None
+        if want_argmax:
+            t_arg = targ.gather(0, mt_split[None]).squeeze(0).long()
+        return loss, lse_s, lse_t, s_arg, t_arg
+    return lse_s - acc.sum(0), lse_s, None, s_arg, None
 
 
 def _triton_grad(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp, mode, chunk_size):
@@ -349,27 +373,34 @@ def _torch_chunks(T: int, chunk_size: Optional[int], V: int):
         yield c0, min(T, c0 + chunk_size)
 
 
-def _torch_stats(hs, ht, weight, targets, inv_temp, mode, chunk_size):
+def _torch_stats(hs, ht, weight, targets, inv_temp, mode, chunk_size, want_argmax):
     cd = _compute_dtype(weight)
     w = weight.to(cd)
     T, V = hs.shape[0], weight.shape[0]
     loss = torch.empty(T, device=hs.device, dtype=cd)
     lse_s = torch.empty_like(loss)
-    lse_t = torch.empty_like(loss) if mode == _MODE_KL else None
+    kl = mode == _MODE_KL
+    lse_t = torch.empty_like(loss) if kl else None
+    s_arg = torch.empty(T, device=hs.device, dtype=torch.long) if want_argmax else None
+    t_arg = torch.empty(T, device=hs.device, dtype=torch.long) if (want_argmax and kl) else None
     for c0, c1 in _torch_chunks(T, chunk_size, V):
         s = (hs[c0:c1].to(cd) @ w.T) * inv_temp
         ls_ = torch.logsumexp(s, dim=-1)
         lse_s[c0:c1] = ls_
-        if mode == _MODE_KL:
+        if want_argmax:
+            s_arg[c0:c1] = s.argmax(-1)
+        if kl:
             t = (ht[c0:c1].to(cd) @ w.T) * inv_temp
             lt_ = torch.logsumexp(t, dim=-1)
             lse_t[c0:c1] = lt_
+            if want_argmax:
+                t_arg[c0:c1] = t.argmax(-1)
             log_pt = t - lt_[:, None]
             loss[c0:c1] = (log_pt.exp() * (log_pt - (s - ls_[:, None]))).sum(-1)
         else:
             tgt = targets[c0:c1].clamp(0, V - 1)
             loss[c0:c1] = ls_ - s.gather(1, tgt[:, None]).squeeze(1)
-    return loss, lse_s, lse_t
+    return loss, lse_s, lse_t, s_arg, t_arg
 
 
 def _torch_grad(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp, mode, chunk_size):
@@ -396,41 +427,71 @@ def _torch_grad(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp, mode, c
 # autograd wrapper and front doors
 # --------------------------------------------------------------------------------------------
 class _FusedLinearLoss(torch.autograd.Function):
-    """Per-token loss of ``hs @ W^T`` whose backward recomputes logits instead of storing them."""
+    """Per-token loss of ``hs @ W^T`` that never stores logits.
+
+    Outputs (loss, student argmax, teacher argmax); the argmaxes are empty unless requested.
+    With ``precompute_grad`` the gradient pass runs inside forward and backward is a per-token
+    scale, so the weight is not touched after forward returns (ZeRO-3 may re-partition a weight
+    gathered only around the loss call). Without it, backward recomputes from saved inputs.
+    """
 
     @staticmethod
     def forward(ctx, hs, ht, weight, targets, token_weight, temperature, mode, backend, chunk_size,
-                ignore_index):
+                ignore_index, want_argmax, precompute_grad):
         inv_temp = 1.0 / float(temperature)
-        stats = _triton_stats if backend == "triton" else _torch_stats
         if backend == "triton":
-            loss, lse_s, lse_t = stats(hs, ht, weight, targets, inv_temp, mode)
+            loss, lse_s, lse_t, s_arg, t_arg = _triton_stats(hs, ht, weight, targets, inv_temp, mode,
+                                                             want_argmax)
         else:
-            loss, lse_s, lse_t = stats(hs, ht, weight, targets, inv_temp, mode, chunk_size)
+            loss, lse_s, lse_t, s_arg, t_arg = _torch_stats(hs, ht, weight, targets, inv_temp, mode,
+                                                            chunk_size, want_argmax)
         keep = _keep_mask(loss, token_weight, targets, mode, ignore_index)
         scale = token_weight.to(loss.dtype) if token_weight is not None else 1.0
         zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
         out = torch.where(keep, loss * scale, zero)
-        ctx.save_for_backward(hs, ht, weight, targets, token_weight, lse_s, lse_t, keep)
-        ctx.cfg = (inv_temp, mode, backend, chunk_size)
-        return out
+        ctx.cfg = (inv_temp, mode, backend, chunk_size, precompute_grad)
+        if precompute_grad and ctx.needs_input_grad[0]:
+            gscale = _grad_scale(torch.ones_like(lse_s), inv_temp, token_weight, keep)
+            dhs_unit = _grad_pass(backend)(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp,
+                                           mode, chunk_size)
+            ctx.save_for_backward(dhs_unit)
+        else:
+            ctx.save_for_backward(hs, ht, weight, targets, token_weight, lse_s, lse_t, keep)
+        empty = torch.empty(0, dtype=torch.long, device=hs.device)
+        s_arg = s_arg if s_arg is not None else empty
+        t_arg = t_arg if t_arg is not None else empty.clone()
+        ctx.mark_non_differentiable(s_arg, t_arg)
+        return out, s_arg, t_arg
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        hs, ht, weight, targets, token_weight, lse_s, lse_t, keep = ctx.saved_tensors
-        inv_temp, mode, backend, chunk_size = ctx.cfg
+    def backward(ctx, grad_out, _g_sarg, _g_targ):
+        inv_temp, mode, backend, chunk_size, precompute_grad = ctx.cfg
+        nones = (None,) * 11
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
-        gdtype = torch.float64 if lse_s.dtype == torch.float64 else torch.float32
-        gscale = grad_out.to(gdtype) * inv_temp
-        if token_weight is not None:
-            gscale = gscale * token_weight.to(gdtype)
-        gscale = torch.where(keep, gscale, torch.zeros((), dtype=gdtype, device=gscale.device))
-        grad = _triton_grad if backend == "triton" else _torch_grad
-        dhs = grad(hs, ht, weight, targets, lse_s, lse_t, gscale.contiguous(), inv_temp, mode,
-                   chunk_size)
-        return (dhs,) + (None,) * 9
+            return (None,) + nones
+        if precompute_grad:
+            (dhs_unit,) = ctx.saved_tensors
+            g = grad_out.to(torch.float64 if dhs_unit.dtype == torch.float64 else torch.float32)
+            return ((dhs_unit * g[:, None]).to(dhs_unit.dtype),) + nones
+        hs, ht, weight, targets, token_weight, lse_s, lse_t, keep = ctx.saved_tensors
+        gscale = _grad_scale(grad_out, inv_temp, token_weight, keep)
+        dhs = _grad_pass(backend)(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp, mode,
+                                  chunk_size)
+        return (dhs,) + nones
+
+
+def _grad_pass(backend):
+    return _triton_grad if backend == "triton" else _torch_grad
+
+
+def _grad_scale(grad_out, inv_temp, token_weight, keep):
+    """Per-token factor of d loss / d logits: upstream grad * weight / T, exactly 0 off `keep`."""
+    gdtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    gscale = grad_out.to(gdtype) * inv_temp
+    if token_weight is not None:
+        gscale = gscale * token_weight.to(gdtype)
+    return torch.where(keep, gscale, torch.zeros((), dtype=gdtype, device=gscale.device)).contiguous()
 
 
 def _keep_mask(loss, token_weight, targets, mode, ignore_index):
@@ -459,6 +520,28 @@ def _flatten(x: torch.Tensor, H: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _precompute(flag: bool, hs: torch.Tensor) -> bool:
+    # Inside Function.forward grad mode is always off and needs_input_grad ignores no_grad(),
+    # so decide here: no gradient work for eval / no_grad calls.
+    return bool(flag) and torch.is_grad_enabled() and hs.requires_grad
+
+
+def _finish(res, lead, return_argmax, with_teacher):
+    out, s_arg, t_arg = res
+    out = out.reshape(lead)
+    if not return_argmax:
+        return out
+    if with_teacher:
+        return out, s_arg.reshape(lead), t_arg.reshape(lead)
+    return out, s_arg.reshape(lead)
+
+
+def _empty_result(hs, w, lead, n_args):
+    out = hs.new_zeros(lead, dtype=_compute_dtype(w)) + 0 * hs.sum()
+    arg = torch.zeros(lead, dtype=torch.long, device=hs.device)
+    return (out,) + (arg,) * n_args
+
+
 def fused_linear_kl(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -467,14 +550,22 @@ def fused_linear_kl(
     *,
     token_weight: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    return_argmax: bool = False,
+    precompute_grad: bool = True,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Per-token ``KL(softmax(ht W^T / T) || softmax(hs W^T / T))``, shape ``hs.shape[:-1]``.
 
-    Drop-in for ``orthrus_train.losses.chunked_kl_loss`` (same inputs, same per-token output)
-    that never materialises (tokens, V) logits. ``weight`` may be the ``lm_head`` module.
-    ``chunk_size`` bounds the tokens per backward gradient buffer (Triton) or per logits chunk
-    (torch). Gradient flows to ``student_hidden`` only.
+    Same inputs and per-token output as the torch path ``orthrus_train.losses.chunked_distill``
+    (kind="kl"), without ever materialising (tokens, V) logits. ``weight`` may be the lm_head
+    module. ``chunk_size`` bounds the tokens per backward gradient buffer (Triton) or per logits
+    chunk (torch). Gradient flows to ``student_hidden`` only.
+    ``return_argmax=True`` returns ``(kl, student_argmax, teacher_argmax)`` (long), computed in the
+    same pass for free; use it instead of separate argmax matmuls for agreement metrics.
+    ``precompute_grad=True`` (default, like the torch path) runs the gradient pass inside forward
+    and keeps a (T, H) gradient, so backward never touches the weight: required when the weight
+    is only gathered around this call (ZeRO-3). ``False`` recomputes in backward instead (no
+    (T, H) buffer, no gradient work when backward never runs).
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
@@ -488,10 +579,11 @@ def fused_linear_kl(
     tw = token_weight.reshape(-1) if token_weight is not None else None
     be = resolve_backend(backend, hs, ht, w, triton_dtypes=_TRITON_DTYPES)
     if hs.shape[0] == 0:
-        return hs.new_zeros(lead, dtype=_compute_dtype(w)) + 0 * hs.sum()
-    out = _FusedLinearLoss.apply(hs, ht, w.detach(), None, tw, temperature, _MODE_KL, be,
-                                 chunk_size, -100)
-    return out.reshape(lead)
+        res = _empty_result(hs, w, lead, 2)
+        return res if return_argmax else res[0]
+    res = _FusedLinearLoss.apply(hs, ht, w.detach(), None, tw, temperature, _MODE_KL, be,
+                                 chunk_size, -100, return_argmax, _precompute(precompute_grad, hs))
+    return _finish(res, lead, return_argmax, True)
 
 
 def fused_linear_ce(
@@ -502,13 +594,16 @@ def fused_linear_ce(
     ignore_index: int = -100,
     token_weight: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    return_argmax: bool = False,
+    precompute_grad: bool = True,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Per-token ``-log softmax(hidden W^T)[target]``, 0 where ``target == ignore_index``.
 
-    Hard-label counterpart of :func:`fused_linear_kl` (same streaming design). Targets other than
-    ``ignore_index`` must lie in ``[0, V)``; this is not checked on the Triton path because the
-    check would force a host synchronisation.
+    Hard-label counterpart of :func:`fused_linear_kl` (same streaming design and
+    ``precompute_grad`` semantics). ``return_argmax=True`` returns ``(loss, argmax)``. Targets other than ``ignore_index`` must
+    lie in ``[0, V)``; this is not checked on the Triton path because the check would force a
+    host synchronisation.
     """
     w = _as_weight(weight)
     H = w.shape[1]
@@ -520,10 +615,11 @@ def fused_linear_ce(
     tw = token_weight.reshape(-1) if token_weight is not None else None
     be = resolve_backend(backend, hs, w, triton_dtypes=_TRITON_DTYPES)
     if hs.shape[0] == 0:
-        return hs.new_zeros(lead, dtype=_compute_dtype(w)) + 0 * hs.sum()
-    out = _FusedLinearLoss.apply(hs, None, w.detach(), tgt, tw, 1.0, _MODE_CE, be, chunk_size,
-                                 ignore_index)
-    return out.reshape(lead)
+        res = _empty_result(hs, w, lead, 1)
+        return res if return_argmax else res[0]
+    res = _FusedLinearLoss.apply(hs, None, w.detach(), tgt, tw, 1.0, _MODE_CE, be, chunk_size,
+                                 ignore_index, return_argmax, _precompute(precompute_grad, hs))
+    return _finish(res, lead, return_argmax, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,7 +638,7 @@ def chunked_linear_kl_reference(
 ) -> torch.Tensor:
     """Per-token KL by plain autograd over token chunks, each chunk rematerialised in backward.
 
-    Why: the obvious memory-bounded torch baseline (what ``orthrus_train.losses`` provides);
+    Why: the obvious memory-bounded torch baseline, independent of ``orthrus_train.losses``;
     used by the benchmark when that module is absent and by tests as an independent path.
     """
     from torch.utils.checkpoint import checkpoint

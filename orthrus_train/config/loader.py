@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields, is_dataclass
-from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,11 +18,11 @@ from .schema import ConfigError, RootConfig, validate
 
 
 def _dir(name: str) -> Path:
-    src = Path(__file__).resolve().parents[2] / name
-    if src.is_dir():
+    pkg = Path(__file__).resolve().parents[1]
+    src = pkg.parent / name
+    if src.is_dir() and (pkg.parent / "pyproject.toml").exists():  # source checkout: top-level folders
         return src
-    pkg = resources.files(f"orthrus_train.{name}")
-    return Path(str(pkg))
+    return Path(__file__).resolve().parents[1] / name  # installed wheel: orthrus_train/{recipes,configs}
 
 
 def repo_root() -> Path:

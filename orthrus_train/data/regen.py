@@ -46,8 +46,12 @@ class HFGenerator:
     """`Generator` on top of a transformers causal LM's `generate` (static KV cache where supported)."""
 
     def __init__(self, model: Any, eos_token_ids: Sequence[int], pad_token_id: int, static_cache: bool = True,
-                 pad_to_multiple_of: int = 1):
+                 pad_to_multiple_of: int = 64, compile: bool | None = None):
+        """pad_to_multiple_of: left-pad prompts to a multiple of this width, so batches share few shapes.
+        compile: None lets transformers decide (it compiles the static-cache decode step on CUDA);
+        False turns that off."""
         self.model = model.eval()
+        self.compile = compile
         self.eos_token_ids = sorted({int(t) for t in eos_token_ids})
         if not self.eos_token_ids:
             raise ValueError("HFGenerator needs at least one eos token id to stop generation")
@@ -64,7 +68,8 @@ class HFGenerator:
         return GenerationConfig(
             max_new_tokens=max_new_tokens, min_new_tokens=0, repetition_penalty=1.0, num_beams=1,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
-            cache_implementation="static" if self.static_cache else None, **sampling,
+            cache_implementation="static" if self.static_cache else None,
+            **({"disable_compile": True} if self.compile is False else {}), **sampling,
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -199,7 +204,9 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
     for k in todo:
         lo = k * shard_size
         shard = [list(p) for p in prompts[lo:lo + shard_size]]
-        order = sorted(range(len(shard)), key=lambda j: (len(shard[j]), j))  # length buckets
+        # length buckets, longest first: a memory problem shows at once, and a static cache sized by the
+        # first (largest) batch is reused by the later ones instead of growing (and recompiling) each time
+        order = sorted(range(len(shard)), key=lambda j: (-len(shard[j]), j))
         responses: list[list[int]] = [[] for _ in shard]
         shard_tokens, t0 = 0, time.perf_counter()
         for b in range(0, len(order), batch_size):

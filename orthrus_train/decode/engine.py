@@ -118,7 +118,7 @@ class _State:
         self.acc = torch.full((B, out_width), -1, **z)
         self.drafts = torch.zeros(B, K - 1, **z)
         self.draft_logits = torch.zeros(B, K - 1, V, device=device, dtype=dtype)
-        self.eos = torch.full((8,), -1, **z)
+        self.eos = torch.full((16,), -1, **z)
 
 
 class DecodeEngine:
@@ -135,7 +135,7 @@ class DecodeEngine:
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
-                 sync_every: int = 16, verify_backend: str = "auto", verify_fn: Callable | None = None):
+                 sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sync_every < 1:
@@ -154,6 +154,7 @@ class DecodeEngine:
             warnings.warn("use_cuda_graphs=True ignored: the model is not on a CUDA device (running eagerly)")
         self.graph_error: str | None = None
         self._graphs: dict = {}
+        self._pool = None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._mode = "spec"
         self._sampling = SamplingParams()
@@ -224,10 +225,14 @@ class DecodeEngine:
             try:
                 self._graphs[key] = self._capture(fns)
             except Exception as e:  # e.g. MoE routing with host syncs: cannot be captured
-                self.graph_error = f"{e.__class__.__name__}: {e}"
+                self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
                 warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly")
                 self.cuda_graphs = False
-                torch.cuda.synchronize()
+                self._graphs.clear()
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # the failed capture may have left an error on the stream
+                    pass
                 return fns
         return [g.replay for g in self._graphs[key]]
 
@@ -243,10 +248,12 @@ class DecodeEngine:
                     f()
         torch.cuda.current_stream().wait_stream(s)
         graphs = []
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
-            for f in fns:
+            for f in fns:  # one memory pool: the graphs never run concurrently, results live in static buffers
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, pool=self._pool):
                     f()
                 graphs.append(g)
         for k, v in saved.items():  # warm-up steps moved the state; the cache K/V they wrote lie past
@@ -375,10 +382,15 @@ class HFResult:
 @torch.no_grad()
 def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: SamplingParams | None = None, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-                batch_size: int = 1, static_cache: bool = True, seed: int = 0) -> HFResult:
+                batch_size: int = 1, static_cache: bool = True, seed: int = 0, compile: bool | None = None
+                ) -> HFResult:
     """Reference: `transformers` `generate` on the frozen backbone (left-padded batches), for timing and
-    for greedy agreement. Outputs are cut after the first end-of-sequence token, like the engine's.
-    static_cache falls back to the dynamic cache (noted in the result) where the install lacks it."""
+    for greedy agreement. Outputs are cut after the first end-of-sequence token, like the engine's. With no
+    eos_token_ids, transformers still stops at the model's generation_config eos: pass the engine the same ids
+    (`eval.benchmarks.stop_token_ids` includes them).
+    static_cache falls back to the dynamic cache (noted in the result) where the install lacks it.
+    compile: None = transformers' default (it may torch.compile the forward for a static cache on CUDA: warm up
+    before timing); False = never compile."""
     from transformers import GenerationConfig
 
     sp = sampling or SamplingParams()
@@ -390,6 +402,8 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         kw.update(temperature=sp.temperature, top_k=sp.top_k or None, top_p=sp.top_p)
     else:
         kw.update(temperature=None, top_k=None, top_p=None)
+    if compile is False:
+        kw["disable_compile"] = True
     note = ""
     use_static = static_cache
     if use_static:

@@ -59,6 +59,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "spec_bench": BenchmarkSpec("spec_bench", "turns", None, None,
                                 note="Spec-Bench data/spec_bench/question.jsonl (github.com/hemingkx/Spec-Bench), "
                                      "all turns"),
+    "holdout": BenchmarkSpec("holdout", "messages", None, None,
+                             note="the data stage's held-out prompts, RUN/data/holdout.jsonl (user turns of "
+                                  "`messages`)"),
 }
 
 
@@ -81,7 +84,7 @@ class BenchmarkPrompts:
     source: str  # file path or "hub:<id>"
     field: str
     prompts: list[EvalPrompt]
-    available: int  # records read with a usable prompt
+    available: int  # records in the source
     train_overlap: list[str] = field(default_factory=list)  # uids of prompts also among training prompts
     excluded: int = 0  # prompts dropped for overlap
 
@@ -98,6 +101,8 @@ def first_turn_key(text: str) -> str:
 def _turns(value: Any, path: str) -> list[str]:
     if isinstance(value, str):
         return [value]
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return [value["content"]]
     if isinstance(value, list) and value:
         out = []
         for t in value:
@@ -125,14 +130,18 @@ def _extract(record: Any, fields: Sequence[str]) -> tuple[list[str], str]:
     raise err
 
 
-def resolve_source(name: str, benchmark_paths: dict[str, str], data_root: str | None) -> tuple[str, str]:
-    """("file", path) or ("hub", id); raises BenchmarkUnavailable naming what to set."""
+def resolve_source(name: str, benchmark_paths: dict[str, str], data_root: str | None,
+                   default_paths: dict[str, str] | None = None) -> tuple[str, str]:
+    """("file", path) or ("hub", id); raises BenchmarkUnavailable naming what to set.
+    default_paths: files used when benchmark_paths has no entry (run_eval: holdout -> RUN/data/holdout.jsonl)."""
     spec = BENCHMARKS.get(name)
     if name in benchmark_paths:
         p = os.path.expanduser(benchmark_paths[name])
         if not os.path.exists(p):
             raise BenchmarkUnavailable(f"benchmark {name!r}: eval.benchmark_paths.{name} = {p!r} does not exist")
         return "file", p
+    if default_paths and name in default_paths and os.path.exists(default_paths[name]):
+        return "file", default_paths[name]
     if spec is None:
         raise BenchmarkUnavailable(
             f"unknown benchmark {name!r}: known ones are {sorted(BENCHMARKS)}; for your own prompts set "
@@ -168,7 +177,8 @@ def _iter_hub(name: str, hub: tuple[str, str | None, str]) -> Iterable[tuple[str
 
 def load_benchmark(name: str, num_prompts: int | None = None, benchmark_paths: dict[str, str] | None = None,
                    benchmark_fields: dict[str, str] | None = None, data_root: str | None = None,
-                   train_hashes: set[str] | None = None, exclude_train_overlap: bool = True) -> BenchmarkPrompts:
+                   train_hashes: set[str] | None = None, exclude_train_overlap: bool = True,
+                   default_paths: dict[str, str] | None = None) -> BenchmarkPrompts:
     """The first `num_prompts` prompts (file order) of a benchmark, after overlap exclusion."""
     benchmark_paths = benchmark_paths or {}
     benchmark_fields = benchmark_fields or {}
@@ -182,21 +192,22 @@ def load_benchmark(name: str, num_prompts: int | None = None, benchmark_paths: d
             raise BenchmarkUnavailable(f"benchmark {name!r}: set eval.benchmark_fields.{name} to the prompt field "
                                        "of its records (e.g. 'question' or 'turns[0].content')")
         fields = ()
-    kind, src = resolve_source(name, benchmark_paths, data_root)
+    kind, src = resolve_source(name, benchmark_paths, data_root, default_paths)
     rows = iter_raw(SourceConfig(path_or_id=src)) if kind == "file" else _iter_hub(name, spec.hub)
     prompts, overlap, excluded, available = [], [], 0, 0
     for i, (where, raw) in enumerate(rows):
+        if num_prompts is not None and len(prompts) >= num_prompts:
+            available += 1  # only counted: records past the ones used are not checked
+            continue
         if isinstance(raw, BadRecordError):
-            raise raw
+            raise ValueError(f"benchmark {name!r}: {raw}") from None
         try:
             turns, _ = _extract(raw, fields)
         except BadRecordError as e:
-            raise BadRecordError(e.reason, e.detail + f" (set eval.benchmark_fields.{name} if the prompt is "
-                                                      "elsewhere)", where) from None
+            raise ValueError(f"benchmark {name!r}, {where}: {e.detail}; set eval.benchmark_fields.{name} to the "
+                             "field holding the prompt") from None
         available += 1
         p = EvalPrompt(name, i, turns, first_turn_key(turns[0]), where)
-        if num_prompts is not None and len(prompts) >= num_prompts:
-            continue  # keep counting `available`
         if train_hashes and p.key in train_hashes:
             overlap.append(p.uid)
             if exclude_train_overlap:
@@ -276,7 +287,7 @@ class PromptRenderer:
 def stop_token_ids(tokenizer, model=None, extra: Sequence[str] = ()) -> list[int]:
     """End-of-sequence ids: the tokenizer's eos, the generation config's eos ids, and `extra` token strings."""
     ids = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     gc = getattr(getattr(model, "backbone", model), "generation_config", None)
     e = getattr(gc, "eos_token_id", None) if gc is not None else None

@@ -46,9 +46,10 @@ class LosslessConfig:
 class EvalConfig:
     """The eval stage: benchmarks x temperatures, the AR baseline, lossless checks, report files."""
 
-    # Benchmark names: gsm8k, math500, humaneval, mt_bench, alpaca, arena_hard, spec_bench, or any name
-    # given a file in `benchmark_paths` and a prompt field in `benchmark_fields`.
-    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "mt_bench", "alpaca"])
+    # Benchmark names: gsm8k, math500, humaneval, mt_bench, alpaca, arena_hard, spec_bench, holdout (the data
+    # stage's RUN/data/holdout.jsonl), or any name given a file in `benchmark_paths` and a prompt field in
+    # `benchmark_fields`. math500 / mt_bench / spec_bench need a file in benchmark_paths or Hub access.
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "arena_hard", "alpaca"])
     # name -> local file (.jsonl, .jsonl.gz, .json, .json.gz, .parquet). Known benchmarks without a path
     # are looked for under `data_root`, then fetched from the Hugging Face Hub (needs `datasets` + network).
     benchmark_paths: dict[str, str] = field(default_factory=dict)
@@ -71,8 +72,9 @@ class EvalConfig:
     batch_size: int = 1
     # Capture the draft and verify steps as CUDA graphs (CUDA only; ignored on the CPU).
     use_cuda_graphs: bool = True
-    # Steps between host reads of the engine's "all rows done" flag.
-    sync_every: int = 16
+    # Steps between host reads of the engine's "all rows done" flag: the only host syncs of the decode loop;
+    # a batch runs at most sync_every-1 idle steps after its last row finished.
+    sync_every: int = 4
     # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
     verify_backend: str = "auto"
     # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).
@@ -137,9 +139,21 @@ class EvalConfig:
                 bad(f"lossless.{key}", f"must be >= 0, got {getattr(lc, key)}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | "EvalConfig") -> "EvalConfig":
+    def from_dict(cls, d: Any) -> "EvalConfig":
+        """From an EvalConfig, a mapping, another dataclass with these fields, or an OmegaConf node."""
         if isinstance(d, EvalConfig):
             return d
+        if d is None:
+            return cls()
+        if dataclasses.is_dataclass(d) and not isinstance(d, type):
+            d = dataclasses.asdict(d)
+        elif not isinstance(d, Mapping):
+            try:
+                from omegaconf import OmegaConf
+
+                d = OmegaConf.to_container(d, resolve=True)
+            except Exception:
+                raise TypeError(f"eval config: expected a mapping, got {type(d).__name__}") from None
         return _make(cls, d, "eval")
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Everything in the card comes from the caller or from the run folder's reports; an input that is absent is
 written as missing, never filled in.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,16 +92,24 @@ def _eval_section(report: dict | None) -> str:
         out += ["The eval report has no `results` table; its content:", "", _json_block(rest)]
     passed, why = lossless_verdict(report)
     verdict = {True: "PASSED", False: "FAILED", None: "no verdict"}[passed]
-    out += ["", "### Lossless check", "", f"**{verdict}** ({why}). Greedy Orthrus decoding must reproduce greedy "
-            "autoregressive decoding of the base model token for token."]
+    out += [
+        "",
+        "### Lossless check",
+        "",
+        f"**{verdict}** ({why}). Greedy Orthrus decoding must reproduce greedy "
+        "autoregressive decoding of the base model token for token.",
+    ]
     if isinstance(report.get("lossless"), dict):
         out += ["", _json_block(report["lossless"])]
     return "\n".join(out)
 
 
 def _usage(repo: str, layout: str, base: str | None) -> str:
-    base_note = (f"# heads-only: the base model ({base}) is fetched and its weights are checked against the recorded sha256\n"
-                 if layout == "heads" else "")
+    base_note = (
+        f"# heads-only: the base model ({base}) is fetched and its weights are checked against the recorded sha256\n"
+        if layout == "heads"
+        else ""
+    )
     return f"""```python
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,43 +128,103 @@ print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 def build_card(info: dict) -> str:
     """Render README.md. `info` keys: base_model, base_revision, license, layout, backbone_model_type, block_size,
-    mask_token_id, dtype, num_twin_params, num_params, base_sha256, recipe, config, data_report, training,
-    eval_report, plots, repo_id, title."""
+    mask_token_id, dtype, num_twin_params, num_params, base_sha256, tokenizer_included, recipe, config, data_report,
+    training, eval_report, plots, repo_id, title."""
     base, layout = info.get("base_model"), info["layout"]
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags:", "- orthrus", "- speculative-decoding", "- diffusion-drafting"]
+    front = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- orthrus",
+        "- speculative-decoding",
+        "- diffusion-drafting",
+    ]
     if base:
         front.append(f"base_model: {base}")
     if info.get("license"):
         front.append(f"license: {info['license']}")
     front.append("---")
-    facts = [("base model", base or "_missing_"), ("base revision", info.get("base_revision") or "_missing_"),
-             ("backbone family", info["backbone_model_type"]), ("layout", layout), ("block size K", info["block_size"]),
-             ("mask token id", info["mask_token_id"]), ("weights dtype", info.get("dtype")),
-             ("twin (draft) parameters", f"{info.get('num_twin_params', 0):,}")]
+    facts = [
+        ("base model", base or "_missing_"),
+        ("base revision", info.get("base_revision") or "_missing_"),
+        ("backbone family", info["backbone_model_type"]),
+        ("layout", layout),
+        ("block size K", info["block_size"]),
+        ("mask token id", info["mask_token_id"]),
+        ("weights dtype", info.get("dtype")),
+        ("twin (draft) parameters", f"{info.get('num_twin_params', 0):,}"),
+        (
+            "tokenizer",
+            (
+                "included"
+                if info.get("tokenizer_included")
+                else "_missing: not exported with this folder; use the base model's tokenizer_"
+            ),
+        ),
+    ]
     if info.get("num_params"):
         facts.append(("total parameters", f"{info['num_params']:,}"))
     if info.get("base_sha256"):
         facts.append(("base weights sha256", f"`{info['base_sha256']}`"))
     title = info.get("title") or f"Orthrus draft heads for {base or 'an unnamed base model'}"
-    parts = ["\n".join(front), f"# {title}", "",
-             "Orthrus (arXiv 2605.12825) adds twin attention projections (`*_diff`) to every layer of a frozen causal LM. "
-             "They draft a block of tokens in one bidirectional pass over the base model's own KV cache; one causal pass of "
-             "the unchanged base model then verifies them, so greedy output is identical to the base model's.", "",
-             "## Model", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in facts]
+    parts = [
+        "\n".join(front),
+        f"# {title}",
+        "",
+        "Orthrus (arXiv 2605.12825) adds twin attention projections (`*_diff`) to every layer of a frozen causal LM. "
+        "They draft a block of tokens in one bidirectional pass over the base model's own KV cache; one causal pass of "
+        "the unchanged base model then verifies them, so greedy output is identical to the base model's.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "| --- | --- |",
+    ] + [f"| {k} | {v} |" for k, v in facts]
     parts += ["", "## Usage", "", _usage(info.get("repo_id") or "<path-or-repo-id>", layout, base)]
     parts += ["", "## Training recipe", ""]
     parts.append(f"Recipe: `{info['recipe']}`" if info.get("recipe") else MISSING.format(what="the recipe name"))
-    parts += ["", "Resolved config:", "",
-              _config_block(info["config"]) if info.get("config") else MISSING.format(what="the resolved config")]
-    parts += ["", "## Data", "", _json_block(info["data_report"]) if info.get("data_report")
-              else "_missing: the run folder has no data/report.json._"]
-    parts += ["", "## Training", "", _json_block(info["training"]) if info.get("training")
-              else MISSING.format(what="training tokens/time (no train report)")]
+    parts += [
+        "",
+        "Resolved config:",
+        "",
+        _config_block(info["config"]) if info.get("config") else MISSING.format(what="the resolved config"),
+    ]
+    parts += [
+        "",
+        "## Data",
+        "",
+        (
+            _json_block(info["data_report"])
+            if info.get("data_report")
+            else "_missing: the run folder has no data/report.json._"
+        ),
+    ]
+    parts += [
+        "",
+        "## Training",
+        "",
+        (
+            _json_block(info["training"])
+            if info.get("training")
+            else MISSING.format(what="training tokens/time (no train report)")
+        ),
+    ]
     parts += ["", _eval_section(info.get("eval_report"))]
     plots = info.get("plots") or []
-    parts += ["", "## Plots", ""] + ([f"![{Path(p).stem}]({p})" for p in plots] or ["_missing: no plots in the run folder._"])
-    parts += ["", "## License", "", f"The weights follow the base model's license: **{info['license']}**."
-              if info.get("license") else "_missing: the base model's license was not provided; check the base model's "
-              "card before redistributing._", ""]
+    parts += ["", "## Plots", ""] + (
+        [f"![{Path(p).stem}]({p})" for p in plots] or ["_missing: no plots in the run folder._"]
+    )
+    parts += [
+        "",
+        "## License",
+        "",
+        (
+            f"The weights follow the base model's license: **{info['license']}**."
+            if info.get("license")
+            else "_missing: the base model's license was not provided; check the base model's "
+            "card before redistributing._"
+        ),
+        "",
+    ]
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 
 Uses this package's copy of ``modeling_orthrus`` (the same file every export folder carries).
 """
+
 from __future__ import annotations
 
 from .modeling_orthrus import OrthrusLM

@@ -14,6 +14,7 @@ Standalone (imports only torch and transformers); copied into every exported fol
   keep the longest accepted prefix (greedy match or rejection sampling) plus one bonus token.
   The decoding passes use their own per-layer K/V list cache, not ``transformers.Cache``.
 """
+
 import copy
 import hashlib
 import json
@@ -33,8 +34,9 @@ WEIGHTS_NAME = "model.safetensors"
 HEADS_WEIGHTS_NAME = "orthrus_heads.safetensors"
 HEADS_META_NAME = "orthrus_heads.json"
 # config.json keys that belong to Orthrus / the folder, not to the backbone config
-_ORTHRUS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "backbone_model_type",
-                 "block_size", "mask_token_id", "base_model_name_or_path", "base_revision", "base_sha256")
+_ORTHRUS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
+                 "backbone_model_type", "block_size", "mask_token_id", "base_model_name_or_path", "base_revision",
+                 "base_sha256")  # fmt: skip
 
 
 class OrthrusCheckpointError(ValueError):
@@ -46,8 +48,16 @@ class OrthrusConfig(PretrainedConfig):
 
     model_type = "orthrus"
 
-    def __init__(self, backbone_model_type="qwen3", block_size=16, mask_token_id=None, base_model_name_or_path=None,
-                 base_revision=None, base_sha256=None, **kwargs):
+    def __init__(
+        self,
+        backbone_model_type="qwen3",
+        block_size=16,
+        mask_token_id=None,
+        base_model_name_or_path=None,
+        base_revision=None,
+        base_sha256=None,
+        **kwargs,
+    ):
         self.backbone_model_type = backbone_model_type
         self.block_size = block_size
         self.mask_token_id = mask_token_id
@@ -59,12 +69,19 @@ class OrthrusConfig(PretrainedConfig):
     @classmethod
     def from_backbone_config(cls, backbone_config, block_size, mask_token_id, **orthrus_fields):
         fields = {k: v for k, v in backbone_config.to_dict().items() if k not in _ORTHRUS_KEYS}
-        return cls(backbone_model_type=backbone_config.model_type, block_size=block_size, mask_token_id=mask_token_id,
-                   **orthrus_fields, **fields)
+        return cls(
+            backbone_model_type=backbone_config.model_type,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            **orthrus_fields,
+            **fields,
+        )
 
     def backbone_config(self):
         if self.backbone_model_type not in FAMILIES:
-            raise ValueError(f"backbone_model_type={self.backbone_model_type!r} is not supported; expected one of {FAMILIES}")
+            raise ValueError(
+                f"backbone_model_type={self.backbone_model_type!r} is not supported; expected one of {FAMILIES}"
+            )
         fields = {k: v for k, v in self.to_dict().items() if k not in _ORTHRUS_KEYS}
         return AutoConfig.for_model(self.backbone_model_type, **fields)
 
@@ -86,7 +103,7 @@ def base_weights_sha256(state_dict, tie_word_embeddings):
             continue
         t = state_dict[name].detach()
         digest.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}\n".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer, no copy
     return digest.hexdigest()
 
 
@@ -98,17 +115,23 @@ def read_safetensors_header(path):
         raw = f.read(8)
         header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
         if header_len is None or 8 + header_len > size:
-            raise OrthrusCheckpointError(f"{path}: truncated or corrupt safetensors file (header does not fit in "
-                                         f"{size} bytes); re-export or re-download it")
+            raise OrthrusCheckpointError(
+                f"{path}: truncated or corrupt safetensors file (header does not fit in "
+                f"{size} bytes); re-export or re-download it"
+            )
         try:
             header = json.loads(f.read(header_len))
         except ValueError as err:
-            raise OrthrusCheckpointError(f"{path}: corrupt safetensors header ({err}); re-export or re-download it") from None
+            raise OrthrusCheckpointError(
+                f"{path}: corrupt safetensors header ({err}); re-export or re-download it"
+            ) from None
     header.pop("__metadata__", None)
     data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + header_len + data_end != size:
-        raise OrthrusCheckpointError(f"{path}: file is {size} bytes but its header describes {8 + header_len + data_end}; "
-                                     "it is truncated or corrupt: re-export or re-download it")
+        raise OrthrusCheckpointError(
+            f"{path}: file is {size} bytes but its header describes {8 + header_len + data_end}; "
+            "it is truncated or corrupt: re-export or re-download it"
+        )
     return {name: (v["dtype"], tuple(v["shape"])) for name, v in header.items()}
 
 
@@ -122,8 +145,9 @@ def read_weight_files(folder, basename):
     elif os.path.exists(os.path.join(folder, basename)):
         weight_map, files = None, [basename]
     else:
-        raise OrthrusCheckpointError(f"{folder}: neither {basename} nor {basename}.index.json exists; "
-                                     "is this an Orthrus export folder?")
+        raise OrthrusCheckpointError(
+            f"{folder}: neither {basename} nor {basename}.index.json exists; is this an Orthrus export folder?"
+        )
     found = {}
     for fname in files:
         path = os.path.join(folder, fname)
@@ -134,10 +158,13 @@ def read_weight_files(folder, basename):
                 raise OrthrusCheckpointError(f"{folder}: tensor {name} is stored twice ({found[name][2]} and {fname})")
             found[name] = (dtype, shape, fname)
     if weight_map is not None:
-        wrong = sorted(k for k in set(weight_map) | set(found) if weight_map.get(k) != found.get(k, (0, 0, None))[2])
+        stored_in = {name: v[2] for name, v in found.items()}
+        wrong = sorted(k for k in set(weight_map) | set(stored_in) if weight_map.get(k) != stored_in.get(k))
         if wrong:
-            raise OrthrusCheckpointError(f"{index_path} disagrees with the shard files for {len(wrong)} tensors: "
-                                         f"{_listing(wrong)}; re-export the folder")
+            raise OrthrusCheckpointError(
+                f"{index_path} disagrees with the shard files for {len(wrong)} tensors: "
+                f"{_listing(wrong)}; re-export the folder"
+            )
     return found
 
 
@@ -158,15 +185,22 @@ def check_tensors(found_shapes, config, part, where):
     expected = expected_shapes(config, part)
     missing = sorted(set(expected) - set(found_shapes))
     unexpected = sorted(set(found_shapes) - set(expected))
-    bad = sorted(f"{k}: found {tuple(found_shapes[k])}, config expects {expected[k]}"
-                 for k in set(expected) & set(found_shapes) if tuple(found_shapes[k]) != expected[k])
+    bad = sorted(
+        f"{k}: found {tuple(found_shapes[k])}, config expects {expected[k]}"
+        for k in set(expected) & set(found_shapes)
+        if tuple(found_shapes[k]) != expected[k]
+    )
     if missing or unexpected or bad:
-        lines = [f"{where}: tensors do not match the Orthrus {part} layout of a {config.backbone_model_type} backbone "
-                 f"with {config.num_hidden_layers} layers (tie_word_embeddings={getattr(config, 'tie_word_embeddings', False)})"]
+        lines = [
+            f"{where}: tensors do not match the Orthrus {part} layout of a {config.backbone_model_type} backbone "
+            f"with {config.num_hidden_layers} layers (tie_word_embeddings={getattr(config, 'tie_word_embeddings', False)})"
+        ]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): {_listing(keys)}")
-        lines.append("  Nothing was loaded. Re-export from the trained model, or fix config.json if it describes another model.")
+        lines.append(
+            "  Nothing was loaded. Re-export from the trained model, or fix config.json if it describes another model."
+        )
         raise OrthrusCheckpointError("\n".join(lines))
 
 
@@ -221,7 +255,8 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = AutoModel.from_config(config.backbone_config())  # the stock Qwen3Model / LlamaModel / ...
+        attn = {"attn_implementation": config._attn_implementation} if config._attn_implementation else {}
+        self.model = AutoModel.from_config(config.backbone_config(), **attn)  # the stock Qwen3Model / LlamaModel / ...
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         attach_twins(self.model)
         self.post_init()
@@ -233,15 +268,37 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     # ---- ordinary causal LM forward (the backbone's; twins unused)
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
 
     # ---- Orthrus passes over an OrthrusKVCache (positions continue from len(cache))
     def _attention(self, attn, x, cos, sin, cache, past, layer_idx, draft):
@@ -264,15 +321,20 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
             cache.keys[layer_idx], cache.values[layer_idx] = k, v
             mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
         groups = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                             attn_mask=mask, scale=attn.scaling)
+        out = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask, scale=attn.scaling
+        )
         return getattr(attn, "o_proj" + sfx)(out.transpose(1, 2).reshape(bsz, length, -1))
 
     def _run(self, input_ids, cache, draft):
         if any(t != "full_attention" for t in (getattr(self.config, "layer_types", None) or [])):
-            raise NotImplementedError("Orthrus decoding supports full attention only; this config has sliding-window layers")
+            raise NotImplementedError(
+                "Orthrus decoding supports full attention only; this config has sliding-window layers"
+            )
         start = len(cache)
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(
+            input_ids.shape[0], -1
+        )
         h = self.model.embed_tokens(input_ids)
         cos, sin = (t.unsqueeze(1) for t in self.model.rotary_emb(h, positions))
         for i, layer in enumerate(self.model.layers):
@@ -299,12 +361,26 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
 
     # ---- generation
     @torch.no_grad()
-    def generate(self, input_ids=None, max_new_tokens=None, max_length=None, temperature=0.0, top_k=20, top_p=0.8,
-                 eos_token_id=None, use_diffusion_mode=True, attention_mask=None, pad_token_id=None, **kwargs):
+    def generate(
+        self,
+        input_ids=None,
+        max_new_tokens=None,
+        max_length=None,
+        temperature=0.0,
+        top_k=20,
+        top_p=0.8,
+        eos_token_id=None,
+        use_diffusion_mode=True,
+        attention_mask=None,
+        pad_token_id=None,
+        streamer=None,
+        **kwargs,
+    ):
         """Orthrus decoding (default) or plain AR decoding (use_diffusion_mode=False, via GenerationMixin).
 
         temperature 0 (default) is greedy and lossless. Returns [batch, prompt + new] token ids, rows that stopped
-        early padded with pad_token_id. Counts of the last call are in ``self.last_generate_stats``.
+        early padded with pad_token_id. Counts of the last call are in ``self.last_generate_stats``. A
+        ``streamer`` (e.g. TextStreamer, batch 1) receives the prompt, then each accepted run of tokens.
         """
         gen_cfg = self.generation_config
         eos_token_id = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
@@ -313,30 +389,50 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         if pad_token_id is None:
             pad_token_id = min(eos) if eos else 0
         if not use_diffusion_mode:
-            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature else dict(do_sample=False)
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    max_length=max_length, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                    **sampling, **kwargs)
+            sampling = (
+                dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+                if temperature
+                else dict(do_sample=False)
+            )
+            return super().generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                streamer=streamer,
+                **sampling,
+                **kwargs,
+            )
         ignored = sorted(k for k, v in kwargs.items() if v not in (None, False) and k not in ("do_sample", "use_cache"))
         if ignored:
-            raise ValueError(f"generate(use_diffusion_mode=True) does not support {ignored}; pass use_diffusion_mode=False")
+            raise ValueError(
+                f"generate(use_diffusion_mode=True) does not support {ignored}; pass use_diffusion_mode=False"
+            )
         prompt_len = input_ids.shape[1]
         if max_new_tokens is None:
             max_new_tokens = (max_length if max_length is not None else gen_cfg.max_length or 20) - prompt_len
         self.last_generate_stats = dict(new_tokens=0, draft_passes=0, verify_passes=0)
+        if streamer is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError("a streamer needs batch size 1")
+            streamer.put(input_ids.cpu())
         new_rows = []
         for b in range(input_ids.shape[0]):
-            row = input_ids[b: b + 1]
+            row = input_ids[b : b + 1]
             if attention_mask is not None:  # drop left padding
                 row = row[:, attention_mask[b].bool()]
-            new_rows.append(self._generate_row(row, max(max_new_tokens, 0), temperature, top_k, top_p, eos))
+            new_rows.append(self._generate_row(row, max(max_new_tokens, 0), temperature, top_k, top_p, eos, streamer))
+        if streamer is not None:
+            streamer.end()
         width = max(len(r) for r in new_rows)
         new = torch.full((input_ids.shape[0], width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
         for b, r in enumerate(new_rows):
             new[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
         return torch.cat([input_ids, new], dim=1)
 
-    def _generate_row(self, prompt, max_new, temperature, top_k, top_p, eos):
+    def _generate_row(self, prompt, max_new, temperature, top_k, top_p, eos, streamer=None):
         greedy = not temperature or temperature <= 0
         stats = self.last_generate_stats
         block_size, mask_id = self.config.block_size, self.config.mask_token_id
@@ -344,8 +440,14 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
             return []
         logits, cache = self.prefill(prompt)
         last = logits[:, -1]
-        x = int(last.argmax(-1)) if greedy else int(torch.multinomial(_filtered_probs(last, temperature, top_k, top_p), 1))
+        x = (
+            int(last.argmax(-1))
+            if greedy
+            else int(torch.multinomial(_filtered_probs(last, temperature, top_k, top_p), 1))
+        )
         out = [x]
+        emit = (lambda tokens: streamer.put(torch.tensor(tokens))) if streamer is not None else (lambda tokens: None)
+        emit(out)
         while len(out) < max_new and x not in eos:
             a, k = len(cache), min(block_size, max_new - len(out) + 1)  # drafts never exceed what is still needed
             block = torch.full((1, k), mask_id, dtype=prompt.dtype, device=prompt.device)
@@ -367,12 +469,15 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
             cache.truncate(a + m + 1)
             stats["draft_passes"] += 1
             stats["verify_passes"] += 1
+            accepted = []
             for t in drafts[:m].tolist() + [bonus]:
-                out.append(t)
+                accepted.append(t)
                 if t in eos:
                     break
+            accepted = accepted[: max_new - len(out)]
+            out += accepted
+            emit(accepted)
             x = out[-1]
-        out = out[:max_new]
         stats["new_tokens"] += len(out)
         return out
 
@@ -395,8 +500,14 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if kwargs.get(k) is not None}
+            hub = {
+                k: kwargs[k]
+                for k in ("revision", "cache_dir", "token", "local_files_only")
+                if kwargs.get(k) is not None
+            }
             folder = snapshot_download(folder, **hub)
+        if kwargs.get("subfolder"):
+            folder = os.path.join(folder, kwargs.pop("subfolder"))
         config = kwargs.pop("config", None)
         if not isinstance(config, OrthrusConfig):
             config = OrthrusConfig.from_pretrained(folder)
@@ -412,23 +523,33 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
             meta = json.load(f)
         base = base or config.base_model_name_or_path or meta.get("base_model")
         if not base:
-            raise OrthrusCheckpointError(f"{folder} holds Orthrus heads only and names no base model; pass base=<path or hub id>")
+            raise OrthrusCheckpointError(
+                f"{folder} holds Orthrus heads only and names no base model; pass base=<path or hub id>"
+            )
         found = read_weight_files(folder, HEADS_WEIGHTS_NAME)
         check_tensors({k: v[1] for k, v in found.items()}, config, "heads", folder)
         revision = meta.get("base_revision") if base == meta.get("base_model") else None
-        load_kw = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if kwargs.get(k) is not None}
-        backbone = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=meta.get("base_dtype", "auto"),
-                                                        device_map=device_map, **load_kw)
+        load_kw = {
+            k: kwargs[k]
+            for k in ("cache_dir", "token", "local_files_only", "attn_implementation")
+            if kwargs.get(k) is not None
+        }
+        backbone = AutoModelForCausalLM.from_pretrained(
+            base, revision=revision, dtype=meta.get("base_dtype", "auto"), device_map=device_map, **load_kw
+        )
         if backbone.config.model_type != config.backbone_model_type:
-            raise OrthrusCheckpointError(f"base {base} is a {backbone.config.model_type} model; the heads in {folder} "
-                                         f"were trained on {config.backbone_model_type}")
+            raise OrthrusCheckpointError(
+                f"base {base} is a {backbone.config.model_type} model; the heads in {folder} "
+                f"were trained on {config.backbone_model_type}"
+            )
         tied = getattr(config, "tie_word_embeddings", False)
         got = base_weights_sha256(backbone.state_dict(), tied)
         if got != meta["base_sha256"]:
             raise OrthrusCheckpointError(
                 f"base model {base} (revision {revision or 'default'}) does not match the base the heads in {folder} were "
                 f"trained on: weights sha256 {got} != recorded {meta['base_sha256']} ({meta.get('base_model')} @ "
-                f"{meta.get('base_revision')}). Pass base=<the exact base checkpoint>.")
+                f"{meta.get('base_revision')}). Pass base=<the exact base checkpoint>."
+            )
         with torch.device("meta"):
             model = cls(config)
         model.model, model.lm_head = backbone.model, backbone.lm_head  # the loaded stock modules, untouched
@@ -444,6 +565,9 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         if dtype not in (None, "auto"):
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         gen_path = os.path.join(folder, "generation_config.json")
-        model.generation_config = (type(backbone.generation_config).from_pretrained(folder)
-                                   if os.path.exists(gen_path) else backbone.generation_config)
+        model.generation_config = (
+            type(backbone.generation_config).from_pretrained(folder)
+            if os.path.exists(gen_path)
+            else backbone.generation_config
+        )
         return model.eval()

@@ -3,6 +3,7 @@
 Refuses (unless ``force``) when the run's eval/report.json is missing or its lossless check did not pass. The
 token comes from HF_TOKEN or the stored ``hf auth login``; it is never printed, and any error text is redacted.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def _check_eval(export_dir: Path, run_dir, force: bool) -> str:
     report = card.read_json(report_path) if report_path else None
     passed, why = card.lossless_verdict(report)
     if report is None:
-        problem = (f"{report_path} does not exist" if report_path else
-                   "the export records no run folder (pass run_dir=...)") + "; run the evaluation first"
+        problem = (
+            f"{report_path} does not exist" if report_path else "the export records no run folder (pass run_dir=...)"
+        ) + "; run the evaluation first"
     elif passed is not True:
         problem = f"{report_path}: lossless check {'failed' if passed is False else 'has no verdict'} ({why})"
     else:
@@ -49,8 +51,17 @@ def _check_eval(export_dir: Path, run_dir, force: bool) -> str:
     return f"publishing despite: {problem} (force=True)"
 
 
-def publish(export_dir, repo_id: str, private: bool = False, revision_tag: str | None = None, dry_run: bool = False,
-            force: bool = False, api=None, run_dir=None, commit_message: str | None = None) -> dict:
+def publish(
+    export_dir,
+    repo_id: str,
+    private: bool = False,
+    revision_tag: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    api=None,
+    run_dir=None,
+    commit_message: str | None = None,
+) -> dict:
     """Upload `export_dir` to model repo `repo_id`; returns {'url', 'files', 'total_bytes', 'commit', 'tag', 'eval'}.
 
     dry_run: validate, check the eval report, print the files and sizes, upload nothing. api: an HfApi-like object
@@ -63,7 +74,9 @@ def publish(export_dir, repo_id: str, private: bool = False, revision_tag: str |
     total = sum(size for _, size in files)
     result = {"url": None, "files": files, "total_bytes": total, "commit": None, "tag": revision_tag, "eval": eval_note}
     if dry_run:
-        print(f"[dry run] {export_dir} ({summary['layout']} layout) -> {repo_id} ({'private' if private else 'public'}); {eval_note}")
+        print(
+            f"[dry run] {export_dir} ({summary['layout']} layout) -> {repo_id} ({'private' if private else 'public'}); {eval_note}"
+        )
         for name, size in files:
             print(f"  {size:>14,d}  {name}")
         print(f"  {total:>14,d}  total ({len(files)} files)")
@@ -81,16 +94,26 @@ def publish(export_dir, repo_id: str, private: bool = False, revision_tag: str |
             large(repo_id=repo_id, folder_path=str(export_dir), repo_type="model", private=private)
             commit = None
         else:
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(export_dir), repo_type="model",
-                                     commit_message=message)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=str(export_dir), repo_type="model", commit_message=message
+            )
             commit = getattr(info, "oid", None)
         if revision_tag:
-            api.create_tag(repo_id, tag=revision_tag, revision=commit, repo_type="model",
-                           tag_message=f"Orthrus export {export_dir.name}")
+            api.create_tag(
+                repo_id,
+                tag=revision_tag,
+                revision=commit,
+                repo_type="model",
+                tag_message=f"Orthrus export {export_dir.name}",
+            )
     except Exception as err:  # noqa: BLE001 - re-raised with the token redacted and no chained traceback
-        raise PublishError(redact(f"publishing {export_dir} to {repo_id} failed: {type(err).__name__}: {err}", token)) from None
+        raise PublishError(
+            redact(f"publishing {export_dir} to {repo_id} failed: {type(err).__name__}: {err}", token)
+        ) from None
     endpoint = getattr(api, "endpoint", None) or "https://huggingface.co"
-    result.update(url=f"{endpoint.rstrip('/')}/{repo_id}" + (f"/tree/{revision_tag}" if revision_tag else ""), commit=commit)
+    result.update(
+        url=f"{endpoint.rstrip('/')}/{repo_id}" + (f"/tree/{revision_tag}" if revision_tag else ""), commit=commit
+    )
     print(result["url"])
     return result
 
@@ -108,8 +131,15 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="publish even without a passing lossless eval")
     args = parser.parse_args(argv)
     try:
-        publish(args.export_dir, args.repo_id, private=args.private, revision_tag=args.revision_tag,
-                dry_run=args.dry_run, force=args.force, run_dir=args.run_dir)
+        publish(
+            args.export_dir,
+            args.repo_id,
+            private=args.private,
+            revision_tag=args.revision_tag,
+            dry_run=args.dry_run,
+            force=args.force,
+            run_dir=args.run_dir,
+        )
     except PublishError as err:
         raise SystemExit(f"error: {err}") from None
 

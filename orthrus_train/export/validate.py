@@ -4,6 +4,7 @@ The tensor rules themselves (which keys a backbone family needs, header parsing,
 ``modeling_orthrus`` because the exported folder must validate itself without orthrus_train installed; this
 module applies them to in-memory state dicts and to whole export folders.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,20 +60,26 @@ def validate_folder(folder) -> dict:
         raise OrthrusCheckpointError(f"{config_path}: " + "; ".join(problems) + ". Re-export the folder.")
     config = OrthrusConfig.from_pretrained(str(folder))
     if not 0 <= config.mask_token_id < config.vocab_size:
-        raise OrthrusCheckpointError(f"{config_path}: mask_token_id={config.mask_token_id} is outside the vocabulary "
-                                     f"(vocab_size={config.vocab_size})")
+        raise OrthrusCheckpointError(
+            f"{config_path}: mask_token_id={config.mask_token_id} is outside the vocabulary "
+            f"(vocab_size={config.vocab_size})"
+        )
     heads_meta_path = folder / HEADS_META_NAME
     if heads_meta_path.exists():
         meta = json.loads(heads_meta_path.read_text())
         missing = [k for k in HEADS_META_REQUIRED if k not in meta]
         if missing or not meta.get("base_model") or not meta.get("base_sha256"):
-            raise OrthrusCheckpointError(f"{heads_meta_path}: missing or empty fields {missing or ['base_model/base_sha256']}; "
-                                         "re-export with layout='heads' and base_model_id set")
+            raise OrthrusCheckpointError(
+                f"{heads_meta_path}: missing or empty fields {missing or ['base_model/base_sha256']}; "
+                "re-export with layout='heads' and base_model_id set"
+            )
         layout, basename = "heads", HEADS_WEIGHTS_NAME
         stray = sorted(p.name for p in folder.glob("model*.safetensors*"))
         if stray:
-            raise OrthrusCheckpointError(f"{folder}: heads-only folder (has {HEADS_META_NAME}) also holds full weights "
-                                         f"{stray}; keep one layout per folder")
+            raise OrthrusCheckpointError(
+                f"{folder}: heads-only folder (has {HEADS_META_NAME}) also holds full weights "
+                f"{stray}; keep one layout per folder"
+            )
     else:
         layout, basename = "full", WEIGHTS_NAME
     found = read_weight_files(str(folder), basename)

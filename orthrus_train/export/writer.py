@@ -8,6 +8,7 @@ Layouts:
 
 The folder is built next to ``out_dir`` under a temporary name, validated, then renamed into place.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ from .modeling_orthrus import (
 from .validate import AUTO_MAP, MODELING_FILE, validate_folder, validate_state_dict
 
 HEADS_FORMAT = "orthrus-heads/1"
-CHECKSUM_DEFINITION = ("sha256 over the backbone state dict sorted by name; per tensor: the line "
-                       "'{name}|{dtype}|{shape}\\n' then its raw bytes; *_diff tensors and a tied lm_head.weight excluded")
+CHECKSUM_DEFINITION = (
+    "sha256 over the backbone state dict sorted by name; per tensor: the line "
+    "'{name}|{dtype}|{shape}\\n' then its raw bytes; *_diff tensors and a tied lm_head.weight excluded"
+)
 
 
 def parse_size(size) -> int:
@@ -58,17 +61,25 @@ def write_safetensors(tensors: dict, folder: Path, basename: str, max_shard_size
         current_size += nbytes
     shards.append(current)
     stem, ext = basename.rsplit(".", 1)
-    names = [basename] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    names = (
+        [basename]
+        if len(shards) == 1
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    )
     weight_map = {}
     for fname, shard in zip(names, shards):
         # contiguous CPU copies: safetensors refuses views and tensors sharing storage
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in shard.items()}, str(folder / fname),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().to("cpu").contiguous().clone() for k, v in shard.items()},
+            str(folder / fname),
+            metadata={"format": "pt"},
+        )
         weight_map.update({k: fname for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (folder / f"{basename}.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+        )
         names.append(f"{basename}.index.json")
     return names
 
@@ -83,10 +94,24 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def export_folder(model_or_state_dict, backbone_config, tokenizer, out_dir, *, layout: str = "full", block_size: int,
-                  mask_token_id: int, base_model_id: str | None = None, base_revision: str | None = None,
-                  extra_card_info: dict | None = None, run_dir=None, max_shard_size="5GB", dtype=None,
-                  generation_config=None, overwrite: bool = False) -> Path:
+def export_folder(
+    model_or_state_dict,
+    backbone_config,
+    tokenizer,
+    out_dir,
+    *,
+    layout: str = "full",
+    block_size: int,
+    mask_token_id: int,
+    base_model_id: str | None = None,
+    base_revision: str | None = None,
+    extra_card_info: dict | None = None,
+    run_dir=None,
+    max_shard_size="5GB",
+    dtype=None,
+    generation_config=None,
+    overwrite: bool = False,
+) -> Path:
     """Export a trained Orthrus model (module or state dict with ``model.*`` / ``lm_head.weight`` keys).
 
     backbone_config: the backbone's transformers config (Qwen3Config, ...). tokenizer: saved with save_pretrained
@@ -105,21 +130,28 @@ def export_folder(model_or_state_dict, backbone_config, tokenizer, out_dir, *, l
     if block_size < 2:
         raise ValueError(f"block_size={block_size}: a block must hold x_a and at least one mask")
     if not 0 <= mask_token_id < backbone_config.vocab_size:
-        raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary (vocab_size={backbone_config.vocab_size})")
+        raise ValueError(
+            f"mask_token_id={mask_token_id} is outside the vocabulary (vocab_size={backbone_config.vocab_size})"
+        )
     extra = dict(extra_card_info or {})
     sd = _state_dict(model_or_state_dict)
     config = OrthrusConfig.from_backbone_config(
-        backbone_config, block_size, mask_token_id,
-        **({"base_model_name_or_path": base_model_id, "base_revision": base_revision} if layout == "heads" else {}))
+        backbone_config,
+        block_size,
+        mask_token_id,
+        **({"base_model_name_or_path": base_model_id, "base_revision": base_revision} if layout == "heads" else {}),
+    )
     tied = bool(getattr(backbone_config, "tie_word_embeddings", False))
     if tied and "lm_head.weight" in sd:
         embed = sd.get("model.embed_tokens.weight")
         if embed is None or not torch.equal(sd["lm_head.weight"].cpu(), embed.cpu()):
-            raise OrthrusCheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
-                                         "model.embed_tokens.weight; export with the backbone config it was trained with")
+            raise OrthrusCheckpointError(
+                "tie_word_embeddings is true but lm_head.weight differs from "
+                "model.embed_tokens.weight; export with the backbone config it was trained with"
+            )
         del sd["lm_head.weight"]
     validate_state_dict(sd, config, "full", where="model to export")
-    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)  # noqa: E731
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
     base_dtype = _dtype_name(sd["model.embed_tokens.weight"].dtype)
     if layout == "full":
         tensors = {k: cast(v) for k, v in sd.items()}
@@ -133,8 +165,9 @@ def export_folder(model_or_state_dict, backbone_config, tokenizer, out_dir, *, l
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        files = write_safetensors(tensors, tmp, WEIGHTS_NAME if layout == "full" else HEADS_WEIGHTS_NAME,
-                                  parse_size(max_shard_size))
+        files = write_safetensors(
+            tensors, tmp, WEIGHTS_NAME if layout == "full" else HEADS_WEIGHTS_NAME, parse_size(max_shard_size)
+        )
         config_dict = config.to_dict()
         config_dict["auto_map"] = dict(AUTO_MAP)
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
@@ -149,24 +182,51 @@ def export_folder(model_or_state_dict, backbone_config, tokenizer, out_dir, *, l
         base_sha = None
         if layout == "heads":
             base_sha = base_weights_sha256(sd, tied)
-            meta = {"format": HEADS_FORMAT, "base_model": base_model_id, "base_revision": base_revision,
-                    "base_sha256": base_sha, "base_dtype": base_dtype, "checksum": CHECKSUM_DEFINITION,
-                    "backbone_model_type": config.backbone_model_type, "num_tensors": len(tensors)}
+            meta = {
+                "format": HEADS_FORMAT,
+                "base_model": base_model_id,
+                "base_revision": base_revision,
+                "base_sha256": base_sha,
+                "base_dtype": base_dtype,
+                "checksum": CHECKSUM_DEFINITION,
+                "backbone_model_type": config.backbone_model_type,
+                "num_tensors": len(tensors),
+            }
             (tmp / HEADS_META_NAME).write_text(json.dumps(meta, indent=2))
         plots = _copy_plots(run_dir, tmp)
         eval_report = card.read_json(run_dir / card.EVAL_REPORT) if run_dir else None
-        info = dict(extra, base_model=base_model_id, base_revision=base_revision, layout=layout,
-                    backbone_model_type=config.backbone_model_type, block_size=block_size, mask_token_id=mask_token_id,
-                    dtype=config.dtype, base_sha256=base_sha, plots=plots, eval_report=eval_report,
-                    num_twin_params=sum(v.numel() for k, v in sd.items() if "_diff." in k),
-                    num_params=sum(v.numel() for v in sd.values()),
-                    data_report=card.read_json(run_dir / card.DATA_REPORT) if run_dir else None,
-                    training=extra.get("training") or (card.read_json(run_dir / card.TRAIN_REPORT) if run_dir else None))
+        info = dict(
+            extra,
+            base_model=base_model_id,
+            base_revision=base_revision,
+            layout=layout,
+            backbone_model_type=config.backbone_model_type,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            dtype=config.dtype,
+            base_sha256=base_sha,
+            plots=plots,
+            eval_report=eval_report,
+            tokenizer_included=tokenizer is not None,
+            num_twin_params=sum(v.numel() for k, v in sd.items() if "_diff." in k),
+            num_params=sum(v.numel() for v in sd.values()),
+            data_report=card.read_json(run_dir / card.DATA_REPORT) if run_dir else None,
+            training=extra.get("training") or (card.read_json(run_dir / card.TRAIN_REPORT) if run_dir else None),
+        )
         (tmp / "README.md").write_text(card.build_card(info))
-        (tmp / "orthrus_export.json").write_text(json.dumps({
-            "layout": layout, "run_dir": str(run_dir.resolve()) if run_dir else None, "weight_files": files,
-            "tokenizer_included": tokenizer is not None, "transformers_version": _version("transformers"),
-            "torch_version": torch.__version__}, indent=2))
+        (tmp / "orthrus_export.json").write_text(
+            json.dumps(
+                {
+                    "layout": layout,
+                    "run_dir": str(run_dir.resolve()) if run_dir else None,
+                    "weight_files": files,
+                    "tokenizer_included": tokenizer is not None,
+                    "transformers_version": _version("transformers"),
+                    "torch_version": torch.__version__,
+                },
+                indent=2,
+            )
+        )
         validate_folder(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:

@@ -117,7 +117,7 @@ class SlurmConfig:
 
 
 # Keys a launcher mapping may carry besides the fields (a Hydra group's discriminator).
-_IGNORED_KEYS = frozenset({"_target_", "name"})
+_IGNORED_KEYS = frozenset({"_target_", "name", "type"})
 # Fields stage_overrides may change (resources and job-script contents, not the pipeline shape).
 _STAGE_OVERRIDABLE = frozenset(
     {
@@ -296,22 +296,28 @@ def orthrus_command(overrides: Sequence[str], python: str | None = None) -> list
     return [python or sys.executable, "-m", "orthrus_train", *overrides]
 
 
-def task_argv(command_argv: Sequence[str], run_dir: str | os.PathLike, stage: str | None = None) -> list[str]:
-    """The command each srun task runs: ``command_argv`` with the launcher/resume/run_dir
-    overrides replaced by ``launcher=local run_dir=<abs> resume=auto`` (and ``stage=<stage>``).
+def _looks_like_override(arg: str) -> bool:
+    return _override_key(arg) is not None
 
-    Flags (``-m``...) and other overrides are kept in order; only ``key=value`` items whose key is
-    ``launcher``/``launcher.*``, ``resume``, ``run_dir`` (and ``stage`` when given) are dropped.
+
+def task_argv(command_argv: Sequence[str], run_dir: str | os.PathLike, stage: str | None = None) -> list[str]:
+    """The command each srun task runs.
+
+    ``command_argv`` is the whole command (``[python, "-m", "orthrus_train", *overrides]``, or any
+    script that takes the same overrides) or just the Hydra overrides, in which case
+    ``python -m orthrus_train`` (this interpreter) is put in front. The launcher group choice
+    (``launcher=slurm``), ``resume=`` and ``run_dir=`` (and ``stage=`` when ``stage`` is given)
+    are replaced by ``launcher=local run_dir=<absolute> resume=auto [stage=<stage>]``; every
+    other item keeps its place, ``launcher.*`` settings included (the job sees the same
+    ``launcher.requeue`` etc. as the submitter).
     """
     if isinstance(command_argv, (str, bytes)) or not command_argv:
         raise SlurmConfigError("command_argv must be a non-empty list of strings (e.g. orthrus_command(overrides))")
-    dropped = {"resume", "run_dir"} | ({"stage"} if stage else set())
-    out = []
-    for arg in command_argv:
-        key = _override_key(arg)
-        if key is not None and (key == "launcher" or key.startswith("launcher.") or key in dropped):
-            continue
-        out.append(str(arg))
+    argv = [str(a) for a in command_argv]
+    if _looks_like_override(argv[0]):
+        argv = orthrus_command(argv)
+    dropped = {"launcher", "resume", "run_dir"} | ({"stage"} if stage else set())
+    out = [a for a in argv if _override_key(a) not in dropped]
     out += ["launcher=local", f"run_dir={Path(run_dir).resolve()}", "resume=auto"]
     if stage:
         out.append(f"stage={stage}")
@@ -428,6 +434,10 @@ def render_sbatch(
         "# Rank facts come from Slurm inside each task (orthrus_train.launch.dist_env); drop values",
         "# inherited from the submitting shell so they cannot override Slurm's.",
         "unset " + " ".join(TORCH_ENV_VARS),
+    ]
+    lines += [
+        "# The CLI inside the job runs the stages instead of submitting again.",
+        "export ORTHRUS_IN_SLURM_JOB=1",
     ]
     if cfg.setup_lines:
         lines += ["", "# setup (launcher.setup_lines)"] + list(cfg.setup_lines)

@@ -110,10 +110,12 @@ def test_regenerated_rows_are_prompt_plus_backbone_response(tmp_path, byte_tok, 
 CONFIGS = {
     "keep": dict(regenerate=False),
     "keep-skip-bad-holdout": dict(regenerate=False, on_bad_record="skip", holdout_fraction=0.25),
-    "keep-overlong-drop": dict(regenerate=False, seq_len=40, overlong="drop", on_bad_record="skip"),
-    "keep-overlong-truncate": dict(regenerate=False, seq_len=34, overlong="truncate"),
+    # rendered documents are 45-46 tokens (one-digit numbers) or 48-49 (two digits)
+    "keep-overlong-drop": dict(regenerate=False, seq_len=46, overlong="drop", on_bad_record="skip"),
+    "keep-overlong-truncate": dict(regenerate=False, seq_len=44, overlong="truncate"),
     "regen-mixture": dict(num_samples=10, holdout_count=2, on_bad_record="skip"),
-    "regen-prompt-too-long": dict(seq_len=33, max_new_tokens=8, dedup=False, on_bad_record="skip"),
+    # prompts are 36 tokens (one-digit numbers) or 38: the longer ones leave no room for a response
+    "regen-prompt-too-long": dict(seq_len=37, max_new_tokens=8, dedup=False, on_bad_record="skip"),
 }
 
 
@@ -131,12 +133,13 @@ def test_accounting_closes(tmp_path, byte_tok, generator, name):
     assert a["holdout"] == len(read_jsonl(data / "holdout.jsonl"))
     assert a["packed"] + a["dropped_overlong"] == len(read_jsonl(data / "prompts.jsonl")) - sum(
         1 for r in read_jsonl(data / "rejected.jsonl") if r["reason"] == "template_error")
+    assert a["packed"] > 0
     if name == "keep-overlong-drop":
         assert a["dropped_overlong"] > 0 and report["truncated"] == 0
     if name == "keep-overlong-truncate":
         assert report["truncated"] > 0
     if name == "regen-prompt-too-long":
-        assert report["dropped_overlong_prompt"] > 0
+        assert report["dropped_overlong_prompt"] > 0 and report["truncated"] > 0
     with pytest.raises(RuntimeError, match="does not close"):
         check_accounting({**a, "packed": a["packed"] + 1})
 

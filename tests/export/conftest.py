@@ -1,4 +1,5 @@
 """Export tests: offline, repo root importable, one session-wide set of full exports (one per family)."""
+
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ def exported(tmp_path_factory):
     for family in FAMILIES:
         backbone, config = tiny_backbone(family)
         sd = with_twins(backbone)
-        folder = export_folder(sd, config, tiny_tokenizer(), root / f"{family}_full", block_size=4, mask_token_id=MASK_ID)
+        folder = export_folder(
+            sd, config, tiny_tokenizer(), root / f"{family}_full", block_size=4, mask_token_id=MASK_ID
+        )
         out[family] = (backbone, config, sd, folder)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,4 +1,5 @@
 """The exported runtime (modeling_orthrus), loaded the way users load it: AutoModelForCausalLM + trust_remote_code."""
+
 import copy
 import math
 
@@ -24,7 +25,9 @@ def test_state_dict_names_are_the_official_layout():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as configured
 
 
-@pytest.mark.parametrize("family,bias,norms", [("qwen2", True, False), ("llama", False, False), ("qwen3_moe", False, True)])
+@pytest.mark.parametrize(
+    "family,bias,norms", [("qwen2", True, False), ("llama", False, False), ("qwen3_moe", False, True)]
+)
 def test_twins_mirror_the_family(family, bias, norms):
     _, config = tiny_backbone(family)
     keys = set(OrthrusLM(OrthrusConfig.from_backbone_config(config, 4, MASK_ID)).state_dict())
@@ -147,10 +150,16 @@ def dense_reference(model, prompt_ids, block_ids):
         k = proj("k_proj", is_block).view(n, kv_heads, head_dim)
         v = proj("v_proj", is_block).view(n, kv_heads, head_dim)
         if hasattr(attn, "q_norm"):
-            q = torch.where(is_block[:, None, None], _rms(q, attn.q_norm_diff.weight, cfg.rms_norm_eps),
-                            _rms(q, attn.q_norm.weight, cfg.rms_norm_eps))
-            k = torch.where(is_block[:, None, None], _rms(k, attn.k_norm_diff.weight, cfg.rms_norm_eps),
-                            _rms(k, attn.k_norm.weight, cfg.rms_norm_eps))
+            q = torch.where(
+                is_block[:, None, None],
+                _rms(q, attn.q_norm_diff.weight, cfg.rms_norm_eps),
+                _rms(q, attn.q_norm.weight, cfg.rms_norm_eps),
+            )
+            k = torch.where(
+                is_block[:, None, None],
+                _rms(k, attn.k_norm_diff.weight, cfg.rms_norm_eps),
+                _rms(k, attn.k_norm.weight, cfg.rms_norm_eps),
+            )
         pos = torch.arange(n)
         q, k = _rope(q.transpose(0, 1), pos, theta), _rope(k.transpose(0, 1), pos, theta)
         out = torch.zeros(heads, n, head_dim, dtype=torch.float64)
@@ -177,7 +186,9 @@ def test_draft_pass_matches_dense_reference(exported, family):
     block = torch.tensor([[17] + [MASK_ID] * 3])
     ref = dense_reference(model, ids, block)
     with torch.no_grad():
-        torch.testing.assert_close(ref[:6].float(), backbone(ids).logits[0], atol=1e-4, rtol=1e-4)  # the reference's AR rows
+        torch.testing.assert_close(
+            ref[:6].float(), backbone(ids).logits[0], atol=1e-4, rtol=1e-4
+        )  # the reference's AR rows
     logits, cache = model.prefill(ids)
     draft = model.draft(block, cache)
     assert len(cache) == 6  # drafting leaves the cache untouched
@@ -215,6 +226,26 @@ def test_batch_rows_match_single_row_decoding(exported):
     got = model.generate(padded, attention_mask=mask, max_new_tokens=10)
     assert torch.equal(got[0, 7:], greedy_ar(backbone, a, 10)[0, 7:])
     assert torch.equal(got[1, 7:], greedy_ar(backbone, b, 10)[0, 4:])
+
+
+def test_streamer_receives_prompt_then_every_token(exported):
+    _, _, _, folder = exported["qwen3"]
+    model = load_remote(folder)
+
+    class Streamer:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer, ids = Streamer(), prompt(5)
+    out = model.generate(ids, max_new_tokens=11, eos_token_id=VOCAB + 1, streamer=streamer)
+    assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, 5:].tolist() and len(out[0, 5:]) == 11
 
 
 def test_sampling_runs_and_respects_budget(exported):

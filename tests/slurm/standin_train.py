@@ -161,6 +161,8 @@ def main(argv: list[str]) -> int:
                 requeued = handler.requeue()
                 event(run_dir, ev="signal", step=step, attempt=attempt,
                       signal=sig.name if sig else "peer", requeued=requeued)
+            if dist is not None:
+                dist.destroy_process_group()
             return handler.exit_code or 143  # a peer's signal: exit like SIGTERM
     if d.rank == 0:
         event(run_dir, ev="done", step=steps, attempt=attempt)

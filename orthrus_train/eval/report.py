@@ -1,0 +1,505 @@
+"""The eval stage: benchmarks x temperatures with the drafted decoding and the AR baseline of the same engine
+(and optionally `transformers` generate), the lossless checks, and the report files:
+
+  <run_dir>/eval/report.json   settings, metric definitions, per-benchmark per-temperature metrics, lossless
+                               section with pass/fail
+  <run_dir>/eval/report.md     the same as tables readable at a glance
+  <run_dir>/eval/*.png         acceptance histogram, per-position acceptance, TPF per benchmark, speed vs AR
+  <run_dir>/eval/samples.jsonl every prompt's outputs and counts (for re-analysis)
+
+`run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes=None)` is the entry point the CLI's eval
+stage calls; it also prints a one-screen summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..decode.engine import DecodeEngine, RowRecord, SamplingParams, hf_generate
+from ..decode.rng import row_seed
+from . import lossless, metrics
+from .benchmarks import BenchmarkPrompts, EvalPrompt, PromptRenderer, load_benchmark, load_train_prompt_hashes, \
+    stop_token_ids
+from .config import EvalConfig
+
+TINY_PARAMS = 100_000_000
+TINY_NOTE = ("tiny model (< 100M parameters): these numbers only show that the machinery works; they say nothing "
+             "about the acceptance a trained Orthrus model reaches on a real backbone")
+
+
+def _tkey(t: float) -> str:
+    return f"T={t:g}"
+
+
+def _clean(x):
+    """JSON-safe: NaN / inf -> None, tuples -> lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+class _Engines:
+    """One engine at a time, regrown (and its graphs recaptured) when a longer prompt comes."""
+
+    def __init__(self, model, cfg: EvalConfig, batch_size: int | None = None):
+        self.model, self.cfg = model, cfg
+        self.B = batch_size or cfg.batch_size
+        self.engine: DecodeEngine | None = None
+
+    def get(self, slots: int) -> DecodeEngine:
+        if self.engine is None or self.engine.S < slots:
+            S = -(-slots // 256) * 256
+            self.engine = None  # free the old cache first
+            on_cuda = next(self.model.backbone.parameters()).is_cuda
+            self.engine = DecodeEngine(self.model, self.B, S, use_cuda_graphs=self.cfg.use_cuda_graphs and on_cuda,
+                                       sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend)
+        return self.engine
+
+
+@dataclass
+class _Run:
+    """Outputs of one method over a benchmark's prompts (all turns)."""
+    per_prompt: list[list[RowRecord]] = field(default_factory=list)  # records per prompt (one per turn)
+    prompt_ids: list[list[list[int]]] = field(default_factory=list)  # rendered prompt per prompt per turn
+    tokens: list[list[list[int]]] = field(default_factory=list)  # emitted tokens per prompt per turn
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    note: str = ""
+
+    def merged(self) -> list[dict[str, Any]]:
+        """One record per prompt (turns summed), for per-prompt spread."""
+        out = []
+        for recs in self.per_prompt:
+            out.append({"tokens": [t for r in recs for t in r.tokens],
+                        "verify_passes": sum(r.verify_passes for r in recs),
+                        "draft_passes": sum(r.draft_passes for r in recs),
+                        "accepted": [a for r in recs for a in r.accepted],
+                        "block_size": recs[0].block_size, "finish_reason": recs[-1].finish_reason})
+        return out
+
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        return [(p, t) for ps, ts in zip(self.prompt_ids, self.tokens) for p, t in zip(ps, ts)]
+
+
+def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
+               gen: Callable[[list[list[int]], list[int]], tuple[list, float, float]],
+               seed_of: Callable[[EvalPrompt, int], int]) -> _Run:
+    """Ask every prompt's turns in order, each after the model's own previous answers."""
+    run = _Run(per_prompt=[[] for _ in prompts], prompt_ids=[[] for _ in prompts], tokens=[[] for _ in prompts])
+    answers: list[list[str]] = [[] for _ in prompts]
+    for turn in range(max(len(p.turns) for p in prompts)):
+        idx = [i for i, p in enumerate(prompts) if len(p.turns) > turn]
+        ids = [renderer.encode(prompts[i].turns, answers[i]) for i in idx]
+        recs, secs, dsecs = gen(ids, [seed_of(prompts[i], turn) for i in idx])
+        run.seconds += secs
+        run.decode_seconds += dsecs
+        for i, p_ids, rec in zip(idx, ids, recs):
+            toks = rec.tokens if isinstance(rec, RowRecord) else rec
+            if isinstance(rec, RowRecord):
+                run.per_prompt[i].append(rec)
+            run.prompt_ids[i].append(p_ids)
+            run.tokens[i].append(list(toks))
+            answers[i].append(renderer.decode(toks))
+    return run
+
+
+def _engine_gen(engines: _Engines, max_new: int, sampling: SamplingParams, eos: list[int], mode: str):
+    def gen(ids, seeds):
+        eng = engines.get(eng_slots(engines, ids, max_new))
+        res = eng.generate_all(ids, max_new, sampling, seeds, eos, mode)
+        recs = [r for x in res for r in x.rows]
+        return recs, sum(x.total_s for x in res), sum(x.decode_s for x in res)
+    return gen
+
+
+def eng_slots(engines: _Engines, ids, max_new) -> int:
+    return max(len(i) for i in ids) + max_new + engines.model.block_size + 1
+
+
+def _hf_gen(model, cfg: EvalConfig, max_new: int, sampling: SamplingParams, eos: list[int], pad: int, notes: list):
+    def gen(ids, seeds):
+        r = hf_generate(model.backbone, ids, max_new, sampling, eos, pad, batch_size=cfg.batch_size,
+                        static_cache=True, seed=seeds[0] if seeds else 0)
+        if r.note and r.note not in notes:
+            notes.append(r.note)
+        return r.tokens, r.seconds, r.seconds
+    return gen
+
+
+def _warm_up(gen, ids: list[int]) -> None:
+    """One short untimed call (graph capture, kernel selection, HF compilation) before the timed runs."""
+    gen([ids], [0])
+
+
+def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] | None = None,
+             run_cfg: Any = None) -> dict[str, Any]:
+    """Run every benchmark at every temperature, the lossless checks, and write the report files under
+    RUN/eval. Returns the report dict (as written to report.json).
+
+    eval_cfg: an EvalConfig, or a mapping / dataclass / OmegaConf node with its fields.
+    train_prompt_hashes: `benchmarks.first_turn_key` hashes of training prompts; eval prompts among them are
+      reported (and excluded with exclude_train_overlap). Added to them: eval_cfg.train_prompts_file, or else
+      RUN/data/prompts.jsonl (the data stage's training prompts) when it exists.
+    The benchmark "holdout" reads RUN/data/holdout.jsonl unless benchmark_paths names another file.
+    run_cfg: the whole run configuration, if any (its `recipe` is recorded in the report)."""
+    cfg = EvalConfig.from_dict(eval_cfg)
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    hashes = set(train_prompt_hashes or ())
+    train_file = cfg.train_prompts_file
+    if train_file is None and (run_dir / "data" / "prompts.jsonl").exists():
+        train_file = str(run_dir / "data" / "prompts.jsonl")
+    if train_file:
+        hashes |= load_train_prompt_hashes(train_file)
+    default_paths = {"holdout": str(run_dir / "data" / "holdout.jsonl")}
+    renderer = PromptRenderer(tokenizer, cfg.apply_chat_template, cfg.enable_thinking, cfg.system_prompt)
+    eos = stop_token_ids(tokenizer, model, cfg.stop_tokens)
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else (eos[0] if eos else 0)
+    n_params = sum(p.numel() for p in model.backbone.parameters())
+    tiny = n_params < TINY_PARAMS
+    p0 = next(model.backbone.parameters())
+    report: dict[str, Any] = {
+        "settings": cfg.to_dict(),
+        "model": {"head_type": model.head_type, "block_size": model.block_size,
+                  "backbone": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+                  "parameters": n_params, "dtype": str(p0.dtype).replace("torch.", ""), "device": str(p0.device),
+                  "draft_passes_per_step": model.draft_passes_per_step, "eos_token_ids": eos},
+        "recipe": getattr(run_cfg, "recipe", None),
+        "train_prompts": {"file": train_file, "hashes": len(hashes)},
+        "definitions": metrics.DEFINITIONS,
+        "notes": [TINY_NOTE] if tiny else [],
+        "benchmarks": {},
+        "warnings": [],
+    }
+    benches: dict[str, BenchmarkPrompts] = {}
+    for name in cfg.benchmarks:
+        b = load_benchmark(name, cfg.num_prompts, cfg.benchmark_paths, cfg.benchmark_fields, cfg.data_root,
+                           hashes, cfg.exclude_train_overlap, default_paths)
+        benches[name] = b
+        if b.train_overlap:
+            report["warnings"].append(f"{name}: {len(b.train_overlap)} prompts also among the training prompts"
+                                      + (" (excluded)" if cfg.exclude_train_overlap else " (kept!)"))
+
+    engines = _Engines(model, cfg)
+    greedy_cache: dict[str, tuple[_Run, _Run]] = {}
+    sampled_sequences: list[tuple[list[int], list[int]]] = []
+    samples_f = open(out_dir / "samples.jsonl", "w")
+    hf_notes: list[str] = []
+    ls = cfg.lossless
+    for name, b in benches.items():
+        entry = {**b.summary(), "multi_turn": any(len(p.turns) > 1 for p in b.prompts), "results": {}}
+        report["benchmarks"][name] = entry
+        first_ids = renderer.encode(b.prompts[0].turns, [])
+        for T in cfg.temperatures:
+            sp = SamplingParams(T, cfg.top_k, cfg.top_p)
+            cell: dict[str, Any] = {}
+
+            def seed_of(p, turn, T=T):
+                return row_seed(cfg.seed, p.benchmark, p.index, turn, T)
+            methods = ["spec"] + (["ar"] if cfg.ar_baseline else [])
+            runs = {}
+            for mode in methods:
+                gen = _engine_gen(engines, cfg.max_new_tokens, sp, eos, mode)
+                _warm_up(_engine_gen(engines, min(8, cfg.max_new_tokens), sp, eos, mode), first_ids)
+                runs[mode] = run = _run_turns(b.prompts, renderer, gen, seed_of)
+                label = f"{name} {_tkey(T)} {mode}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cell[mode] = metrics.summarize(run.merged(), run.seconds, run.decode_seconds, label)
+                for p, recs in zip(b.prompts, run.per_prompt):
+                    samples_f.write(json.dumps({"benchmark": name, "uid": p.uid, "temperature": T, "method": mode,
+                                                "turns": [r.to_json() for r in recs]}) + "\n")
+            if engines.engine is not None:
+                cell["cuda_graphs"] = engines.engine.cuda_graphs
+                if engines.engine.graph_error:
+                    cell["cuda_graph_error"] = engines.engine.graph_error
+            if "ar" in runs:
+                cell["speedup"] = metrics.speedup(cell["spec"]["tokens_per_s"], cell["ar"]["tokens_per_s"])
+            if cfg.hf_generate_reference:
+                gen = _hf_gen(model, cfg, cfg.max_new_tokens, sp, eos, pad, hf_notes)
+                _hf_gen(model, cfg, min(8, cfg.max_new_tokens), sp, eos, pad, hf_notes)([first_ids], [0])
+                run = _run_turns(b.prompts, renderer, gen, seed_of)
+                n_tok = sum(len(t) for ts in run.tokens for t in ts)
+                cell["hf_generate"] = {"emitted_tokens": n_tok, "seconds": run.seconds,
+                                       "tokens_per_s": metrics.tokens_per_s(n_tok, run.seconds)}
+                cell["speedup_vs_hf"] = metrics.speedup(cell["spec"]["tokens_per_s"],
+                                                        cell["hf_generate"]["tokens_per_s"])
+                if sp.greedy:
+                    firsts = [ts[0] for ts in run.tokens]
+                    spec_firsts = [ts[0] for ts in runs["spec"].tokens]
+                    cell["hf_generate"]["greedy_first_turn_match_rate"] = (
+                        sum(a == s for a, s in zip(firsts, spec_firsts)) / len(firsts))
+            entry["results"][_tkey(T)] = cell
+            if sp.greedy and "ar" in runs and not greedy_cache:
+                greedy_cache[name] = (runs["spec"], runs["ar"])
+            if T == ls.temperature:
+                sampled_sequences += runs["spec"].sequences()
+        if len(b.prompts) < metrics.MIN_PROMPTS_FOR_HEADLINE:
+            report["warnings"].append(f"{name}: only {len(b.prompts)} prompts (< {metrics.MIN_PROMPTS_FOR_HEADLINE})"
+                                      "; its numbers are indicative")
+    samples_f.close()
+    if hf_notes:
+        report["warnings"] += hf_notes
+
+    if ls.enabled:
+        report["lossless"] = _lossless(model, cfg, engines, benches, renderer, eos, greedy_cache,
+                                       sampled_sequences)
+    report["elapsed_s"] = time.perf_counter() - t_start
+    report = _clean(report)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    plots = write_plots(report, out_dir) if cfg.plots else []
+    report["plots"] = plots
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    print(summary_table(report))
+    return report
+
+
+def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, BenchmarkPrompts],
+              renderer: PromptRenderer, eos: list[int], greedy_cache, sampled_sequences) -> dict[str, Any]:
+    ls = cfg.lossless
+    first = next(iter(benches.values()))
+    out: dict[str, Any] = {}
+    # (a) greedy exactness (reuses the benchmark's greedy runs of both methods when there are some)
+    prompts = first.prompts[: ls.greedy_prompts]
+    if first.name in greedy_cache:
+        spec_run, ar_run = greedy_cache[first.name]
+        ids = [ps[0] for ps in spec_run.prompt_ids][: len(prompts)]
+        spec_t = [ts[0] for ts in spec_run.tokens][: len(prompts)]
+        ar_t = [ts[0] for ts in ar_run.tokens][: len(prompts)]
+    else:
+        ids = [renderer.encode(p.turns[:1]) for p in prompts]
+        eng = engines.get(eng_slots(engines, ids, cfg.max_new_tokens))
+        spec_t, ar_t = ([r.tokens for x in eng.generate_all(ids, cfg.max_new_tokens, SamplingParams(0.0), None, eos,
+                                                            mode) for r in x.rows] for mode in ("spec", "ar"))
+    g = lossless.greedy_exactness(model, ids, spec_t, ar_t, ls.near_tie_tolerance, [p.uid for p in prompts])
+    g["benchmark"] = first.name
+    out["greedy"] = g
+    # (b) KS on the PIT of every sampled token: the benchmarks' samples at the check's temperature, topped up with
+    # new samples of the first benchmark's first turns until ks_min_tokens (or ks_max_rounds rounds)
+    sp = SamplingParams(ls.temperature, cfg.top_k, cfg.top_p)
+    seqs = list(sampled_sequences)
+    n_tok = sum(len(t) for _, t in seqs)
+    max_new = ls.ks_max_new_tokens or cfg.max_new_tokens
+    base_ids = [renderer.encode(p.turns[:1]) for p in first.prompts]
+    rounds = 0
+    while n_tok < ls.ks_min_tokens and rounds < ls.ks_max_rounds:
+        rounds += 1
+        eng = engines.get(eng_slots(engines, base_ids, max_new))
+        seeds = [row_seed(cfg.seed, "ks", rounds, p.uid) for p in first.prompts]
+        rows = [r for x in eng.generate_all(base_ids, max_new, sp, seeds, eos, "spec") for r in x.rows]
+        seqs += [(ids, r.tokens) for ids, r in zip(base_ids, rows)]
+        n_tok += sum(len(r.tokens) for r in rows)
+    ks = lossless.ks_pit_test(model, seqs, sp, seed=cfg.seed, min_tokens=ls.ks_min_tokens, alpha=ls.alpha)
+    ks.update(temperature=ls.temperature, top_k=cfg.top_k, top_p=cfg.top_p, top_up_rounds=rounds)
+    out["ks"] = ks
+    # (c) chi-square on fixed prefixes
+    if ls.chi2_prefixes > 0:
+        prefixes = base_ids[: ls.chi2_prefixes]
+        wide = _Engines(model, cfg, batch_size=max(cfg.batch_size, min(ls.chi2_samples, 64)))  # many short rows
+        eng = wide.get(eng_slots(wide, prefixes, 2))
+        c = lossless.chi_square_test(eng, prefixes, sp, ls.chi2_samples, eos, cfg.seed, ls.chi2_min_expected,
+                                     ls.chi2_min_conditional, ls.alpha)
+        c.update(temperature=ls.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        out["chi_square"] = c
+    checks = [out["greedy"]["passed"], out["ks"]["passed"]] + ([out["chi_square"]["passed"]] if "chi_square" in out
+                                                                else [])
+    out["passed"] = all(checks)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _f(x, nd=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _cells(report):
+    for name, b in report["benchmarks"].items():
+        for tk, cell in b["results"].items():
+            yield name, tk, cell
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The one-screen summary printed by run_eval."""
+    head = f"{'benchmark':<14}{'temp':<7}{'prompts':>8}{'acc.len':>9}{'TPF':>7}{'TPF sd':>8}{'speedup':>9}"
+    lines = [f"Orthrus eval: {report['model']['head_type']} K={report['model']['block_size']} "
+             f"on {report['model']['backbone']} ({report['model']['dtype']}, {report['model']['device']})", head,
+             "-" * len(head)]
+    for name, tk, c in _cells(report):
+        s = c["spec"]
+        lines.append(f"{name:<14}{tk:<7}{s['prompts']:>8}{_f(s['acceptance_length']):>9}{_f(s['tpf']):>7}"
+                     f"{_f(s['tpf_std']):>8}{_f(c.get('speedup')):>9}")
+    ll = report.get("lossless")
+    if ll:
+        g, ks = ll["greedy"], ll["ks"]
+        lines.append(f"lossless: {'PASS' if ll['passed'] else 'FAIL'}  greedy match {_f(g['match_rate'])} "
+                     f"({g['non_tie_divergences']} non-tie divergences)  KS p={_f(ks['p_value'], 4)} over "
+                     f"{ks['tokens']} tokens" + (f"  chi2 min p={_f(ll['chi_square']['min_p_value'], 4)}"
+                                                 if "chi_square" in ll else ""))
+    for n in report.get("notes", []):
+        lines.append(f"NOTE: {n}")
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m, s = report["model"], report["settings"]
+    K = m["block_size"]
+    out = ["# Orthrus evaluation", ""]
+    for n in report.get("notes", []):
+        out += [f"> **Note:** {n}", ""]
+    out += [f"Model: `{m['backbone']}`, head `{m['head_type']}`, K = {K}, {m['parameters']:,} backbone parameters, "
+            f"{m['dtype']} on {m['device']}.  ",
+            f"Settings: {s['num_prompts']} prompts per benchmark, max {s['max_new_tokens']} new tokens, temperatures "
+            f"{s['temperatures']}, top-k {s['top_k']}, top-p {s['top_p']}, batch {s['batch_size']}, seed {s['seed']}, "
+            f"CUDA graphs requested: {s['use_cuda_graphs']}.", ""]
+    out += ["## Results", "",
+            "| benchmark | temp | prompts | acceptance length | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "
+            "| tok/s HF generate |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, tk, c in _cells(report):
+        sp, ar, hf = c["spec"], c.get("ar", {}), c.get("hf_generate", {})
+        out.append(f"| {name} | {tk} | {sp['prompts']} | {_f(sp['acceptance_length'])} | {_f(sp['tpf'])} | "
+                   f"{_f(sp['tpf_std'])} | {_f(sp.get('tokens_per_s'), 1)} | {_f(ar.get('tokens_per_s'), 1)} | "
+                   f"{_f(c.get('speedup'))} | {_f(hf.get('tokens_per_s'), 1)} |")
+    shown = min(K - 1, 16)
+    out += ["", "## Per-position acceptance", "", "P(draft slot i accepted | slot i reached)"
+            + (f" (first {shown} of {K - 1} slots; all in report.json)" if shown < K - 1 else ""), "",
+            "| benchmark | temp | " + " | ".join(str(i) for i in range(1, shown + 1)) + " |",
+            "|---|---|" + "---:|" * shown]
+    for name, tk, c in _cells(report):
+        ppa = c["spec"]["per_position_acceptance"][:shown]
+        out.append(f"| {name} | {tk} | " + " | ".join(_f(x) for x in ppa) + " |")
+    out += ["", "## Accepted drafts per verify pass (fraction of passes)", "",
+            "| benchmark | temp | " + " | ".join(str(i) for i in range(min(K, 17))) + " |",
+            "|---|---|" + "---:|" * min(K, 17)]
+    for name, tk, c in _cells(report):
+        h = c["spec"]["accept_histogram"][:17]
+        out.append(f"| {name} | {tk} | " + " | ".join(_f(x, 3) for x in h) + " |")
+    out += ["", "## Benchmarks", "", "| benchmark | source | field | used | available | training overlap | excluded |",
+            "|---|---|---|---:|---:|---:|---:|"]
+    for name, b in report["benchmarks"].items():
+        out.append(f"| {name} | `{b['source']}` | `{b['field']}` | {b['used']} | {b['available']} | "
+                   f"{b['train_overlap']} | {b['excluded']} |")
+    ll = report.get("lossless")
+    if ll:
+        g, ks = ll["greedy"], ll["ks"]
+        out += ["", f"## Lossless checks: **{'PASS' if ll['passed'] else 'FAIL'}**", "",
+                "| check | result | detail |", "|---|---|---|",
+                f"| (a) greedy exactness vs AR baseline ({g['benchmark']}) | {'pass' if g['passed'] else 'FAIL'} | "
+                f"{g['exact_matches']}/{g['prompts']} prompts identical (token match {_f(g['token_match_rate'], 4)}); "
+                f"{g['near_tie_divergences']} near-tie divergences (top-2 gap < {g['tolerance']}), "
+                f"{g['non_tie_divergences']} others |",
+                f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | D = {_f(ks['statistic'], 4)}, "
+                f"p = {_f(ks['p_value'], 4)} over {ks['tokens']} tokens (T={ks['temperature']}, top-k {ks['top_k']}, "
+                f"top-p {ks['top_p']}; fail below {ks['alpha']})"
+                + (f"; {ks['note']}" if ks.get("note") else "") + " |"]
+        if "chi_square" in ll:
+            c = ll["chi_square"]
+            out.append(f"| (c) chi-square on fixed prefixes | {'pass' if c['passed'] else 'FAIL'} | {c['testable']} "
+                       f"tests, {c['samples_per_prefix']} samples per prefix, min p = {_f(c['min_p_value'], 4)} "
+                       f"(Bonferroni threshold {c['bonferroni_threshold']:.2g}) |")
+            out += ["", "| prefix | token | given 1st | samples | bins | chi2 | p-value |",
+                    "|---:|---:|---:|---:|---:|---:|---:|"]
+            for t in c["tests"]:
+                out.append(f"| {t['prefix']} | {t['position']} | {t.get('given_first', '-')} | {t['samples']} | "
+                           f"{t.get('bins', '-')} | {_f(t['statistic'])} | {_f(t['p_value'], 4)} |")
+        if g["divergences"]:
+            out += ["", "Greedy divergences:", "", "| prompt | index | AR token | drafted token | top-2 gap | near-tie |",
+                    "|---|---:|---:|---:|---:|---|"]
+            for d in g["divergences"][:50]:
+                out.append(f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | "
+                           f"{_f(d['top2_gap'], 5)} | {d['near_tie']} |")
+    if report.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    if report.get("warnings"):
+        out += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    return "\n".join(out) + "\n"
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
+    """PNG plots (matplotlib Agg). Returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(_cells(report))
+    if not cells:
+        return []
+    files = []
+    K = report["model"]["block_size"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, tk, c in cells:
+        ax.plot(range(K), [x if x is not None else float("nan") for x in c["spec"]["accept_histogram"]],
+                marker="o", label=f"{name} {tk}")
+    ax.set(xlabel="drafts accepted per verify pass", ylabel="fraction of verify passes",
+           title="Acceptance histogram")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accept_histogram.png", dpi=110)
+    plt.close(fig)
+    files.append("accept_histogram.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, tk, c in cells:
+        ax.plot(range(1, K), [x if x is not None else float("nan") for x in c["spec"]["per_position_acceptance"]],
+                marker=".", label=f"{name} {tk}")
+    ax.set(xlabel="draft slot i", ylabel="P(accepted | reached)", title="Per-position acceptance", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "per_position_acceptance.png", dpi=110)
+    plt.close(fig)
+    files.append("per_position_acceptance.png")
+
+    names = list(report["benchmarks"])
+    temps = sorted({tk for _, tk, _ in cells}, key=lambda s: float(s[2:]))
+    width = 0.8 / max(1, len(temps))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, tk in enumerate(temps):
+        vals = [report["benchmarks"][n]["results"].get(tk, {}).get("spec", {}).get("tpf") for n in names]
+        ax.bar([i + j * width for i in range(len(names))], [v if v is not None else 0 for v in vals], width,
+               label=tk)
+    ax.set_xticks([i + width * (len(temps) - 1) / 2 for i in range(len(names))], names, rotation=20)
+    ax.set(ylabel="TPF (tokens per forward)", title="TPF per benchmark")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "tpf.png", dpi=110)
+    plt.close(fig)
+    files.append("tpf.png")
+
+    labels = [f"{n}\n{tk}" for n, tk, _ in cells]
+    series = [("Orthrus", [c["spec"].get("tokens_per_s") for _, _, c in cells]),
+              ("AR baseline", [c.get("ar", {}).get("tokens_per_s") for _, _, c in cells]),
+              ("HF generate", [c.get("hf_generate", {}).get("tokens_per_s") for _, _, c in cells])]
+    series = [(n, v) for n, v in series if any(x is not None for x in v)]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7, len(cells) * 1.2), 4))
+    for j, (lab, vals) in enumerate(series):
+        ax.bar([i + j * width for i in range(len(cells))], [v or 0 for v in vals], width, label=lab)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(cells))], labels, fontsize=7)
+    ax.set(ylabel="tokens / s", title="Decoding speed vs the AR baseline (same engine)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=110)
+    plt.close(fig)
+    files.append("speed.png")
+    return files

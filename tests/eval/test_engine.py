@@ -1,0 +1,196 @@
+"""Decoding engine: drafted greedy == AR baseline == transformers generate, stopping, bookkeeping, seeding."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval_testlib import VOCAB_LEN, random_prompts, trained_model
+from orthrus_train.decode.engine import DecodeEngine, SamplingParams, hf_generate
+from orthrus_train.decode.rng import counter_uniforms, row_seed
+from orthrus_train.eval import metrics
+from orthrus_train.eval.benchmarks import stop_token_ids
+from orthrus_train.model import MedusaModel, build_random, tiny_config
+
+LENGTHS = (1, 12)  # prompt lengths in a batch differ (1 token: nothing to prefill)
+
+
+def rows_of(results):
+    return [r for res in results for r in res.rows]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_greedy_equals_ar_baseline_and_hf_generate(family, request):
+    model = request.getfixturevalue(f"{family}_model")
+    prompts = random_prompts(7, LENGTHS, seed=3)
+    prompts[0] = prompts[0][:1]
+    eos = stop_token_ids(None, model)  # the generation config's (llama: 2; qwen3: none), which HF applies anyway
+    eng = DecodeEngine(model, batch_size=3, max_len=96, verify_backend="torch")  # 7 prompts: 3 + 3 + 1 (padded)
+    spec = rows_of(eng.generate_all(prompts, 40, eos_token_ids=eos, mode="spec"))
+    ar = rows_of(eng.generate_all(prompts, 40, eos_token_ids=eos, mode="ar"))
+    hf = hf_generate(model.backbone, prompts, 40, eos_token_ids=eos, batch_size=1, static_cache=True)
+    assert hf.static_cache
+    for p, s, a, h in zip(prompts, spec, ar, hf.tokens):
+        assert s.tokens == a.tokens == h, f"prompt {p}: drafted / AR / HF greedy outputs differ"
+        assert s.draft_passes == s.verify_passes == len(s.accepted)
+        assert a.draft_passes == 0 and a.verify_passes == len(a.tokens) and a.accepted == [0] * len(a.tokens)
+    assert sum(r.finish_reason == "length" and len(r.tokens) == 40 for r in spec) >= 4
+    # the drafts are really accepted: multi-token steps happen, so the bookkeeping of m > 0 is exercised
+    assert metrics.acceptance_length(spec) > 1.3
+    assert max(metrics.accept_counts(spec)[2:]) > 0
+    assert metrics.acceptance_length(ar) == 1.0 and metrics.tpf(ar) == 1.0
+
+
+def test_hf_generate_batched_left_padding_matches(qwen3_model):
+    prompts = random_prompts(4, (3, 10), seed=5)
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=64, verify_backend="torch")
+    spec = eng.generate(prompts, 20).rows
+    hf = hf_generate(qwen3_model.backbone, prompts, 20, batch_size=4, static_cache=False)
+    assert [r.tokens for r in spec] == hf.tokens and not hf.static_cache
+
+
+def test_eos_and_length_stopping_freeze_rows(qwen3_model):
+    prompts = random_prompts(3, (4, 9), seed=11)
+    eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
+    free = eng.generate(prompts, 30, mode="ar").rows
+    # an EOS id that row 0 emits at index >= 3 for the first time
+    toks = free[0].tokens
+    j = next(i for i in range(3, 30) if toks[i] not in toks[:i])
+    eos = toks[j]
+    for mode in ("spec", "ar"):
+        rows = eng.generate(prompts, 30, eos_token_ids=[eos], mode=mode).rows
+        for f, r in zip(free, rows):
+            if eos in f.tokens:
+                k = f.tokens.index(eos)
+                assert r.tokens == f.tokens[:k + 1] and r.finish_reason == "eos"
+            else:
+                assert r.tokens == f.tokens and r.finish_reason == "length"
+        assert rows[0].finish_reason == "eos" and len(rows[0].tokens) == j + 1
+        # the frozen row stopped counting passes: at most one pass per emitted token, and it stopped early
+        assert rows[0].verify_passes <= j + 1 < 30
+    # finished rows do not move: the engine's committed lengths stop where they finished
+    st = eng._st
+    assert int(st.cache.lengths[0]) <= len(prompts[0]) - 1 + j + 1
+    # length limit: exactly max_new_tokens, cut inside a multi-token step
+    for n in (1, 2, 5):
+        for r in eng.generate(prompts, n).rows:
+            assert len(r.tokens) == n and r.finish_reason == "length"
+        rows = eng.generate(prompts, n, mode="ar").rows
+        assert all(r.verify_passes == n for r in rows)
+
+
+def test_oracle_drafter_accepts_full_blocks(qwen3_model):
+    """A drafter that proposes the backbone's own greedy continuation must get every draft accepted:
+    K tokens per verify pass, ceil(N / K) passes, and the same output."""
+    K = qwen3_model.block_size
+    prompts = random_prompts(3, (2, 9), seed=7)
+    eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
+    N = 30
+    ar = eng.generate(prompts, N + K, mode="ar").rows
+    future = torch.tensor([r.tokens for r in ar])  # (B, N+K)
+    plen = torch.tensor([len(p) for p in prompts])
+    V = qwen3_model.lm_weight().shape[0]
+
+    def oracle(state):
+        done = state.cache.lengths - (plen - 1)  # tokens emitted so far = position of x_a in the output
+        idx = (done[:, None] + torch.arange(K - 1)[None]).clamp(max=future.shape[1] - 1)
+        out = torch.full((len(prompts), K - 1, V), -30.0)
+        return out.scatter(2, future.gather(1, idx)[..., None], 30.0)
+
+    qwen3_model.propose = oracle
+    try:
+        spec = eng.generate(prompts, N).rows
+    finally:
+        del qwen3_model.propose
+    for s, a in zip(spec, ar):
+        assert s.tokens == a.tokens[:N]
+        assert s.verify_passes == math.ceil(N / K)
+        assert s.accepted[:-1] == [K - 1] * (s.verify_passes - 1)
+    assert metrics.per_position_acceptance(spec) == [1.0] * (K - 1)
+
+
+def test_medusa_heads_are_lossless_and_cost_no_draft_pass():
+    bb = build_random(tiny_config("qwen3", vocab_size=128, initializer_range=0.2), seed=2)
+    m = MedusaModel(bb, block_size=3, vocab_len=VOCAB_LEN).eval()
+    prompts = random_prompts(3, (2, 8), seed=2)
+    eng = DecodeEngine(m, batch_size=3, max_len=64, verify_backend="torch")
+    spec, ar = eng.generate(prompts, 24).rows, eng.generate(prompts, 24, mode="ar").rows
+    assert [r.tokens for r in spec] == [r.tokens for r in ar]
+    assert all(r.draft_passes == 0 and r.verify_passes > 0 for r in spec)
+    # the zero-initialized heads predict the next token from the hidden state at a-1 (x_a's own): they
+    # draft something, and TPF = acceptance length since drafting is free
+    assert metrics.tpf(spec) == metrics.acceptance_length(spec)
+
+
+def test_sampling_is_seeded_per_row_and_batch_invariant(qwen3_model):
+    prompts = random_prompts(4, (3, 9), seed=13)
+    sp = SamplingParams(1.0, top_k=50, top_p=0.95)
+    seeds = [row_seed(0, "t", i) for i in range(4)]
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
+    a = [r.tokens for r in eng.generate(prompts, 30, sp, seeds).rows]
+    b = [r.tokens for r in eng.generate(prompts, 30, sp, seeds).rows]
+    assert a == b
+    alone = eng.generate(prompts[2:3], 30, sp, seeds[2:3]).rows[0].tokens  # same seed, other batch companions
+    assert alone == a[2]
+    other = [r.tokens for r in eng.generate(prompts, 30, sp, [s + 1 for s in seeds]).rows]
+    assert other != a
+    # AR sampling is seeded the same way
+    ar1 = eng.generate(prompts, 20, sp, seeds, mode="ar").rows
+    ar2 = eng.generate(prompts, 20, sp, seeds, mode="ar").rows
+    assert [r.tokens for r in ar1] == [r.tokens for r in ar2]
+
+
+def test_default_verify_front_door(qwen3_model):
+    """The engine's default path (verify_backend="auto": Triton when it can run, else torch) gives what the
+    torch reference gives."""
+    prompts = random_prompts(2, (3, 6), seed=17)
+    sp = SamplingParams(1.0)
+    auto = DecodeEngine(qwen3_model, batch_size=2, max_len=48)
+    ref = DecodeEngine(qwen3_model, batch_size=2, max_len=48, verify_backend="torch")
+    for s in (SamplingParams(0.0), sp):
+        for mode in ("spec", "ar"):
+            a = auto.generate(prompts, 8, s, mode=mode).rows
+            b = ref.generate(prompts, 8, s, mode=mode).rows
+            assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_counter_uniforms_are_uniform_and_independent():
+    from scipy import stats
+
+    B = 4096
+    seeds = torch.arange(B, dtype=torch.long) * 7919 + 3
+    u = counter_uniforms(seeds, torch.zeros(B, dtype=torch.long), 0, 8)
+    assert u.shape == (B, 8) and float(u.min()) > 0 and float(u.max()) < 1
+    assert stats.kstest(u.flatten().numpy(), "uniform").pvalue > 1e-3
+    v = counter_uniforms(seeds, torch.ones(B, dtype=torch.long), 0, 8)  # next step
+    for x in (u[:, 1], v[:, 0], u[:, 0] * 0 + counter_uniforms(seeds + 1, torch.zeros(B, dtype=torch.long), 0, 1)[:, 0]):
+        assert abs(np.corrcoef(u[:, 0].numpy(), x.numpy())[0, 1]) < 0.06
+    assert torch.equal(u, counter_uniforms(seeds, torch.zeros(B, dtype=torch.long), 0, 8))
+    assert torch.equal(u[:, 3:5], counter_uniforms(seeds, torch.zeros(B, dtype=torch.long), 3, 2))
+    assert row_seed(0, "a", 1) == row_seed(0, "a", 1) != row_seed(0, "a", 2)
+
+
+def test_engine_refuses_what_does_not_fit(qwen3_model):
+    eng = DecodeEngine(qwen3_model, batch_size=2, max_len=32, verify_backend="torch")
+    with pytest.raises(ValueError, match="cache slots"):
+        eng.generate([[1] * 20], 20)
+    with pytest.raises(ValueError, match="1..2"):
+        eng.generate([[1], [2], [3]], 4)
+    with pytest.raises(ValueError, match="mode"):
+        eng.generate([[1]], 4, mode="orthrus")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_match_eager_on_gpu():
+    m = trained_model("qwen3").to("cuda")
+    prompts = random_prompts(5, LENGTHS, seed=19)
+    seeds = list(range(5))
+    eager = DecodeEngine(m, batch_size=3, max_len=96, verify_backend="torch")
+    graph = DecodeEngine(m, batch_size=3, max_len=96, use_cuda_graphs=True, sync_every=4)
+    for sp in (SamplingParams(0.0), SamplingParams(1.0, top_k=20, top_p=0.9)):
+        for mode in ("spec", "ar"):
+            a = rows_of(eager.generate_all(prompts, 30, sp, seeds, mode=mode))
+            b = rows_of(graph.generate_all(prompts, 30, sp, seeds, mode=mode))
+            assert graph.cuda_graphs and graph.graph_error is None
+            assert [r.tokens for r in a] == [r.tokens for r in b]
+            assert [r.accepted for r in a] == [r.accepted for r in b]

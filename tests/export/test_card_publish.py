@@ -1,0 +1,192 @@
+"""Model card contents and publish() against a recorder standing in for HfApi (no network)."""
+
+import json
+import shutil
+
+import pytest
+from orthrus_export_testlib import MASK_ID, tiny_tokenizer
+
+from orthrus_train.export import PublishError, export_folder, publish
+from orthrus_train.export.card import lossless_verdict
+
+EVAL_OK = {
+    "results": [
+        {"benchmark": "gsm8k", "acceptance_length": 3.1234, "tpf": 1.61, "speedup": 2.05},
+        {"benchmark": "humaneval", "acceptance_length": 3.5, "tpf": 1.8, "speedup": 2.3},
+    ],
+    "lossless": {"passed": True, "prompts": 64, "mismatches": 0},
+}
+
+
+def _run_dir(root, eval_report=EVAL_OK, plots=True):
+    run = root / "run"
+    (run / "eval" / "plots").mkdir(parents=True)
+    (run / "data").mkdir()
+    if eval_report is not None:
+        (run / "eval" / "report.json").write_text(json.dumps(eval_report))
+    (run / "data" / "report.json").write_text(json.dumps({"examples": 1234, "sources": ["gsm8k", "codealpaca"]}))
+    if plots:
+        (run / "eval" / "plots" / "acceptance.png").write_bytes(b"\x89PNG fake")
+    return run
+
+
+def _export(root, exported, run_dir=None, tokenizer=None, **extra):
+    _, config, sd, _ = exported["llama"]
+    return export_folder(
+        sd,
+        config,
+        tokenizer,
+        root / "export",
+        block_size=4,
+        mask_token_id=MASK_ID,
+        base_model_id="meta-llama/Tiny",
+        base_revision="abc123",
+        run_dir=run_dir,
+        extra_card_info=extra,
+    )
+
+
+def test_card_reports_what_the_run_recorded(tmp_path, exported):
+    run = _run_dir(tmp_path)
+    folder = _export(
+        tmp_path,
+        exported,
+        run,
+        tokenizer=tiny_tokenizer(),
+        recipe="recipes/llama_tiny.yaml",
+        config={"lr": 3e-4, "block_size": 4},
+        training={"tokens": 1_000_000, "wall_time_h": 1.5},
+        license="llama3.2",
+        repo_id="me/orthrus-tiny",
+    )
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model: meta-llama/Tiny" in card and "license: llama3.2" in card
+    assert "| base revision | abc123 |" in card and "| block size K | 4 |" in card
+    assert "| gsm8k | 3.123 | 1.61 | 2.05 |" in card  # the eval table, from eval/report.json
+    assert "emitted tokens / verify passes" in card and "emitted tokens / (draft passes + verify passes)" in card
+    assert "**PASSED** (lossless.passed = True)" in card and '"mismatches": 0' in card
+    assert '"examples": 1234' in card and '"tokens": 1000000' in card and "lr: 0.0003" in card
+    assert "recipes/llama_tiny.yaml" in card and 'from_pretrained("me/orthrus-tiny", trust_remote_code=True' in card
+    assert "![acceptance](plots/acceptance.png)" in card and (folder / "plots" / "acceptance.png").exists()
+    assert "| tokenizer | included |" in card and "_missing" not in card
+
+
+def test_card_states_missing_inputs(tmp_path, exported):
+    card = (_export(tmp_path, exported) / "README.md").read_text()
+    assert "license:" not in card.split("---")[1]  # no invented license in the metadata
+    for missing in (
+        "use the base model's tokenizer",
+        "the recipe name",
+        "the resolved config",
+        "no data/report.json",
+        "no eval/report.json",
+        "no plots",
+        "license was not provided",
+    ):
+        assert missing in card, missing
+
+
+def test_lossless_verdicts():
+    assert lossless_verdict({"lossless": {"passed": False}})[0] is False
+    assert lossless_verdict({"lossless": {"status": "pass"}})[0] is True
+    assert lossless_verdict({"lossless": True})[0] is True
+    assert lossless_verdict({"results": []})[0] is None
+    assert lossless_verdict(None)[0] is None
+
+
+class Recorder:
+    """Stands in for huggingface_hub.HfApi: records calls, snapshots the uploaded folder."""
+
+    endpoint = "https://hub.example"
+
+    def __init__(self, fail_with=None):
+        self.calls, self.uploaded, self.fail_with = [], None, fail_with
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        if self.fail_with:
+            raise RuntimeError(self.fail_with)
+        self.uploaded = sorted(
+            p.relative_to(kw["folder_path"]).as_posix()
+            for p in __import__("pathlib").Path(kw["folder_path"]).rglob("*")
+            if p.is_file()
+        )
+
+        class Info:
+            oid = "c0ffee"
+
+        return Info()
+
+    def create_tag(self, repo_id, **kw):
+        self.calls.append(("create_tag", repo_id, kw))
+
+
+def test_publish_uploads_and_tags(tmp_path, exported, capsys):
+    folder = _export(tmp_path, exported, _run_dir(tmp_path))
+    api = Recorder()
+    result = publish(folder, "me/orthrus-tiny", private=True, revision_tag="v1", api=api)
+    names = [c[0] for c in api.calls]
+    assert names == ["create_repo", "upload_folder", "create_tag"]
+    assert api.calls[0][2] == {"private": True, "repo_type": "model", "exist_ok": True}
+    assert api.calls[2][2]["tag"] == "v1" and api.calls[2][2]["revision"] == "c0ffee"
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_orthrus.py",
+        "README.md",
+        "generation_config.json",
+        "plots/acceptance.png",
+    } <= set(api.uploaded)
+    assert result["url"] == "https://hub.example/me/orthrus-tiny/tree/v1"
+    assert "https://hub.example/me/orthrus-tiny/tree/v1" in capsys.readouterr().out
+
+
+def test_publish_dry_run_lists_files_and_uploads_nothing(tmp_path, exported, capsys):
+    folder = _export(tmp_path, exported, _run_dir(tmp_path))
+    api = Recorder()
+    result = publish(folder, "me/x", dry_run=True, api=api)
+    out = capsys.readouterr().out
+    assert api.calls == []
+    size = (folder / "model.safetensors").stat().st_size
+    assert f"{size:,}" in out and "model.safetensors" in out and "total" in out
+    assert dict(result["files"])["model.safetensors"] == size
+
+
+@pytest.mark.parametrize(
+    "report,why",
+    [
+        (None, "does not exist"),
+        ({"lossless": {"passed": False}}, "lossless check failed"),
+        ({"results": []}, "has no verdict"),
+    ],
+)
+def test_publish_refuses_without_a_passing_lossless_eval(tmp_path, exported, report, why):
+    folder = _export(tmp_path, exported, _run_dir(tmp_path, eval_report=report))
+    api = Recorder()
+    with pytest.raises(PublishError, match=why + r".*force=True"):
+        publish(folder, "me/x", api=api)
+    assert api.calls == []
+    assert publish(folder, "me/x", api=api, force=True)["eval"].startswith("publishing despite")
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_publish_refuses_an_invalid_folder(tmp_path, exported):
+    folder = _export(tmp_path, exported, _run_dir(tmp_path))
+    (folder / "modeling_orthrus.py").unlink()
+    with pytest.raises(ValueError, match="modeling_orthrus.py is missing"):
+        publish(folder, "me/x", api=Recorder(), force=True)
+
+
+def test_publish_errors_never_show_the_token(tmp_path, exported, monkeypatch):
+    token = "hf_SuperSecretToken1234567890"
+    monkeypatch.setenv("HF_TOKEN", token)
+    folder = _export(tmp_path, exported, _run_dir(tmp_path))
+    api = Recorder(fail_with=f"401 Unauthorized for token {token} (Authorization: Bearer {token})")
+    with pytest.raises(PublishError) as info:
+        publish(folder, "me/x", api=api)
+    assert token not in str(info.value) and "SuperSecret" not in str(info.value)
+    assert "401 Unauthorized" in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
+    shutil.rmtree(folder)

@@ -1,0 +1,143 @@
+"""The DeepSpeed training engine on the CPU: exact resume after kill -9, 2 processes == 1 process,
+atomic checkpoints that are validated before loading, NaN stops with the last good checkpoint kept."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthrus_train.train import checkpoint as ckpt
+from orthrus_train.train.engine import lr_lambda, make_plan, step_rows
+from tests.conftest import REPO, TINY_FAST, orthrus
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss; the last record of a step wins (a resumed run may repeat steps past its checkpoint)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def test_plan_and_schedule():
+    class T:
+        global_batch, micro_batch, epochs, max_steps = 8, 2, 2.0, -1
+    p = make_plan(40, T, world=2)
+    assert (p.steps_per_epoch, p.total_steps, p.accum, p.micro_per_step) == (5, 10, 2, 4)
+    with pytest.raises(ValueError, match="global_batch"):
+        make_plan(4, T, world=1)
+    with pytest.raises(ValueError, match="split evenly"):
+        make_plan(40, T, world=3)
+    e0, r0 = step_rows(p, 0, 0)
+    e5, r5 = step_rows(p, 5, 0)
+    assert e0 == 0 and e5 == 1 and len(set(r0.tolist())) == 8
+    assert not torch.equal(r0, r5)  # a new shuffle each epoch
+    f = lr_lambda(100, 0.05, 0.0)
+    assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0) and f(99) < 0.01
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(tiny_run, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_run, ref)
+    orthrus("recipe=tiny", f"run_dir={ref}", "stage=train", *TINY_FAST)
+    want = losses(ref)
+    assert sorted(want) == list(range(1, 7))
+
+    env = dict(os.environ, ORTHRUS_NO_PROGRESS="1")
+    # slow each step a little so the kill lands mid-run, after the step-4 checkpoint
+    p = subprocess.Popen([sys.executable, "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train",
+                          *TINY_FAST], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tiny_run / "checkpoints" / "step-00000004" / "COMPLETE").exists():
+        assert p.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done_before = losses(tiny_run)
+    assert max(done_before) < 6, "the run finished before the kill; the test proves nothing"
+    orthrus("recipe=tiny", f"run_dir={tiny_run}", "stage=train", "resume=auto", *TINY_FAST)
+    got = losses(tiny_run)
+    assert sorted(got) == list(range(1, 7))
+    for s in range(1, 7):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), f"step {s}: {got[s]} != {want[s]}"
+    # no step lost or repeated beyond the last checkpoint: steps 5..6 were logged at most twice
+    lines = [json.loads(l)["step"] for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(lines.count(s) == 1 for s in range(1, 5))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_run, tmp_path):
+    one = tmp_path / "one"
+    shutil.copytree(tiny_run, one)
+    orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3")
+    env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
+                        "train.max_steps=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    a, b = losses(one), losses(tiny_run)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+
+
+def test_checkpoint_validation_and_fallback(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    class FakeEngine:
+        def save_checkpoint(self, r, tag, **kw):
+            d = Path(r) / tag
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save({"w": torch.arange(100.0)}, d / "mp_rank_00_model_states.pt")
+    e = FakeEngine()
+    ckpt.save(e, root, 2, {"step": 2}, rank=0, keep=5)
+    ckpt.save(e, root, 4, {"step": 4}, rank=0, keep=5)
+    assert (root / "latest").read_text().strip() == "step-00000004"
+    assert ckpt.find_resumable(root) == root / "step-00000004"
+    # a partial write (no COMPLETE) is never chosen
+    (root / ".tmp-step-00000006").mkdir()
+    assert ckpt.find_resumable(root) == root / "step-00000004"
+    # corrupt the newest: truncated file -> reported and the previous complete one is used
+    f = root / "step-00000004" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:50])
+    notes = []
+    assert ckpt.find_resumable(root, log=notes.append) == root / "step-00000002"
+    assert "step-00000004" in notes[0] and "bytes" in notes[0]
+    # same size but garbage bytes -> unreadable
+    g = root / "step-00000002" / "mp_rank_00_model_states.pt"
+    g.write_bytes(b"x" * g.stat().st_size)
+    assert ckpt.problems(root / "step-00000002") and "unreadable" in ckpt.problems(root / "step-00000002")[0]
+    assert ckpt.find_resumable(root, log=notes.append) is None
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch):
+    from orthrus_train.config.loader import compose
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    calls = {"n": 0}
+    real = engine.chunked_distill
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, s, t = real(*a, **k)
+        if calls["n"] > 5:  # step 3 (two micro-batches a step)
+            loss = loss + float("nan")
+        return loss, s, t
+    monkeypatch.setattr(engine, "chunked_distill", poisoned)
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST])
+    with pytest.raises(engine.TrainingDiverged, match="non-finite loss at step 2.*step-00000002"):
+        engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
+    assert ckpt.find_resumable(tiny_run / "checkpoints") == tiny_run / "checkpoints" / "step-00000002"
