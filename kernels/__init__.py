@@ -6,7 +6,8 @@ under ``TRITON_INTERPRET=1``, torch otherwise. The speculative-verification fron
 its Triton implementation.
 """
 
-from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend
+from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend, triton_usable
+from orthrus_kernels import verify  # noqa: F401  (decorate every kernel under one interpreter mode)
 from orthrus_kernels.fused_kl import (
     chunked_linear_ce_reference,
     chunked_linear_kl_reference,
@@ -18,6 +19,8 @@ __all__ = [
     "HAS_TRITON",
     "interpreting",
     "resolve_backend",
+    "triton_usable",
+    "verify",
     "fused_linear_kl",
     "fused_linear_ce",
     "chunked_linear_kl_reference",

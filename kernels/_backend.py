@@ -24,37 +24,52 @@ except Exception:  # pragma: no cover - depends on the install
 BACKENDS = ("auto", "triton", "torch")
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter.
-
-    Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*, i.e. when this package is
-    imported, so the flag must be set before the first ``import orthrus_kernels``.
-    """
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when a kernel is *decorated*, i.e. when orthrus_kernels is
+# imported (its __init__ imports every kernel module right after this one), so the mode the
+# kernels were built in is frozen here; later changes of the variable cannot change it.
+KERNELS_INTERPRETED = HAS_TRITON and _env_interpret()
+
+
+def interpreting() -> bool:
+    """True when this process's kernels were built for the Triton CPU interpreter."""
+    return KERNELS_INTERPRETED
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """Whether backend="triton" can run on these tensors (CUDA, or interpreter-built kernels)."""
+    return HAS_TRITON and (KERNELS_INTERPRETED or all(t.is_cuda for t in tensors))
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor, triton_dtypes=None) -> str:
     """Map ``auto`` to a concrete backend; refuse ``triton`` where it cannot run.
 
-    ``auto`` picks Triton only where its output is trustworthy and fast: CUDA tensors (or the
-    interpreter, for tests) in a dtype the kernels were written for. float64 inputs go to torch
-    because the kernels accumulate in float32 and float64 is only used for reference checks.
+    ``auto`` picks Triton for CUDA tensors in a dtype the kernels were written for, and for CPU
+    tensors only while ``TRITON_INTERPRET`` is set (then the interpreter runs the real kernel
+    code, slowly: a test tool, never a silent CPU default). float64 goes to torch because the
+    kernels accumulate in float32 and float64 is only used for reference checks.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    on_device = all(t.is_cuda for t in tensors) or interpreting()
     dtype_ok = triton_dtypes is None or all(t.dtype in triton_dtypes for t in tensors)
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' requested but triton is not importable")
-        if not on_device:
+        if not triton_usable(*tensors):
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                "orthrus_kernels is imported"
+                "orthrus_kernels is first imported"
             )
         if not dtype_ok:
             raise TypeError(f"triton backend supports {triton_dtypes}, got {[t.dtype for t in tensors]}")
         return "triton"
-    return "triton" if (HAS_TRITON and on_device and dtype_ok) else "torch"
+    if KERNELS_INTERPRETED:
+        ok = _env_interpret()
+    else:
+        ok = HAS_TRITON and all(t.is_cuda for t in tensors)
+    return "triton" if (ok and dtype_ok) else "torch"

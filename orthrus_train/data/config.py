@@ -133,6 +133,9 @@ class DataConfig:
             bad("overlong", f"{self.overlong!r} is not one of {OVERLONG}")
         if self.on_bad_record not in ON_BAD_RECORD:
             bad("on_bad_record", f"{self.on_bad_record!r} is not one of {ON_BAD_RECORD}")
+        for key in ("num_samples", "holdout_count"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                bad(key, f"must be >= 0 or null, got {getattr(self, key)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             bad("holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         for key in ("seq_len", "batch_size", "shard_size", "rows_per_file", "max_new_tokens"):

@@ -5,8 +5,8 @@
 behind the same protocol.
 
 `regenerate` splits the prompts into shards of `shard_size` (in prompt order); rank r of world w takes
-shards r, r+w, ... Inside a shard, prompts are sorted by length into batches (left-padded by the
-generator), and the responses are put back in prompt order. A shard is written to a temporary file and
+shards r, r+w, ... Inside a shard, prompts are sorted by length, longest first, into batches (left-padded
+by the generator), and the responses are put back in prompt order. A shard is written to a temporary file and
 renamed when complete, so after a crash (even kill -9) a restart skips every finished shard and redoes
 only the others; each batch's sampling seed depends only on (seed, shard, batch), so an interrupted and
 resumed run writes exactly what an uninterrupted one does.
@@ -224,7 +224,8 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
         dt = time.perf_counter() - t0
         new_tokens += shard_tokens
         seconds += dt
-        tmp = out_dir / f".shard-{k:05d}.json.tmp"  # only this rank writes shard k; a killed run's leftover is overwritten
+        # only this rank writes shard k; a killed run's leftover temp file is simply overwritten
+        tmp = out_dir / f".shard-{k:05d}.json.tmp"
         with open(tmp, "w") as f:
             json.dump({"shard": k, "start": lo, "responses": responses, "new_tokens": shard_tokens,
                        "seconds": dt}, f)

@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import jinja2
+
 from .config import DataConfig
 from .pack import pack, stats_dict, write_packed
 from ..model.backbones import load_backbone, load_tokenizer
 from .regen import Generator, HFGenerator, eos_ids_for, load_responses, missing_shards, rank_world, regenerate
 from .sources import BadRecordError, Rejected, load_sources, reason_counts, write_jsonl
-from .templates import ChatRenderer, TemplateError
+from .templates import ChatRenderer
 
 ACCOUNTING_BUCKETS = ("rejected", "duplicates", "not_selected", "holdout", "dropped_overlong", "packed")
 
@@ -59,7 +61,8 @@ class _LazyHFGenerator:
     """HFGenerator that loads the backbone on the first call (a resumed run with nothing left loads nothing)."""
 
     def __init__(self, model_path: str, tokenizer: Any, stop_ids: set[int], static_cache: bool):
-        self.model_path, self.tokenizer, self.stop_ids, self.static_cache = model_path, tokenizer, stop_ids, static_cache
+        self.model_path, self.tokenizer, self.stop_ids = model_path, tokenizer, stop_ids
+        self.static_cache = static_cache
         self._gen: HFGenerator | None = None
 
     def generate(self, prompts, max_new_tokens, *, temperature=0.0, seed=0):
@@ -130,9 +133,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     for i, rec in enumerate(src.train):
         try:
             enc = renderer.encode_prompt(rec.prompt_messages) if cfg.regenerate else renderer.encode(rec.messages)
-        except TemplateError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the template raised on this record (e.g. role order)
+        except jinja2.TemplateError as e:  # the template refused this record (`raise_exception`, e.g. roles)
             err = BadRecordError("template_error", f"the chat template failed on this record: {e}", rec.where)
             if cfg.on_bad_record == "raise":
                 raise err from e
@@ -162,13 +163,16 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
                 return None
             _wait_for_all_shards(regen_dir, len(prompts), cfg.shard_size, wait_timeout_s)
         responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size)
+        # a response shorter than max_new_tokens stopped at an end-of-sequence token
         eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
+        unfinished = sum(1 for r in responses if len(r) >= cfg.max_new_tokens and r[-1] not in eos)
         docs = [(e.input_ids + r, e.loss_mask + [1] * len(r)) for e, r in zip(encoded, responses)]
         regen_report = {
+            # generation time summed over shards (and ranks): tokens_per_s is per generating process
             "prompts": len(prompts), "new_tokens": totals["new_tokens"], "seconds": round(totals["seconds"], 3),
             "tokens_per_s": round(totals["tokens_per_s"], 1), "shards": stats.shards,
             "shards_done_this_run": stats.shards_done, "shards_skipped": stats.shards_skipped,
-            "responses_without_eos": sum(1 for r in responses if not r or r[-1] not in eos),
+            "responses_at_max_new_tokens": unfinished,
             "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
         }
     else:
@@ -254,7 +258,7 @@ def summary(report: Mapping[str, Any], note: str = "") -> str:
     if g:
         lines.append(f"  regeneration: {g['prompts']} prompts, {g['new_tokens']} new tokens in {g['seconds']} s "
                      f"({g['tokens_per_s']} tok/s); shards {g['shards']} (skipped {g['shards_skipped']}); "
-                     f"{g['responses_without_eos']} hit max_new_tokens")
+                     f"{g['responses_at_max_new_tokens']} hit max_new_tokens")
     else:
         lines.append("  regeneration: off (dataset responses kept)")
     p = report["packing"]

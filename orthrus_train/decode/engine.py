@@ -385,9 +385,12 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 batch_size: int = 1, static_cache: bool = True, seed: int = 0, compile: bool | None = None
                 ) -> HFResult:
     """Reference: `transformers` `generate` on the frozen backbone (left-padded batches), for timing and
-    for greedy agreement. Outputs are cut after the first end-of-sequence token, like the engine's. With no
-    eos_token_ids, transformers still stops at the model's generation_config eos: pass the engine the same ids
-    (`eval.benchmarks.stop_token_ids` includes them).
+    for greedy agreement. Outputs are cut after the first end-of-sequence token, like the engine's.
+
+    Exactly the given settings are used: the model's own generation_config (e.g. Qwen3's temperature 0.6,
+    top-k 20, top-p 0.95, its eos ids), which transformers would merge into unset / default-valued fields, is
+    swapped for a neutral one during the call. Pass the same eos ids as to the engine
+    (`eval.benchmarks.stop_token_ids`).
     static_cache falls back to the dynamic cache (noted in the result) where the install lacks it.
     compile: None = transformers' default (it may torch.compile the forward for a static cache on CUDA: warm up
     before timing); False = never compile."""
@@ -399,9 +402,7 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     kw = dict(max_new_tokens=max_new_tokens, do_sample=not sp.greedy, pad_token_id=pad_token_id,
               eos_token_id=eos or None)
     if not sp.greedy:
-        kw.update(temperature=sp.temperature, top_k=sp.top_k or None, top_p=sp.top_p)
-    else:
-        kw.update(temperature=None, top_k=None, top_p=None)
+        kw.update(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)  # top_k 0 = off, as here
     if compile is False:
         kw["disable_compile"] = True
     note = ""
@@ -411,33 +412,38 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tokens: list[list[int]] = []
     times = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[i:i + batch_size]]
-        L = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), L), pad_token_id, dtype=torch.long)
-        att = torch.zeros(len(chunk), L, dtype=torch.long)
-        for b, p in enumerate(chunk):
-            ids[b, L - len(p):] = torch.tensor(p)
-            att[b, L - len(p):] = 1
-        ids, att = ids.to(dev), att.to(dev)
-        torch.manual_seed(seed + i)
-        sync()
-        t0 = time.perf_counter()
-        try:
-            out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
-            if not use_static:
-                raise
-            note = f"static cache unavailable ({e.__class__.__name__}: {str(e)[:200]}); used the dynamic cache"
-            warnings.warn(note)
-            use_static = False
-            kw.pop("cache_implementation")
+    saved_config = backbone.generation_config
+    backbone.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=eos or None)
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[i:i + batch_size]]
+            L = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), L), pad_token_id, dtype=torch.long)
+            att = torch.zeros(len(chunk), L, dtype=torch.long)
+            for b, p in enumerate(chunk):
+                ids[b, L - len(p):] = torch.tensor(p)
+                att[b, L - len(p):] = 1
+            ids, att = ids.to(dev), att.to(dev)
+            torch.manual_seed(seed + i)
             sync()
             t0 = time.perf_counter()
-            out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
-        sync()
-        times.append(time.perf_counter() - t0)
-        for row in out[:, L:].tolist():
-            cut = next((k for k, t in enumerate(row) if t in eos), None)
-            tokens.append(row[: cut + 1] if cut is not None else row)
+            try:
+                out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
+            except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+                if not use_static:
+                    raise
+                note = f"static cache unavailable ({e.__class__.__name__}: {str(e)[:200]}); used the dynamic cache"
+                warnings.warn(note)
+                use_static = False
+                kw.pop("cache_implementation")
+                sync()
+                t0 = time.perf_counter()
+                out = backbone.generate(input_ids=ids, attention_mask=att, generation_config=GenerationConfig(**kw))
+            sync()
+            times.append(time.perf_counter() - t0)
+            for row in out[:, L:].tolist():
+                cut = next((k for k, t in enumerate(row) if t in eos), None)
+                tokens.append(row[: cut + 1] if cut is not None else row)
+    finally:
+        backbone.generation_config = saved_config
     return HFResult(tokens, sum(times), use_static, note, times)

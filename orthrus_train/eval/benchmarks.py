@@ -165,7 +165,8 @@ def _iter_hub(name: str, hub: tuple[str, str | None, str]) -> Iterable[tuple[str
     try:
         import datasets
     except ImportError:
-        raise BenchmarkUnavailable(f"benchmark {name!r}: no local file and `datasets` is not installed: {hint}") from None
+        raise BenchmarkUnavailable(f"benchmark {name!r}: no local file and `datasets` is not installed: "
+                                   f"{hint}") from None
     try:
         ds = datasets.load_dataset(hub[0], hub[1], split=hub[2])
     except Exception as e:  # network, auth, script-based dataset...

@@ -406,7 +406,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{g['exact_matches']}/{g['prompts']} prompts identical (token match {_f(g['token_match_rate'], 4)}); "
                 f"{g['near_tie_divergences']} near-tie divergences (top-2 gap < {g['tolerance']}), "
                 f"{g['non_tie_divergences']} others |",
-                f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | D = {_f(ks['statistic'], 4)}, "
+                f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | "
+                f"D = {_f(ks['statistic'], 4)}, "
                 f"p = {_f(ks['p_value'], 4)} over {ks['tokens']} tokens (T={ks['temperature']}, top-k {ks['top_k']}, "
                 f"top-p {ks['top_p']}; fail below {ks['alpha']})"
                 + (f"; {ks['note']}" if ks.get("note") else "") + " |"]
@@ -421,7 +422,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 out.append(f"| {t['prefix']} | {t['position']} | {t.get('given_first', '-')} | {t['samples']} | "
                            f"{t.get('bins', '-')} | {_f(t['statistic'])} | {_f(t['p_value'], 4)} |")
         if g["divergences"]:
-            out += ["", "Greedy divergences:", "", "| prompt | index | AR token | drafted token | top-2 gap | near-tie |",
+            out += ["", "Greedy divergences:", "",
+                    "| prompt | index | AR token | drafted token | top-2 gap | near-tie |",
                     "|---|---:|---:|---:|---:|---|"]
             for d in g["divergences"][:50]:
                 out.append(f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | "

@@ -516,7 +516,8 @@ def submit_jobs(launcher_cfg: Any, run_dir: str | os.PathLike, command_argv: Seq
         array = _array_spec(stage_cfg, stage, command_argv) is not None
         argv = ["sbatch", "--parsable"]
         if jobs:
-            dep = previous if previous is not None else f"<job id of {jobs[-1].stage}>"
+            # on a dry run, a shell variable the printed commands assign (see submit())
+            dep = previous if previous is not None else f"${jobs[-1].stage}_job"
             argv += [f"--dependency=afterok:{dep}", "--kill-on-invalid-dep=yes"]
         argv.append(str(script))
         log_path = log_pattern(run_dir, array).replace("%x", name)
@@ -556,7 +557,10 @@ def submit(
     for j in jobs:
         label = f" ({j.stage})" if j.stage else ""
         if j.job_id is None:
-            print(f"# dry run{label}: {j.script}\n# would run: {shlex.join(j.sbatch_argv)}", file=out)
+            cmd = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in j.sbatch_argv)
+            if j.stage:
+                cmd = f"{j.stage}_job=$({cmd})"
+            print(f"# dry run{label}: wrote {j.script}\n# would run: {cmd}", file=out)
             print(j.script.read_text(), file=out)
         else:
             print(f"Submitted Slurm job {j.job_id}{label}: script {j.script}", file=out)

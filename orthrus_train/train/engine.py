@@ -187,7 +187,9 @@ def init_distributed(device: torch.device, dist):
     return deepspeed
 
 
-def run_train(cfg, run: RunDir, dist, model=None, log=print) -> dict:
+def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
+    """Train the heads of `cfg` on RUN/data/train (or `data`: any object with total_rows, seq_len and
+    __getitem__ returning input_ids/loss_mask rows, e.g. synthetic rows for benchmarks)."""
     from ..data.pack import PackedDataset
     from ..launch.preemption import PreemptionHandler, any_rank
     from ..model.factory import build_backbone, build_model, resolve_device, tokenizer_for
@@ -202,7 +204,7 @@ def run_train(cfg, run: RunDir, dist, model=None, log=print) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
 
-    data = PackedDataset(run.data / "train")
+    data = data if data is not None else PackedDataset(run.data / "train")
     if data.seq_len != t.seq_len:
         raise ValueError(f"packed rows are {data.seq_len} tokens but train.seq_len={t.seq_len}; rerun stage=data "
                          "or set train.seq_len to match")

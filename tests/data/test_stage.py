@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orthrus_train.data import (ChatRenderer, DataConfig, HFGenerator, PackedDataset, check_accounting,
-                                run_data_stage)
+from orthrus_train.data import (BadRecordError, ChatRenderer, DataConfig, HFGenerator, PackedDataset,
+                                check_accounting, run_data_stage)
 from orthrus_train.data.stage import ACCOUNTING_BUCKETS, as_data_config
 
 from .conftest import REPO, tiny_backbone, write_jsonl
@@ -156,6 +156,23 @@ def test_ranks_split_regeneration_and_rank0_packs(tmp_path, byte_tok, generator)
     assert two["accounting"] == one["accounting"]
 
 
+def test_template_refusing_a_record(tmp_path, byte_tok):
+    """A template's raise_exception on one record is a bad record: named in raise mode, skipped in skip mode."""
+    import copy
+
+    tok = copy.deepcopy(byte_tok)
+    tok.chat_template = ("{% for m in messages %}{% if '13' in m['content'] %}{{ raise_exception('no 13 here') }}"
+                         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = prompt_file(tmp_path)
+    cfg = base_cfg(path, regenerate=False)
+    with pytest.raises(BadRecordError, match=rf"{path} line 14: bad record \(template_error\).*no 13 here"):
+        run_data_stage(cfg, tmp_path / "a", tokenizer=tok)
+    report = run_data_stage({**cfg, "on_bad_record": "skip"}, tmp_path / "b", tokenizer=tok)
+    assert report["rejected_by_reason"] == {"template_error": 1}
+    assert report["accounting"]["packed"] == 23
+
+
 def test_config_errors(tmp_path, byte_tok):
     path = prompt_file(tmp_path)
     with pytest.raises(ValueError, match="data.model is unset and no generator"):
@@ -171,7 +188,9 @@ KILLED_RUN = r"""
 import json, sys, time
 import torch
 torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[3])  # this checkout; removed again so its kernels/ folder shadows nothing
 from orthrus_train.data import regen, run_data_stage
+sys.path.pop(0)
 
 real = regen.HFGenerator.generate
 
@@ -191,9 +210,9 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     cfg = base_cfg(path, model=str(tiny_model_dir), temperature=0.7, seed=11, shard_size=3, batch_size=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "cfg.json"), str(killed)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "cfg.json"), str(killed), str(REPO)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     regen_dir = killed / "data" / "regen"
     deadline = time.monotonic() + 120
     try:

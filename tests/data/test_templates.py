@@ -92,13 +92,13 @@ def test_smollm2_gguf_chatml(smollm_tok):
     r = ChatRenderer(smollm_tok)
     enc = r.encode([U, A])
     assert enc.input_ids == template_ids(smollm_tok, [U, A])
-    text = qwen_free = smollm_tok.decode(enc.input_ids)
+    text = smollm_tok.decode(enc.input_ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # template default
     assert spans(smollm_tok, enc) == ["Paris.<|im_end|>"]
     check_span_ends(smollm_tok, enc)
     multi = ChatRenderer(smollm_tok).encode(MULTI[:2] + [MULTI[2], A])
+    # ChatML keeps history turns verbatim (no think-block stripping)
     assert spans(smollm_tok, multi) == ["<think>\nhmm\n</think>\n\nhello<|im_end|>", "Paris.<|im_end|>"]
-    assert "SmolLM" in qwen_free
 
 
 def test_system_prompt_option(smollm_tok, byte_tok):

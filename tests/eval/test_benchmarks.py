@@ -10,7 +10,8 @@ from orthrus_train.eval.config import EvalConfig
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DATA = SHARED / "data"
-needs_shared = pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").exists(), reason="shared/data not beside the repo")
+needs_shared = pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").exists(),
+                                  reason="shared/data not beside the repo")
 
 
 @needs_shared

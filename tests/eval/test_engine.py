@@ -163,7 +163,8 @@ def test_counter_uniforms_are_uniform_and_independent():
     assert u.shape == (B, 8) and float(u.min()) > 0 and float(u.max()) < 1
     assert stats.kstest(u.flatten().numpy(), "uniform").pvalue > 1e-3
     v = counter_uniforms(seeds, torch.ones(B, dtype=torch.long), 0, 8)  # next step
-    for x in (u[:, 1], v[:, 0], u[:, 0] * 0 + counter_uniforms(seeds + 1, torch.zeros(B, dtype=torch.long), 0, 1)[:, 0]):
+    w = counter_uniforms(seeds + 1, torch.zeros(B, dtype=torch.long), 0, 1)  # neighbouring seeds
+    for x in (u[:, 1], v[:, 0], w[:, 0]):  # other slot, next step, next seed: uncorrelated
         assert abs(np.corrcoef(u[:, 0].numpy(), x.numpy())[0, 1]) < 0.06
     assert torch.equal(u, counter_uniforms(seeds, torch.zeros(B, dtype=torch.long), 0, 8))
     assert torch.equal(u[:, 3:5], counter_uniforms(seeds, torch.zeros(B, dtype=torch.long), 3, 2))

@@ -14,10 +14,12 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
     (run / "data").mkdir(parents=True)
     holdout = [f"w{i} w{i + 1} w{i + 2}" for i in range(6)]
     (run / "data" / "holdout.jsonl").write_text("".join(
-        json.dumps({"uid": f"0:{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "w9"}]})
-        + "\n" for i, q in enumerate(holdout)))
+        json.dumps({"uid": f"0:{i}", "messages": [{"role": "user", "content": q},
+                                                  {"role": "assistant", "content": "w9"}]}) + "\n"
+        for i, q in enumerate(holdout)))
     # the data stage's training prompts: one of them is also a holdout prompt (must be reported and excluded)
-    (run / "data" / "prompts.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": holdout[2]}]}) + "\n")
+    train = {"messages": [{"role": "user", "content": holdout[2]}]}
+    (run / "data" / "prompts.jsonl").write_text(json.dumps(train) + "\n")
     cfg = dict(benchmarks=["holdout", "chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
                num_prompts=5, max_new_tokens=16, temperatures=[0.0, 1.0], batch_size=3, verify_backend="torch",
                hf_generate_reference=True,

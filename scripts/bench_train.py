@@ -1,0 +1,112 @@
+"""Training-step benchmark (not a test): tokens/s, MFU and peak memory per GPU for a Qwen3 shape with
+random weights, through the real engine (DeepSpeed ZeRO, the same step as a recipe).
+
+    python scripts/bench_train.py --shape qwen3-8b --steps 8 --out bench.json
+    torchrun --nproc_per_node 4 scripts/bench_train.py --shape qwen3-8b --zero 3 --out bench.json
+
+Rows are synthetic (random tokens, the second half marked as response), which costs exactly what real
+rows cost. The first `--warmup` steps (compilation, allocator) are excluded from the averages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class SyntheticRows:
+    def __init__(self, n, L, vocab, seed=0):
+        self.total_rows, self.seq_len, self.vocab, self.seed = n, L, vocab, seed
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed + i)
+        ids = torch.randint(0, self.vocab, (self.seq_len,), generator=g)
+        mask = torch.zeros(self.seq_len, dtype=torch.bool)
+        mask[self.seq_len // 4:] = True
+        return {"input_ids": ids, "loss_mask": mask}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--heads", default="orthrus", choices=["orthrus", "medusa"])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--anchors", type=int, default=256)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--micro", type=int, default=1)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--loss-backend", default="auto")
+    ap.add_argument("--attn-backend", default="auto")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ["ORTHRUS_NO_PROGRESS"] = "1"
+
+    from orthrus_train.config.loader import compose
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train.engine import run_train
+
+    dist = resolve_dist_env()
+    world = dist.world_size
+    G = a.micro * a.accum * world
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    ov = [f"model.init=random", f"model.shape={a.shape}", f"heads.type={a.heads}", f"heads.block_size={a.block}",
+          f"heads.attn_backend={a.attn_backend}", f"train.seq_len={a.seq_len}", f"train.anchors_per_row={a.anchors}",
+          f"train.micro_batch={a.micro}", f"train.global_batch={G}", f"train.max_steps={a.warmup + a.steps}",
+          f"train.save_every={10 ** 6}", "train.wandb.mode=disabled", f"deepspeed.stage={a.zero}",
+          f"train.grad_checkpointing={not a.no_grad_ckpt}", f"train.loss_backend={a.loss_backend}",
+          f"run_dir={tmp}", "resume=never", "device=cuda", "train.log_every=1"]
+    cfg = compose("qwen3-8b", ov)
+    cfg.train.save_every = 10 ** 9
+    from orthrus_train.model.backbones import qwen3_shape
+    vocab = qwen3_shape(a.shape).vocab_size if a.shape.startswith("qwen3") else 151936
+    data = SyntheticRows(G * (a.warmup + a.steps), a.seq_len, min(vocab, 151669))
+    recs = []
+    import orthrus_train.train.logging as lg
+    orig = lg.MetricsLogger.log
+
+    def keep(self, rec):
+        recs.append(rec)
+        orig(self, rec)
+    lg.MetricsLogger.log = keep
+    t0 = time.time()
+    try:
+        run_train(cfg, RunDir(tmp), dist, data=data)
+    except SystemExit:
+        pass
+    if dist.rank != 0:
+        return
+    steady = recs[a.warmup:]
+    res = {
+        "shape": a.shape, "heads": a.heads, "world": world, "zero": a.zero, "seq_len": a.seq_len, "anchors": a.anchors,
+        "block": a.block, "micro": a.micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
+        "loss_backend": a.loss_backend, "steps_measured": len(steady),
+        "step_time_s": sum(r["step_time_s"] for r in steady) / max(1, len(steady)),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(1, len(steady)),
+        "tokens_per_s_per_gpu": sum(r["tokens_per_s"] for r in steady) / max(1, len(steady)) / world,
+        "mfu": (sum(r["mfu"] for r in steady) / len(steady)) if steady and steady[0]["mfu"] is not None else None,
+        "peak_mem_gb_rank0": max((r["peak_mem_gb"] or 0) for r in recs) if recs else None,
+        "loss_first": recs[0]["loss"] if recs else None, "loss_last": recs[-1]["loss"] if recs else None,
+        "wall_s": time.time() - t0, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+    print(json.dumps(res, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
