@@ -196,7 +196,7 @@ real = regen.HFGenerator.generate
 
 
 def slow(self, *args, **kwargs):  # slow enough to be killed between shards
-    time.sleep(0.25)
+    time.sleep(0.4)
     return real(self, *args, **kwargs)
 
 
