@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..data.config import DataConfig
+from ..eval.config import EvalConfig
 from ..launch.slurm import SlurmConfig
 
 
@@ -104,28 +105,6 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class EvalSettings:
-    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k"])
-    benchmark_paths: dict[str, str] = field(default_factory=dict)
-    num_prompts: int = 100
-    max_new_tokens: int = 256
-    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 1
-    use_cuda_graphs: bool = True
-    hf_generate_reference: bool = True
-    enable_thinking: Optional[bool] = None
-    lossless_prompts: int = 100
-    ks_tokens: int = 100_000
-    chi2_prefixes: int = 3
-    chi2_samples: int = 2000
-    near_tie_gap: float = 0.02
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class ExportConfig:
     layout: str = "full"  # full (all weights, like the official checkpoints) | heads (twins only)
     max_shard_size: str = "5GB"
@@ -161,7 +140,7 @@ class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

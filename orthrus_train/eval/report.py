@@ -73,7 +73,6 @@ class _Run:
     tokens: list[list[list[int]]] = field(default_factory=list)  # emitted tokens per prompt per turn
     seconds: float = 0.0
     decode_seconds: float = 0.0
-    note: str = ""
 
     def merged(self) -> list[dict[str, Any]]:
         """One record per prompt (turns summed), for per-prompt spread."""
@@ -135,6 +134,16 @@ def _hf_gen(model, cfg: EvalConfig, max_new: int, sampling: SamplingParams, eos:
     return gen
 
 
+def _environment(device) -> dict[str, Any]:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
+
+
 def _warm_up(gen, ids: list[int]) -> None:
     """One short untimed call (graph capture, kernel selection, HF compilation) before the timed runs."""
     gen([ids], [0])
@@ -175,6 +184,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                   "backbone": getattr(model.config, "_name_or_path", "") or model.config.model_type,
                   "parameters": n_params, "dtype": str(p0.dtype).replace("torch.", ""), "device": str(p0.device),
                   "draft_passes_per_step": model.draft_passes_per_step, "eos_token_ids": eos},
+        "environment": _environment(p0.device),
         "recipe": getattr(run_cfg, "recipe", None),
         "train_prompts": {"file": train_file, "hashes": len(hashes)},
         "definitions": metrics.DEFINITIONS,
@@ -442,6 +452,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cells = list(_cells(report))
     if not cells:
@@ -455,6 +466,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
                 marker="o", label=f"{name} {tk}")
     ax.set(xlabel="drafts accepted per verify pass", ylabel="fraction of verify passes",
            title="Acceptance histogram")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "accept_histogram.png", dpi=110)
@@ -466,6 +478,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
         ax.plot(range(1, K), [x if x is not None else float("nan") for x in c["spec"]["per_position_acceptance"]],
                 marker=".", label=f"{name} {tk}")
     ax.set(xlabel="draft slot i", ylabel="P(accepted | reached)", title="Per-position acceptance", ylim=(0, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "per_position_acceptance.png", dpi=110)

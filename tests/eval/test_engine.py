@@ -1,4 +1,5 @@
 """Decoding engine: drafted greedy == AR baseline == transformers generate, stopping, bookkeeping, seeding."""
+import copy
 import math
 
 import numpy as np
@@ -68,9 +69,11 @@ def test_eos_and_length_stopping_freeze_rows(qwen3_model):
         assert rows[0].finish_reason == "eos" and len(rows[0].tokens) == j + 1
         # the frozen row stopped counting passes: at most one pass per emitted token, and it stopped early
         assert rows[0].verify_passes <= j + 1 < 30
-    # finished rows do not move: the engine's committed lengths stop where they finished
-    st = eng._st
-    assert int(st.cache.lengths[0]) <= len(prompts[0]) - 1 + j + 1
+    # (the loop ended with mode="ar") the finished row froze: one pass per token up to its EOS, and its
+    # committed length stopped at the step that emitted the EOS, while the batch kept stepping for the others
+    assert [r.verify_passes for r in rows] == [len(r.tokens) for r in rows] and rows[0].verify_passes == j + 1
+    assert max(r.verify_passes for r in rows) == 30  # another row ran to the length limit meanwhile
+    assert int(eng._st.cache.lengths[0]) == len(prompts[0]) - 1 + j
     # length limit: exactly max_new_tokens, cut inside a multi-token step
     for n in (1, 2, 5):
         for r in eng.generate(prompts, n).rows:
@@ -181,17 +184,25 @@ def test_engine_refuses_what_does_not_fit(qwen3_model):
         eng.generate([[1]], 4, mode="orthrus")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_match_eager_on_gpu():
-    m = trained_model("qwen3").to("cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_match_eager_on_gpu(dtype):
+    """Replayed CUDA graphs give exactly the eager engine's outputs and records (spec and AR, greedy and
+    sampled with top-k/top-p, ragged batches with idle rows), and greedy spec == AR in float32."""
+    m = copy.deepcopy(trained_model("qwen3")).to("cuda", dtype)
     prompts = random_prompts(5, LENGTHS, seed=19)
     seeds = list(range(5))
-    eager = DecodeEngine(m, batch_size=3, max_len=96, verify_backend="torch")
+    eager = DecodeEngine(m, batch_size=3, max_len=96)
     graph = DecodeEngine(m, batch_size=3, max_len=96, use_cuda_graphs=True, sync_every=4)
+    outs = {}
     for sp in (SamplingParams(0.0), SamplingParams(1.0, top_k=20, top_p=0.9)):
         for mode in ("spec", "ar"):
-            a = rows_of(eager.generate_all(prompts, 30, sp, seeds, mode=mode))
-            b = rows_of(graph.generate_all(prompts, 30, sp, seeds, mode=mode))
+            a = rows_of(eager.generate_all(prompts, 30, sp, seeds, eos_token_ids=[5], mode=mode))
+            b = rows_of(graph.generate_all(prompts, 30, sp, seeds, eos_token_ids=[5], mode=mode))
             assert graph.cuda_graphs and graph.graph_error is None
             assert [r.tokens for r in a] == [r.tokens for r in b]
             assert [r.accepted for r in a] == [r.accepted for r in b]
+            outs[sp.temperature, mode] = [r.tokens for r in b]
+    if dtype == torch.float32:
+        assert outs[0.0, "spec"] == outs[0.0, "ar"]
