@@ -34,6 +34,11 @@ CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 NODE=$(hostname -s)
 [ -n "$NODE" ] || die "hostname -s printed nothing; set a hostname first"
+# Jobs use the node name as their rendezvous address (first host of SLURM_JOB_NODELIST).
+if ! getent hosts "$NODE" >/dev/null 2>&1; then
+    log "adding '127.0.0.1 $NODE' to /etc/hosts so the node name resolves"
+    echo "127.0.0.1 $NODE" >>/etc/hosts
+fi
 
 # ---------------------------------------------------------------- packages
 need_install=0
@@ -44,10 +49,23 @@ if [ "$need_install" = 1 ]; then
     [ "${SLURM_SETUP_SKIP_APT:-0}" = 1 ] && die "Slurm/munge binaries missing and SLURM_SETUP_SKIP_APT=1"
     log "installing slurm-wlm and munge from Debian"
     export DEBIAN_FRONTEND=noninteractive
-    # policy-rc.d keeps the packages' init scripts from trying to start anything.
-    apt-get update -qq || die "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/tmp/slurm_setup_apt.log 2>&1 \
-        || { tail -n 30 /tmp/slurm_setup_apt.log >&2; die "apt-get install slurm-wlm munge failed"; }
+    # Without systemd the packages' postinst would run their init scripts (and fail the install
+    # when slurmctld cannot start unconfigured): a policy-rc.d that says "no" for the duration.
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    apt_ok=1
+    apt-get update -qq >/tmp/slurm_setup_apt.log 2>&1 \
+        && apt-get install -y -qq --no-install-recommends slurm-wlm munge >>/tmp/slurm_setup_apt.log 2>&1 \
+        || apt_ok=0
+    [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ "$apt_ok" = 0 ]; then
+        tail -n 30 /tmp/slurm_setup_apt.log >&2
+        die "apt-get install slurm-wlm munge failed (log: /tmp/slurm_setup_apt.log)"
+    fi
 fi
 PATH=/usr/sbin:/usr/bin:$PATH
 

@@ -6,14 +6,21 @@ under ``TRITON_INTERPRET=1``, torch otherwise. The speculative-verification fron
 its Triton implementation.
 """
 
-from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend, triton_usable
-from orthrus_kernels import verify  # noqa: F401  (decorate every kernel under one interpreter mode)
-from orthrus_kernels.fused_kl import (
-    chunked_linear_ce_reference,
-    chunked_linear_kl_reference,
-    fused_linear_ce,
-    fused_linear_kl,
-)
+# This folder is installed as the package `orthrus_kernels`. Run from the repository root, the folder is
+# also importable as `kernels`, the name of Hugging Face's kernel-hub package, which transformers
+# probes for. Imported under that name it defines nothing but a version transformers rejects
+# (tests/kernels/test_import_name.py), so transformers' model code keeps working.
+__version__ = "0.0.0"
+
+if __name__ == "orthrus_kernels":
+    from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend, triton_usable
+    from orthrus_kernels import verify  # noqa: F401  (decorate every kernel under one interpreter mode)
+    from orthrus_kernels.fused_kl import (
+        chunked_linear_ce_reference,
+        chunked_linear_kl_reference,
+        fused_linear_ce,
+        fused_linear_kl,
+    )
 
 __all__ = [
     "HAS_TRITON",

@@ -121,7 +121,10 @@ def stage_export(cfg, run: RunDir, dist) -> None:
         return
     model, tok, folder = trained_model(cfg, run, device=torch.device("cpu"))
     training = json.loads(run.train_summary.read_text()) if run.train_summary.exists() else {}
-    out = export_folder(model.backbone, model.config, tok, run.export, layout=cfg.export.layout,
+    state = dict(model.backbone.state_dict())
+    if model.mask_embedding is not None:  # no spare embedding row: the mask token's own vector
+        state["mask_embedding"] = model.mask_embedding
+    out = export_folder(state, model.config, tok, run.export, layout=cfg.export.layout,
                         block_size=model.block_size, mask_token_id=model.mask_token_id,
                         base_model_id=cfg.export.base_model_id or cfg.model.path, base_revision=cfg.model.revision,
                         extra_card_info={"recipe": cfg.recipe, "config": to_yaml(cfg), "training": training,

@@ -1,7 +1,9 @@
 """Model card (README.md) for an Orthrus export folder.
 
-Everything in the card comes from the caller or from the run folder's reports; an input that is absent is
-written as missing, never filled in.
+Everything in the card comes from the caller or from the run folder (``orthrus_train.run_dir``): the eval
+report written by ``orthrus_train.eval.report``, the data report, the training summary, the resolved config.
+An input that is absent is written as missing, never filled in. Metric definitions are printed verbatim from
+the eval report (or ``orthrus_train.eval.metrics.DEFINITIONS``, their one home).
 """
 
 from __future__ import annotations
@@ -9,22 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Paths inside a run folder (kept in line with orthrus_train/run_dir.py).
-DATA_REPORT = "data/report.json"
-TRAIN_REPORT = "train/report.json"
-EVAL_REPORT = "eval/report.json"
-PLOT_DIRS = ("eval/plots", "plots")
+from ..eval.metrics import DEFINITIONS
+from ..run_dir import RunDir
 
-METRIC_DEFINITIONS = {
-    "acceptance length": "emitted tokens / verify passes",
-    "TPF (tokens per forward)": "emitted tokens / (draft passes + verify passes); the prefill pass is excluded",
-}
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 MISSING = "_missing: {what} was not provided to the exporter._"
 
 
 def read_json(path) -> dict | None:
     path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_folder_inputs(run_dir) -> dict:
+    """What the card takes from a run folder: eval/data reports, training summary, resolved config, plot files."""
+    if run_dir is None:
+        return {"eval_report": None, "data_report": None, "training": None, "config": None, "plot_files": []}
+    run = RunDir(Path(run_dir))
+    plots = sorted(p for folder in (run.eval, run.eval / "plots") if folder.is_dir() for p in folder.iterdir()
+                   if p.suffix.lower() in PLOT_SUFFIXES)
+    return {"eval_report": read_json(run.eval_report), "data_report": read_json(run.data_report),
+            "training": read_json(run.train_summary),
+            "config": run.config.read_text() if run.config.exists() else None, "plot_files": plots}
 
 
 def lossless_verdict(report: dict | None) -> tuple[bool | None, str]:
@@ -67,40 +75,62 @@ def _table(rows: list[dict]) -> str:
     columns = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _eval_rows(report: dict) -> list[dict]:
+    """One row per benchmark x temperature from the eval stage's report (benchmarks.<name>.results.<T>.spec)."""
+    rows = []
+    for name, bench in (report.get("benchmarks") or {}).items():
+        for temp, cell in (bench.get("results") or {}).items():
+            spec = cell.get("spec", {})
+            rows.append({"benchmark": name, "temperature": temp, "prompts": spec.get("prompts"),
+                         "acceptance length": spec.get("acceptance_length"), "TPF": spec.get("tpf"),
+                         "TPF std": spec.get("tpf_std"), "tok/s": spec.get("tokens_per_s"),
+                         "speedup vs AR": cell.get("speedup")})
+    return rows
+
+
+def _lossless_lines(section) -> list[str]:
+    """One line per sub-check (greedy, ks, chi_square, ...): its verdict and scalar numbers."""
+    if not isinstance(section, dict):
+        return []
+    lines = []
+    for check, detail in section.items():
+        if isinstance(detail, dict):
+            numbers = ", ".join(f"{k} = {_fmt(v)}" for k, v in detail.items()
+                                if k != "passed" and isinstance(v, (int, float, str, bool)))
+            verdict = {True: "pass", False: "FAIL"}.get(detail.get("passed"), "-")
+            lines.append(f"* `{check}`: **{verdict}**; {numbers}")
+    return lines
+
+
 def _eval_section(report: dict | None) -> str:
-    out = ["## Evaluation", "", "Metric definitions:", ""]
-    out += [f"* **{name}** = {definition}" for name, definition in METRIC_DEFINITIONS.items()]
-    if report and isinstance(report.get("metric_definitions"), dict):
-        out += [f"* **{name}** (from the eval report) = {d}" for name, d in report["metric_definitions"].items()]
-    out.append("")
+    out = ["## Evaluation", ""]
     if report is None:
-        out.append("_missing: the run folder has no eval/report.json; no evaluation results are reported._")
-        return "\n".join(out)
-    results = report.get("results")
-    if isinstance(results, dict):
-        results = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v} for k, v in results.items()]
-    if isinstance(results, list) and results and all(isinstance(r, dict) for r in results):
-        out.append(_table(results))
+        out += ["_missing: the run folder has no eval/report.json; no evaluation results are reported._", ""]
     else:
-        rest = {k: v for k, v in report.items() if k not in ("lossless", "metric_definitions")}
-        out += ["The eval report has no `results` table; its content:", "", _json_block(rest)]
-    passed, why = lossless_verdict(report)
-    verdict = {True: "PASSED", False: "FAILED", None: "no verdict"}[passed]
-    out += [
-        "",
-        "### Lossless check",
-        "",
-        f"**{verdict}** ({why}). Greedy Orthrus decoding must reproduce greedy "
-        "autoregressive decoding of the base model token for token.",
-    ]
-    if isinstance(report.get("lossless"), dict):
-        out += ["", _json_block(report["lossless"])]
+        out += [f"> **Note:** {n}" for n in report.get("notes", [])]
+        rows = _eval_rows(report)
+        if rows:
+            out += ["", _table(rows)]
+        else:
+            out += ["The eval report has no benchmark results; its content:", "",
+                    _json_block({k: v for k, v in report.items() if k != "lossless"})]
+        out += [f"* warning: {w}" for w in report.get("warnings", [])]
+        passed, why = lossless_verdict(report)
+        verdict = {True: "PASSED", False: "FAILED", None: "no verdict"}[passed]
+        out += ["", "### Lossless checks", "", f"**{verdict}** ({why}): Orthrus decoding must reproduce the base "
+                "model's output distribution (greedy: token for token).", ""] + _lossless_lines(report.get("lossless"))
+    definitions = (report or {}).get("definitions") or DEFINITIONS
+    out += ["", "Metric definitions" + (" (from the eval report):" if report else ":"), ""]
+    out += [f"* **{name}**: {text}" for name, text in definitions.items()]
     return "\n".join(out)
 
 

@@ -99,7 +99,7 @@ def base_weights_sha256(state_dict, tie_word_embeddings):
     """sha256 over the sorted (name, dtype, shape, bytes) of the backbone weights (twins and tied lm_head excluded)."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
-        if "_diff." in name or (tie_word_embeddings and name == "lm_head.weight"):
+        if is_head_tensor(name) or (tie_word_embeddings and name == "lm_head.weight"):
             continue
         t = state_dict[name].detach()
         digest.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}\n".encode())
@@ -168,6 +168,12 @@ def read_weight_files(folder, basename):
     return found
 
 
+def is_head_tensor(name):
+    """Tensors Orthrus adds to the backbone: the twins, and the mask embedding of backbones whose
+    vocabulary has no spare row for the mask token (e.g. SmolLM2)."""
+    return "_diff." in name or name == "mask_embedding"
+
+
 def expected_shapes(config, part="full"):
     """{name: shape} the checkpoint must hold: 'full' = backbone + twins (no lm_head if tied), 'heads' = twins only."""
     with torch.device("meta"):
@@ -176,7 +182,7 @@ def expected_shapes(config, part="full"):
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     if part == "heads":
-        shapes = {k: s for k, s in shapes.items() if "_diff." in k}
+        shapes = {k: s for k, s in shapes.items() if is_head_tensor(k)}
     return shapes
 
 
@@ -193,7 +199,8 @@ def check_tensors(found_shapes, config, part, where):
     if missing or unexpected or bad:
         lines = [
             f"{where}: tensors do not match the Orthrus {part} layout of a {config.backbone_model_type} backbone "
-            f"with {config.num_hidden_layers} layers (tie_word_embeddings={getattr(config, 'tie_word_embeddings', False)})"
+            f"with {config.num_hidden_layers} layers "
+            f"(tie_word_embeddings={getattr(config, 'tie_word_embeddings', False)})"
         ]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
             if keys:
@@ -259,6 +266,10 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         self.model = AutoModel.from_config(config.backbone_config(), **attn)  # the stock Qwen3Model / LlamaModel / ...
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         attach_twins(self.model)
+        if config.mask_token_id is not None and config.mask_token_id >= config.vocab_size:
+            # No spare embedding row: the mask token gets its own vector, and the output vocabulary
+            # (lm_head) stays exactly the backbone's, so verification is unchanged.
+            self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -335,13 +346,20 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(
             input_ids.shape[0], -1
         )
-        h = self.model.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         cos, sin = (t.unsqueeze(1) for t in self.model.rotary_emb(h, positions))
         for i, layer in enumerate(self.model.layers):
             h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, start, i, draft)
             mlp_out = layer.mlp(layer.post_attention_layernorm(h))
             h = h + (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)
         return self.lm_head(self.model.norm(h))
+
+    def embed(self, input_ids):
+        if getattr(self, "mask_embedding", None) is None:
+            return self.model.embed_tokens(input_ids)
+        is_mask = input_ids == self.config.mask_token_id
+        h = self.model.embed_tokens(input_ids.masked_fill(is_mask, 0))
+        return torch.where(is_mask[..., None], self.mask_embedding.to(h.dtype), h)
 
     @torch.no_grad()
     def prefill(self, input_ids, cache=None):
@@ -351,7 +369,8 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def draft(self, block_ids, cache):
-        """Diffusion pass on [x_a, M, ..., M] at positions len(cache)...; logits[:, i] proposes d_{i+1}. Cache untouched."""
+        """Diffusion pass on [x_a, M, ..., M] at positions len(cache)...; logits[:, i] proposes d_{i+1}.
+        The cache is read (positions < a), never written."""
         return self._run(block_ids, cache, draft=True)
 
     @torch.no_grad()
@@ -483,7 +502,8 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _rejection_sample(drafts, q, p):
-        """Accept d_i with prob min(1, p/q); on the first rejection resample from norm(max(0, p - q)); else bonus ~ p."""
+        """Accept d_i with prob min(1, p/q); at the first rejection resample from norm(max(0, p - q));
+        after full acceptance the bonus token ~ p."""
         for i, d in enumerate(drafts.tolist()):
             if torch.rand(()) * q[i, d] >= p[i, d]:
                 residual = (p[i] - q[i]).clamp_min(0)
@@ -546,8 +566,8 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         got = base_weights_sha256(backbone.state_dict(), tied)
         if got != meta["base_sha256"]:
             raise OrthrusCheckpointError(
-                f"base model {base} (revision {revision or 'default'}) does not match the base the heads in {folder} were "
-                f"trained on: weights sha256 {got} != recorded {meta['base_sha256']} ({meta.get('base_model')} @ "
+                f"base model {base} (revision {revision or 'default'}) does not match the base the heads in {folder} "
+                f"were trained on: weights sha256 {got} != recorded {meta['base_sha256']} ({meta.get('base_model')} @ "
                 f"{meta.get('base_revision')}). Pass base=<the exact base checkpoint>."
             )
         with torch.device("meta"):

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from ..run_dir import RunDir
 from . import card
 from .validate import validate_folder
 
@@ -35,7 +36,7 @@ def _check_eval(export_dir: Path, run_dir, force: bool) -> str:
     if run_dir is None:
         provenance = card.read_json(export_dir / "orthrus_export.json") or {}
         run_dir = provenance.get("run_dir")
-    report_path = Path(run_dir) / card.EVAL_REPORT if run_dir else None
+    report_path = RunDir(Path(run_dir)).eval_report if run_dir else None
     report = card.read_json(report_path) if report_path else None
     passed, why = card.lossless_verdict(report)
     if report is None:
@@ -75,7 +76,8 @@ def publish(
     result = {"url": None, "files": files, "total_bytes": total, "commit": None, "tag": revision_tag, "eval": eval_note}
     if dry_run:
         print(
-            f"[dry run] {export_dir} ({summary['layout']} layout) -> {repo_id} ({'private' if private else 'public'}); {eval_note}"
+            f"[dry run] {export_dir} ({summary['layout']} layout) -> {repo_id} "
+            f"({'private' if private else 'public'}); {eval_note}"
         )
         for name, size in files:
             print(f"  {size:>14,d}  {name}")

@@ -59,7 +59,7 @@ def validate_folder(folder) -> dict:
     if problems:
         raise OrthrusCheckpointError(f"{config_path}: " + "; ".join(problems) + ". Re-export the folder.")
     config = OrthrusConfig.from_pretrained(str(folder))
-    if not 0 <= config.mask_token_id < config.vocab_size:
+    if not 0 <= config.mask_token_id <= config.vocab_size:
         raise OrthrusCheckpointError(
             f"{config_path}: mask_token_id={config.mask_token_id} is outside the vocabulary "
             f"(vocab_size={config.vocab_size})"

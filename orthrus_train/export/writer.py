@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from . import card
 from .modeling_orthrus import (
+    is_head_tensor,
     HEADS_META_NAME,
     HEADS_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -117,7 +118,8 @@ def export_folder(
     backbone_config: the backbone's transformers config (Qwen3Config, ...). tokenizer: saved with save_pretrained
     (None: no tokenizer files, stated in the card). extra_card_info: optional ``recipe`` (name), ``config`` (resolved
     config: dict or YAML text), ``training`` (dict: tokens, time, ...), ``license``, ``repo_id``, ``title``.
-    run_dir: the training run folder; its data/train/eval reports and plots feed the card and ``publish``.
+    run_dir: the run folder (orthrus_train.run_dir): its eval/data reports, train_summary.json, config.yaml and
+    eval plots feed the card (values in extra_card_info win), and ``publish`` checks its eval report.
     dtype: cast the stored floating tensors (full: all; heads: the twins). Returns the folder path.
     """
     if layout not in ("full", "heads"):
@@ -129,9 +131,10 @@ def export_folder(
         raise ValueError("layout='heads' needs base_model_id (the hub id or path the heads will be loaded on)")
     if block_size < 2:
         raise ValueError(f"block_size={block_size}: a block must hold x_a and at least one mask")
-    if not 0 <= mask_token_id < backbone_config.vocab_size:
+    if not 0 <= mask_token_id <= backbone_config.vocab_size:
         raise ValueError(
-            f"mask_token_id={mask_token_id} is outside the vocabulary (vocab_size={backbone_config.vocab_size})"
+            f"mask_token_id={mask_token_id} is outside the vocabulary (vocab_size={backbone_config.vocab_size}; "
+            "vocab_size itself means a separate mask embedding)"
         )
     extra = dict(extra_card_info or {})
     sd = _state_dict(model_or_state_dict)
@@ -157,7 +160,7 @@ def export_folder(
         tensors = {k: cast(v) for k, v in sd.items()}
         config.dtype = _dtype_name(dtype) if dtype is not None else base_dtype
     else:
-        tensors = {k: cast(v) for k, v in sd.items() if "_diff." in k}
+        tensors = {k: cast(v) for k, v in sd.items() if is_head_tensor(k)}
         config.dtype = base_dtype
     config.architectures = ["OrthrusLM"]
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -193,10 +196,11 @@ def export_folder(
                 "num_tensors": len(tensors),
             }
             (tmp / HEADS_META_NAME).write_text(json.dumps(meta, indent=2))
-        plots = _copy_plots(run_dir, tmp)
-        eval_report = card.read_json(run_dir / card.EVAL_REPORT) if run_dir else None
+        found = card.run_folder_inputs(run_dir)
+        plots = _copy_plots(found.pop("plot_files"), tmp)
         info = dict(
-            extra,
+            found,
+            **{k: v for k, v in extra.items() if v is not None},  # the caller's values win over the run folder's
             base_model=base_model_id,
             base_revision=base_revision,
             layout=layout,
@@ -206,13 +210,11 @@ def export_folder(
             dtype=config.dtype,
             base_sha256=base_sha,
             plots=plots,
-            eval_report=eval_report,
             tokenizer_included=tokenizer is not None,
             num_twin_params=sum(v.numel() for k, v in sd.items() if "_diff." in k),
             num_params=sum(v.numel() for v in sd.values()),
-            data_report=card.read_json(run_dir / card.DATA_REPORT) if run_dir else None,
-            training=extra.get("training") or (card.read_json(run_dir / card.TRAIN_REPORT) if run_dir else None),
         )
+        info.setdefault("recipe", (info["eval_report"] or {}).get("recipe"))
         (tmp / "README.md").write_text(card.build_card(info))
         (tmp / "orthrus_export.json").write_text(
             json.dumps(
@@ -235,16 +237,14 @@ def export_folder(
     return out_dir
 
 
-def _copy_plots(run_dir: Path | None, folder: Path) -> list[str]:
-    if run_dir is None:
-        return []
+def _copy_plots(files: list[Path], folder: Path) -> list[str]:
+    """Copy the run's plot files into folder/plots/; returns their paths relative to the folder."""
     copied = []
-    for sub in card.PLOT_DIRS:
-        for src in sorted((run_dir / sub).glob("*")) if (run_dir / sub).is_dir() else []:
-            if src.suffix.lower() in (".png", ".jpg", ".jpeg", ".svg") and f"plots/{src.name}" not in copied:
-                (folder / "plots").mkdir(exist_ok=True)
-                shutil.copyfile(src, folder / "plots" / src.name)
-                copied.append(f"plots/{src.name}")
+    for src in files:
+        if f"plots/{src.name}" not in copied:
+            (folder / "plots").mkdir(exist_ok=True)
+            shutil.copyfile(src, folder / "plots" / src.name)
+            copied.append(f"plots/{src.name}")
     return copied
 
 

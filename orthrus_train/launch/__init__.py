@@ -13,7 +13,7 @@ from orthrus_train.launch.dist_env import (
     resolve_data_shard,
     resolve_dist_env,
 )
-from orthrus_train.launch.preemption import PreemptionHandler, any_rank
+from orthrus_train.launch.preemption import PreemptionHandler, any_rank, shared_handler
 from orthrus_train.launch.slurm import (
     PIPELINE_STAGES,
     SlurmConfig,
@@ -38,5 +38,6 @@ __all__ = [
     "render_sbatch",
     "resolve_data_shard",
     "resolve_dist_env",
+    "shared_handler",
     "submit",
 ]

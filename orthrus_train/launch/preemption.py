@@ -189,6 +189,26 @@ class PreemptionHandler:
         return True
 
 
+_SHARED: PreemptionHandler | None = None
+
+
+def shared_handler(requeue_enabled: bool | None = None) -> PreemptionHandler:
+    """The process-wide handler, installed on the first call (main thread) and reused after.
+
+    Install it first thing in a Slurm task (before imports that take long and in stages that do
+    not checkpoint): SIGUSR1's default action is to terminate the process, so a warning that
+    arrives before a handler exists kills the task instead of asking it to checkpoint. Later
+    callers, e.g. the trainer, get the same instance, including a signal already received.
+    ``requeue_enabled`` updates the setting when given.
+    """
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = PreemptionHandler(requeue_enabled=True if requeue_enabled is None else requeue_enabled)
+    elif requeue_enabled is not None:
+        _SHARED.requeue_enabled = bool(requeue_enabled)
+    return _SHARED.install()
+
+
 def any_rank(flag: bool, group=None) -> bool:
     """True on every rank if ``flag`` is True on any rank (a collective: call it on all ranks).
 

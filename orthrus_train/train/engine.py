@@ -115,14 +115,11 @@ class DistillStep(nn.Module):
     def _loss(self, hs, ht, weight):
         if self.backend == "triton":
             from orthrus_kernels import fused_linear_ce, fused_linear_kl
+            if self.loss == "kl":
+                return fused_linear_kl(hs, ht, weight, temperature=self.temperature, return_argmax=True)
             from ..losses import teacher_argmax
             t_arg = teacher_argmax(ht, weight, self.chunk)
-            if self.loss == "kl":
-                per = fused_linear_kl(hs, ht, weight, temperature=self.temperature)
-            else:
-                per = fused_linear_ce(hs, weight, t_arg)
-            with torch.no_grad():
-                s_arg = teacher_argmax(hs.detach(), weight, self.chunk)
+            per, s_arg, _ = fused_linear_ce(hs, weight, t_arg, return_argmax=True)
             return per, s_arg, t_arg
         return chunked_distill(hs, ht, weight, kind=self.loss, chunk_size=self.chunk, temperature=self.temperature)
 

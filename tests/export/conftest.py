@@ -1,11 +1,9 @@
-"""Export tests: offline, repo root importable, one session-wide set of full exports (one per family)."""
+"""Export tests: one session-wide set of full exports (one per family). tests/conftest.py sets HF_HUB_OFFLINE=1;
+set again here so these tests also run offline on their own."""
 
 import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `import orthrus_train`
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

@@ -9,24 +9,37 @@ from orthrus_export_testlib import MASK_ID, tiny_tokenizer
 from orthrus_train.export import PublishError, export_folder, publish
 from orthrus_train.export.card import lossless_verdict
 
-EVAL_OK = {
-    "results": [
-        {"benchmark": "gsm8k", "acceptance_length": 3.1234, "tpf": 1.61, "speedup": 2.05},
-        {"benchmark": "humaneval", "acceptance_length": 3.5, "tpf": 1.8, "speedup": 2.3},
-    ],
-    "lossless": {"passed": True, "prompts": 64, "mismatches": 0},
+EVAL_OK = {  # the shape orthrus_train.eval.report.run_eval writes
+    "model": {"head_type": "orthrus", "block_size": 4},
+    "recipe": "tiny",
+    "definitions": {"acceptance_length": "emitted tokens / verify passes (from the report)",
+                    "tpf": "emitted tokens / (draft passes + verify passes), prefill excluded (from the report)"},
+    "notes": ["tiny model: these numbers only show that the machinery works"],
+    "benchmarks": {
+        "gsm8k": {"results": {"0.0": {"spec": {"prompts": 64, "acceptance_length": 3.1234, "tpf": 1.61,
+                                               "tpf_std": 0.2, "tokens_per_s": 812.5}, "speedup": 2.05}}},
+        "humaneval": {"results": {"0.0": {"spec": {"prompts": 64, "acceptance_length": 3.5, "tpf": 1.8,
+                                                   "tpf_std": 0.1, "tokens_per_s": 900.0}, "speedup": 2.3}}},
+    },
+    "warnings": [],
+    "lossless": {"passed": True, "greedy": {"passed": True, "match_rate": 1.0, "non_tie_divergences": 0},
+                 "ks": {"passed": True, "p_value": 0.43, "tokens": 4096}},
+    "plots": ["tpf.png"],
 }
 
 
 def _run_dir(root, eval_report=EVAL_OK, plots=True):
+    """A run folder laid out as orthrus_train.run_dir describes it."""
     run = root / "run"
-    (run / "eval" / "plots").mkdir(parents=True)
+    (run / "eval").mkdir(parents=True)
     (run / "data").mkdir()
     if eval_report is not None:
         (run / "eval" / "report.json").write_text(json.dumps(eval_report))
     (run / "data" / "report.json").write_text(json.dumps({"examples": 1234, "sources": ["gsm8k", "codealpaca"]}))
+    (run / "train_summary.json").write_text(json.dumps({"final": {"tokens": 1_000_000, "wall_time_s": 5400}}))
+    (run / "config.yaml").write_text("recipe: tiny\ntrain:\n  lr: 0.0003\n")
     if plots:
-        (run / "eval" / "plots" / "acceptance.png").write_bytes(b"\x89PNG fake")
+        (run / "eval" / "tpf.png").write_bytes(b"\x89PNG fake")
     return run
 
 
@@ -48,27 +61,26 @@ def _export(root, exported, run_dir=None, tokenizer=None, **extra):
 
 def test_card_reports_what_the_run_recorded(tmp_path, exported):
     run = _run_dir(tmp_path)
-    folder = _export(
-        tmp_path,
-        exported,
-        run,
-        tokenizer=tiny_tokenizer(),
-        recipe="recipes/llama_tiny.yaml",
-        config={"lr": 3e-4, "block_size": 4},
-        training={"tokens": 1_000_000, "wall_time_h": 1.5},
-        license="llama3.2",
-        repo_id="me/orthrus-tiny",
-    )
+    folder = _export(tmp_path, exported, run, tokenizer=tiny_tokenizer(), license="llama3.2", repo_id="me/orthrus-tiny")
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "base_model: meta-llama/Tiny" in card and "license: llama3.2" in card
     assert "| base revision | abc123 |" in card and "| block size K | 4 |" in card
-    assert "| gsm8k | 3.123 | 1.61 | 2.05 |" in card  # the eval table, from eval/report.json
-    assert "emitted tokens / verify passes" in card and "emitted tokens / (draft passes + verify passes)" in card
-    assert "**PASSED** (lossless.passed = True)" in card and '"mismatches": 0' in card
-    assert '"examples": 1234' in card and '"tokens": 1000000' in card and "lr: 0.0003" in card
-    assert "recipes/llama_tiny.yaml" in card and 'from_pretrained("me/orthrus-tiny", trust_remote_code=True' in card
-    assert "![acceptance](plots/acceptance.png)" in card and (folder / "plots" / "acceptance.png").exists()
-    assert "| tokenizer | included |" in card and "_missing" not in card
+    assert "| tokenizer | included |" in card
+    assert "| gsm8k | 0.0 | 64 | 3.123 | 1.61 | 0.2 | 812.5 | 2.05 |" in card  # from eval/report.json
+    assert "emitted tokens / verify passes (from the report)" in card  # definitions printed verbatim
+    assert "**PASSED** (lossless.passed = True)" in card and "* `ks`: **pass**; p_value = 0.43" in card
+    assert "> **Note:** tiny model" in card
+    assert '"examples": 1234' in card and '"wall_time_s": 5400' in card and "lr: 0.0003" in card
+    assert "Recipe: `tiny`" in card and 'from_pretrained("me/orthrus-tiny", trust_remote_code=True' in card
+    assert "![tpf](plots/tpf.png)" in card and (folder / "plots" / "tpf.png").exists()
+    assert "_missing" not in card
+
+
+def test_caller_values_win_over_the_run_folder(tmp_path, exported):
+    folder = _export(tmp_path, exported, _run_dir(tmp_path), recipe="recipes/llama_tiny.yaml",
+                     config={"lr": 1e-3}, training={"tokens": 42})
+    card = (folder / "README.md").read_text()
+    assert "Recipe: `recipes/llama_tiny.yaml`" in card and "lr: 0.001" in card and '"tokens": 42' in card
 
 
 def test_card_states_missing_inputs(tmp_path, exported):
@@ -80,6 +92,7 @@ def test_card_states_missing_inputs(tmp_path, exported):
         "the resolved config",
         "no data/report.json",
         "no eval/report.json",
+        "training tokens/time",
         "no plots",
         "license was not provided",
     ):
@@ -138,7 +151,7 @@ def test_publish_uploads_and_tags(tmp_path, exported, capsys):
         "modeling_orthrus.py",
         "README.md",
         "generation_config.json",
-        "plots/acceptance.png",
+        "plots/tpf.png",
     } <= set(api.uploaded)
     assert result["url"] == "https://hub.example/me/orthrus-tiny/tree/v1"
     assert "https://hub.example/me/orthrus-tiny/tree/v1" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from orthrus_export_testlib import MASK_ID, VOCAB, greedy_ar, load_remote, promp
 
 from orthrus_train.export import export_folder, load_orthrus
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])

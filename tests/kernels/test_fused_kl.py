@@ -19,10 +19,31 @@ from orthrus_kernels import (
 from orthrus_kernels._backend import HAS_TRITON, interpreting
 
 TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
+# Interpreter-built kernels take CPU tensors; GPU-built ones run on CUDA.
+DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
 BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton backend here")),
 ]
+
+
+def _to_dev(backend, x):
+    return x.to(DEV) if (backend == "triton" and isinstance(x, torch.Tensor)) else x
+
+
+def kl(hs, ht, w, *args, backend, **kw):
+    """fused_linear_kl on the backend's device; outputs come back to the CPU (autograd too)."""
+    kw = {k: _to_dev(backend, v) for k, v in kw.items()}
+    out = fused_linear_kl(_to_dev(backend, hs), _to_dev(backend, ht), _to_dev(backend, w), *args,
+                          backend=backend, **kw)
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+
+def ce(hs, w, tgt, *args, backend, **kw):
+    kw = {k: _to_dev(backend, v) for k, v in kw.items()}
+    out = fused_linear_ce(_to_dev(backend, hs), _to_dev(backend, w), _to_dev(backend, tgt), *args,
+                          backend=backend, **kw)
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
 
 
 def naive_kl(hs, ht, w, temperature=1.0):
@@ -64,8 +85,7 @@ def _data(T, H, V, seed, scale=0.4):
 def test_kl_matches_float64_full_logits(backend, T, H, V, temperature, chunk, precompute):
     hs, ht, w, g = _data(T, H, V, seed=T * 1000 + V)
     hs.requires_grad_()
-    out = fused_linear_kl(hs, ht, w, temperature, chunk_size=chunk, precompute_grad=precompute,
-                          backend=backend)
+    out = kl(hs, ht, w, temperature, chunk_size=chunk, precompute_grad=precompute, backend=backend)
     ref = naive_kl(hs.detach(), ht, w, temperature)
     assert out.shape == (T,) and out.dtype == torch.float32
     assert ref.abs().max() > 1e-2  # the comparison is not between near-zeros
@@ -85,7 +105,7 @@ def test_ce_matches_float64_with_ignored_rows(backend):
     tgt[[0, 7, 22]] = -100
     tgt[3] = V - 1  # last vocab column lives in the partial tile
     hs.requires_grad_()
-    out = fused_linear_ce(hs, w, tgt, chunk_size=8, precompute_grad=False, backend=backend)
+    out = ce(hs, w, tgt, chunk_size=8, precompute_grad=False, backend=backend)
     ref = naive_ce(hs.detach(), w, tgt)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     assert torch.all(out[[0, 7, 22]] == 0)
@@ -108,7 +128,7 @@ def test_token_weight_padding_rows_are_exact_zero_even_if_nan(backend):
     tw = torch.rand(T, generator=g) + 0.5
     tw[pad] = 0.0
     hs.requires_grad_()
-    out = fused_linear_kl(hs, ht, w, token_weight=tw, backend=backend)
+    out = kl(hs, ht, w, token_weight=tw, backend=backend)
     keep = tw != 0
     assert torch.all(out[pad] == 0)
     ref = naive_kl(hs.detach()[keep], ht[keep], w) * tw[keep].double()
@@ -120,7 +140,7 @@ def test_token_weight_padding_rows_are_exact_zero_even_if_nan(backend):
     assert _rel_err(gh[keep], gr) < 1e-4
 
     tgt = torch.randint(0, V, (T,), generator=g)
-    out_ce = fused_linear_ce(hs, w, tgt, token_weight=tw, backend=backend)
+    out_ce = ce(hs, w, tgt, token_weight=tw, backend=backend)
     assert torch.all(out_ce[pad] == 0) and torch.isfinite(out_ce).all()
     ref_ce = naive_ce(hs.detach()[keep], w, tgt[keep]) * tw[keep].double()
     torch.testing.assert_close(out_ce[keep].double(), ref_ce, atol=2e-5, rtol=1e-4)
@@ -131,7 +151,7 @@ def test_batched_shape_and_identical_distributions(backend):
     B, L, H, V = 2, 3, 16, 70
     hs, _, w, _ = _data(B * L, H, V, seed=3)
     hs = hs.reshape(B, L, H)
-    out = fused_linear_kl(hs, hs.clone(), w, backend=backend)
+    out = kl(hs, hs.clone(), w, backend=backend)
     assert out.shape == (B, L)
     # KL(p || p) = 0 up to fp32 cancellation between the log-sum-exp terms.
     assert out.abs().max() < 1e-5
@@ -145,7 +165,7 @@ def test_triton_low_precision_weights():
     for dt, tol in [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]:
         hs, ht, w, g = _data(T, H, V, seed=17)
         hs, ht, w = hs.to(dt).requires_grad_(), ht.to(dt), w.to(dt)
-        out = fused_linear_kl(hs, ht, w, backend="triton")
+        out = kl(hs, ht, w, backend="triton")
         ref = naive_kl(hs.detach(), ht, w)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
@@ -161,14 +181,14 @@ def test_precomputed_grad_survives_weight_release(backend):
     default precompute_grad the backward must not read the weight (here: it is zeroed)."""
     hs, ht, w, g = _data(13, 32, 150, seed=21)
     hs.requires_grad_()
-    w_live = w.clone()
-    out = fused_linear_kl(hs, ht, w_live, backend=backend)
+    w_live = _to_dev(backend, w.clone())
+    out = kl(hs, ht, w_live, backend=backend)
     w_live.zero_()  # "re-partitioned"
     go = torch.randn(13, generator=g)
     (gh,) = torch.autograd.grad(out, hs, go)
     assert _rel_err(gh, _grad64(lambda h: naive_kl(h, ht, w), hs, go)) < 1e-4
     with torch.no_grad():  # eval: no gradient pass, same values
-        torch.testing.assert_close(fused_linear_kl(hs, ht, w, backend=backend), out.detach())
+        torch.testing.assert_close(kl(hs, ht, w, backend=backend), out.detach())
 
 
 def test_torch_backend_gradcheck_float64():
@@ -223,7 +243,7 @@ def test_drop_in_for_project_chunked_distill(backend):
     hs, ht, w, g = _data(21, 40, 257, seed=4)
     hs.requires_grad_()
     ref, ref_s, ref_t = losses.chunked_distill(hs, ht, w, kind="kl", chunk_size=8, temperature=1.3)
-    out, s_arg, t_arg = fused_linear_kl(hs, ht, w, 1.3, return_argmax=True, backend=backend)
+    out, s_arg, t_arg = kl(hs, ht, w, 1.3, return_argmax=True, backend=backend)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert torch.equal(s_arg, ref_s) and torch.equal(t_arg, ref_t)
     go = torch.randn(21, generator=g)
@@ -233,7 +253,7 @@ def test_drop_in_for_project_chunked_distill(backend):
 
     tgt = torch.randint(0, 257, (21,), generator=g)
     ref_ce, ref_s, _ = losses.chunked_distill(hs, None, w, kind="ce", targets=tgt, chunk_size=8)
-    out_ce, s_arg = fused_linear_ce(hs, w, tgt, return_argmax=True, backend=backend)
+    out_ce, s_arg = ce(hs, w, tgt, return_argmax=True, backend=backend)
     torch.testing.assert_close(out_ce, ref_ce, atol=2e-5, rtol=1e-4)
     assert torch.equal(s_arg, ref_s)
 
@@ -245,21 +265,29 @@ def test_argmax_first_maximum_across_tiles_and_splits(backend):
     T, H, V = 3, 16, 300
     hs, ht, w, _ = _data(T, H, V, seed=8)
     w[[5, 70, 299]] = w[0] * 0 + 4 * hs[0] / hs[0].norm()  # identical rows: exact ties for row 0
-    out, s_arg, t_arg = fused_linear_kl(hs, ht, w, return_argmax=True, backend=backend)
+    out, s_arg, t_arg = kl(hs, ht, w, return_argmax=True, backend=backend)
     logits_s = hs.double() @ w.double().T
     assert s_arg[0].item() == 5
     assert torch.equal(s_arg, logits_s.argmax(-1))
     assert torch.equal(t_arg, (ht.double() @ w.double().T).argmax(-1))
 
 
-def test_backend_resolution():
+def test_backend_resolution(monkeypatch):
     x = torch.zeros(2, 2)
-    assert orthrus_kernels.resolve_backend("torch", x) == "torch"
-    assert orthrus_kernels.resolve_backend("auto", x.double(), triton_dtypes=(torch.float32,)) == "torch"
+    rb = orthrus_kernels.resolve_backend
+    assert rb("torch", x) == "torch"
+    assert rb("auto", x.double(), triton_dtypes=(torch.float32,)) == "torch"
     with pytest.raises(ValueError):
-        orthrus_kernels.resolve_backend("cuda", x)
-    if not TRITON_OK:
-        assert orthrus_kernels.resolve_backend("auto", x) == "torch"
+        rb("cuda", x)
+    # CPU tensors never go to Triton behind the caller's back: only while TRITON_INTERPRET is set
+    # (this folder's fixture sets it when the kernels were built for the interpreter).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert rb("auto", x) == "torch"
+    if interpreting():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert rb("auto", x) == "triton"
+        assert rb("triton", x) == "triton"
+    elif not torch.cuda.is_available():
         with pytest.raises(RuntimeError):
-            orthrus_kernels.resolve_backend("triton", x)
+            rb("triton", x)
     assert math.isfinite(float(fused_linear_kl(x, x, torch.eye(2), backend="auto").sum()))

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, when not pip-installed
 
 from orthrus_train.launch.dist_env import export_torch_env, resolve_data_shard, resolve_dist_env  # noqa: E402
-from orthrus_train.launch.preemption import PreemptionHandler, any_rank  # noqa: E402
+from orthrus_train.launch.preemption import any_rank, shared_handler  # noqa: E402
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:
@@ -83,6 +83,8 @@ def save_checkpoint(run_dir: Path, step: int, attempt: int) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_overrides(argv)
+    # First thing, as the CLI should: a warning during start-up must not kill the task.
+    handler = shared_handler(requeue_enabled=args.get("standin.requeue", "true") == "true")
     run_dir = Path(args["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     stage = args.get("stage", "all")
@@ -133,7 +135,6 @@ def main(argv: list[str]) -> int:
     steps = int(args.get("standin.steps", "6"))
     step_sleep = float(args.get("standin.step_sleep", "0"))
     ckpt_every = int(args.get("standin.ckpt_every", "1"))
-    handler = PreemptionHandler(requeue_enabled=args.get("standin.requeue", "true") == "true").install()
 
     start = latest_step(run_dir) if args.get("resume") == "auto" else 0
     if d.rank == 0:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orthrus_train.launch.preemption import PreemptionHandler, any_rank
+from orthrus_train.launch import preemption
+from orthrus_train.launch.preemption import PreemptionHandler, any_rank, shared_handler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,6 +181,17 @@ def test_missing_scontrol_is_logged(caplog):
         with caplog.at_level(logging.ERROR):
             assert h.requeue() is False
     assert "not found on PATH" in caplog.text
+
+
+def test_shared_handler_keeps_an_early_signal(monkeypatch):
+    monkeypatch.setattr(preemption, "_SHARED", None)
+    early = shared_handler(requeue_enabled=False)  # e.g. the CLI, before anything slow
+    try:
+        deliver(signal.SIGUSR1)  # would terminate the process without a handler
+        later = shared_handler(requeue_enabled=True)  # e.g. the trainer
+        assert later is early and later.should_checkpoint_and_exit and later.requeue_enabled
+    finally:
+        early.uninstall()
 
 
 def test_any_rank_without_process_group_is_identity():
