@@ -119,7 +119,7 @@ class DistillStep(nn.Module):
                 return fused_linear_kl(hs, ht, weight, temperature=self.temperature, return_argmax=True)
             from ..losses import teacher_argmax
             t_arg = teacher_argmax(ht, weight, self.chunk)
-            per, s_arg, _ = fused_linear_ce(hs, weight, t_arg, return_argmax=True)
+            per, s_arg = fused_linear_ce(hs, weight, t_arg, return_argmax=True)
             return per, s_arg, t_arg
         return chunked_distill(hs, ht, weight, kind=self.loss, chunk_size=self.chunk, temperature=self.temperature)
 
