@@ -125,10 +125,17 @@ class DistillStep(nn.Module):
 
 
 def _gathered(param):
-    if hasattr(param, "ds_id"):
-        import deepspeed
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    """Full view of a ZeRO-3 partitioned parameter for the duration of a block. A parameter that is
+    already available (persistent, or in use by a module, e.g. the embedding tied to lm_head) is left
+    alone: releasing it here would pull it from under that module."""
     import contextlib
+
+    if hasattr(param, "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if param.ds_status != ZeroParamStatus.AVAILABLE:
+            import deepspeed
+            return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     return contextlib.nullcontext()
 
 
@@ -317,9 +324,15 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
         preempt.uninstall()
     logger.close(final=summary, checkpoint=str(last_ckpt) if last_ckpt else None)
     if rank == 0:
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen)
         atomic_write_json(run.train_summary, {"plan": plan.__dict__, "final": summary,
                                               "checkpoint": str(last_ckpt) if last_ckpt else None,
-                                              "trainable_params": n_trainable, "total_params": n_total})
+                                              "trainable_params": n_trainable, "total_params": n_total,
+                                              "zero_stage": cfg.deepspeed.stage, "world_size": world,
+                                              # under ZeRO-3 each rank holds only its partition of the frozen backbone
+                                              "frozen_params_total": sum(getattr(p, "ds_numel", p.numel()) for p in frozen),
+                                              "frozen_params_on_rank0": local})
     return summary
 
 

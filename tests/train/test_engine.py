@@ -75,19 +75,27 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_run, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_match_one(tiny_run, tmp_path, zero):
+    """Same global batch: 1 process (ZeRO-2) and 2 processes (ZeRO-2, or ZeRO-3 with the frozen
+    backbone partitioned across the ranks) give the same loss curve."""
     one = tmp_path / "one"
     shutil.copytree(tiny_run, one)
     orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3")
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + int(zero[-1])}",
                         "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
-                        "train.max_steps=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                        "train.max_steps=3", f"deepspeed={zero}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     a, b = losses(one), losses(tiny_run)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+    summary = json.loads((tiny_run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == int(zero[-1])
+    if zero == "zero3":
+        assert summary["frozen_params_on_rank0"] < summary["frozen_params_total"]
 
 
 def test_checkpoint_validation_and_fallback(tmp_path):
