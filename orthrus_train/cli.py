@@ -81,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
 
     run_root = Path(cfg.run_dir or os.path.join("outputs", recipe)).expanduser().resolve()
     cfg.run_dir = str(run_root)
-    if cfg.launcher.type == "slurm" and not os.environ.get("ORTHRUS_IN_SLURM_JOB"):
+    if os.environ.get("ORTHRUS_IN_SLURM_JOB"):
+        # first thing inside a Slurm task: SIGUSR1's default action would kill the process before the
+        # trainer could turn the warning into a checkpoint
+        from .launch.preemption import shared_handler
+        shared_handler(cfg.launcher.requeue)
+    elif cfg.launcher.type == "slurm":
         from .launch.slurm import submit
 
-        jobs = submit(cfg.launcher, run_root, [f"recipe={recipe}"] + [o for o in overrides
-                                                                      if not o.startswith(("launcher=", "+launcher="))])
-        return 0 if jobs is not None else 1
+        job = submit(cfg.launcher, run_root, [f"recipe={recipe}"] + [o for o in overrides
+                                                                     if not o.startswith(("launcher=", "+launcher="))])
+        return 0 if (job is not None or cfg.launcher.dry_run) else 1
 
     from .pipeline import run_stages
     return run_stages(cfg, run_root)

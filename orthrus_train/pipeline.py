@@ -24,10 +24,24 @@ def _dist():
     return resolve_dist_env()
 
 
+def _barrier(dist) -> None:
+    """All ranks finish a stage before any starts the next (rank 0 packs the data, writes the export)."""
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
 def run_stages(cfg, run_root: Path) -> int:
     run = RunDir(run_root)
     dist = _dist()
     stages = ALL if cfg.stage == "all" else (cfg.stage,)
+    if dist.world_size > 1:
+        from .model.factory import resolve_device
+        from .train.engine import init_distributed
+
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(dist.local_rank)
+        init_distributed(device, dist)
     if dist.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, to_yaml(cfg))
@@ -36,6 +50,7 @@ def run_stages(cfg, run_root: Path) -> int:
         if dist.rank == 0:
             print(f"\n=== stage {name} === ({run.root})", flush=True)
         STAGES[name](cfg, run, dist)
+        _barrier(dist)
         if dist.rank == 0:
             print(f"=== stage {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
     if dist.rank == 0 and cfg.recipe == "tiny" and "eval" in stages:

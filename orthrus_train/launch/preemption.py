@@ -25,6 +25,7 @@ The signal handler only records the signal number; all I/O happens in the traine
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -39,6 +40,26 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 DEFAULT_REQUEUE_ON = (signal.SIGUSR1,)
+
+
+_AT_EXIT_REGISTERED = False
+
+
+def _ignore_late_warning_at_exit() -> None:
+    """At interpreter exit Python resets its signal handlers to SIG_DFL, and SIGUSR1's default
+    action kills the process: a Slurm warning during shutdown would turn a finished run into a
+    failed job (and cancel the stages that depend on it). Ignore SIGUSR1 from then on."""
+    global _AT_EXIT_REGISTERED
+    if _AT_EXIT_REGISTERED:
+        return
+    _AT_EXIT_REGISTERED = True
+
+    def ignore() -> None:
+        handler = signal.getsignal(signal.SIGUSR1)
+        if handler in (signal.SIG_DFL, None) or isinstance(getattr(handler, "__self__", None), PreemptionHandler):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    atexit.register(ignore)
 
 
 class PreemptionHandler:
@@ -83,12 +104,20 @@ class PreemptionHandler:
         for sig in self.signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        _ignore_late_warning_at_exit()
         return self
 
     def uninstall(self) -> None:
-        """Restore the handlers that were there before :meth:`install`."""
+        """Restore the handlers that were there before :meth:`install`.
+
+        Exception: where SIGUSR1 had its default action (terminate), it is left *ignored*: a
+        warning that arrives while the process finishes must not turn a completed run into a
+        failed job.
+        """
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            if sig == signal.SIGUSR1 and previous in (signal.SIG_DFL, None):
+                previous = signal.SIG_IGN
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
     def __enter__(self) -> "PreemptionHandler":

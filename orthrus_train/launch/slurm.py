@@ -296,10 +296,6 @@ def orthrus_command(overrides: Sequence[str], python: str | None = None) -> list
     return [python or sys.executable, "-m", "orthrus_train", *overrides]
 
 
-def _looks_like_override(arg: str) -> bool:
-    return _override_key(arg) is not None
-
-
 def task_argv(command_argv: Sequence[str], run_dir: str | os.PathLike, stage: str | None = None) -> list[str]:
     """The command each srun task runs.
 
@@ -314,7 +310,7 @@ def task_argv(command_argv: Sequence[str], run_dir: str | os.PathLike, stage: st
     if isinstance(command_argv, (str, bytes)) or not command_argv:
         raise SlurmConfigError("command_argv must be a non-empty list of strings (e.g. orthrus_command(overrides))")
     argv = [str(a) for a in command_argv]
-    if _looks_like_override(argv[0]):
+    if _override_key(argv[0]) is not None:  # only overrides: the CLI's command in front
         argv = orthrus_command(argv)
     dropped = {"launcher", "resume", "run_dir"} | ({"stage"} if stage else set())
     out = [a for a in argv if _override_key(a) not in dropped]

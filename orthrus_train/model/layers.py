@@ -39,12 +39,10 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin):
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False):
-    """Scaled dot-product attention with grouped KV heads. mask: bool, True = attend."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    """Scaled dot-product attention with grouped KV heads (no copy of K/V per query group).
+    mask: bool, True = attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 _compiled_flex = None

@@ -186,8 +186,10 @@ def init_distributed(device: torch.device, dist):
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        from datetime import timedelta
+        # long timeout: between stages the other ranks wait for rank 0 (packing, eval, export)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, timeout=timedelta(hours=12))
     return deepspeed
 
 
@@ -195,7 +197,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     """Train the heads of `cfg` on RUN/data/train (or `data`: any object with total_rows, seq_len and
     __getitem__ returning input_ids/loss_mask rows, e.g. synthetic rows for benchmarks)."""
     from ..data.pack import PackedDataset
-    from ..launch.preemption import PreemptionHandler, any_rank
+    from ..launch.preemption import any_rank, shared_handler
     from ..model.factory import build_backbone, build_model, resolve_device, tokenizer_for
     from .logging import MetricsLogger
 
@@ -246,82 +248,79 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     n_trainable = sum(p.numel() for p in params) if not hasattr(params[0], "ds_numel") else sum(p.ds_numel for p in params)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total)
-    preempt = PreemptionHandler(requeue_enabled=cfg.launcher.requeue, rank=rank).install()
+    preempt = shared_handler(cfg.launcher.requeue)
     peak = measured_peak_flops(device)
     K = model.block_size
     mcfg = model.config
     last_ckpt = ckpt.find_resumable(run.checkpoints, None, log=lambda *_: None)
     summary = {}
     step = start
-    try:
-        for step in range(start, plan.total_steps):
-            t0 = time.perf_counter()
-            epoch, rows = step_rows(plan, step, t.seed)
-            mine = [k for k in range(plan.micro_per_step) if k % world == rank]
-            agg = {"loss_sum": 0.0, "n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
-            offs, s_all, t_all = [], [], []
-            flops = 0.0
-            for k in mine:
-                ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
-                batch = [data[int(r)] for r in ids_k]
-                input_ids = torch.stack([b["input_ids"] for b in batch]).to(device)
-                loss_mask = torch.stack([b["loss_mask"] for b in batch]).to(device)
-                seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
-                loss, st = engine(input_ids, loss_mask, seeds)
-                if any_rank(not math.isfinite(loss.detach().item())):
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {step} (micro-batch {k}, rows {ids_k.tolist()}, lr "
-                        f"{sched.get_last_lr()[0]:.3g}); the last good checkpoint is kept: "
-                        f"{last_ckpt or 'none yet'}. Lower train.lr, check the data rows, or use train.precision=fp32.")
-                engine.backward(loss)
-                engine.step()
-                agg["loss_mean_sum"] += loss.detach().item()
-                agg["micro"] += 1
-                agg["n_sup"] += st["n_sup"]
-                agg["n_blocks"] += st["n_blocks"]
-                offs.append(st["offset"]), s_all.append(st["s_arg"]), t_all.append(st["t_arg"])
-                flops += row_flops(mcfg, t.seq_len, st["n_blocks"] / len(ids_k), K, st["n_sup"] / len(ids_k),
-                                   t.grad_checkpointing, medusa=model.head_type == "medusa") * len(ids_k)
-            offset = torch.cat(offs).cpu()
-            s_arg, t_arg = torch.cat(s_all).cpu(), torch.cat(t_all).cpu()
-            hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
-            counts = torch.bincount(offset, minlength=K - 1).double()
-            red = torch.cat([torch.tensor([agg["loss_mean_sum"], agg["micro"], agg["n_sup"], agg["n_blocks"], flops],
-                                          dtype=torch.float64), hits, counts])
-            if world > 1:
-                red = red.to(device)
-                torch.distributed.all_reduce(red)
-                red = red.cpu()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            loss_mean = float(red[0] / red[1])
-            hits, counts = red[5:5 + K - 1], red[5 + K - 1:]
-            rates = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
-            expected = 1.0 + float(torch.cumprod(torch.nan_to_num(rates, nan=0.0), 0).sum())
-            tokens = plan.global_batch * t.seq_len
-            record = {
-                "step": step + 1, "epoch": epoch, "loss": loss_mean, "lr": sched.get_last_lr()[0],
-                "grad_norm": _grad_norm(engine), "agreement": [round(float(r), 4) for r in rates.tolist()],
-                "expected_accept": expected, "supervised_tokens": int(red[2]), "blocks": int(red[3]),
-                "tokens_per_s": tokens / dt, "step_time_s": dt,
-                "mfu": (float(red[4]) / dt / (peak * world)) if peak else None,
-                "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None,
-            }
-            logger.log(record)
-            summary = record
-            stop = any_rank(preempt.should_checkpoint_and_exit)
-            last = step + 1 == plan.total_steps
-            if stop or last or (step + 1) % t.save_every == 0:
-                last_ckpt = _save(engine, model, run, step + 1, epoch, plan, rank, t.keep_checkpoints, record)
-            if stop:
-                if rank == 0:
-                    log(f"[train] signal received: checkpoint {last_ckpt.name} written; stopping for requeue")
-                preempt.requeue()
-                logger.close()
-                sys.exit(preempt.exit_code or 143)
-    finally:
-        preempt.uninstall()
+    for step in range(start, plan.total_steps):
+        t0 = time.perf_counter()
+        epoch, rows = step_rows(plan, step, t.seed)
+        mine = [k for k in range(plan.micro_per_step) if k % world == rank]
+        agg = {"loss_sum": 0.0, "n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
+        offs, s_all, t_all = [], [], []
+        flops = 0.0
+        for k in mine:
+            ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
+            batch = [data[int(r)] for r in ids_k]
+            input_ids = torch.stack([b["input_ids"] for b in batch]).to(device)
+            loss_mask = torch.stack([b["loss_mask"] for b in batch]).to(device)
+            seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
+            loss, st = engine(input_ids, loss_mask, seeds)
+            if any_rank(not math.isfinite(loss.detach().item())):
+                raise TrainingDiverged(
+                    f"non-finite loss at step {step} (micro-batch {k}, rows {ids_k.tolist()}, lr "
+                    f"{sched.get_last_lr()[0]:.3g}); the last good checkpoint is kept: "
+                    f"{last_ckpt or 'none yet'}. Lower train.lr, check the data rows, or use train.precision=fp32.")
+            engine.backward(loss)
+            engine.step()
+            agg["loss_mean_sum"] += loss.detach().item()
+            agg["micro"] += 1
+            agg["n_sup"] += st["n_sup"]
+            agg["n_blocks"] += st["n_blocks"]
+            offs.append(st["offset"]), s_all.append(st["s_arg"]), t_all.append(st["t_arg"])
+            flops += row_flops(mcfg, t.seq_len, st["n_blocks"] / len(ids_k), K, st["n_sup"] / len(ids_k),
+                               t.grad_checkpointing, medusa=model.head_type == "medusa") * len(ids_k)
+        offset = torch.cat(offs).cpu()
+        s_arg, t_arg = torch.cat(s_all).cpu(), torch.cat(t_all).cpu()
+        hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
+        counts = torch.bincount(offset, minlength=K - 1).double()
+        red = torch.cat([torch.tensor([agg["loss_mean_sum"], agg["micro"], agg["n_sup"], agg["n_blocks"], flops],
+                                      dtype=torch.float64), hits, counts])
+        if world > 1:
+            red = red.to(device)
+            torch.distributed.all_reduce(red)
+            red = red.cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        loss_mean = float(red[0] / red[1])
+        hits, counts = red[5:5 + K - 1], red[5 + K - 1:]
+        rates = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
+        expected = 1.0 + float(torch.cumprod(torch.nan_to_num(rates, nan=0.0), 0).sum())
+        tokens = plan.global_batch * t.seq_len
+        record = {
+            "step": step + 1, "epoch": epoch, "loss": loss_mean, "lr": sched.get_last_lr()[0],
+            "grad_norm": _grad_norm(engine), "agreement": [round(float(r), 4) for r in rates.tolist()],
+            "expected_accept": expected, "supervised_tokens": int(red[2]), "blocks": int(red[3]),
+            "tokens_per_s": tokens / dt, "step_time_s": dt,
+            "mfu": (float(red[4]) / dt / (peak * world)) if peak else None,
+            "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None,
+        }
+        summary = record
+        stop = any_rank(preempt.should_checkpoint_and_exit)
+        last = step + 1 == plan.total_steps
+        if stop or last or (step + 1) % t.save_every == 0:  # checkpoint first: a signal may end logging
+            last_ckpt = _save(engine, model, run, step + 1, epoch, plan, rank, t.keep_checkpoints, record)
+        logger.log(record)
+        if stop:
+            if rank == 0:
+                log(f"[train] signal received: checkpoint {last_ckpt.name} written; stopping for requeue")
+            preempt.requeue()
+            logger.close()
+            sys.exit(preempt.exit_code or 143)
     logger.close(final=summary, checkpoint=str(last_ckpt) if last_ckpt else None)
     if rank == 0:
         frozen = [p for p in model.parameters() if not p.requires_grad]

@@ -51,7 +51,12 @@ class MetricsLogger:
         if self.wandb is not None:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
             flat.update({f"agreement/{i}": a for i, a in enumerate(rec["agreement"]) if a == a})
-            self.wandb.log(flat, step=rec["step"])
+            try:
+                self.wandb.log(flat, step=rec["step"])
+            except Exception as e:  # noqa: BLE001 - e.g. its service process got the job's SIGTERM
+                print(f"[train] wandb logging stopped ({e.__class__.__name__}: {str(e)[:120]}); "
+                      "metrics.jsonl keeps every step")
+                self.wandb = None
         if self.bar is not None:
             self.bar.n = rec["step"]
             a0 = rec["agreement"][0] if rec["agreement"] else float("nan")
@@ -69,7 +74,10 @@ class MetricsLogger:
             self.bar.close()
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception:  # noqa: BLE001 - finishing is best effort
+                pass
         if final:
             ag = final.get("agreement", [])
             print("\n== train summary ==")

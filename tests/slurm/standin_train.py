@@ -5,7 +5,8 @@ Accepts Hydra-style ``key=value`` arguments (unknown ones are ignored, so the la
 
 * resolves its rank with ``resolve_dist_env``, exports the torch variables and initializes a real
   gloo process group over ``env://`` when the world has more than one rank;
-* ``stage=train`` (or no stage): runs ``standin.steps`` steps of ``standin.step_sleep`` seconds,
+* ``stage=train`` (or no stage): runs ``standin.steps`` steps of ``standin.step_sleep`` seconds
+  (``standin.step_sleep_after_restart`` once requeued),
   writes ``run_dir/checkpoints/step-N`` (complete directory renamed into place, then
   ``checkpoints/latest`` rewritten atomically) every ``standin.ckpt_every`` steps, resumes from
   ``checkpoints/latest`` with ``resume=auto``, and on a preemption signal agrees across ranks,
@@ -134,6 +135,8 @@ def main(argv: list[str]) -> int:
 
     steps = int(args.get("standin.steps", "6"))
     step_sleep = float(args.get("standin.step_sleep", "0"))
+    if attempt > 0:  # lets a test make a requeued attempt finish before the next warning
+        step_sleep = float(args.get("standin.step_sleep_after_restart", step_sleep))
     ckpt_every = int(args.get("standin.ckpt_every", "1"))
 
     start = latest_step(run_dir) if args.get("resume") == "auto" else 0

@@ -77,6 +77,36 @@ def test_uninstall_restores_previous_handlers():
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_uninstall_leaves_sigusr1_ignored_not_fatal():
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        PreemptionHandler().install().uninstall()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        deliver(signal.SIGUSR1)  # would end the test process with the default action
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_warning_during_interpreter_exit_does_not_kill_the_process(tmp_path):
+    """Python resets handlers to SIG_DFL at exit; a late SIGUSR1 must not make a finished run fail."""
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent(
+        """
+        import atexit, os, signal, sys
+        from orthrus_train.launch.preemption import shared_handler
+        def late_warning():  # registered first, so it runs after the handler's own exit hook
+            os.kill(os.getpid(), signal.SIGUSR1)
+            print("survived", signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, flush=True)
+        atexit.register(late_warning)
+        shared_handler()
+        sys.exit(0)
+        """
+    ))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "survived True"), out.stderr
+
+
 def test_handler_does_no_io(monkeypatch):
     """The signal handler must only record: no logging, no file or subprocess calls."""
     def forbidden(*a, **k):
