@@ -408,6 +408,9 @@ class OrthrusLM(PreTrainedModel, GenerationMixin):
         if pad_token_id is None:
             pad_token_id = min(eos) if eos else 0
         if not use_diffusion_mode:
+            do_sample = kwargs.pop("do_sample", None)  # plain generate() vocabulary also accepted
+            if do_sample is False:
+                temperature = 0.0
             sampling = (
                 dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
                 if temperature

@@ -123,8 +123,11 @@ def test_overwrite_and_atomic_failure(tmp_path, exported):
 
 def test_writer_rejects_bad_arguments(tmp_path, exported):
     _, config, sd, _ = exported["qwen3"]
-    with pytest.raises(ValueError, match="mask_token_id=300 is outside"):
-        export_folder(sd, config, None, tmp_path / "a", block_size=4, mask_token_id=300)
+    with pytest.raises(ValueError, match="mask_token_id=301 is outside"):
+        export_folder(sd, config, None, tmp_path / "a", block_size=4, mask_token_id=301)
+    # id == vocab_size means "no spare row": the mask token's own vector must then be exported
+    with pytest.raises(OrthrusCheckpointError, match=r"missing \(1\): mask_embedding"):
+        export_folder(sd, config, None, tmp_path / "a2", block_size=4, mask_token_id=300)
     with pytest.raises(ValueError, match="base_model_id"):
         export_folder(sd, config, None, tmp_path / "b", layout="heads", block_size=4, mask_token_id=MASK_ID)
     untied = dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"] + 1})
