@@ -67,6 +67,32 @@ class TrainBatchOut:
     extra: dict = field(default_factory=dict)
 
 
+def _partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
+def make_twin(src: nn.Module) -> nn.Module:
+    """A trainable copy of a frozen projection or norm. Under ZeRO-3 (the backbone built inside
+    zero.Init, so each rank holds a slice) the twin is created partitioned too and filled from the
+    gathered source, one module at a time; a full copy of the backbone never exists on one rank."""
+    if not _partitioned(src):
+        return copy.deepcopy(src)
+    import deepspeed
+    from transformers.integrations import deepspeed_config
+
+    w = src.weight
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        if isinstance(src, nn.Linear):
+            twin = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, dtype=w.dtype)
+        else:  # RMSNorm of the family
+            twin = type(src)(w.ds_shape[0], eps=getattr(src, "variance_epsilon", 1e-6))
+    params = list(src.parameters(recurse=False)) + list(twin.parameters(recurse=False))
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        for (n, a), b in zip(src.named_parameters(recurse=False), twin.parameters(recurse=False)):
+            b.copy_(a.to(b.dtype))
+    return twin
+
+
 class DraftModel(nn.Module):
     head_type = "base"
     draft_passes_per_step = 1  # backbone forward passes a proposal costs (for TPF)
@@ -86,11 +112,16 @@ class DraftModel(nn.Module):
         self.attn_backend = attn_backend
         self.grad_checkpointing = grad_checkpointing
         emb = backbone.get_input_embeddings()
-        rows = emb.num_embeddings
+        rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
         vocab_len = rows if vocab_len is None else vocab_len
         self.mask_token_id, extra = choose_mask_token(vocab_len, rows, mask_token_id, force_mask_token_id)
         if extra:
-            with torch.no_grad():
+            import contextlib
+            gather = contextlib.nullcontext()
+            if hasattr(emb.weight, "ds_id"):
+                import deepspeed
+                gather = deepspeed.zero.GatheredParameters([emb.weight])
+            with gather, torch.no_grad():
                 mean = emb.weight.float().mean(0).to(emb.weight.dtype)
             self.register_buffer("mask_embedding", mean.clone(), persistent=True)
         else:
@@ -208,7 +239,7 @@ class OrthrusModel(DraftModel):
         for layer in self.decoder.layers:
             attn = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if self.family.qk_norm else ()):
-                twin = copy.deepcopy(getattr(attn, name))  # starts as a copy of the frozen AR weights
+                twin = make_twin(getattr(attn, name))  # starts as a copy of the frozen AR weights
                 twin.requires_grad_(name + "_diff" in trainable)
                 setattr(attn, name + "_diff", twin)
         if not any(p.requires_grad for p in self.parameters()):

@@ -215,8 +215,15 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
         raise ValueError(f"packed rows are {data.seq_len} tokens but train.seq_len={t.seq_len}; rerun stage=data "
                          "or set train.seq_len to match")
     plan = make_plan(data.total_rows, t, world)
+    dsc = ds_config(cfg, plan)
+    zero3_ctx = None
     if model is None:
         tok = tokenizer_for(cfg, run.tokenizer)
+        if cfg.deepspeed.stage == 3:
+            # keep alive while building: transformers then creates (from_config) or loads
+            # (from_pretrained) the backbone already partitioned across the ranks (zero.Init)
+            from transformers.integrations import HfDeepSpeedConfig
+            zero3_ctx = HfDeepSpeedConfig(dsc)
         model = build_model(cfg, build_backbone(cfg, device), tok)
     backend = t.loss_backend
     if backend == "auto":
@@ -226,8 +233,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan.total_steps, t.warmup_ratio, t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=step_mod, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg, plan))
+    engine, _, _, _ = deepspeed.initialize(model=step_mod, optimizer=opt, lr_scheduler=sched, config=dsc)
 
     start = 0
     if cfg.resume != "never":
