@@ -12,6 +12,23 @@ os.environ.setdefault("ORTHRUS_NO_PROGRESS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Triton fixes interpreter-vs-GPU mode when a kernel is decorated, i.e. at the first import of
+# orthrus_kernels, whichever test module triggers it. Decide it once, here, before any test module
+# is collected: on a CPU-only machine build the kernels for the interpreter (so tests/kernels runs
+# the real kernel code), then unset the variable so backend="auto" keeps every other test (and every
+# subprocess) on the torch path; tests/kernels/conftest.py sets it again around its own tests.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import orthrus_kernels  # noqa: F401
+        except ImportError:
+            pass
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+
 # Small settings on top of the tiny recipe, shared by the training tests.
 TINY_FAST = ["data.num_samples=40", "data.holdout_count=4", "data.max_new_tokens=40", "train.seq_len=128",
              "train.anchors_per_row=8", "train.micro_batch=2", "train.global_batch=4", "train.max_steps=6",
