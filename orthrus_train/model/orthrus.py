@@ -255,10 +255,18 @@ class OrthrusModel(DraftModel):
             out["mask_embedding"] = self.mask_embedding
         return out
 
-    def _diffusion_layers(self, h, cos, sin, attend_for_layer):
+    def _diffusion_layers(self, h, cos, sin, prefix, attention):
+        """The diffusion view over a block stream. In every layer the block's keys/values are appended
+        to `prefix(layer_idx) -> (K, V)` (the AR keys it may see) and `attention(q, k, v, scale)` applies
+        the visibility rule of the caller (dual-pass mask in training, prefix+block at decode time)."""
         for i, layer in enumerate(self.decoder.layers):
-            def step(h, i=i, layer=layer):
-                return layer_step(layer, h, cos, sin, "diff", attend_for_layer(i, layer))
+            def attend(q, k, v, i=i, layer=layer):
+                pk, pv = prefix(i)
+                return attention(q, torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2),
+                                 layer.self_attn.scaling)
+
+            def step(h, attend=attend, layer=layer):
+                return layer_step(layer, h, cos, sin, "diff", attend)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(step, h, use_reentrant=False)
             else:
@@ -277,23 +285,11 @@ class OrthrusModel(DraftModel):
         cos, sin = self.rope(h, pos)
         if self.attn_backend == "flex":
             bm = masks.dual_pass_block_mask(anchors, L, K, heads=self.config.num_attention_heads)
-
-            def attend_for_layer(li, layer):
-                def attend(q, k, v):
-                    kk = torch.cat([kv[li][0].to(k.dtype), k], 2)
-                    vv = torch.cat([kv[li][1].to(v.dtype), v], 2)
-                    return flex(q, kk, vv, bm, layer.self_attn.scaling)
-                return attend
+            attention = lambda q, k, v, scale: flex(q, k, v, bm, scale)  # noqa: E731
         else:
             dense = masks.dual_pass_mask_dense(anchors, L, K)
-
-            def attend_for_layer(li, layer):
-                def attend(q, k, v):
-                    kk = torch.cat([kv[li][0].to(k.dtype), k], 2)
-                    vv = torch.cat([kv[li][1].to(v.dtype), v], 2)
-                    return sdpa(q, kk, vv, dense, layer.self_attn.scaling)
-                return attend
-        return self._diffusion_layers(h, cos, sin, attend_for_layer)
+            attention = lambda q, k, v, scale: sdpa(q, k, v, dense, scale)  # noqa: E731
+        return self._diffusion_layers(h, cos, sin, lambda li: kv[li], attention)
 
     def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup):
         stream = self.diffusion_train(input_ids, kv, anchors)
@@ -307,14 +303,8 @@ class OrthrusModel(DraftModel):
         pos = cache.lengths[:, None] + torch.arange(K, device=block_ids.device)[None]
         cos, sin = self.rope(h, pos)
         mask = masks.draft_mask(cache.lengths, cache.slots, K)
-
-        def attend_for_layer(li, layer):
-            def attend(q, k, v):
-                kk = torch.cat([cache.k[li].to(k.dtype), k], 2)
-                vv = torch.cat([cache.v[li].to(v.dtype), v], 2)
-                return sdpa(q, kk, vv, mask, layer.self_attn.scaling)
-            return attend
-        return self._diffusion_layers(h, cos, sin, attend_for_layer)
+        return self._diffusion_layers(h, cos, sin, lambda li: (cache.k[li], cache.v[li]),
+                                      lambda q, k, v, scale: sdpa(q, k, v, mask, scale))
 
     def propose(self, state: DecodeState) -> torch.Tensor:
         B = state.last_token.shape[0]
