@@ -77,7 +77,7 @@ def stage_data(cfg, run: RunDir, dist) -> None:
     data_cfg["model"] = cfg.model.path
     shard = resolve_data_shard(dist=dist)
     generator = None
-    if cfg.data.regenerate:
+    if cfg.data.regenerate and not run.data_report.exists():  # finished data is never regenerated
         device = resolve_device(cfg.device)
         if device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
