@@ -84,6 +84,9 @@ class TrainConfig:
     loss_chunk: int = 2048  # tokens per chunk of the torch loss path
     temperature: float = 1.0
     grad_checkpointing: bool = True
+    # Packed rows: each document sees only itself (AR pass and diffusion blocks), at positions restarting
+    # at 0, as it will when served alone. false: plain causal attention across the packed row.
+    document_mask: bool = True
     precision: str = "bf16"  # bf16 | fp32
     seed: int = 0
     save_every: int = 500  # optimizer steps between checkpoints (and one at the end)

@@ -45,13 +45,18 @@ class Supervision:
         return int(self.batch.numel())
 
 
-def supervision(anchors: torch.Tensor, valid: torch.Tensor, loss_mask: torch.Tensor, K: int) -> Supervision:
+def supervision(anchors: torch.Tensor, valid: torch.Tensor, loss_mask: torch.Tensor, K: int,
+                segment_ids: torch.Tensor | None = None) -> Supervision:
+    """With `segment_ids` (packed rows) a target must also lie in the anchor's document."""
     B, N = anchors.shape
     L = loss_mask.shape[1]
     i = torch.arange(K - 1, device=anchors.device)
     tgt = anchors[:, :, None] + i[None, None, :] + 1  # (B, N, K-1): index of the proposed token
     ok = valid[:, :, None] & (tgt < L)
-    ok &= loss_mask.bool().gather(1, tgt.clamp(max=L - 1).view(B, -1)).view(B, N, K - 1)
+    tgt_c = tgt.clamp(max=L - 1).view(B, -1)
+    ok &= loss_mask.bool().gather(1, tgt_c).view(B, N, K - 1)
+    if segment_ids is not None:
+        ok &= (segment_ids.gather(1, tgt_c).view(B, N, K - 1) == segment_ids.gather(1, anchors)[:, :, None])
     b, n, off = ok.nonzero(as_tuple=True)
     a = anchors[b, n]
     return Supervision(batch=b, block=n, offset=off, teacher_pos=a + off, stream_pos=n * K + off)

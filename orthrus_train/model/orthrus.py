@@ -155,18 +155,22 @@ class DraftModel(nn.Module):
 
     # ---- AR view ----------------------------------------------------------------------------
     @torch.no_grad()
-    def ar_pass(self, input_ids: torch.Tensor):
+    def ar_pass(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
         """Frozen causal pass over whole rows: final (normed) hidden states (B, L, H) and every layer's
-        post-RoPE keys/values (the 'AR cache' the diffusion view attends to during training)."""
+        post-RoPE keys/values (the 'AR cache' the diffusion view attends to during training).
+        Packed rows: with `segment_ids` each document sees only itself, at `position_ids` (restarting
+        at 0 per document), exactly as it would alone at serving time."""
         B, L = input_ids.shape
         h = self.embed(input_ids)
-        pos = torch.arange(L, device=input_ids.device)[None].expand(B, L)
+        pos = position_ids if position_ids is not None else torch.arange(L, device=input_ids.device)[None].expand(B, L)
         cos, sin = self.rope(h, pos)
+        mask = masks.document_causal_mask(segment_ids) if segment_ids is not None else None
         kv = []
         for layer in self.decoder.layers:
             def attend(q, k, v, layer=layer):
                 kv.append((k, v))
-                return sdpa(q, k, v, None, layer.self_attn.scaling, causal=True)
+                return sdpa(q, k, v, mask, layer.self_attn.scaling, causal=True)
             h = layer_step(layer, h, cos, sin, "ar", attend)
         return self.decoder.norm(h), kv
 
@@ -193,20 +197,24 @@ class DraftModel(nn.Module):
                                       dtype=dtype or p.dtype, device=device or p.device)
 
     # ---- training ---------------------------------------------------------------------------
-    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup: Supervision) -> torch.Tensor:
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup: Supervision, docs=None) -> torch.Tensor:
         raise NotImplementedError
 
     def train_outputs(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, n_anchors: int,
-                      generator: torch.Generator | None = None, anchors=None) -> TrainBatchOut:
+                      generator: torch.Generator | None = None, anchors=None,
+                      segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                      ) -> TrainBatchOut:
         """Frozen AR pass + the heads' pass over N sampled anchor blocks; student/teacher hidden states
-        at every supervised position, for a loss over the shared lm_head."""
+        at every supervised position, for a loss over the shared lm_head. `segment_ids`/`position_ids`
+        (from the packer) keep documents of a packed row apart."""
         if anchors is None:
             anchors, valid = sample_anchors(loss_mask, n_anchors, generator)
         else:
             anchors, valid = anchors
-        sup = supervision(anchors, valid, loss_mask, self.block_size)
-        ar_hidden, kv = self.ar_pass(input_ids)
-        hs = self.student_hidden(input_ids, ar_hidden, kv, anchors, valid, sup)
+        sup = supervision(anchors, valid, loss_mask, self.block_size, segment_ids)
+        ar_hidden, kv = self.ar_pass(input_ids, segment_ids, position_ids)
+        docs = (segment_ids, position_ids) if segment_ids is not None else None
+        hs = self.student_hidden(input_ids, ar_hidden, kv, anchors, valid, sup, docs)
         ht = ar_hidden[sup.batch, sup.teacher_pos]
         return TrainBatchOut(hs=hs, ht=ht, sup=sup)
 
@@ -273,26 +281,29 @@ class OrthrusModel(DraftModel):
                 h = step(h)
         return self.decoder.norm(h)
 
-    def diffusion_train(self, input_ids, kv, anchors) -> torch.Tensor:
-        """All N blocks of every row in one pass under the dual-pass mask. Returns (B, N*K, H)."""
+    def diffusion_train(self, input_ids, kv, anchors, docs=None) -> torch.Tensor:
+        """All N blocks of every row in one pass under the dual-pass mask. Returns (B, N*K, H).
+        docs = (segment_ids, position_ids) of packed rows, or None."""
         B, L = input_ids.shape
         N, K = anchors.shape[1], self.block_size
+        seg, position_ids = docs if docs is not None else (None, None)
         i = torch.arange(K, device=input_ids.device)
-        pos = (anchors[:, :, None] + i).view(B, N * K)
+        start = position_ids.gather(1, anchors) if position_ids is not None else anchors
+        pos = (start[:, :, None] + i).view(B, N * K)
         ids = torch.full((B, N, K), self.mask_token_id, dtype=torch.long, device=input_ids.device)
         ids[:, :, 0] = input_ids.gather(1, anchors)
         h = self.embed(ids.view(B, N * K))
         cos, sin = self.rope(h, pos)
         if self.attn_backend == "flex":
-            bm = masks.dual_pass_block_mask(anchors, L, K, heads=self.config.num_attention_heads)
+            bm = masks.dual_pass_block_mask(anchors, L, K, heads=self.config.num_attention_heads, segment_ids=seg)
             attention = lambda q, k, v, scale: flex(q, k, v, bm, scale)  # noqa: E731
         else:
-            dense = masks.dual_pass_mask_dense(anchors, L, K)
+            dense = masks.dual_pass_mask_dense(anchors, L, K, seg)
             attention = lambda q, k, v, scale: sdpa(q, k, v, dense, scale)  # noqa: E731
         return self._diffusion_layers(h, cos, sin, lambda li: kv[li], attention)
 
-    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup):
-        stream = self.diffusion_train(input_ids, kv, anchors)
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup, docs=None):
+        stream = self.diffusion_train(input_ids, kv, anchors, docs)
         return stream[sup.batch, sup.stream_pos]
 
     def draft(self, block_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
@@ -345,7 +356,7 @@ class MedusaModel(DraftModel):
         """(..., H) -> (..., K-1, H)"""
         return torch.stack([head(h) for head in self.heads], dim=-2)
 
-    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup):
+    def student_hidden(self, input_ids, ar_hidden, kv, anchors, valid, sup, docs=None):
         base = ar_hidden[sup.batch, sup.teacher_pos - sup.offset - 1]  # hidden at a-1
         out = torch.empty_like(base)
         for i, head in enumerate(self.heads):

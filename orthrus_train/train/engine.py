@@ -93,14 +93,15 @@ class DistillStep(nn.Module):
         self.loss, self.backend, self.chunk = loss, backend, chunk
         self.temperature, self.n_anchors = temperature, n_anchors
 
-    def forward(self, input_ids, loss_mask, seeds: list[int]):
+    def forward(self, input_ids, loss_mask, seeds: list[int], segment_ids=None, position_ids=None):
         from ..model.anchors import sample_anchors
 
         anchors, valid = zip(*(sample_anchors(loss_mask[b:b + 1], self.n_anchors,
                                               torch.Generator().manual_seed(int(s)))
                                for b, s in enumerate(seeds)))
         out = self.model.train_outputs(input_ids, loss_mask, self.n_anchors,
-                                       anchors=(torch.cat(anchors), torch.cat(valid)))
+                                       anchors=(torch.cat(anchors), torch.cat(valid)),
+                                       segment_ids=segment_ids, position_ids=position_ids)
         weight = self.model.lm_weight()
         with _gathered(weight):
             per_tok, s_arg, t_arg = self._loss(out.hs, out.ht, weight)

@@ -212,3 +212,38 @@ def test_medusa_heads_train_and_propose():
     # heads start as identity: head i's hidden equals the AR hidden at a-1
     h, _ = m.ar_pass(ids)
     torch.testing.assert_close(out.hs.detach(), h[out.sup.batch, out.sup.teacher_pos - out.sup.offset - 1])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_documents_are_trained_as_served(backend):
+    """With segment ids, a document in a packed row is trained exactly as it is served alone: the
+    teacher equals the stock model on that document, and block logits equal the inference draft pass
+    on a cache holding only that document's prefix (positions restarting at 0)."""
+    torch.manual_seed(0)
+    m = make("qwen3", K=4)
+    m.attn_backend = backend
+    perturb_twins(m)
+    d1, d2 = torch.randint(0, 280, (1, 19)), torch.randint(0, 280, (1, 29))
+    ids = torch.cat([d1, d2], 1)
+    seg = torch.cat([torch.ones(19, dtype=torch.long), torch.full((29,), 2)])[None]
+    pos = torch.cat([torch.arange(19), torch.arange(29)])[None]
+    stock = build_random(tiny_config("qwen3", vocab_size=300), seed=0)
+    with torch.no_grad():
+        h, kv = m.ar_pass(ids, seg, pos)
+        torch.testing.assert_close(m.logits(h[:, 19:]), stock(d2).logits, rtol=1e-5, atol=1e-5)
+        anchors = torch.tensor([[5, 17, 19 + 3, 19 + 20]])
+        stream = m.diffusion_train(ids, kv, anchors, (seg, pos))
+        train_logits = m.logits(stream).view(1, 4, 4, -1)
+        for n, a in enumerate(anchors[0].tolist()):
+            doc, off = (d1, a) if a < 19 else (d2, a - 19)
+            cache = m.new_cache(1, 40)
+            m.ar_cached(doc[:, :off], cache)
+            cache.lengths += off
+            block = torch.full((1, 4), m.mask_token_id)
+            block[0, 0] = doc[0, off]
+            torch.testing.assert_close(train_logits[0, n], m.logits(m.draft(block, cache))[0], rtol=1e-5, atol=1e-5)
+    # targets never cross into the next document
+    lm = torch.ones_like(ids, dtype=torch.bool)
+    sup = supervision(torch.tensor([[17]]), torch.tensor([[True]]), lm, K=4, segment_ids=seg)
+    assert (sup.teacher_pos + 1).max() <= 18
