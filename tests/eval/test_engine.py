@@ -196,7 +196,7 @@ def test_cuda_graphs_match_eager_on_gpu(dtype):
     eager = DecodeEngine(m, batch_size=3, max_len=96)
     graph = DecodeEngine(m, batch_size=3, max_len=96, use_cuda_graphs=True, sync_every=4)
     outs = {}
-    for sp in (SamplingParams(0.0), SamplingParams(1.0, top_k=20, top_p=0.9)):
+    for sp in (SamplingParams(0.0), SamplingParams(1.0), SamplingParams(1.0, top_k=20, top_p=0.9)):
         for mode in ("spec", "ar"):
             a = rows_of(eager.generate_all(prompts, 30, sp, seeds, eos_token_ids=[5], mode=mode))
             b = rows_of(graph.generate_all(prompts, 30, sp, seeds, eos_token_ids=[5], mode=mode))
