@@ -12,6 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/dev
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" > "$OUT/versions.txt"
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 [ -f scripts/bench_kernels.py ] && python scripts/bench_kernels.py --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
+python scripts/bench_decode.py --random-shape qwen3-0.6b --n 8 --batch-sizes 1 8 --max-new-tokens 128 \
+  --out "$OUT/bench_decode.json" > "$OUT/bench_decode.log" 2>&1
 for shape in qwen3-0.6b qwen3-1.7b; do
   python scripts/bench_train.py --shape $shape --steps 5 --out "$OUT/bench_train_$shape.json" > "$OUT/bench_train_$shape.log" 2>&1
 done
