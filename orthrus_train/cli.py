@@ -94,7 +94,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if (job is not None or cfg.launcher.dry_run) else 1
 
     from .pipeline import run_stages
-    return run_stages(cfg, run_root)
+    try:
+        return run_stages(cfg, run_root)
+    except _user_errors() as e:  # the message says what and where; a traceback would only bury it
+        if os.environ.get("ORTHRUS_DEBUG") == "1":
+            raise
+        print(f"error: {e}\n(set ORTHRUS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's inputs, environment or run folder (not bugs): printed without a traceback."""
+    from .config.schema import ConfigError
+    from .data.sources import BadRecordError
+    from .data.templates import TemplateError
+    from .eval.benchmarks import BenchmarkUnavailable
+    from .export.modeling_orthrus import OrthrusCheckpointError
+    from .export.publish import PublishError
+    from .launch.dist_env import DistEnvError
+    from .launch.slurm import SlurmConfigError
+    from .model.backbones import UnsupportedBackbone
+    from .train.engine import TrainingDiverged
+    return (ConfigError, BadRecordError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
+            DistEnvError, SlurmConfigError, UnsupportedBackbone, TrainingDiverged, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _check_eval(export_dir: Path, run_dir, force: bool) -> str:
     else:
         return f"eval ok: {why}"
     if not force:
-        raise PublishError(f"refusing to publish {export_dir}: {problem}. Pass force=True to publish anyway.")
+        raise PublishError(f"refusing to publish {export_dir}: {problem}. Pass force=True (hub.force=true on the command line) to publish anyway.")
     return f"publishing despite: {problem} (force=True)"
 
 

@@ -46,14 +46,16 @@ class Plan:
 
 
 def make_plan(total_rows: int, t, world: int) -> Plan:
+    from ..config.schema import ConfigError
+
     G, m = t.global_batch, t.micro_batch
     if (G // m) % world:
-        raise ValueError(f"train.global_batch={G} / train.micro_batch={m} = {G // m} micro-batches per step cannot be "
+        raise ConfigError(f"train.global_batch={G} / train.micro_batch={m} = {G // m} micro-batches per step cannot be "
                          f"split evenly over {world} processes; choose a global batch that is a multiple of "
                          f"micro_batch x world_size = {m * world}")
     spe = total_rows // G
     if spe == 0:
-        raise ValueError(f"the data stage wrote {total_rows} rows but one optimizer step needs train.global_batch={G}; "
+        raise ConfigError(f"the data stage wrote {total_rows} rows but one optimizer step needs train.global_batch={G}; "
                          "add prompts (data.num_samples / more sources) or lower train.global_batch")
     total = max(1, math.ceil(t.epochs * spe))
     if t.max_steps > 0:
@@ -213,7 +215,8 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
 
     data = data if data is not None else PackedDataset(run.data / "train")
     if data.seq_len != t.seq_len:
-        raise ValueError(f"packed rows are {data.seq_len} tokens but train.seq_len={t.seq_len}; rerun stage=data "
+        from ..config.schema import ConfigError
+        raise ConfigError(f"packed rows are {data.seq_len} tokens but train.seq_len={t.seq_len}; rerun stage=data "
                          "or set train.seq_len to match")
     plan = make_plan(data.total_rows, t, world)
     dsc = ds_config(cfg, plan)

@@ -83,3 +83,15 @@ def test_wheel_ships_recipes_and_configs_and_runs_non_editable(tmp_path):
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "shape: qwen3-8b" in p.stdout
+
+
+@pytest.mark.parametrize("stage,needle", [
+    ("train", "run stage=data first"),
+    ("eval", "run stage=train first"),
+    ("export", "run stage=train first"),
+    ("publish", "no config.json"),
+])
+def test_stage_on_an_empty_run_folder_says_what_to_run(tmp_path, stage, needle):
+    p = orthrus(f"stage={stage}", f"run_dir={tmp_path}", "hub.repo_id=me/x", "hub.dry_run=true", check=False)
+    assert p.returncode != 0
+    assert needle in p.stderr and "Traceback" not in p.stderr
