@@ -26,5 +26,10 @@ for ph in $PHASES; do case $ph in
   medusa) mkdir -p "$ROOT/medusa"; [ -d "$ROOT/medusa/data" ] || cp -r "$ROOT/orthrus/data" "$ROOT/orthrus/tokenizer" "$ROOT/medusa/"
           run medusa "run_dir=$ROOT/medusa" heads=medusa heads.block_size=16 stage=train && run medusa_eval "run_dir=$ROOT/medusa" heads=medusa heads.block_size=16 stage=eval
           cp "$ROOT/medusa/eval/report.json" "$OUT/medusa_report.json" 2>/dev/null
+          cp "$ROOT/medusa/eval/report.md" "$OUT/medusa_report.md" 2>/dev/null
           cp "$ROOT/medusa/metrics.jsonl" "$OUT/medusa_metrics.jsonl" 2>/dev/null ;;
 esac; done
+if [ -f "$OUT/orthrus_report.json" ] && [ -f "$OUT/medusa_report.json" ]; then
+  python "$(dirname "$0")/compare_reports.py" orthrus="$OUT/orthrus_report.json" medusa="$OUT/medusa_report.json" \
+    | tee "$OUT/comparison.md"
+fi
