@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The real-model run (issue 10) on one GPU: regenerate -> train Orthrus -> eval; then the Medusa
-# baseline on the same data and budget -> eval. Results (reports, metrics, logs) are copied to OUT.
+# baseline on the same data and budget -> eval. Reports, metrics and logs are collected in
+# RUN_ROOT/results and packed into OUT/results.tgz after every phase (a device run returns at most
+# 8 files, so everything travels as one archive); OUT/phases.txt and OUT/comparison.md sit beside it.
 #   bash scripts/run_smollm2_gpu.sh GGUF_PATH RUN_ROOT OUT [phase ...]
 # phases: data orthrus medusa (default: all three). Each phase resumes what an earlier call left.
 set -uo pipefail
-GGUF=${1:?gguf path}; ROOT=${2:?run root}; OUT=${3:?out dir}; shift 3
+GGUF=${1:?gguf path}; ROOT=${2:?run root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data orthrus medusa}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 ORTHRUS_NO_PROGRESS=1 WANDB_MODE=disabled
-mkdir -p "$OUT" "$ROOT"
+OUT="$ROOT/results"
+mkdir -p "$OUT" "$ROOT" "$FINAL"
+pack() { tar czf "$FINAL/results.tgz" -C "$ROOT" results; cp "$OUT/phases.txt" "$FINAL/" 2>/dev/null; }
 COMMON=(recipe=smollm2-135m "model.path=$GGUF" train.wandb.mode=disabled
         data.num_samples=${NUM_SAMPLES:-3000} data.max_new_tokens=${MAX_NEW:-192} data.batch_size=256
         train.global_batch=16 train.micro_batch=16 train.epochs=${EPOCHS:-3} train.lr=5e-4 train.save_every=100
@@ -28,8 +32,10 @@ for ph in $PHASES; do case $ph in
           cp "$ROOT/medusa/eval/report.json" "$OUT/medusa_report.json" 2>/dev/null
           cp "$ROOT/medusa/eval/report.md" "$OUT/medusa_report.md" 2>/dev/null
           cp "$ROOT/medusa/metrics.jsonl" "$OUT/medusa_metrics.jsonl" 2>/dev/null ;;
-esac; done
+esac; pack; done
 if [ -f "$OUT/orthrus_report.json" ] && [ -f "$OUT/medusa_report.json" ]; then
   python "$(dirname "$0")/compare_reports.py" orthrus="$OUT/orthrus_report.json" medusa="$OUT/medusa_report.json" \
     | tee "$OUT/comparison.md"
+  cp "$OUT/comparison.md" "$FINAL/"
 fi
+pack
