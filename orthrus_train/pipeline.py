@@ -73,7 +73,9 @@ def stage_data(cfg, run: RunDir, dist) -> None:
     # rank 0 writes RUN/tokenizer; the other ranks build the same tokenizer without writing
     tok = tokenizer_for(cfg, run.tokenizer if dist.rank == 0 else None)
     data_cfg = to_dict(cfg)["data"]
-    data_cfg["tokenizer"] = str(run.tokenizer)
+    # identify the tokenizer by its source, not by this run folder's copy, so that a copied data/ folder
+    # still matches its configuration
+    data_cfg["tokenizer"] = cfg.model.tokenizer or cfg.model.path or "byte-tokenizer"
     data_cfg["model"] = cfg.model.path
     shard = resolve_data_shard(dist=dist)
     generator = None

@@ -91,6 +91,10 @@ def _wait_for_all_shards(regen_dir: Path, n_prompts: int, shard_size: int, timeo
         time.sleep(2.0)
 
 
+class DataMismatchError(RuntimeError):
+    """The run folder already holds data made with another data configuration."""
+
+
 def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generator | None = None, *,
                    tokenizer: Any = None, rank: int | None = None, world_size: int | None = None,
                    wait_timeout_s: float = 86400.0) -> dict[str, Any] | None:
@@ -110,7 +114,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     if report_path.exists():
         report = json.loads(report_path.read_text())
         if report.get("fingerprint") != fingerprint:
-            raise RuntimeError(f"{data_dir} was made with another data config (fingerprint "
+            raise DataMismatchError(f"{data_dir} was made with another data config (fingerprint "
                                f"{report.get('fingerprint')} != {fingerprint}); use a new run directory or "
                                f"delete {data_dir}")
         if rank == 0:
