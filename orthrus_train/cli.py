@@ -42,6 +42,9 @@ def _split_args(argv: list[str]):
             show_cfg, skip = True, True
         elif a == "--cfg=job":
             show_cfg = True
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            # the `deepspeed` launcher appends it; the rank comes from LOCAL_RANK (launch/dist_env.py)
+            skip = "=" not in a
         elif a.startswith("recipe="):
             recipe = a.split("=", 1)[1]
         elif a.startswith("-"):

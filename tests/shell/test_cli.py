@@ -95,3 +95,9 @@ def test_stage_on_an_empty_run_folder_says_what_to_run(tmp_path, stage, needle):
     p = orthrus(f"stage={stage}", f"run_dir={tmp_path}", "hub.repo_id=me/x", "hub.dry_run=true", check=False)
     assert p.returncode != 0
     assert needle in p.stderr and "Traceback" not in p.stderr
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted():
+    for args in (["--local_rank=3"], ["--local_rank", "3"]):
+        p = orthrus(*args, "recipe=tiny", "--cfg", "job")
+        assert "recipe: tiny" in p.stdout
