@@ -6,8 +6,6 @@ on other machines, and be re-run.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 

@@ -63,7 +63,7 @@ def main():
     world = dist.world_size
     G = a.micro * a.accum * world
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    ov = [f"model.init=random", f"model.shape={a.shape}", f"heads.type={a.heads}", f"heads.block_size={a.block}",
+    ov = ["model.init=random", f"model.shape={a.shape}", f"heads.type={a.heads}", f"heads.block_size={a.block}",
           f"heads.attn_backend={a.attn_backend}", f"train.seq_len={a.seq_len}", f"train.anchors_per_row={a.anchors}",
           f"train.micro_batch={a.micro}", f"train.global_batch={G}", f"train.max_steps={a.warmup + a.steps}",
           f"train.save_every={10 ** 6}", "train.wandb.mode=disabled", f"deepspeed.stage={a.zero}",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..losses import chunked_distill, per_offset_agreement
+from ..losses import chunked_distill
 from ..run_dir import RunDir, atomic_write_json
 from . import checkpoint as ckpt
 from .flops import measured_peak_flops, row_flops
@@ -227,7 +227,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
             # keep alive while building: transformers then creates (from_config) or loads
             # (from_pretrained) the backbone already partitioned across the ranks (zero.Init)
             from transformers.integrations import HfDeepSpeedConfig
-            zero3_ctx = HfDeepSpeedConfig(dsc)
+            zero3_ctx = HfDeepSpeedConfig(dsc)  # noqa: F841 - referenced weakly by transformers; must stay alive
         model = build_model(cfg, build_backbone(cfg, device), tok)
     backend = t.loss_backend
     if backend == "auto":
