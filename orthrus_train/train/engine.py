@@ -181,8 +181,17 @@ def ds_config(cfg, plan: Plan) -> dict:
 
 def init_distributed(device: torch.device, dist):
     """Every launch path (torchrun, deepspeed, srun) ends here with the same env:// variables."""
+    import dataclasses
+
     from ..launch.dist_env import export_torch_env
 
+    if dist.world_size == 1 and "MASTER_PORT" not in os.environ:
+        # a lone process needs a rendezvous port too; take a free one rather than the fixed default,
+        # which another run on the same machine may hold
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dist = dataclasses.replace(dist, master_port=s.getsockname()[1], master_addr="127.0.0.1")
     export_torch_env(dist)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
