@@ -31,19 +31,7 @@ import time
 from pathlib import Path
 
 
-def _import_project() -> None:
-    """Import orthrus_train from this checkout without leaving the repository root on sys.path: its
-    top-level `kernels/` folder would shadow the `kernels` package that transformers probes for."""
-    try:
-        import orthrus_train  # noqa: F401  (installed)
-    except ImportError:
-        root = str(Path(__file__).resolve().parents[1])
-        sys.path.insert(0, root)
-        import orthrus_train  # noqa: F401
-        sys.path.remove(root)
-
-
-_import_project()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def parse_args(argv=None):

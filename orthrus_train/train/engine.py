@@ -248,9 +248,8 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan.total_steps, t.warmup_ratio, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=step_mod, optimizer=opt, lr_scheduler=sched, config=dsc)
 
-    start = 0
+    start, folder = 0, None
     if cfg.resume != "never":
-        folder = None
         if cfg.resume == "auto":
             folder = ckpt.find_resumable(run.checkpoints, rank, log=log if rank == 0 else (lambda *_: None))
         else:
@@ -271,7 +270,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     peak = measured_peak_flops(device)
     K = model.block_size
     mcfg = model.config
-    last_ckpt = ckpt.find_resumable(run.checkpoints, None, log=lambda *_: None)
+    last_ckpt = folder  # newest good checkpoint of this run so far (the NaN diagnostic names it)
     summary = {}
     step = start
     for step in range(start, plan.total_steps):
