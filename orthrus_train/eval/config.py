@@ -17,10 +17,16 @@ class LosslessConfig:
     enabled: bool = True
     # (a) greedy exactness: prompts (taken from the first benchmark) decoded greedily by both the drafted
     # decoding and the AR baseline of the same engine, compared token for token.
-    greedy_prompts: int = 16
+    greedy_prompts: int = 100
     # A divergence whose top-two AR logit gap (recomputed at the divergence) is below this is a near-tie
     # (numerical noise of a low-precision dtype), not a bug. float32 on the CPU must show no divergence.
     near_tie_tolerance: float = 1e-2
+    # The same for bfloat16 / float16 models, whose logits carry coarser rounding (a bf16 logit near 20 moves in
+    # steps of 0.125): a divergence whose top-two gap is below this many logits is reported as a near-tie.
+    near_tie_tolerance_low_precision: float = 0.5
+    # A low-precision model's greedy check is repeated on a float32 copy (where it fits in memory), where
+    # drafted decoding must equal the AR baseline exactly: the strict form of the check.
+    greedy_float32: bool = True
     # Sampling checks run at this temperature with the eval's top_k / top_p.
     temperature: float = 1.0
     # (b) KS test of the randomized PIT of every sampled token; sampled outputs of the benchmarks at
@@ -81,6 +87,8 @@ class EvalConfig:
     ar_baseline: bool = True
     # Also time `transformers` generate (greedy / sampled, static cache when available) on the backbone.
     hf_generate_reference: bool = False
+    # Prompts per benchmark for that reference (0: all); a reference speed needs a few full batches, not all.
+    hf_generate_prompts: int = 0
     # Render prompts with the tokenizer's chat template (false: raw prompt text).
     apply_chat_template: bool = True
     # Qwen3's switch; None: do not pass it (the template's default).

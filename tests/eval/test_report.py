@@ -2,6 +2,9 @@
 training-overlap exclusion, the lossless section."""
 import json
 
+import pytest
+import torch
+
 from eval_testlib import word_tokenizer, write_prompt_files
 from orthrus_train.eval.benchmarks import PromptRenderer, first_turn_key
 from orthrus_train.eval.report import run_eval
@@ -70,3 +73,95 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "acc.len" in printed and "holdout" in printed and "only show that the machinery works" in printed
     assert first_turn_key(holdout[2]) not in {first_turn_key(t[0]) for t in turns}
+
+
+def test_hf_reference_is_capped_and_its_failure_keeps_engine_results(qwen3_model, tmp_path, monkeypatch):
+    """The transformers reference runs after every engine number is on disk, on at most hf_generate_prompts
+    prompts; if it fails the report records why and keeps every engine result."""
+    import orthrus_train.eval.report as report_mod
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=5)
+    base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+                num_prompts=5, max_new_tokens=8, temperatures=[0.0], batch_size=2, verify_backend="torch",
+                hf_generate_reference=True, hf_generate_prompts=2, plots=False,
+                lossless=dict(enabled=False))
+    calls = []
+    real = report_mod.hf_generate
+
+    def counting(backbone, ids, *a, **k):
+        calls.append(len(ids))
+        return real(backbone, ids, *a, **k)
+    monkeypatch.setattr(report_mod, "hf_generate", counting)
+    rep = run_eval(qwen3_model, tok, base, tmp_path / "ok")
+    hf = rep["benchmarks"]["chat"]["results"]["T=0"]["hf_generate"]
+    assert hf["prompts"] == 2 and hf["tokens_per_s"] > 0
+    assert sum(calls) == 1 + 2 * 2  # warm-up prompt + 2 prompts x 2 turns
+
+    seen_on_disk = {}
+
+    def broken(backbone, ids, *a, **k):
+        # the engine results were written before the reference started
+        seen_on_disk.update(json.loads((tmp_path / "bad" / "eval" / "report.json").read_text()))
+        raise RuntimeError("compiled graph exploded")
+    monkeypatch.setattr(report_mod, "hf_generate", broken)
+    rep = run_eval(qwen3_model, tok, base, tmp_path / "bad")
+    cell = rep["benchmarks"]["chat"]["results"]["T=0"]
+    assert "compiled graph exploded" in cell["hf_generate"]["error"] and cell["spec"]["emitted_tokens"] > 0
+    assert any("reference failed" in w for w in rep["warnings"])
+    assert seen_on_disk["status"] == "transformers generate reference pending"
+    assert seen_on_disk["benchmarks"]["chat"]["results"]["T=0"]["spec"]["emitted_tokens"] > 0
+    final = json.loads((tmp_path / "bad" / "eval" / "report.json").read_text())
+    assert "status" not in final and "error" in final["benchmarks"]["chat"]["results"]["T=0"]["hf_generate"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_eval_on_gpu_mask_embedding_graphs_and_hf_reference(tmp_path):
+    """The real-model eval's configuration at tiny scale: a Llama backbone with no spare embedding row (the
+    separate mask embedding), K=16, bf16, batch 16 with CUDA graphs, two temperatures, the transformers
+    reference and the lossless checks, in one process (the first SmolLM2 eval crashed in this setting)."""
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=20)
+    bb = build_random(tiny_config("llama", vocab_size=128, hidden_size=64), seed=0)
+    m = OrthrusModel(bb, block_size=16, vocab_len=128).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    assert m.mask_embedding is not None
+    cfg = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+               num_prompts=20, max_new_tokens=32, temperatures=[0.0, 1.0], batch_size=16,
+               hf_generate_reference=True, hf_generate_prompts=16,
+               lossless=dict(greedy_prompts=20, ks_min_tokens=3000, chi2_prefixes=1, chi2_samples=400,
+                             chi2_min_conditional=60))
+    rep = run_eval(m, tok, cfg, tmp_path / "run")
+    for tk in ("T=0", "T=1"):
+        cell = rep["benchmarks"]["chat"]["results"][tk]
+        assert cell["cuda_graphs"] is True and "cuda_graph_error" not in cell
+        assert cell["spec"]["emitted_tokens"] > 0 and cell["ar"]["acceptance_length"] == 1.0
+        assert cell["hf_generate"]["tokens_per_s"] > 0, cell["hf_generate"]
+    ll = rep["lossless"]
+    assert ll["ks"]["tokens"] >= 3000 and ll["ks"]["passed"] and ll["chi_square"]["passed"]
+    g = ll["greedy"]
+    assert g["prompts"] == 20 and g["match_rate"] > 0.5 and g["passed"], g
+
+
+def test_low_precision_model_gets_the_strict_float32_greedy_check(qwen3_model, tmp_path):
+    """A bf16 model's greedy check uses the low-precision near-tie tolerance, and is repeated on a float32 copy
+    where drafted decoding must equal the AR baseline exactly; the bf16 model itself is left untouched."""
+    import copy
+
+    tok = word_tokenizer()
+    single, _ = write_prompt_files(tmp_path, n=4)
+    m = copy.deepcopy(qwen3_model).to(torch.bfloat16)
+    cfg = dict(benchmarks=["math"], benchmark_paths={"math": str(single)}, benchmark_fields={"math": "question"},
+               num_prompts=4, max_new_tokens=12, temperatures=[0.0, 1.0], batch_size=2, verify_backend="torch",
+               plots=False, lossless=dict(greedy_prompts=4, ks_min_tokens=200, chi2_prefixes=0))
+    rep = run_eval(m, tok, cfg, tmp_path / "run")
+    ll = rep["lossless"]
+    assert ll["greedy"]["dtype"] == "bfloat16" and ll["greedy"]["tolerance"] == 0.5
+    g32 = ll["greedy_float32"]
+    assert g32["dtype"] == "float32" and g32["prompts"] == 4 and g32["match_rate"] == 1.0 and g32["passed"]
+    assert g32["tolerance"] == 1e-2
+    assert next(m.parameters()).dtype == torch.bfloat16
+    md = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "(a') greedy exactness, float32 copy (math, float32) | pass" in md
