@@ -3,6 +3,7 @@ random weights, through the real engine (DeepSpeed ZeRO, the same step as a reci
 
     python scripts/bench_train.py --shape qwen3-8b --steps 8 --out bench.json
     torchrun --nproc_per_node 4 scripts/bench_train.py --shape qwen3-8b --zero 3 --out bench.json
+    torchrun --nproc_per_node 4 scripts/bench_train.py --recipe qwen3-72b --shape qwen3-72b --zero 3
 
 Rows are synthetic (random tokens, the second half marked as response), which costs exactly what real
 rows cost. The first `--warmup` steps (compilation, allocator) are excluded from the averages.
@@ -37,6 +38,7 @@ class SyntheticRows:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--recipe", default="qwen3-8b", help="recipe whose settings the run starts from (e.g. qwen3-72b)")
     ap.add_argument("--heads", default="orthrus", choices=["orthrus", "medusa"])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--anchors", type=int, default=256)
@@ -69,7 +71,7 @@ def main():
           f"train.save_every={10 ** 6}", "train.wandb.mode=disabled", f"deepspeed.stage={a.zero}",
           f"train.grad_checkpointing={not a.no_grad_ckpt}", f"train.loss_backend={a.loss_backend}",
           f"run_dir={tmp}", "resume=never", "device=cuda", "train.log_every=1"]
-    cfg = compose("qwen3-8b", ov)
+    cfg = compose(a.recipe, ov)
     cfg.train.save_every = 10 ** 9
     from orthrus_train.model.backbones import qwen3_shape
     vocab = qwen3_shape(a.shape).vocab_size if a.shape.startswith("qwen3") else 151936
@@ -91,7 +93,7 @@ def main():
         return
     steady = recs[a.warmup:]
     res = {
-        "shape": a.shape, "heads": a.heads, "world": world, "zero": a.zero, "seq_len": a.seq_len, "anchors": a.anchors,
+        "recipe": a.recipe, "shape": a.shape, "heads": a.heads, "world": world, "zero": a.zero, "seq_len": a.seq_len, "anchors": a.anchors,
         "block": a.block, "micro": a.micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
         "loss_backend": a.loss_backend, "steps_measured": len(steady),
         "step_time_s": sum(r["step_time_s"] for r in steady) / max(1, len(steady)),
