@@ -157,7 +157,10 @@ def _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, first_ids, e
     prompts = b.prompts[: cfg.hf_generate_prompts] if cfg.hf_generate_prompts > 0 else b.prompts
     gen = _hf_gen(model, cfg, cfg.max_new_tokens, sp, eos, pad, hf_notes)
     try:
-        _hf_gen(model, cfg, min(8, cfg.max_new_tokens), sp, eos, pad, hf_notes)([first_ids], [0])
+        # warm-up on one full batch at the full length: transformers compiles its static-cache step per
+        # batch size and cache length, so a smaller warm-up would leave the compilation inside the clock
+        warm = [renderer.encode(p.turns[:1]) for p in prompts[: cfg.batch_size]]
+        _hf_gen(model, cfg, cfg.max_new_tokens, sp, eos, pad, hf_notes)(warm, [0] * len(warm))
         run = _run_turns(prompts, renderer, gen, seed_of)
     except Exception as e:  # a reference only: record why it is missing, keep every engine result
         msg = f"transformers generate reference failed: {e.__class__.__name__}: {str(e)[:300]}"

@@ -96,7 +96,7 @@ def test_hf_reference_is_capped_and_its_failure_keeps_engine_results(qwen3_model
     rep = run_eval(qwen3_model, tok, base, tmp_path / "ok")
     hf = rep["benchmarks"]["chat"]["results"]["T=0"]["hf_generate"]
     assert hf["prompts"] == 2 and hf["tokens_per_s"] > 0
-    assert sum(calls) == 1 + 2 * 2  # warm-up prompt + 2 prompts x 2 turns
+    assert sum(calls) == 2 + 2 * 2  # warm-up (one full batch: 2 prompts) + 2 prompts x 2 turns
 
     seen_on_disk = {}
 
