@@ -7,6 +7,7 @@ pass and the two decode passes differ only in which keys they see.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -43,6 +44,52 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False)
     mask: bool, True = attend."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+# Attention of the cached decode passes (verify, draft; a few queries over the whole static cache):
+#   "sdpa"  F.scaled_dot_product_attention with grouped KV heads and the boolean mask (backend chosen by torch);
+#   "fold"  the query groups folded into the query axis ((B, Hkv, g*T, D): no grouped-query handling needed),
+#           then the same SDPA call;
+#   "math"  folded, then two batched matmuls and a float32 softmax (few, simple kernels).
+# Prefill (more than DECODE_MAX_QUERIES queries) always uses "sdpa". Set with ORTHRUS_DECODE_ATTN or
+# `set_decode_attention`; an engine captures its CUDA graphs with the setting current at capture time.
+DECODE_ATTN_CHOICES = ("sdpa", "fold", "math")
+DECODE_MAX_QUERIES = 64
+_decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "sdpa")
+
+
+def set_decode_attention(impl: str) -> None:
+    global _decode_attn
+    if impl not in DECODE_ATTN_CHOICES:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTN_CHOICES}, got {impl!r}")
+    _decode_attn = impl
+
+
+def decode_attention() -> str:
+    if _decode_attn not in DECODE_ATTN_CHOICES:
+        raise ValueError(f"ORTHRUS_DECODE_ATTN must be one of {DECODE_ATTN_CHOICES}, got {_decode_attn!r}")
+    return _decode_attn
+
+
+def cached_attention(q, k, v, mask: torch.Tensor, scale: float):
+    """Attention of T queries (B, Hq, T, D) over cache slots k, v (B, Hkv, S, D) under a boolean mask
+    (B, 1, T, S) (True = attend). Returns (B, Hq, T, D)."""
+    B, Hq, T, D = q.shape
+    impl = decode_attention() if T <= DECODE_MAX_QUERIES else "sdpa"
+    if impl == "sdpa":
+        return sdpa(q, k, v, mask, scale)
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    qf = q.reshape(B, Hkv, g * T, D)  # head h = kv head h // g: groups are contiguous
+    mf = mask.expand(B, 1, T, mask.shape[-1]) if g == 1 else \
+        mask[:, :, None].expand(B, 1, g, T, mask.shape[-1]).reshape(B, 1, g * T, mask.shape[-1])
+    if impl == "fold":
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale)
+    else:
+        s = torch.matmul(qf, k.transpose(-1, -2)).float() * scale
+        s = s.masked_fill(~mf, float("-inf")).softmax(-1)
+        out = torch.matmul(s.to(v.dtype), v)
+    return out.reshape(B, Hq, T, D)
 
 
 _compiled_flex = None

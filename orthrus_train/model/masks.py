@@ -61,13 +61,11 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal[None] & same)[:, None]
 
 
-def draft_mask(lengths: torch.Tensor, S: int, K: int) -> torch.Tensor:
-    """(B, 1, K, S + K): committed prefix plus the whole block."""
-    B = lengths.shape[0]
-    pre = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]  # (B, S)
-    pre = pre[:, None, :].expand(B, K, S)
-    blk = torch.ones(B, K, K, dtype=torch.bool, device=lengths.device)
-    return torch.cat([pre, blk], dim=-1)[:, None]
+def draft_cached_mask(lengths: torch.Tensor, S: int, K: int) -> torch.Tensor:
+    """(B, 1, K, S): the draft block written into the cache at slots lengths..lengths+K-1 sees the committed
+    prefix and the whole block."""
+    return (torch.arange(S, device=lengths.device)[None, :] < (lengths + K)[:, None])[:, None, None, :].expand(
+        lengths.shape[0], 1, K, S)
 
 
 def cached_causal_mask(lengths: torch.Tensor, S: int, T: int) -> torch.Tensor:

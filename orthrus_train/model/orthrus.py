@@ -20,7 +20,7 @@ from . import masks
 from .anchors import Supervision, sample_anchors, supervision
 from .backbones import family_of
 from .cache import StaticKVCache
-from .layers import flex, layer_step, sdpa
+from .layers import cached_attention, flex, layer_step, sdpa
 
 TWINS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 
@@ -185,7 +185,8 @@ class DraftModel(nn.Module):
         for i, layer in enumerate(self.decoder.layers):
             def attend(q, k, v, i=i, layer=layer):
                 cache.write(i, k, v)
-                return sdpa(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask, layer.self_attn.scaling)
+                return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask,
+                                        layer.self_attn.scaling)
             h = layer_step(layer, h, cos, sin, "ar", attend)
         return self.decoder.norm(h)
 
@@ -313,9 +314,17 @@ class OrthrusModel(DraftModel):
         h = self.embed(block_ids)
         pos = cache.lengths[:, None] + torch.arange(K, device=block_ids.device)[None]
         cos, sin = self.rope(h, pos)
-        mask = masks.draft_mask(cache.lengths, cache.slots, K)
-        return self._diffusion_layers(h, cos, sin, lambda li: (cache.k[li], cache.v[li]),
-                                      lambda q, k, v, scale: sdpa(q, k, v, mask, scale))
+        # The block's keys/values go into the cache slots it occupies (lengths..lengths+K-1, past every
+        # committed slot; the verify pass over the same K positions overwrites them before they count), so
+        # attention reads the cache in place instead of a per-layer copy of cache + block.
+        mask = masks.draft_cached_mask(cache.lengths, cache.slots, K)
+        for i, layer in enumerate(self.decoder.layers):
+            def attend(q, k, v, i=i, layer=layer):
+                cache.write(i, k, v)
+                return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask,
+                                        layer.self_attn.scaling)
+            h = layer_step(layer, h, cos, sin, "diff", attend)
+        return self.decoder.norm(h)
 
     def propose(self, state: DecodeState) -> torch.Tensor:
         B = state.last_token.shape[0]

@@ -247,3 +247,45 @@ def test_packed_documents_are_trained_as_served(backend):
     lm = torch.ones_like(ids, dtype=torch.bool)
     sup = supervision(torch.tensor([[17]]), torch.tensor([[True]]), lm, K=4, segment_ids=seg)
     assert (sup.teacher_pos + 1).max() <= 18
+
+
+@pytest.mark.parametrize("impl", ["fold", "math"])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)])
+def test_decode_attention_implementations_match_sdpa(impl, hq, hkv):
+    """The decode-time attention variants give SDPA's output (float32), ragged lengths included."""
+    from orthrus_train.model import layers, masks
+
+    g = torch.Generator().manual_seed(0)
+    B, T, S, D = 3, 5, 40, 8
+    q = torch.randn(B, hq, T, D, generator=g)
+    k, v = torch.randn(B, hkv, S, D, generator=g), torch.randn(B, hkv, S, D, generator=g)
+    lengths = torch.tensor([0, 7, 30])
+    for mask in (masks.cached_causal_mask(lengths, S, T), masks.draft_cached_mask(lengths, S, T)):
+        ref = layers.sdpa(q, k, v, mask, 0.3)
+        prev = layers.decode_attention()
+        layers.set_decode_attention(impl)
+        try:
+            out = layers.cached_attention(q, k, v, mask, 0.3)
+        finally:
+            layers.set_decode_attention(prev)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        layers.set_decode_attention("flash9")
+
+
+def test_draft_leaves_committed_cache_untouched():
+    """The draft pass writes its block into the scratch slots past each row's length only."""
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=64), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=60).eval()
+    cache = m.new_cache(2, 32)
+    with torch.no_grad():
+        m.ar_cached(torch.randint(0, 60, (2, 6)), cache)
+        cache.lengths.copy_(torch.tensor([6, 3]))
+        before = [t.clone() for t in cache.k]
+        m.draft(torch.randint(0, 60, (2, 4)), cache)
+    for b4, after in zip(before, cache.k):
+        assert torch.equal(b4[0, :, :6], after[0, :, :6]) and torch.equal(b4[1, :, :3], after[1, :, :3])
+        assert not torch.equal(b4[1, :, 3:7], after[1, :, 3:7])  # the block's scratch slots were written
+    assert cache.lengths.tolist() == [6, 3]
