@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--attn", nargs="+", default=["sdpa", "fold", "math"],
+    ap.add_argument("--attn", nargs="+", default=["auto", "sdpa", "fold", "math"],
                     help="decode attention implementations to compare (orthrus_train.model.layers)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of one eager step")
     ap.add_argument("--out", default=None)

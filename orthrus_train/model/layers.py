@@ -50,12 +50,14 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False)
 #   "sdpa"  F.scaled_dot_product_attention with grouped KV heads and the boolean mask (backend chosen by torch);
 #   "fold"  the query groups folded into the query axis ((B, Hkv, g*T, D): no grouped-query handling needed),
 #           then the same SDPA call;
-#   "math"  folded, then two batched matmuls and a float32 softmax (few, simple kernels).
+#   "math"  folded, then two batched matmuls and a float32 softmax (few, simple kernels);
+#   "auto"  "fold" for batched blocks (batch > 1, 2..DECODE_MAX_QUERIES queries: draft, verify), else "sdpa":
+#           what measured fastest on an H100 for a SmolLM2-shaped model (docs/benchmarks.md, session 2).
 # Prefill (more than DECODE_MAX_QUERIES queries) always uses "sdpa". Set with ORTHRUS_DECODE_ATTN or
 # `set_decode_attention`; an engine captures its CUDA graphs with the setting current at capture time.
-DECODE_ATTN_CHOICES = ("sdpa", "fold", "math")
+DECODE_ATTN_CHOICES = ("auto", "sdpa", "fold", "math")
 DECODE_MAX_QUERIES = 64
-_decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "sdpa")
+_decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
 
 
 def set_decode_attention(impl: str) -> None:
@@ -76,6 +78,8 @@ def cached_attention(q, k, v, mask: torch.Tensor, scale: float):
     (B, 1, T, S) (True = attend). Returns (B, Hq, T, D)."""
     B, Hq, T, D = q.shape
     impl = decode_attention() if T <= DECODE_MAX_QUERIES else "sdpa"
+    if impl == "auto":
+        impl = "fold" if T > 1 and B > 1 else "sdpa"
     if impl == "sdpa":
         return sdpa(q, k, v, mask, scale)
     Hkv = k.shape[1]

@@ -249,7 +249,7 @@ def test_packed_documents_are_trained_as_served(backend):
     assert (sup.teacher_pos + 1).max() <= 18
 
 
-@pytest.mark.parametrize("impl", ["fold", "math"])
+@pytest.mark.parametrize("impl", ["auto", "fold", "math"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)])
 def test_decode_attention_implementations_match_sdpa(impl, hq, hkv):
     """The decode-time attention variants give SDPA's output (float32), ragged lengths included."""
