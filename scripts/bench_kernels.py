@@ -139,7 +139,7 @@ def bench_loss(args, device, timer, backend):
         hs = hs0.clone().requires_grad_()
         results = {}
         for name, fn in fns.items():
-            def step():
+            def step(fn=fn, hs=hs, ht=ht, w=w):
                 hs.grad = None
                 fn(hs, ht, w).mean().backward()
 
@@ -190,7 +190,7 @@ def bench_verify(args, device, timer, backend):
         for mode, kw in modes:
             outs = {}
             for be in dict.fromkeys((backend, "torch")):  # once when both are torch
-                fn = lambda: vf.verify(d, q, p, u, backend=be, **kw)  # noqa: E731
+                fn = lambda d=d, q=q, p=p, u=u, be=be, kw=kw: vf.verify(d, q, p, u, backend=be, **kw)  # noqa: E731
                 ms, all_ms = timer.time(fn, args.warmup, args.iters)
                 outs[be] = fn()
                 rows.append(dict(kind="verify", backend=be, mode=mode, B=B, K=K, V=V,
