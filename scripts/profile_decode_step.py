@@ -39,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--attn", nargs="+", default=["auto", "sdpa", "fold", "math"],
                     help="decode attention implementations to compare (orthrus_train.model.layers)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of one eager step")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -57,10 +58,10 @@ def main(argv=None):
     for impl, B, P in [(i, b, p) for i in a.attn for b in a.batch for p in a.prompt_len]:
         layers.set_decode_attention(impl)
         S = -(-(P + a.steps * a.block_size + a.block_size + 2) // 256) * 256
-        eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda")
+        eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda", compile_steps=a.compile)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
-        row = {"attn": impl, "batch": B, "prompt_len": P, "slots": S}
+        row = {"attn": impl, "compile": a.compile, "batch": B, "prompt_len": P, "slots": S}
         for mode in ("ar", "spec"):
             eng._mode, eng._sampling = mode, SamplingParams(0.0)
             fns = eng._steps()

@@ -132,10 +132,13 @@ class DecodeEngine:
     verify_backend: backend of the acceptance rule's front door ("auto" | "triton" | "torch").
     verify_fn: the acceptance rule, called like `decode.verify.verify` (the default); tests inject
       deliberately broken rules here.
+    compile_steps: torch.compile the step functions (before any graph capture): fewer, fused kernels for
+      launch-bound models; costs compilation time once per mode and sampling setting.
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
-                 sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None):
+                 sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None,
+                 compile_steps: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sync_every < 1:
@@ -152,6 +155,8 @@ class DecodeEngine:
         self.cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda")
         if use_cuda_graphs and not self.cuda_graphs:
             warnings.warn("use_cuda_graphs=True ignored: the model is not on a CUDA device (running eagerly)")
+        self.compile_steps = bool(compile_steps)
+        self._compiled: dict = {}
         self.graph_error: str | None = None
         self._graphs: dict = {}
         self._pool = None
@@ -218,6 +223,11 @@ class DecodeEngine:
     def _steps(self):
         """The callables of one decode step for the current mode and sampling settings."""
         fns = [self._propose_step, self._verify_step] if self._mode == "spec" else [self._verify_step]
+        if self.compile_steps:  # fuse the many small kernels of a step (compiled once per mode + sampling)
+            key = (self._mode, self._sampling)
+            if key not in self._compiled:
+                self._compiled[key] = [torch.compile(f, dynamic=False) for f in fns]
+            fns = self._compiled[key]
         if not self.cuda_graphs:
             return fns
         key = (self._mode, self._sampling)
