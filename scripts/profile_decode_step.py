@@ -64,7 +64,9 @@ def main(argv=None):
         row = {"attn": impl, "compile": a.compile, "batch": B, "prompt_len": P, "slots": S}
         for mode in ("ar", "spec"):
             eng._mode, eng._sampling = mode, SamplingParams(0.0)
+            t_c = time.perf_counter()
             fns = eng._steps()
+            row[f"{mode}_setup_s"] = time.perf_counter() - t_c  # compilation + graph capture
             eng._prefill(prompts, 10 ** 6, list(range(B)), [])
             for f in fns:  # one untimed step
                 f()

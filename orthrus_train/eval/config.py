@@ -78,6 +78,9 @@ class EvalConfig:
     batch_size: int = 1
     # Capture the draft and verify steps as CUDA graphs (CUDA only; ignored on the CPU).
     use_cuda_graphs: bool = True
+    # torch.compile the draft / verify steps before capture: about 2x faster steps for a launch-bound 135M
+    # model on an H100, but minutes of compilation per engine size, mode and sampling setting (off by default).
+    compile_steps: bool = False
     # Steps between host reads of the engine's "all rows done" flag: the only host syncs of the decode loop;
     # a batch runs at most sync_every-1 idle steps after its last row finished.
     sync_every: int = 4

@@ -64,7 +64,8 @@ class _Engines:
             self.engine = None  # free the old cache first
             on_cuda = next(self.model.backbone.parameters()).is_cuda
             self.engine = DecodeEngine(self.model, self.B, S, use_cuda_graphs=self.cfg.use_cuda_graphs and on_cuda,
-                                       sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend)
+                                       sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend,
+                                       compile_steps=self.cfg.compile_steps)
         return self.engine
 
 
