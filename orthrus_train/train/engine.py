@@ -205,6 +205,10 @@ def init_distributed(device: torch.device, dist):
     return deepspeed
 
 
+# Seconds to pause after every logged step (tests only: makes kill -9 tests deterministic on fast machines).
+_STEP_SLEEP = float(os.environ.get("ORTHRUS_DEBUG_STEP_SLEEP", "0") or 0)
+
+
 def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     """Train the heads of `cfg` on RUN/data/train (or `data`: any object with total_rows, seq_len and
     __getitem__ returning input_ids/loss_mask rows, e.g. synthetic rows for benchmarks)."""
@@ -333,6 +337,8 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
         if stop or last or (step + 1) % t.save_every == 0:  # checkpoint first: a signal may end logging
             last_ckpt = _save(engine, model, run, step + 1, epoch, plan, rank, t.keep_checkpoints, record)
         logger.log(record)
+        if _STEP_SLEEP:  # testing hook: lets a test kill the process between two known steps
+            time.sleep(_STEP_SLEEP)
         if stop:
             if rank == 0:
                 log(f"[train] signal received: checkpoint {last_ckpt.name} written; stopping for requeue")

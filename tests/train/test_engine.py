@@ -51,8 +51,8 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_run, tmp_path):
     want = losses(ref)
     assert sorted(want) == list(range(1, 7))
 
-    env = dict(os.environ, ORTHRUS_NO_PROGRESS="1")
-    # slow each step a little so the kill lands mid-run, after the step-4 checkpoint
+    # pause 2 s after each step so the kill lands mid-run, after the step-4 checkpoint, on any machine
+    env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", ORTHRUS_DEBUG_STEP_SLEEP="2")
     p = subprocess.Popen([sys.executable, "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train",
                           *TINY_FAST], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
