@@ -223,14 +223,13 @@ class DecodeEngine:
     def _steps(self):
         """The callables of one decode step for the current mode and sampling settings."""
         fns = [self._propose_step, self._verify_step] if self._mode == "spec" else [self._verify_step]
+        key = (self._mode, self._sampling)
         if self.compile_steps:  # fuse the many small kernels of a step (compiled once per mode + sampling)
-            key = (self._mode, self._sampling)
             if key not in self._compiled:
                 self._compiled[key] = [torch.compile(f, dynamic=False) for f in fns]
             fns = self._compiled[key]
         if not self.cuda_graphs:
             return fns
-        key = (self._mode, self._sampling)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(fns)

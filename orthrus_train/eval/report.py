@@ -153,7 +153,7 @@ def _warm_up(gen, ids: list[int]) -> None:
     gen([ids], [0])
 
 
-def _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, first_ids, eos, pad, hf_notes):
+def _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, eos, pad, hf_notes):
     """transformers `generate` on the same prompts and settings, for reference speed."""
     prompts = b.prompts[: cfg.hf_generate_prompts] if cfg.hf_generate_prompts > 0 else b.prompts
     gen = _hf_gen(model, cfg, cfg.max_new_tokens, sp, eos, pad, hf_notes)
@@ -271,7 +271,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             if cfg.hf_generate_reference:
                 # run after every engine measurement: transformers may torch.compile its static-cache
                 # step with CUDA graph trees, which must not interleave with the engine's own graphs
-                hf_jobs.append((cell, b, sp, seed_of, runs, first_ids))
+                hf_jobs.append((cell, b, sp, seed_of, runs))
             entry["results"][_tkey(T)] = cell
             if sp.greedy and "ar" in runs and not greedy_cache:
                 greedy_cache[name] = (runs["spec"], runs["ar"])
@@ -290,8 +290,8 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
         report["status"] = "transformers generate reference pending"
         _write_report(report, out_dir, plots=False)
         del report["status"]
-    for cell, b, sp, seed_of, runs, first_ids in hf_jobs:
-        _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, first_ids, eos, pad, hf_notes)
+    for cell, b, sp, seed_of, runs in hf_jobs:
+        _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, eos, pad, hf_notes)
     if hf_notes:
         report["warnings"] += [n for n in hf_notes if n not in report["warnings"]]
     report["elapsed_s"] = time.perf_counter() - t_start
@@ -324,9 +324,7 @@ def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, Benc
         ar_t = [ts[0] for ts in ar_run.tokens][: len(prompts)]
     else:
         ids = [renderer.encode(p.turns[:1]) for p in prompts]
-        eng = engines.get(eng_slots(engines, ids, cfg.max_new_tokens))
-        spec_t, ar_t = ([r.tokens for x in eng.generate_all(ids, cfg.max_new_tokens, SamplingParams(0.0), None, eos,
-                                                            mode) for r in x.rows] for mode in ("spec", "ar"))
+        spec_t, ar_t = _greedy_pair(engines, ids, cfg.max_new_tokens, eos)
     dtype = next(model.backbone.parameters()).dtype
     low = dtype in (torch.bfloat16, torch.float16)
     tol = ls.near_tie_tolerance_low_precision if low else ls.near_tie_tolerance
@@ -368,6 +366,13 @@ def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, Benc
     return out
 
 
+def _greedy_pair(engines: _Engines, ids, max_new: int, eos) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy outputs of the drafted decoding and of the AR baseline (same engine) for the prompts `ids`."""
+    eng = engines.get(eng_slots(engines, ids, max_new))
+    return tuple([r.tokens for x in eng.generate_all(ids, max_new, SamplingParams(0.0), None, eos, mode)
+                  for r in x.rows] for mode in ("spec", "ar"))
+
+
 def _greedy_float32(model, cfg: EvalConfig, ids, eos, uids, bench_name) -> dict[str, Any]:
     """Greedy exactness on a float32 copy of a low-precision model: drafted decoding must equal the AR baseline
     token for token (a divergence here is a bug unless its top-two gap is below the float32 tolerance).
@@ -381,10 +386,7 @@ def _greedy_float32(model, cfg: EvalConfig, ids, eos, uids, bench_name) -> dict[
                     "passed": None}
     m32 = copy.deepcopy(model).float()
     try:
-        eng = _Engines(m32, cfg)
-        e = eng.get(eng_slots(eng, ids, cfg.max_new_tokens))
-        spec_t, ar_t = ([r.tokens for x in e.generate_all(ids, cfg.max_new_tokens, SamplingParams(0.0), None, eos,
-                                                          mode) for r in x.rows] for mode in ("spec", "ar"))
+        spec_t, ar_t = _greedy_pair(_Engines(m32, cfg), ids, cfg.max_new_tokens, eos)
         g = lossless.greedy_exactness(m32, ids, spec_t, ar_t, cfg.lossless.near_tie_tolerance, uids)
     finally:
         del m32
@@ -485,18 +487,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     ll = report.get("lossless")
     if ll:
         g, ks = ll["greedy"], ll["ks"]
+        g32 = ll.get("greedy_float32")
         out += ["", f"## Lossless checks: **{'PASS' if ll['passed'] else 'FAIL'}**", "",
                 "| check | result | detail |", "|---|---|---|",
-                _greedy_row(g, "(a) greedy exactness vs AR baseline"),
-                f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | "
+                _greedy_row(g, "(a) greedy exactness vs AR baseline")]
+        if g32:
+            out.append(f"| (a') greedy exactness, float32 copy | skipped | {g32['skipped']} |" if "skipped" in g32
+                       else _greedy_row(g32, "(a') greedy exactness, float32 copy"))
+        out += [f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | "
                 f"D = {_f(ks['statistic'], 4)}, "
                 f"p = {_f(ks['p_value'], 4)} over {ks['tokens']} tokens (T={ks['temperature']}, top-k {ks['top_k']}, "
                 f"top-p {ks['top_p']}; fail below {ks['alpha']})"
                 + (f"; {ks['note']}" if ks.get("note") else "") + " |"]
-        if "greedy_float32" in ll:
-            g32 = ll["greedy_float32"]
-            out.insert(len(out) - 1, f"| (a') greedy exactness, float32 copy | skipped | {g32['skipped']} |"
-                       if "skipped" in g32 else _greedy_row(g32, "(a') greedy exactness, float32 copy"))
         if "chi_square" in ll:
             c = ll["chi_square"]
             out.append(f"| (c) chi-square on fixed prefixes | {'pass' if c['passed'] else 'FAIL'} | {c['testable']} "
@@ -536,61 +538,52 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     files = []
     K = report["model"]["block_size"]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, tk, c in cells:
-        ax.plot(range(K), [x if x is not None else float("nan") for x in c["spec"]["accept_histogram"]],
-                marker="o", label=f"{name} {tk}")
-    ax.set(xlabel="drafts accepted per verify pass", ylabel="fraction of verify passes",
-           title="Acceptance histogram")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accept_histogram.png", dpi=110)
-    plt.close(fig)
-    files.append("accept_histogram.png")
+    def save(fig, ax, name, **legend):
+        ax.legend(**legend)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, tk, c in cells:
-        ax.plot(range(1, K), [x if x is not None else float("nan") for x in c["spec"]["per_position_acceptance"]],
-                marker=".", label=f"{name} {tk}")
-    ax.set(xlabel="draft slot i", ylabel="P(accepted | reached)", title="Per-position acceptance", ylim=(0, 1.02))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "per_position_acceptance.png", dpi=110)
-    plt.close(fig)
-    files.append("per_position_acceptance.png")
+    def per_cell_lines(key, xs, marker, **ax_set):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, tk, c in cells:
+            ax.plot(xs, [x if x is not None else float("nan") for x in c["spec"][key]], marker=marker,
+                    label=f"{name} {tk}")
+        ax.set(**ax_set)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig, ax
+
+    def grouped_bars(labels, series, figsize, **tick_kw):
+        """One group of bars per label, one bar per (name, values) series; missing values drawn as 0."""
+        width = 0.8 / max(1, len(series))
+        fig, ax = plt.subplots(figsize=figsize)
+        for j, (name, vals) in enumerate(series):
+            ax.bar([i + j * width for i in range(len(labels))], [v if v is not None else 0 for v in vals], width,
+                   label=name)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))], labels, **tick_kw)
+        return fig, ax
+
+    fig, ax = per_cell_lines("accept_histogram", range(K), "o", xlabel="drafts accepted per verify pass",
+                             ylabel="fraction of verify passes", title="Acceptance histogram")
+    save(fig, ax, "accept_histogram.png", fontsize=7)
+
+    fig, ax = per_cell_lines("per_position_acceptance", range(1, K), ".", xlabel="draft slot i",
+                             ylabel="P(accepted | reached)", title="Per-position acceptance", ylim=(0, 1.02))
+    save(fig, ax, "per_position_acceptance.png", fontsize=7)
 
     names = list(report["benchmarks"])
     temps = sorted({tk for _, tk, _ in cells}, key=lambda s: float(s[2:]))
-    width = 0.8 / max(1, len(temps))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for j, tk in enumerate(temps):
-        vals = [report["benchmarks"][n]["results"].get(tk, {}).get("spec", {}).get("tpf") for n in names]
-        ax.bar([i + j * width for i in range(len(names))], [v if v is not None else 0 for v in vals], width,
-               label=tk)
-    ax.set_xticks([i + width * (len(temps) - 1) / 2 for i in range(len(names))], names, rotation=20)
+    fig, ax = grouped_bars(names, [(tk, [report["benchmarks"][n]["results"].get(tk, {}).get("spec", {}).get("tpf")
+                                         for n in names]) for tk in temps], (7, 4), rotation=20)
     ax.set(ylabel="TPF (tokens per forward)", title="TPF per benchmark")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "tpf.png", dpi=110)
-    plt.close(fig)
-    files.append("tpf.png")
+    save(fig, ax, "tpf.png")
 
-    labels = [f"{n}\n{tk}" for n, tk, _ in cells]
     series = [("Orthrus", [c["spec"].get("tokens_per_s") for _, _, c in cells]),
               ("AR baseline", [c.get("ar", {}).get("tokens_per_s") for _, _, c in cells]),
               ("HF generate", [c.get("hf_generate", {}).get("tokens_per_s") for _, _, c in cells])]
     series = [(n, v) for n, v in series if any(x is not None for x in v)]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7, len(cells) * 1.2), 4))
-    for j, (lab, vals) in enumerate(series):
-        ax.bar([i + j * width for i in range(len(cells))], [v or 0 for v in vals], width, label=lab)
-    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(cells))], labels, fontsize=7)
+    fig, ax = grouped_bars([f"{n}\n{tk}" for n, tk, _ in cells], series, (max(7, len(cells) * 1.2), 4), fontsize=7)
     ax.set(ylabel="tokens / s", title="Decoding speed vs the AR baseline (same engine)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "speed.png", dpi=110)
-    plt.close(fig)
-    files.append("speed.png")
+    save(fig, ax, "speed.png")
     return files

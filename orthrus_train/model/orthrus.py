@@ -177,17 +177,22 @@ class DraftModel(nn.Module):
     def ar_cached(self, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """Prefill / verify: causal pass of `ids` (B, T) at positions lengths+t, writing its K/V to the
         cache. Returns final hidden (B, T, H). Does not advance `cache.lengths`."""
-        B, T = ids.shape
+        return self._cached_pass(ids, cache, masks.cached_causal_mask(cache.lengths, cache.slots, ids.shape[1]),
+                                 "ar")
+
+    def _cached_pass(self, ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, view: str) -> torch.Tensor:
+        """One pass of `ids` (B, T) at positions lengths..lengths+T-1 through the `view` ("ar" | "diff")
+        projections: every layer writes its K/V into those cache slots and attends over the cache under
+        `mask` (B, 1, T, S). Returns final hidden (B, T, H); `cache.lengths` is not advanced."""
         h = self.embed(ids)
-        pos = cache.lengths[:, None] + torch.arange(T, device=ids.device)[None]
+        pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
         cos, sin = self.rope(h, pos)
-        mask = masks.cached_causal_mask(cache.lengths, cache.slots, T)
         for i, layer in enumerate(self.decoder.layers):
             def attend(q, k, v, i=i, layer=layer):
                 cache.write(i, k, v)
                 return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask,
                                         layer.self_attn.scaling)
-            h = layer_step(layer, h, cos, sin, "ar", attend)
+            h = layer_step(layer, h, cos, sin, view, attend)
         return self.decoder.norm(h)
 
     def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:
@@ -310,21 +315,11 @@ class OrthrusModel(DraftModel):
     def draft(self, block_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """Inference diffusion pass: block (B, K) at positions lengths..lengths+K-1 over the cache
         prefix (< lengths). Returns final hidden (B, K, H)."""
-        B, K = block_ids.shape
-        h = self.embed(block_ids)
-        pos = cache.lengths[:, None] + torch.arange(K, device=block_ids.device)[None]
-        cos, sin = self.rope(h, pos)
         # The block's keys/values go into the cache slots it occupies (lengths..lengths+K-1, past every
         # committed slot; the verify pass over the same K positions overwrites them before they count), so
         # attention reads the cache in place instead of a per-layer copy of cache + block.
-        mask = masks.draft_cached_mask(cache.lengths, cache.slots, K)
-        for i, layer in enumerate(self.decoder.layers):
-            def attend(q, k, v, i=i, layer=layer):
-                cache.write(i, k, v)
-                return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask,
-                                        layer.self_attn.scaling)
-            h = layer_step(layer, h, cos, sin, "diff", attend)
-        return self.decoder.norm(h)
+        mask = masks.draft_cached_mask(cache.lengths, cache.slots, block_ids.shape[1])
+        return self._cached_pass(block_ids, cache, mask, "diff")
 
     def propose(self, state: DecodeState) -> torch.Tensor:
         B = state.last_token.shape[0]
