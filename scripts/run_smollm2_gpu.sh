@@ -40,8 +40,8 @@ for ph in $PHASES; do case $ph in
              eval.hf_generate_reference=true ;;
   medusa_train|medusa)
     mkdir -p "$ROOT/medusa"; [ -d "$ROOT/medusa/data" ] || cp -r "$ROOT/orthrus/data" "$ROOT/orthrus/tokenizer" "$ROOT/medusa/"
-    run medusa "run_dir=$ROOT/medusa" "${MEDUSA[@]}" stage=train
-    [ "$ph" = medusa ] && run medusa_eval "run_dir=$ROOT/medusa" "${MEDUSA[@]}" stage=eval ;;
+    run medusa "run_dir=$ROOT/medusa" "${MEDUSA[@]}" stage=train && [ "$ph" = medusa ] && \
+      run medusa_eval "run_dir=$ROOT/medusa" "${MEDUSA[@]}" stage=eval ;;
   medusa_eval) run medusa_eval "run_dir=$ROOT/medusa" "${MEDUSA[@]}" stage=eval ;;
   *) echo "unknown phase $ph" | tee -a "$OUT/phases.txt" ;;
 esac; collect orthrus; collect medusa; pack; done
