@@ -1,0 +1,134 @@
+"""Learning curve of one training run: eval reports of its checkpoints -> curve.json, curve.md, curve.png.
+
+    python scripts/learning_curve.py OUT_DIR RUN_DIR:EVAL_ROOT [--label NAME] [--extra NAME=RUN_DIR:REPORT ...]
+
+RUN_DIR is the training run folder (its metrics.jsonl gives the supervised tokens seen up to each
+step); EVAL_ROOT holds one folder per evaluated checkpoint, named `step-N`, each with
+`eval/report.json` (as `scripts/run_learning_curve_gpu.sh` lays it out). Every `--extra` adds one
+separately trained run (an ablation or the Medusa baseline) evaluated once: NAME=RUN_DIR:REPORT.
+
+curve.json is a list of {run, supervised_tokens, steps, benchmark, temperature, acceptance_length,
+tpf, speedup}: acceptance length = emitted tokens / verify passes, TPF = emitted tokens / (draft +
+verify passes), speedup = drafted tokens/s over the AR tokens/s of the same engine (the report's own
+definitions, orthrus_train/eval/metrics.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def supervised_tokens_by_step(metrics_file: Path) -> dict[int, int]:
+    """Cumulative supervised tokens after each logged step (a step logged twice counts once)."""
+    per_step: dict[int, int] = {}
+    for line in metrics_file.read_text().splitlines():
+        rec = json.loads(line)
+        if "step" in rec and "supervised_tokens" in rec:
+            per_step[int(rec["step"])] = int(rec["supervised_tokens"])
+    out, total, last = {}, 0, 0
+    for step in sorted(per_step):
+        # metrics are logged every log_every steps: the logged step's count stands for the steps since the last
+        total += per_step[step] * (step - last)
+        out[step], last = total, step
+    return out
+
+
+def tokens_at(cum: dict[int, int], step: int) -> int:
+    """Supervised tokens up to `step` (interpolated between logged steps at the last logged rate)."""
+    if step in cum:
+        return cum[step]
+    below = [s for s in cum if s <= step]
+    if not below:
+        raise ValueError(f"no metrics logged at or before step {step}")
+    s0 = max(below)
+    above = [s for s in cum if s > s0]
+    rate = (cum[min(above)] - cum[s0]) / (min(above) - s0) if above else cum[s0] / s0
+    return int(cum[s0] + rate * (step - s0))
+
+
+def rows_of(report: dict, run: str, steps: int, tokens: int) -> list[dict]:
+    out = []
+    for bench, b in report.get("benchmarks", {}).items():
+        for tkey, cell in b.get("results", {}).items():
+            spec = cell["spec"]
+            out.append({"run": run, "supervised_tokens": tokens, "steps": steps, "benchmark": bench,
+                        "temperature": float(tkey.split("=", 1)[1]), "acceptance_length": spec["acceptance_length"],
+                        "tpf": spec["tpf"], "speedup": cell.get("speedup"),
+                        "tokens_per_s": spec.get("tokens_per_s"),
+                        "ar_tokens_per_s": (cell.get("ar") or {}).get("tokens_per_s")})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | steps | supervised tokens | benchmark | T | acceptance length | TPF | tok/s | AR tok/s | speedup |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (r["run"] != "main", r["run"], r["steps"], r["benchmark"], r["temperature"])):
+        f = lambda v, n=2: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
+        lines.append(f"| {r['run']} | {r['steps']} | {r['supervised_tokens'] / 1e6:.2f}M | {r['benchmark']} | "
+                     f"{r['temperature']:g} | {f(r['acceptance_length'])} | {f(r['tpf'])} | {f(r['tokens_per_s'], 0)} | "
+                     f"{f(r['ar_tokens_per_s'], 0)} | {f(r['speedup'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["run"] == "main"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for bench in sorted({r["benchmark"] for r in main}):
+        for temp in sorted({r["temperature"] for r in main}):
+            pts = sorted((r["supervised_tokens"], r["acceptance_length"]) for r in main
+                         if r["benchmark"] == bench and r["temperature"] == temp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if temp == 0 else "--",
+                    label=f"{bench} T={temp:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("supervised tokens (log)")
+    ax.set_ylabel("acceptance length (emitted / verify pass)")
+    ax.set_title("Orthrus heads on SmolLM2-135M-Instruct: acceptance vs training tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("main", help="RUN_DIR:EVAL_ROOT of the main run")
+    ap.add_argument("--extra", action="append", default=[], help="NAME=RUN_DIR:REPORT_JSON")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir, eval_root = (Path(p) for p in args.main.split(":", 1))
+    cum = supervised_tokens_by_step(run_dir / "metrics.jsonl")
+    rows: list[dict] = []
+    for d in sorted(eval_root.glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name))):
+        rep = d / "eval" / "report.json"
+        if rep.exists():
+            step = int(re.sub(r"\D", "", d.name))
+            rows += rows_of(json.loads(rep.read_text()), "main", step, tokens_at(cum, step))
+    for spec in args.extra:
+        name, rest = spec.split("=", 1)
+        rdir, rep = rest.split(":", 1)
+        if not Path(rep).exists():
+            print(f"[curve] {name}: {rep} missing, skipped")
+            continue
+        rcum = supervised_tokens_by_step(Path(rdir) / "metrics.jsonl")
+        last = max(rcum)
+        rows += rows_of(json.loads(Path(rep).read_text()), name, last, rcum[last])
+    (out / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "curve.md").write_text(table(rows))
+    if any(r["run"] == "main" for r in rows):
+        plot(rows, out / "curve.png")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

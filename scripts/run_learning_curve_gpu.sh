@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The learning curve on the real model (issue 16), one GPU, resumable phase by phase:
+#   bash scripts/run_learning_curve_gpu.sh GGUF_PATH ROOT OUT [phase ...]
+# phases (default all, in order):
+#   data    regenerate the training responses with the project's decode engine (every prompt of the
+#           shared mix, SAMPLES responses each), ROOT/main/data
+#   train   main Orthrus run (STEPS optimizer steps, a checkpoint every SAVE steps, all kept), then, on
+#           the same GPU at the same time, the Medusa baseline (same data, same steps) and the ablations
+#           (ABL_STEPS steps each: the base settings and each variant, all with their own full schedule)
+#   eval    each budget in BUDGETS (steps of the main run) evaluated as its own run folder
+#           (ROOT/curve/step-N with links to the main run's tokenizer, data and checkpoint), then Medusa
+#           and the ablations; the engine's numbers only (no lossless checks, no transformers reference)
+#   final   the lossless checks on the largest budget (ROOT/final)
+#   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
+# Results are packed after every phase. Environment knobs (defaults in brackets) below.
+set -uo pipefail
+GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
+PHASES=${*:-data train eval final collect}
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 ORTHRUS_NO_PROGRESS=1 WANDB_MODE=disabled
+HERE=$(cd "$(dirname "$0")" && pwd)
+SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-256}
+STEPS=${STEPS:-960}; SAVE=${SAVE:-30}; GB=${GB:-32}; LR=${LR:-1e-3}
+BUDGETS=${BUDGETS:-30 120 360 960}
+ABL_STEPS=${ABL_STEPS:-240}
+EVAL_N=${EVAL_N:-100}; EVAL_NEW=${EVAL_NEW:-256}; EVAL_BS=${EVAL_BS:-16}
+RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
+pack() { tar czf "$FINAL/results.tgz" -C "$ROOT" results; cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
+BASE=(recipe=smollm2-135m "model.path=$GGUF" train.wandb.mode=disabled)
+DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
+      data.regen_backend=engine)
+TRAIN=(train.micro_batch=16 train.global_batch=$GB train.lr=$LR train.min_lr_ratio=0.1 train.epochs=100)
+EVAL=(eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW eval.batch_size=$EVAL_BS eval.lossless.enabled=false
+      eval.hf_generate_reference=false eval.plots=false)
+run() { local name=$1; shift; local t0=$(date +%s)
+  python -m orthrus_train "${BASE[@]}" "${DATA[@]}" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$RES/phases.txt"; tail -4 "$RES/$name.log"; return $rc; }
+link_run() {  # a run folder that shares the main run's tokenizer and data (no copies)
+  mkdir -p "$1"; for x in tokenizer data; do [ -e "$1/$x" ] || ln -s "$ROOT/main/$x" "$1/$x"; done; }
+# name -> extra overrides of each ablation (each trains ABL_STEPS steps with its own schedule)
+declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [anchors128]="train.anchors_per_row=128")
+
+for ph in $PHASES; do case $ph in
+  data) run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
+  train)
+    link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
+    run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 "${TRAIN[@]}" \
+      train.max_steps=$STEPS train.save_every=$STEPS &
+    for a in "${!ABL[@]}"; do
+      run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
+        train.save_every=$ABL_STEPS ${ABL[$a]} &
+    done
+    run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
+      train.keep_checkpoints=1000
+    wait
+    for r in main medusa "${!ABL[@]/#/abl-}"; do cp "$ROOT/$r/metrics.jsonl" "$RES/${r}_metrics.jsonl" 2>/dev/null; done ;;
+  eval)
+    for n in $BUDGETS; do
+      d=$ROOT/curve/step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
+      src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
+      [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
+      [ -f "$d/eval/report.json" ] || run eval_step$n run_dir=$d stage=eval "${EVAL[@]}"
+      cp "$d/eval/report.json" "$RES/curve_step${n}_report.json" 2>/dev/null
+    done
+    [ -f "$ROOT/medusa/eval/report.json" ] || run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
+      heads.block_size=16 "${EVAL[@]}"
+    for a in "${!ABL[@]}"; do
+      [ -f "$ROOT/abl-$a/eval/report.json" ] || run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
+    done ;;
+  final)
+    n=${BUDGETS##* }; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
+    src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
+    [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
+    run final_eval run_dir=$d stage=eval eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW \
+      eval.batch_size=$EVAL_BS eval.lossless.ks_min_tokens=${KS_TOKENS:-50000} eval.lossless.greedy_prompts=$EVAL_N \
+      eval.hf_generate_reference=false
+    cp "$d/eval/report.json" "$RES/final_report.json" 2>/dev/null; cp "$d/eval/report.md" "$RES/final_report.md" 2>/dev/null ;;
+  collect)
+    extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
+    for a in "${!ABL[@]}"; do extras+=(--extra "abl-$a=$ROOT/abl-$a:$ROOT/abl-$a/eval/report.json"); done
+    python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" "${extras[@]}" > "$RES/collect.log" 2>&1
+    tail -40 "$RES/collect.log" ;;
+  *) echo "unknown phase $ph" | tee -a "$RES/phases.txt" ;;
+esac; pack; done
+pack
