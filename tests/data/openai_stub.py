@@ -206,22 +206,23 @@ class _Handler(BaseHTTPRequestHandler):
             attempt = s.completion_attempts
             s.in_flight += 1
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
+        headers = None
         try:
             if attempt <= s.fail_first:
-                self._send(s.fail_status, {"error": {"message": "stub: overloaded"}},
-                           {"Retry-After": s.retry_after} if s.retry_after else None)
-                return
-            if attempt <= s.slow_first:
-                time.sleep(SLOW_S)
-            if s.delay_s:
-                time.sleep(s.delay_s)
-            status, payload = s.completion(body)
-            if status == 200:
-                with s.lock:
-                    s.completions += 1
-                    s.prompts.append(body.get("prompt"))
-                    s.bodies.append(body)
-            self._send(status, payload)
+                status, payload = s.fail_status, {"error": {"message": "stub: overloaded"}}
+                headers = {"Retry-After": s.retry_after} if s.retry_after else None
+            else:
+                if attempt <= s.slow_first:
+                    time.sleep(SLOW_S)
+                if s.delay_s:
+                    time.sleep(s.delay_s)
+                status, payload = s.completion(body)
+                if status == 200:
+                    with s.lock:
+                        s.completions += 1
+                        s.prompts.append(body.get("prompt"))
+                        s.bodies.append(body)
         finally:
-            with s.lock:
+            with s.lock:  # before the reply goes out: the client may send its next request at once
                 s.in_flight -= 1
+        self._send(status, payload, headers)

@@ -362,15 +362,17 @@ def _has_backend_switch() -> bool:
     return "regen_backend" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_backend_switch(), reason="data.regen_backend (engine|hf|server) is not merged yet")
 def test_cli_data_stage_through_a_server(tmp_path, model):
-    from ..conftest import TINY_FAST, orthrus
+    from ..conftest import orthrus
 
     def responses(run):
         meta = json.loads((run / "data/regen/meta.json").read_text())
         return load_responses(run / "data/regen", meta["n_prompts"], meta["shard_size"])[0]
 
-    common = ["recipe=tiny", "stage=data", *TINY_FAST]
+    common = ["recipe=tiny", "stage=data", "data.num_samples=16", "data.holdout_count=2", "data.max_new_tokens=16",
+              "data.progress=false"]
     orthrus(*common, f"run_dir={tmp_path / 'hf'}", "data.regen_backend=hf")
     with stub(model) as srv:
         orthrus(*common, f"run_dir={tmp_path / 'srv'}", "data.regen_backend=server", f"data.server.url={srv.url}",
@@ -381,5 +383,6 @@ def test_cli_data_stage_through_a_server(tmp_path, model):
     assert responses(tmp_path / "srv") == responses(tmp_path / "hf")
     assert json.loads((tmp_path / "srv/data/report.json").read_text())["regeneration"]["prompts"] > 0
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert f"serves ['tiny-qwen3'], not data.server.model='my-qwen3'" in bad.stderr.splitlines()[0]
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "serves ['tiny-qwen3'], not data.server.model='my-qwen3'" in errors[0]
     assert not list((tmp_path / "bad").glob("data/regen/shard-*.json"))
