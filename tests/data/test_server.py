@@ -362,6 +362,13 @@ def _has_backend_switch() -> bool:
     return "regen_backend" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
+@pytest.mark.skipif(not _has_backend_switch(), reason="data.regen_backend (engine|hf|server) is not merged yet")
+def test_server_backend_needs_a_url():
+    with pytest.raises(ValueError, match="data.server.url: data.regen_backend=server needs the server's address"):
+        DataConfig.from_dict({"regen_backend": "server"})
+    DataConfig.from_dict({"regen_backend": "server", "regenerate": False})  # nothing to regenerate: no server
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_backend_switch(), reason="data.regen_backend (engine|hf|server) is not merged yet")
 def test_cli_data_stage_through_a_server(tmp_path, model):
