@@ -64,6 +64,26 @@ class ChatTemplateConfig:
 
 
 @dataclass
+class ServerConfig:
+    """An OpenAI-compatible completions server (vLLM, SGLang) that writes the responses when
+    data.regen_backend is "server" (orthrus_train/data/server.py; docs/data.md)."""
+
+    # Base address, e.g. http://host:8000 (a trailing /v1 is accepted).
+    url: str | None = None
+    # The model id the server must list in /v1/models (vLLM: the path given to `vllm serve`, or
+    # --served-model-name). None: the one model the server serves.
+    model: str | None = None
+    # Requests in flight at once (one prompt per request).
+    concurrency: int = 32
+    # Seconds to wait for one response; a request that takes longer is retried.
+    timeout_s: float = 600.0
+    # Retries of one request after a connection error, a timeout, 429 or 5xx (exponential backoff).
+    max_retries: int = 5
+    # Environment variable holding the server's API key (sent as "Authorization: Bearer"). None: no key.
+    api_key_env: str | None = None
+
+
+@dataclass
 class DataConfig:
     """The data stage: sources -> (regenerate or keep responses) -> pack -> run_dir/data."""
 
@@ -108,12 +128,16 @@ class DataConfig:
     static_cache: bool = True
     # tqdm progress bars.
     progress: bool = True
+    # The completions server used when data.regen_backend is "server".
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else _make(SourceConfig, s, "data.sources[]")
                         for s in self.sources]
         if not isinstance(self.chat_template, ChatTemplateConfig):
             self.chat_template = _make(ChatTemplateConfig, self.chat_template, "data.chat_template")
+        if not isinstance(self.server, ServerConfig):
+            self.server = _make(ServerConfig, self.server, "data.server")
         self.validate()
 
     def validate(self) -> None:
@@ -143,6 +167,16 @@ class DataConfig:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.temperature < 0:
             bad("temperature", f"must be >= 0, got {self.temperature}")
+        srv = self.server
+        if srv.concurrency < 1:
+            bad("server.concurrency", f"must be >= 1, got {srv.concurrency}")
+        if not srv.timeout_s > 0:
+            bad("server.timeout_s", f"must be > 0, got {srv.timeout_s}")
+        if srv.max_retries < 0:
+            bad("server.max_retries", f"must be >= 0, got {srv.max_retries}")
+        if getattr(self, "regen_backend", None) == "server" and self.regenerate and not srv.url:
+            bad("server.url", "data.regen_backend=server needs the server's address, e.g. "
+                "data.server.url=http://host:8000")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | "DataConfig") -> "DataConfig":
@@ -157,6 +191,7 @@ class DataConfig:
         """Hash of the named fields (all fields that shape the outputs when none are named)."""
         d = self.to_dict()
         d.pop("progress")
+        d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
         if keys:
             d = {k: d[k] for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
