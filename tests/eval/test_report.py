@@ -165,7 +165,7 @@ def test_low_precision_model_gets_the_strict_float32_greedy_check(qwen3_model, t
     rep = run_eval(m, tok, cfg, tmp_path / "run")
     ll = rep["lossless"]
     nf = ll["noise_floor"]
-    assert nf["dtype"] == "bfloat16" and nf["floor"] > 0 and nf["positions"] > 0
+    assert nf["dtype"] == "bfloat16" and nf["floor"] >= 0 and nf["positions"] > 0  # CPU bf16: often exactly 0
     assert ll["greedy"]["dtype"] == "bfloat16" and ll["greedy"]["tolerance"] == pytest.approx(2 * nf["floor"])
     assert ll["exact_sampler"]["dtype"] == "bfloat16" and ll["exact_sampler"]["passed"]
     g32 = ll["greedy_float32"]
