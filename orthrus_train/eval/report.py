@@ -510,7 +510,8 @@ def _lossless_md(ll) -> list[str]:
         divs = ll.get(key, {}).get("divergences") or []
         if divs:
             out += ["", f"Greedy divergences{label}:", "",
-                    "| prompt | index | AR token | drafted token | top-2 gap | explained |", "|---|---:|---:|---:|---:|---|"]
+                    "| prompt | index | AR token | drafted token | top-2 gap | explained |",
+                    "|---|---:|---:|---:|---:|---|"]
             out += [f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | {_f(d['top2_gap'], 5)} | "
                     f"{d['near_tie']} |" for d in divs[:50]]
     return out
