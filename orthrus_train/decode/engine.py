@@ -43,10 +43,11 @@ FINISH = {0: "running", 1: "eos", 2: "length"}
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; min_p 0 = off (filters: `decode/verify.py`)."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -55,6 +56,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -94,7 +97,7 @@ class GenerateResult:
 
 def draft_probs(logits: torch.Tensor, sp: "SamplingParams") -> torch.Tensor:
     """The draft distribution q exactly as the acceptance rule computes it (so p/q is the right ratio)."""
-    return torch.softmax(verify.processed_logits(logits, sp.temperature, sp.top_k, sp.top_p), dim=-1)
+    return torch.softmax(verify.processed_logits(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p), dim=-1)
 
 
 class _State:
@@ -189,7 +192,7 @@ class DecodeEngine:
         dlog = st.draft_logits if spec else st.draft_logits[:, :0]
         u = counter_uniforms(st.seeds, st.n_verify, self.K - 1, T)
         m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
-                                top_p=sp.top_p, backend=self.verify_backend)
+                                top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend)
         m, nxt = m.long(), nxt.long()
         j = torch.arange(T, device=ids.device)
         # tokens emitted at slots j = 0..m: d_1..d_m, then the rule's next token
@@ -412,6 +415,8 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
               eos_token_id=eos or None)
     if not sp.greedy:
         kw.update(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)  # top_k 0 = off, as here
+        if sp.min_p > 0:
+            kw["min_p"] = sp.min_p
     if compile is False:
         kw["disable_compile"] = True
     note = ""

@@ -23,10 +23,13 @@ Sampling semantics (identical for draft and target, matching plain sampling in t
 then top-k (``TopKLogitsWarper``: keep every token whose value is >= the k-th largest, ties at
 the boundary kept), then top-p on the softmax of the top-k survivors (``TopPLogitsWarper``: sort
 ascending, drop tokens whose ascending cumulative probability is ``<= 1 - top_p``, always keep
-the most likely token). Filtering is expressed as one threshold per row (keep ``x >= thr``),
+the most likely token), then min-p (``MinPLogitsWarper``: drop tokens whose probability is below
+``min_p`` times the most likely one's, i.e. keep ``x >= max(x) + log(min_p)``; it never removes the
+argmax, so its place in the chain does not matter). Filtering is expressed as one threshold per row
+(keep ``x >= thr``),
 which equals transformers' result except when tokens tie exactly at the top-p boundary: we keep
 all of them, transformers keeps an arbitrary sort-dependent subset.
-``temperature == 0`` means greedy: top-k/top-p are irrelevant (they never remove the argmax).
+``temperature == 0`` means greedy: top-k/top-p/min-p are irrelevant (they never remove the argmax).
 
 Rule
 ----
@@ -40,6 +43,7 @@ whose cumulative weight exceeds ``u * total`` (inverse CDF), so it needs one uni
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +54,7 @@ __all__ = [
     "outcome_distribution",
     "processed_logits",
     "filter_threshold",
+    "filters_active",
     "acceptance_prob",
     "residual_weights",
     "inverse_cdf",
@@ -66,8 +71,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def filter_threshold(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> Optional[torch.Tensor]:
-    """Per-row threshold on temperature-scaled logits: top-k then top-p keep ``x >= thr``.
+def filter_threshold(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+                     ) -> Optional[torch.Tensor]:
+    """Per-row threshold on temperature-scaled logits: top-k, top-p then min-p keep ``x >= thr``.
 
     Why a threshold: it is all a kernel needs to apply the filter while streaming the vocab,
     so the expensive sort happens once here and both backends share one definition.
@@ -85,14 +91,23 @@ def filter_threshold(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
         n_remove = (cum <= 1.0 - float(top_p)).sum(dim=-1).clamp(max=V - 1)
         thr_p = sorted_x.gather(-1, n_remove[..., None]).squeeze(-1)
         thr = thr_p if thr is None else torch.maximum(thr, thr_p)
+    if min_p and float(min_p) > 0.0:
+        thr_m = scaled.max(dim=-1).values + math.log(float(min_p))
+        thr = thr_m if thr is None else torch.maximum(thr, thr_m)
     return thr
 
 
-def processed_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
-                     ) -> torch.Tensor:
+def filters_active(V: int, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> bool:
+    """Whether top-k / top-p / min-p remove anything at vocabulary size V."""
+    return bool((top_k and 0 < int(top_k) < V) or (top_p is not None and float(top_p) < 1.0)
+                or (min_p and float(min_p) > 0.0))
+
+
+def processed_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0) -> torch.Tensor:
     """Scaled logits with filtered tokens at -inf, in fp32 (fp64 for fp64 input)."""
     scaled = logits.to(_compute_dtype(logits)) * (1.0 / float(temperature))
-    thr = filter_threshold(scaled, top_k, top_p)
+    thr = filter_threshold(scaled, top_k, top_p, min_p)
     if thr is None:
         return scaled
     return torch.where(scaled >= thr[..., None], scaled, torch.full_like(scaled, float("-inf")))
@@ -164,6 +179,7 @@ def verify_reference(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     n_valid: Optional[torch.Tensor] = None,
     draft_is_greedy: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -182,13 +198,13 @@ def verify_reference(
         acc = ok.long().cumprod(dim=-1).sum(dim=-1)
         return acc, am.gather(1, acc[:, None]).squeeze(1)
 
-    lp = processed_logits(target_logits, temperature, top_k, top_p)
+    lp = processed_logits(target_logits, temperature, top_k, top_p, min_p)
     lse_p = torch.logsumexp(lp, dim=-1)
     p_d = torch.exp(lp[:, : K - 1].gather(-1, d[..., None]).squeeze(-1) - lse_p[:, : K - 1])
     if draft_is_greedy:
         q_d = torch.ones_like(p_d)
     else:
-        lq = processed_logits(draft_logits, temperature, top_k, top_p)
+        lq = processed_logits(draft_logits, temperature, top_k, top_p, min_p)
         lse_q = torch.logsumexp(lq, dim=-1)
         q_d = torch.exp(lq.gather(-1, d[..., None]).squeeze(-1) - lse_q)
     a = acceptance_prob(p_d, q_d)
@@ -220,6 +236,7 @@ def outcome_distribution(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     n_valid: Optional[torch.Tensor] = None,
     draft_is_greedy: bool = False,
 ) -> torch.Tensor:
@@ -242,14 +259,14 @@ def outcome_distribution(
         return out
 
     f64 = torch.float64
-    p = torch.softmax(processed_logits(target_logits.to(f64), temperature, top_k, top_p), dim=-1)
+    p = torch.softmax(processed_logits(target_logits.to(f64), temperature, top_k, top_p, min_p), dim=-1)
     d = draft_tokens.long().clamp(0, V - 1)
     slots = torch.arange(K - 1, device=dev)
     valid = slots[None, :] < n[:, None]
     if draft_is_greedy:
         q = torch.zeros((B, K - 1, V), dtype=f64, device=dev).scatter_(2, d[..., None], 1.0)
     else:
-        q = torch.softmax(processed_logits(draft_logits.to(f64), temperature, top_k, top_p), dim=-1)
+        q = torch.softmax(processed_logits(draft_logits.to(f64), temperature, top_k, top_p, min_p), dim=-1)
     p_d = p[:, : K - 1].gather(-1, d[..., None]).squeeze(-1)
     q_d = q.gather(-1, d[..., None]).squeeze(-1)
     a = torch.where(valid, acceptance_prob(p_d, q_d), torch.zeros_like(p_d))
@@ -276,6 +293,7 @@ def verify(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     n_valid: Optional[torch.Tensor] = None,
     draft_is_greedy: bool = False,
     generator: Optional[torch.Generator] = None,
@@ -292,7 +310,7 @@ def verify(
     if not greedy and uniforms is None:
         B, K = target_logits.shape[:2]
         uniforms = draw_uniforms(B, K, generator, target_logits.device)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, n_valid=n_valid,
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, n_valid=n_valid,
               draft_is_greedy=draft_is_greedy)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}")
@@ -318,10 +336,10 @@ def verify(
     inv_t = 0.0
     if not greedy:
         inv_t = 1.0 / float(temperature)
-        if (top_k and 0 < int(top_k) < V) or (top_p is not None and float(top_p) < 1.0):
-            thr_p = filter_threshold(target_logits.float() * inv_t, top_k, top_p)
+        if filters_active(V, top_k, top_p, min_p):
+            thr_p = filter_threshold(target_logits.float() * inv_t, top_k, top_p, min_p)
             if draft_logits is not None and not draft_is_greedy:
-                thr_q = filter_threshold(draft_logits.float() * inv_t, top_k, top_p)
+                thr_q = filter_threshold(draft_logits.float() * inv_t, top_k, top_p, min_p)
     return kverify.speculative_verify(
         draft_tokens, None if (greedy or draft_is_greedy) else draft_logits, target_logits,
         uniforms, n, inv_temperature=inv_t, greedy=greedy, draft_is_greedy=draft_is_greedy,

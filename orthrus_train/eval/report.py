@@ -25,10 +25,11 @@ import torch
 
 from ..decode.engine import DecodeEngine, RowRecord, SamplingParams, hf_generate
 from ..decode.rng import row_seed
-from . import lossless, metrics
+from . import lossless, metrics, sampling
 from .benchmarks import BenchmarkPrompts, EvalPrompt, PromptRenderer, load_benchmark, load_train_prompt_hashes, \
     stop_token_ids
 from .config import EvalConfig
+from .progress import Progress
 
 TINY_PARAMS = 100_000_000
 TINY_NOTE = ("tiny model (< 100M parameters): these numbers only show that the machinery works; they say nothing "
@@ -115,10 +116,15 @@ def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
     return run
 
 
-def _engine_gen(engines: _Engines, max_new: int, sampling: SamplingParams, eos: list[int], mode: str):
+def _engine_gen(engines: _Engines, max_new: int, sp: SamplingParams, eos: list[int], mode: str,
+                progress: Progress | None = None):
     def gen(ids, seeds):
         eng = engines.get(eng_slots(engines, ids, max_new))
-        res = eng.generate_all(ids, max_new, sampling, seeds, eos, mode)
+        res = []
+        for i in range(0, len(ids), eng.B):
+            res.append(eng.generate(ids[i:i + eng.B], max_new, sp, seeds[i:i + eng.B], eos, mode))
+            if progress is not None:
+                progress.update(len(res[-1].rows), sum(len(r.tokens) for r in res[-1].rows))
         recs = [r for x in res for r in x.rows]
         return recs, sum(x.total_s for x in res), sum(x.decode_s for x in res)
     return gen
@@ -209,8 +215,10 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
     n_params = sum(p.numel() for p in model.backbone.parameters())
     tiny = n_params < TINY_PARAMS
     p0 = next(model.backbone.parameters())
+    samp = sampling.resolve(cfg, model.backbone)
     report: dict[str, Any] = {
         "settings": cfg.to_dict(),
+        "sampling": samp,
         "model": {"head_type": model.head_type, "block_size": model.block_size,
                   "backbone": getattr(model.config, "_name_or_path", "") or model.config.model_type,
                   "parameters": n_params, "dtype": str(p0.dtype).replace("torch.", ""), "device": str(p0.device),
@@ -243,17 +251,19 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
         entry = {**b.summary(), "multi_turn": any(len(p.turns) > 1 for p in b.prompts), "results": {}}
         report["benchmarks"][name] = entry
         first_ids = renderer.encode(b.prompts[0].turns, [])
-        for T in cfg.temperatures:
-            sp = SamplingParams(T, cfg.top_k, cfg.top_p)
+        for T in samp["temperatures"]:
+            sp = sampling.params(samp, T)
             cell: dict[str, Any] = {}
 
             def seed_of(p, turn, T=T):
                 return row_seed(cfg.seed, p.benchmark, p.index, turn, T)
             methods = ["spec"] + (["ar"] if cfg.ar_baseline else [])
             runs = {}
+            bar = Progress(len(methods) * sum(len(p.turns) for p in b.prompts), f"eval {name} {_tkey(T)}")
             for mode in methods:
-                gen = _engine_gen(engines, cfg.max_new_tokens, sp, eos, mode)
+                gen = _engine_gen(engines, cfg.max_new_tokens, sp, eos, mode, bar)
                 _warm_up(_engine_gen(engines, min(8, cfg.max_new_tokens), sp, eos, mode), first_ids)
+                bar.start(mode)
                 runs[mode] = run = _run_turns(b.prompts, renderer, gen, seed_of)
                 label = f"{name} {_tkey(T)} {mode}"
                 with warnings.catch_warnings():
@@ -262,6 +272,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                 for p, recs in zip(b.prompts, run.per_prompt):
                     samples_f.write(json.dumps({"benchmark": name, "uid": p.uid, "temperature": T, "method": mode,
                                                 "turns": [r.to_json() for r in recs]}) + "\n")
+            bar.close()
             if engines.engine is not None:
                 cell["cuda_graphs"] = engines.engine.cuda_graphs
                 if engines.engine.graph_error:
@@ -275,7 +286,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             entry["results"][_tkey(T)] = cell
             if sp.greedy and "ar" in runs and not greedy_cache:
                 greedy_cache[name] = (runs["spec"], runs["ar"])
-            if T == ls.temperature:
+            if sp == _check_sampling(cfg, samp):
                 sampled_sequences += runs["spec"].sequences()
         if len(b.prompts) < metrics.MIN_PROMPTS_FOR_HEADLINE:
             report["warnings"].append(f"{name}: only {len(b.prompts)} prompts (< {metrics.MIN_PROMPTS_FOR_HEADLINE})"
@@ -284,7 +295,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
 
     if ls.enabled:
         report["lossless"] = _lossless(model, cfg, engines, benches, renderer, eos, greedy_cache,
-                                       sampled_sequences)
+                                       sampled_sequences, _check_sampling(cfg, samp))
     if hf_jobs:  # every engine number is on disk before the reference runs (it may be slow or fail)
         report["elapsed_s"] = time.perf_counter() - t_start
         report["status"] = "transformers generate reference pending"
@@ -310,13 +321,40 @@ def _write_report(report: dict[str, Any], out_dir: Path, plots: bool) -> dict[st
     return report
 
 
+def _check_sampling(cfg: EvalConfig, samp: dict[str, Any]) -> SamplingParams:
+    """The sampling settings of the lossless sampling checks: the eval's filters at lossless.temperature."""
+    return sampling.params(samp, cfg.lossless.temperature or samp["temperature"])
+
+
+COMPONENTS = {  # verdict component -> what it states (report.md)
+    "exact_sampler": "(0) sampler vs the verify pass's own distributions (model dtype)",
+    "greedy_float32": "(a) greedy exactness on float32 weights",
+    "ks_float32": "(b) KS of the randomized PIT, float32 weights",
+    "chi_square_float32": "(c) chi-square on fixed prefixes, float32 weights",
+    "low_precision_divergences_explained": "(a) every low-precision greedy divergence within the noise floor",
+}
+
+
 def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, BenchmarkPrompts],
-              renderer: PromptRenderer, eos: list[int], greedy_cache, sampled_sequences) -> dict[str, Any]:
+              renderer: PromptRenderer, eos: list[int], greedy_cache, sampled_sequences, sp: SamplingParams
+              ) -> dict[str, Any]:
+    """The lossless section: each check, and the verdict from the checks rounding cannot reach (docs/design.md)."""
     ls = cfg.lossless
     first = next(iter(benches.values()))
-    out: dict[str, Any] = {}
-    # (a) greedy exactness (reuses the benchmark's greedy runs of both methods when there are some)
+    dtype = next(model.backbone.parameters()).dtype
+    low = dtype in (torch.bfloat16, torch.float16)
+    out: dict[str, Any] = {"sampling": {k: getattr(sp, k) for k in ("temperature", "top_k", "top_p", "min_p")}}
+    base_ids = [renderer.encode(p.turns[:1]) for p in first.prompts]
+    max_new = ls.ks_max_new_tokens or cfg.max_new_tokens
+    # (0) the sampler against the distributions its own verify passes computed, in the model's dtype
+    ex = lossless.exact_sampler_test(model, base_ids, sp, max_new, ls.ks_min_tokens, ls.ks_max_rounds, eos,
+                                     cfg.seed, ls.alpha, max(cfg.batch_size, min(len(base_ids), 64)),
+                                     cfg.verify_backend)
+    out["exact_sampler"] = {**ex, "dtype": _dt(dtype)}
+    # (a) greedy exactness (reuses the benchmark's greedy runs of both methods when there are some), each
+    # divergence weighed against the measured noise floor of this dtype
     prompts = first.prompts[: ls.greedy_prompts]
+    uids = [p.uid for p in prompts]
     if first.name in greedy_cache:
         spec_run, ar_run = greedy_cache[first.name]
         ids = [ps[0] for ps in spec_run.prompt_ids][: len(prompts)]
@@ -325,45 +363,72 @@ def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, Benc
     else:
         ids = [renderer.encode(p.turns[:1]) for p in prompts]
         spec_t, ar_t = _greedy_pair(engines, ids, cfg.max_new_tokens, eos)
-    dtype = next(model.backbone.parameters()).dtype
-    low = dtype in (torch.bfloat16, torch.float16)
-    tol = ls.near_tie_tolerance_low_precision if low else ls.near_tie_tolerance
-    g = lossless.greedy_exactness(model, ids, spec_t, ar_t, tol, [p.uid for p in prompts])
-    g.update(benchmark=first.name, dtype=str(dtype).replace("torch.", ""))
-    out["greedy"] = g
-    if low and ls.greedy_float32:
-        out["greedy_float32"] = _greedy_float32(model, cfg, ids, eos, [p.uid for p in prompts], first.name)
-    # (b) KS on the PIT of every sampled token: the benchmarks' samples at the check's temperature, topped up with
-    # new samples of the first benchmark's first turns until ks_min_tokens (or ks_max_rounds rounds)
-    sp = SamplingParams(ls.temperature, cfg.top_k, cfg.top_p)
-    seqs = list(sampled_sequences)
-    n_tok = sum(len(t) for _, t in seqs)
-    max_new = ls.ks_max_new_tokens or cfg.max_new_tokens
-    base_ids = [renderer.encode(p.turns[:1]) for p in first.prompts]
-    rounds = 0
-    while n_tok < ls.ks_min_tokens and rounds < ls.ks_max_rounds:
-        rounds += 1
-        eng = engines.get(eng_slots(engines, base_ids, max_new))
-        seeds = [row_seed(cfg.seed, "ks", rounds, p.uid) for p in first.prompts]
-        rows = [r for x in eng.generate_all(base_ids, max_new, sp, seeds, eos, "spec") for r in x.rows]
-        seqs += [(ids, r.tokens) for ids, r in zip(base_ids, rows)]
-        n_tok += sum(len(r.tokens) for r in rows)
-    ks = lossless.ks_pit_test(model, seqs, sp, seed=cfg.seed, min_tokens=ls.ks_min_tokens, alpha=ls.alpha)
-    ks.update(temperature=ls.temperature, top_k=cfg.top_k, top_p=cfg.top_p, top_up_rounds=rounds)
-    out["ks"] = ks
-    # (c) chi-square on fixed prefixes
-    if ls.chi2_prefixes > 0:
-        prefixes = base_ids[: ls.chi2_prefixes]
-        wide = _Engines(model, cfg, batch_size=max(cfg.batch_size, min(ls.chi2_samples, 64)))  # many short rows
-        eng = wide.get(eng_slots(wide, prefixes, 2))
-        c = lossless.chi_square_test(eng, prefixes, sp, ls.chi2_samples, eos, cfg.seed, ls.chi2_min_expected,
-                                     ls.chi2_min_conditional, ls.alpha)
-        c.update(temperature=ls.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        out["chi_square"] = c
-    checks = [out[k]["passed"] for k in ("greedy", "greedy_float32", "ks", "chi_square")
-              if k in out and out[k].get("passed") is not None]
-    out["passed"] = all(checks)
+    out["noise_floor"], out["greedy"] = _greedy_check(model, ls, ids, spec_t, ar_t, uids, first.name)
+    # (b), (c) and the strict greedy check on float32 weights: the model itself, or a float32 copy
+    m32, skipped = (model, None) if not low else _float32_copy(model, ls.greedy_float32)
+    try:
+        if low and m32 is not None:
+            spec32, ar32 = _greedy_pair(_Engines(m32, cfg), ids, cfg.max_new_tokens, eos)
+            _, out["greedy_float32"] = _greedy_check(m32, ls, ids, spec32, ar32, uids, first.name)
+        elif low:
+            out["greedy_float32"] = {"skipped": skipped, "passed": None}
+        e2e = m32 if m32 is not None else model  # informational only when not float32
+        wide = None
+        seqs = list(sampled_sequences) if e2e is model else []
+        n_tok = sum(len(t) for _, t in seqs)
+        e_engines = engines if e2e is model else _Engines(e2e, cfg)
+        rounds = 0
+        while n_tok < ls.ks_min_tokens and rounds < ls.ks_max_rounds:
+            rounds += 1
+            eng = e_engines.get(eng_slots(e_engines, base_ids, max_new))
+            seeds = [row_seed(cfg.seed, "ks", rounds, p.uid) for p in first.prompts]
+            rows = [r for x in eng.generate_all(base_ids, max_new, sp, seeds, eos, "spec") for r in x.rows]
+            seqs += [(i, r.tokens) for i, r in zip(base_ids, rows)]
+            n_tok += sum(len(r.tokens) for r in rows)
+        e2e_dtype = _dt(next(e2e.backbone.parameters()).dtype)
+        counts = e2e_dtype == "float32"
+        ks = lossless.ks_pit_test(e2e, seqs, sp, seed=cfg.seed, min_tokens=ls.ks_min_tokens, alpha=ls.alpha)
+        ks.update(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, top_up_rounds=rounds,
+                  dtype=e2e_dtype, counts_in_verdict=counts)
+        out["ks"] = ks
+        if ls.chi2_prefixes > 0:
+            prefixes = base_ids[: ls.chi2_prefixes]
+            wide = _Engines(e2e, cfg, batch_size=max(cfg.batch_size, min(ls.chi2_samples, 64)))  # many short rows
+            eng = wide.get(eng_slots(wide, prefixes, 2))
+            c = lossless.chi_square_test(eng, prefixes, sp, ls.chi2_samples, eos, cfg.seed, ls.chi2_min_expected,
+                                         ls.chi2_min_conditional, ls.alpha)
+            c.update(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, dtype=e2e_dtype,
+                     counts_in_verdict=counts)
+            out["chi_square"] = c
+    finally:
+        if m32 is not None and m32 is not model:
+            m32 = e2e = e_engines = wide = None  # the copy and its engines' caches
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    comp = {"exact_sampler": ex["passed"],
+            "greedy_float32": (out["greedy_float32"] if low else out["greedy"])["passed"],
+            "ks_float32": ks["passed"] if counts else None,
+            "chi_square_float32": out["chi_square"]["passed"] if counts and "chi_square" in out else None,
+            "low_precision_divergences_explained": out["greedy"]["passed"] if low else None}
+    out["components"] = comp
+    out["passed"] = all(v for v in comp.values() if v is not None)
     return out
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _greedy_check(model, ls, ids, spec_t, ar_t, uids, bench_name) -> tuple[dict, dict]:
+    """Noise floor of `model` (block pass vs AR step on the first AR outputs) and greedy exactness with
+    divergences explained up to noise_floor_factor x that floor."""
+    n = ls.noise_floor_prompts
+    nf = lossless.logit_noise_floor(model, list(zip(ids[:n], ar_t[:n])), ls.noise_floor_tokens)
+    floor = nf["floor"] if math.isfinite(nf["floor"]) else 0.0
+    g = lossless.greedy_exactness(model, ids, spec_t, ar_t, ls.noise_floor_factor * floor, uids)
+    g.update(benchmark=bench_name, dtype=_dt(next(model.backbone.parameters()).dtype), noise_floor=floor,
+             noise_floor_factor=ls.noise_floor_factor)
+    return nf, g
 
 
 def _greedy_pair(engines: _Engines, ids, max_new: int, eos) -> tuple[list[list[int]], list[list[int]]]:
@@ -373,35 +438,83 @@ def _greedy_pair(engines: _Engines, ids, max_new: int, eos) -> tuple[list[list[i
                   for r in x.rows] for mode in ("spec", "ar"))
 
 
-def _greedy_float32(model, cfg: EvalConfig, ids, eos, uids, bench_name) -> dict[str, Any]:
-    """Greedy exactness on a float32 copy of a low-precision model: drafted decoding must equal the AR baseline
-    token for token (a divergence here is a bug unless its top-two gap is below the float32 tolerance).
-    Skipped, with the reason, when the copy does not fit in the device's free memory."""
+def _float32_copy(model, wanted: bool):
+    """(float32 copy, None), or (None, why not): off, or it does not fit in the device's free memory."""
+    if not wanted:
+        return None, "eval.lossless.greedy_float32=false"
     p0 = next(model.backbone.parameters())
     need = 4 * sum(p.numel() for p in model.parameters()) + 4 * sum(b.numel() for b in model.buffers())
     if p0.is_cuda:
         free, _ = torch.cuda.mem_get_info(p0.device)
         if need * 1.5 > free:
-            return {"skipped": f"a float32 copy needs {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free",
-                    "passed": None}
-    m32 = copy.deepcopy(model).float()
-    try:
-        spec_t, ar_t = _greedy_pair(_Engines(m32, cfg), ids, cfg.max_new_tokens, eos)
-        g = lossless.greedy_exactness(m32, ids, spec_t, ar_t, cfg.lossless.near_tie_tolerance, uids)
-    finally:
-        del m32
-        if p0.is_cuda:
-            torch.cuda.empty_cache()
-    g.update(benchmark=bench_name, dtype="float32")
-    return g
+            return None, f"a float32 copy needs {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
+    return copy.deepcopy(model).float(), None
 
 
 # ------------------------------------------------------------------------------------------------ rendering
+def _verdict(x) -> str:
+    return {True: "pass", False: "FAIL"}.get(x, "-")
+
+
 def _greedy_row(g, label):
-    return (f"| {label} ({g['benchmark']}, {g.get('dtype', '?')}) | {'pass' if g['passed'] else 'FAIL'} | "
+    if "skipped" in g:
+        return f"| {label} | skipped | {g['skipped']} |"
+    return (f"| {label} ({g['benchmark']}, {g.get('dtype', '?')}) | {_verdict(g['passed'])} | "
             f"{g['exact_matches']}/{g['prompts']} prompts identical (token match {_f(g['token_match_rate'], 4)}); "
-            f"{g['near_tie_divergences']} near-tie divergences (top-2 gap < {g['tolerance']}), "
-            f"{g['non_tie_divergences']} others |")
+            f"{g['near_tie_divergences']} divergences explained by rounding (top-2 gap <= "
+            f"{_f(g.get('noise_floor_factor'), 3)} x noise floor {_f(g.get('noise_floor'), 5)} = "
+            f"{_f(g['tolerance'], 5)}), {g['non_tie_divergences']} not explained |")
+
+
+def _ks_row(label, t):
+    tag = "" if t.get("counts_in_verdict", True) else " (informational: not float32)"
+    return (f"| {label}, {t.get('dtype', '?')}{tag} | {_verdict(t['passed'])} | D = {_f(t['statistic'], 4)}, "
+            f"p = {_f(t['p_value'], 4)} over {t['tokens']} tokens (fail below {t['alpha']})"
+            + (f"; {t['note']}" if t.get("note") else "") + " |")
+
+
+def _lossless_md(ll) -> list[str]:
+    g, ks, ex, nf = ll["greedy"], ll["ks"], ll["exact_sampler"], ll["noise_floor"]
+    s = ll["sampling"]
+    out = ["", f"## Lossless checks: **{'PASS' if ll['passed'] else 'FAIL'}**", "",
+           f"Sampling checks at T={_f(s['temperature'], 3)}, top-k {s['top_k']}, top-p {_f(s['top_p'], 3)}, "
+           f"min-p {_f(s['min_p'], 3)}. The verdict is PASS when every component below passes (`-`: not run):", "",
+           "| verdict component | result |", "|---|---|"]
+    out += [f"| {COMPONENTS.get(k, k)} | {_verdict(v)} |" for k, v in ll["components"].items()]
+    t = ex["tests"]
+    out += ["", "| check | result | detail |", "|---|---|---|",
+            f"| (0) exact sampler test, {ex['dtype']} | {_verdict(ex['passed'])} | {ex['tokens']} tokens, "
+            f"{ex['steps']} verify steps; KS p-values: emitted tokens vs p {_f(t['token']['p_value'], 4)}, "
+            f"step outcomes vs the rule's law {_f(t['step']['p_value'], 4)}, drafts vs q "
+            f"{_f(t['draft']['p_value'], 4)} (Bonferroni threshold {ex['bonferroni_threshold']:.2g})"
+            + (f"; {ex['note']}" if ex.get("note") else "") + " |",
+            f"| noise floor, {nf.get('dtype', '?')} | - | largest logit difference block pass vs AR step: "
+            f"{_f(nf['floor'], 5)} (p99 {_f(nf.get('p99'), 5)}, median {_f(nf.get('median'), 5)}) over "
+            f"{nf['positions']} positions; largest |logit| {_f(nf.get('max_abs_logit'), 2)} |",
+            _greedy_row(g, "(a) greedy exactness vs AR baseline")]
+    if "greedy_float32" in ll:
+        out.append(_greedy_row(ll["greedy_float32"], "(a') greedy exactness, float32 copy"))
+    out.append(_ks_row("(b) KS test of the randomized PIT", ks))
+    if "chi_square" in ll:
+        c = ll["chi_square"]
+        tag = "" if c.get("counts_in_verdict", True) else " (informational: not float32)"
+        out.append(f"| (c) chi-square on fixed prefixes, {c.get('dtype', '?')}{tag} | {_verdict(c['passed'])} | "
+                   f"{c['testable']} tests, {c['samples_per_prefix']} samples per prefix, min p = "
+                   f"{_f(c['min_p_value'], 4)} (Bonferroni threshold {c['bonferroni_threshold']:.2g}) |")
+        out += ["", "| prefix | token | given 1st | samples | bins | chi2 | p-value |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in c["tests"]:
+            out.append(f"| {t['prefix']} | {t['position']} | {t.get('given_first', '-')} | {t['samples']} | "
+                       f"{t.get('bins', '-')} | {_f(t['statistic'])} | {_f(t['p_value'], 4)} |")
+    for key, label in (("greedy", ""), ("greedy_float32", " (float32 copy)")):
+        divs = ll.get(key, {}).get("divergences") or []
+        if divs:
+            out += ["", f"Greedy divergences{label}:", "",
+                    "| prompt | index | AR token | drafted token | top-2 gap | explained |",
+                    "|---|---:|---:|---:|---:|---|"]
+            out += [f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | {_f(d['top2_gap'], 5)} | "
+                    f"{d['near_tie']} |" for d in divs[:50]]
+    return out
 
 
 def _f(x, nd=2):
@@ -430,12 +543,13 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"{_f(s['tpf_std']):>8}{_f(c.get('speedup')):>9}")
     ll = report.get("lossless")
     if ll:
-        g, ks = ll["greedy"], ll["ks"]
+        g, ks, ex = ll["greedy"], ll["ks"], ll["exact_sampler"]
         g32 = ll.get("greedy_float32", {})
-        lines.append(f"lossless: {'PASS' if ll['passed'] else 'FAIL'}  greedy match {_f(g['match_rate'])} "
-                     f"({g['non_tie_divergences']} non-tie divergences)"
+        lines.append(f"lossless: {'PASS' if ll['passed'] else 'FAIL'}  exact sampler min p={_f(ex['min_p_value'], 4)}"
+                     f"  greedy match {_f(g['match_rate'])} ({g['non_tie_divergences']} divergences above "
+                     f"{_f(g['tolerance'], 4)} = {_f(g.get('noise_floor_factor'))} x noise floor)"
                      + (f"  float32 copy match {_f(g32['match_rate'])}" if "match_rate" in g32 else "")
-                     + f"  KS p={_f(ks['p_value'], 4)} over "
+                     + f"  KS ({ks.get('dtype')}) p={_f(ks['p_value'], 4)} over "
                      f"{ks['tokens']} tokens" + (f"  chi2 min p={_f(ll['chi_square']['min_p_value'], 4)}"
                                                  if "chi_square" in ll else ""))
     for n in report.get("notes", []):
@@ -446,7 +560,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m, s = report["model"], report["settings"]
+    m, s, samp = report["model"], report["settings"], report["sampling"]
     K = m["block_size"]
     out = ["# Orthrus evaluation", ""]
     for n in report.get("notes", []):
@@ -454,8 +568,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += [f"Model: `{m['backbone']}`, head `{m['head_type']}`, K = {K}, {m['parameters']:,} backbone parameters, "
             f"{m['dtype']} on {m['device']}.  ",
             f"Settings: {s['num_prompts']} prompts per benchmark, max {s['max_new_tokens']} new tokens, temperatures "
-            f"{s['temperatures']}, top-k {s['top_k']}, top-p {s['top_p']}, batch {s['batch_size']}, seed {s['seed']}, "
-            f"CUDA graphs requested: {s['use_cuda_graphs']}.", ""]
+            f"{samp['temperatures']}, batch {s['batch_size']}, seed {s['seed']}, "
+            f"CUDA graphs requested: {s['use_cuda_graphs']}.  ",
+            f"Sampling (T > 0): {sampling.describe(samp)}.", ""]
     out += ["## Results", "",
             "| benchmark | temp | prompts | acceptance length | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "
             "| tok/s HF generate |",
@@ -484,38 +599,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, b in report["benchmarks"].items():
         out.append(f"| {name} | `{b['source']}` | `{b['field']}` | {b['used']} | {b['available']} | "
                    f"{b['train_overlap']} | {b['excluded']} |")
-    ll = report.get("lossless")
-    if ll:
-        g, ks = ll["greedy"], ll["ks"]
-        g32 = ll.get("greedy_float32")
-        out += ["", f"## Lossless checks: **{'PASS' if ll['passed'] else 'FAIL'}**", "",
-                "| check | result | detail |", "|---|---|---|",
-                _greedy_row(g, "(a) greedy exactness vs AR baseline")]
-        if g32:
-            out.append(f"| (a') greedy exactness, float32 copy | skipped | {g32['skipped']} |" if "skipped" in g32
-                       else _greedy_row(g32, "(a') greedy exactness, float32 copy"))
-        out += [f"| (b) KS test of the randomized PIT | {'pass' if ks['passed'] else 'FAIL'} | "
-                f"D = {_f(ks['statistic'], 4)}, "
-                f"p = {_f(ks['p_value'], 4)} over {ks['tokens']} tokens (T={ks['temperature']}, top-k {ks['top_k']}, "
-                f"top-p {ks['top_p']}; fail below {ks['alpha']})"
-                + (f"; {ks['note']}" if ks.get("note") else "") + " |"]
-        if "chi_square" in ll:
-            c = ll["chi_square"]
-            out.append(f"| (c) chi-square on fixed prefixes | {'pass' if c['passed'] else 'FAIL'} | {c['testable']} "
-                       f"tests, {c['samples_per_prefix']} samples per prefix, min p = {_f(c['min_p_value'], 4)} "
-                       f"(Bonferroni threshold {c['bonferroni_threshold']:.2g}) |")
-            out += ["", "| prefix | token | given 1st | samples | bins | chi2 | p-value |",
-                    "|---:|---:|---:|---:|---:|---:|---:|"]
-            for t in c["tests"]:
-                out.append(f"| {t['prefix']} | {t['position']} | {t.get('given_first', '-')} | {t['samples']} | "
-                           f"{t.get('bins', '-')} | {_f(t['statistic'])} | {_f(t['p_value'], 4)} |")
-        if g["divergences"]:
-            out += ["", "Greedy divergences:", "",
-                    "| prompt | index | AR token | drafted token | top-2 gap | near-tie |",
-                    "|---|---:|---:|---:|---:|---|"]
-            for d in g["divergences"][:50]:
-                out.append(f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | "
-                           f"{_f(d['top2_gap'], 5)} | {d['near_tie']} |")
+    if report.get("lossless"):
+        out += _lossless_md(report["lossless"])
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]

@@ -78,3 +78,57 @@ def write_prompt_files(folder, n: int = 6, seed: int = 0):
     multi.write_text("".join(json.dumps({"turns": [words(rnd.randint(3, 6)), words(rnd.randint(2, 5))]}) + "\n"
                              for _ in range(n)))
     return single, multi
+
+
+def planted_rule(accept_scale: float = 1.0, residual_mix: float = 0.0):
+    """A deliberately, *slightly* broken acceptance rule (called like `decode.verify.verify`): the acceptance
+    probability min(1, p/q) scaled by `accept_scale`, and/or the residual max(0, p - q) (normalized) mixed
+    with `residual_mix` of p. (1.0, 0.0) is the real rule."""
+    from orthrus_train.decode import verify
+
+    def rule(draft_tokens, draft_logits, target_logits, uniforms, *, temperature, top_k=0, top_p=1.0, min_p=0.0,
+             **_):
+        B, K, _V = target_logits.shape
+        p = torch.softmax(verify.processed_logits(target_logits, temperature, top_k, top_p, min_p).double(), -1)
+        q = torch.softmax(verify.processed_logits(draft_logits, temperature, top_k, top_p, min_p).double(), -1)
+        d = draft_tokens.long()
+        a = verify.acceptance_prob(p[:, :K - 1].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0])
+        acc = (uniforms[:, :K - 1].double() < a * accept_scale).long().cumprod(-1).sum(-1)
+        rows = torch.arange(B, device=target_logits.device)
+        p_m = p[rows, acc]
+        res = verify.residual_weights(p_m, q[rows, acc.clamp(max=K - 2)])
+        tot = res.sum(-1, keepdim=True)
+        res = torch.where(tot > 0, res / tot.clamp_min(1e-300), p_m)
+        w = torch.where((acc < K - 1)[:, None], (1 - residual_mix) * res + residual_mix * p_m, p_m)
+        return acc, verify.inverse_cdf(w, uniforms[:, K - 1])
+    return rule
+
+
+def synthetic_steps(rule, n_rows: int, K: int = 4, V: int = 64, seed: int = 0, batch: int = 4096,
+                    sp=None) -> dict:
+    """PIT families (`eval.lossless.step_pits`) of `rule` on random verify steps: target logits p, draft logits
+    q = p + noise (acceptance ~0.6 per slot), drafts sampled from q, fresh uniforms; no model, so a large
+    sample costs seconds. Returns numpy arrays per family (`lossless.FAMILIES`)."""
+    import numpy as np
+
+    from orthrus_train.decode import verify
+    from orthrus_train.decode.engine import SamplingParams
+    from orthrus_train.eval import lossless
+
+    sp = sp or SamplingParams(1.0)
+    g = torch.Generator().manual_seed(seed)
+    probe = lossless.SamplerProbe(rule, seed)
+    out: dict = {k: [] for k in lossless.FAMILIES}
+    for lo in range(0, n_rows, batch):
+        B = min(batch, n_rows - lo)
+        tl = torch.randn(B, K, V, generator=g) * 2.0
+        dl = tl[:, :K - 1] + torch.randn(B, K - 1, V, generator=g)
+        q = torch.softmax(verify.processed_logits(dl, sp.temperature, sp.top_k, sp.top_p, sp.min_p), -1)
+        d = verify.inverse_cdf(q, torch.rand(B, K - 1, generator=g))
+        probe(d, dl, tl, torch.rand(B, K, generator=g), temperature=sp.temperature, top_k=sp.top_k,
+              top_p=sp.top_p, min_p=sp.min_p, backend="torch")
+        call = probe.calls.pop()
+        for k in out:
+            v = call[k].flatten()
+            out[k].append(v[~torch.isnan(v)].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}

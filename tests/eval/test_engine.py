@@ -219,3 +219,40 @@ def test_compiled_steps_match_eager(qwen3_model):
             prompts, 12, sp, list(range(4)), eos_token_ids=[5], mode=mode))
         assert [r.tokens for r in a] == [r.tokens for r in b]
         assert [r.accepted for r in a] == [r.accepted for r in b]
+
+
+def test_min_p_filter_matches_transformers_and_keeps_the_rule_exact():
+    """min-p (as in Qwen-style generation configs) filters like transformers' MinPLogitsWarper after
+    temperature / top-k / top-p, on both verify backends (the Triton kernel takes the same per-row threshold),
+    and the rule with it still leaves the filtered target law unchanged."""
+    from transformers.generation import logits_process as lp
+
+    from orthrus_train.decode import verify as vf
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 50, generator=g) * 3
+    for temperature, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.05), (0.7, 20, 0.9, 0.1), (1.3, 0, 0.95, 0.3)]:
+        procs = [lp.TemperatureLogitsWarper(temperature)] + ([lp.TopKLogitsWarper(top_k)] if top_k else []) + \
+            ([lp.TopPLogitsWarper(top_p)] if top_p < 1 else []) + [lp.MinPLogitsWarper(min_p)]
+        ref = x.clone()
+        for proc in procs:
+            ref = proc(None, ref)
+        ours = vf.processed_logits(x, temperature, top_k, top_p, min_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)) and torch.isinf(ours).any()
+        torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+    # the first emitted token's law (summed over accept/reject branches) is the filtered p of slot 0
+    B, K, V = 5, 3, 40
+    p_logits, q_logits = torch.randn(B, K, V, generator=g) * 2, torch.randn(B, K - 1, V, generator=g) * 2
+    q = torch.softmax(vf.processed_logits(q_logits, 0.8, 0, 1.0, 0.1), -1)
+    d = vf.inverse_cdf(q, torch.rand(B, K - 1, generator=g))
+    law = vf.outcome_distribution(d, q_logits, p_logits, temperature=0.8, min_p=0.1)
+    assert float(law.sum((1, 2)).sub(1).abs().max()) < 1e-12
+    p0 = torch.softmax(vf.processed_logits(p_logits[:, 0].double(), 0.8, 0, 1.0, 0.1), -1)
+    assert float(law[:, 0][p0 == 0].sum()) == 0.0  # never a token min-p removed
+    # both backends agree on the same uniforms
+    u = torch.rand(B, K, generator=g)
+    a = vf.verify(d, q_logits, p_logits, u, temperature=0.8, min_p=0.1, backend="torch")
+    b = vf.verify(d, q_logits, p_logits, u, temperature=0.8, min_p=0.1, backend="auto")
+    assert all(torch.equal(x_, y_) for x_, y_ in zip(a, b))
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(1.0, min_p=1.0)

@@ -1,9 +1,12 @@
-"""Lossless checks: they pass for the real acceptance rule and catch a sampler that samples from the draft."""
+"""Lossless checks: they pass for the real acceptance rule (in float32 and bf16) and catch a sampler that samples
+from the draft, and the exact sampler test catches slightly broken rules."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from eval_testlib import random_prompts
+from eval_testlib import planted_rule, random_prompts, synthetic_steps
 from orthrus_train.decode import verify
 from orthrus_train.decode.engine import DecodeEngine, SamplingParams
 from orthrus_train.decode.rng import row_seed
@@ -93,10 +96,78 @@ def test_greedy_exactness_reports_and_classifies_divergences(qwen3_model):
     assert same["match_rate"] == 1.0 and same["passed"] and not same["divergences"]
     broken = [list(s) for s in spec]
     broken[1][4] = (broken[1][4] + 1) % 100
-    rep = lossless.greedy_exactness(qwen3_model, prompts, broken, ar, tolerance=0.0)
+    rep = lossless.greedy_exactness(qwen3_model, prompts, broken, ar)
     assert rep["match_rate"] == pytest.approx(2 / 3) and not rep["passed"]
     (d,) = rep["divergences"]
     assert d["index"] == 4 and d["ar_token"] == ar[1][4] and d["top2_gap"] > 0 and not d["near_tie"]
     assert d["logit_ar_token"] >= d["logit_spec_token"]
     lenient = lossless.greedy_exactness(qwen3_model, prompts, broken, ar, tolerance=1e9)
     assert lenient["passed"] and lenient["near_tie_divergences"] == 1
+
+
+# ------------------------------------------------------------------------------------------- exact sampler test
+def _exact(model, rule, sp=FILTERED, min_tokens=3000, seed=3):
+    prompts = random_prompts(24, (3, 10), seed=31)
+    return lossless.exact_sampler_test(model, prompts, sp, 64, min_tokens=min_tokens, max_rounds=10, seed=seed,
+                                       batch_size=24, verify_backend="torch", rule=rule)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_sampler_test_passes_the_real_rule_in_any_dtype(qwen3_model, dtype):
+    """Tested against the verify pass's own p and q, a correct sampler passes in bf16 too (where a recomputed
+    p differs from the verify pass's by rounding)."""
+    m = qwen3_model if dtype == torch.float32 else copy.deepcopy(qwen3_model).to(dtype)
+    ex = _exact(m, None)
+    assert ex["tokens"] >= 3000 and ex["steps"] > 1000 and ex["tests"]["draft"]["n"] == 3 * ex["steps"]
+    assert ex["passed"] and ex["min_p_value"] > ex["bonferroni_threshold"], ex
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_sampler_test_catches_the_planted_bugs(qwen3_model, dtype):
+    m = qwen3_model if dtype == torch.float32 else copy.deepcopy(qwen3_model).to(dtype)
+    for rule in (broken_rule, planted_rule(residual_mix=1.0), planted_rule(accept_scale=0.5)):
+        ex = _exact(m, rule, min_tokens=1000)
+        assert not ex["passed"] and ex["min_p_value"] < 1e-8, ex
+
+
+def test_step_pits_are_the_rules_own_law():
+    """On the rule's own inputs the three PIT families are U(0,1) for the real rule (and for the engine's
+    default front door), tokens past the accepted count are not tested, and filtering is honoured."""
+    n = 4096
+    f = synthetic_steps(None, n, sp=SamplingParams(0.7, top_k=20, top_p=0.9, min_p=0.02))
+    assert len(f["step"]) == n and len(f["draft"]) == 3 * n and n < len(f["token"]) < 4 * n
+    for k, t in lossless.sampler_tests(f).items():
+        assert t["p_value"] > 1e-3, (k, t)
+
+
+# Slight bugs, and the sample size (verify steps) at which the exact test catches them (table in docs/design.md,
+# "Lossless verdict"; synthetic steps: K=4, V=64, about 0.6 acceptance per slot).
+@pytest.mark.parametrize("bug", [dict(residual_mix=0.02), dict(accept_scale=0.97), dict(accept_scale=0.99)],
+                         ids=["residual+2%p", "accept*0.97", "accept*0.99"])
+def test_exact_sampler_test_catches_slight_bugs_at_the_documented_size(bug):
+    n = 2048
+    bad = lossless.sampler_tests(synthetic_steps(planted_rule(**bug), n, seed=5))
+    assert min(t["p_value"] for t in bad.values()) < 1e-3 / 4, bad
+    good = lossless.sampler_tests(synthetic_steps(planted_rule(), n, seed=5))
+    assert min(t["p_value"] for t in good.values()) > 1e-3 / 4, good
+    assert good["rare"]["observed"] == 0 and bad["rare"]["observed"] > 3
+
+
+# ------------------------------------------------------------------------------------------- noise floor
+def test_noise_floor_measures_block_vs_ar_step(qwen3_model):
+    prompts = random_prompts(4, (3, 8), seed=37)
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=64, verify_backend="torch")
+    ar = [r.tokens for r in eng.generate(prompts, 20, mode="ar").rows]
+    f32 = lossless.logit_noise_floor(qwen3_model, list(zip(prompts, ar)))
+    assert f32["positions"] == sum(map(len, ar)) and f32["dtype"] == "float32"
+    assert 0 <= f32["floor"] < 1e-4, f32
+    bf = copy.deepcopy(qwen3_model).to(torch.bfloat16)
+    b16 = lossless.logit_noise_floor(bf, list(zip(prompts, ar)), max_tokens=10)
+    assert b16["positions"] == sum(min(10, len(a)) for a in ar) and b16["dtype"] == "bfloat16"
+    assert b16["floor"] >= b16["p99"] >= b16["median"] >= 0  # CPU bf16 matmuls may agree exactly (floor 0)
+    # it measures the block pass against the AR step: a block pass that is off by 0.25 logits shows up
+    off = copy.deepcopy(qwen3_model)
+    real_logits = off.logits
+    off.logits = lambda h: real_logits(h) + (0.25 if h.dim() == 3 and h.shape[1] > 1 else 0.0)
+    shifted = lossless.logit_noise_floor(off, list(zip(prompts, ar)))
+    assert shifted["floor"] == pytest.approx(0.25, abs=1e-4) and shifted["median"] == pytest.approx(0.25, abs=1e-4)
