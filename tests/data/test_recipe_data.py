@@ -4,7 +4,6 @@ e.g. ../shared beside the checkout, is absent)."""
 import os
 
 import pytest
-from omegaconf import OmegaConf
 
 from orthrus_train.config.loader import available_recipes, compose_unvalidated
 from orthrus_train.data import DataConfig, load_sources
@@ -14,8 +13,7 @@ _seen: dict[str, object] = {}
 
 @pytest.mark.parametrize("recipe", available_recipes())
 def test_recipe_data_is_feasible(recipe):
-    raw = compose_unvalidated(recipe)
-    data = DataConfig.from_dict(OmegaConf.to_container(raw.data, resolve=True))
+    data = DataConfig.from_dict(compose_unvalidated(recipe).data)
     missing = [s.path_or_id for s in data.sources if not os.path.exists(s.path_or_id)]
     if missing:
         pytest.skip(f"{recipe}: data not present here: {missing}")
