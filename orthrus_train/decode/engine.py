@@ -650,6 +650,8 @@ class GenerationEngine:
         if len(eos) > self.eos.numel():
             raise ValueError(f"at most {self.eos.numel()} end-of-sequence ids, got {eos}")
         self._settings = tuple(settings)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # graphs, streams and events of this engine live on its device
         self.eos.fill_(-1)
         if eos:
             self.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
@@ -715,12 +717,12 @@ class GenerationEngine:
             if prev is not None:  # the window before: its rows that ended are harvested and freed
                 if prev.event is not None:
                     prev.event.synchronize()
+                still, n_out = prev.active.tolist(), prev.n_out.tolist()
                 for b in range(self.B):
                     r = owner[b]
-                    if r is not None and since[b] <= prev.window and not bool(prev.active[b]):
-                        n = int(prev.n_out[b])
-                        yield r.key, prev.out[b, :n].tolist()
+                    if r is not None and since[b] <= prev.window and not still[b]:
                         owner[b] = None
+                        yield r.key, prev.out[b, : n_out[b]].tolist()
             prev = snap
             if snap is None and all(o is None for o in owner):
                 if take(1):
