@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--refill-min", type=int, default=None, help="engine: free rows before a refill "
                                                                 "(default batch/32)")
     p.add_argument("--no-graphs", action="store_true", help="engine: run the decode step eagerly")
+    p.add_argument("--compile", action="store_true", help="engine: torch.compile the step before capture "
+                                                          "(once per width: use a large --width-step)")
     p.add_argument("--decode-attn", default=None, choices=["auto", "sdpa", "fold", "math"],
                    help="attention of the cached decode step (model/layers.py)")
     p.add_argument("--out", default=None, help="JSON file for the results")
@@ -184,7 +186,8 @@ def main(argv=None) -> dict:
     outputs = {}
     for name in args.backends.split(","):
         if name == "engine":
-            kw = dict(sync_every=args.sync_every, width_step=args.width_step, refill_min=args.refill_min)
+            kw = dict(sync_every=args.sync_every, width_step=args.width_step, refill_min=args.refill_min,
+                      compile_step=args.compile)
             gen = EngineGenerator(model, eos, batch_size=bs, use_cuda_graphs=not args.no_graphs, **kw)
             outs, secs = stage_run(gen)  # cold: allocation, prefill, graph capture included
             eng = gen.engine

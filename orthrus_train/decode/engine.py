@@ -502,11 +502,12 @@ class GenerationEngine:
       same request gives the same tokens in any batch, order, refill pattern, graph or eager run.
 
     The model is any supported backbone (`model.backbones.FAMILIES`); its cached pass is the same code as the
-    decode engine's (`DraftModel.ar_cached`)."""
+    decode engine's (`DraftModel.ar_cached`). compile_step: torch.compile the step before capturing it (fewer,
+    fused kernels for launch-bound models; compiled once per width, so pair it with a large width_step)."""
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
-                 prefill_tokens: int = 32768):
+                 prefill_tokens: int = 32768, compile_step: bool = False):
         if batch_size < 1 or sync_every < 1 or width_step < 1:
             raise ValueError("batch_size, sync_every and width_step must be >= 1")
         # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
@@ -535,6 +536,7 @@ class GenerationEngine:
         self.steps = 0  # decode steps run (all calls)
         self.prefill_s = 0.0
         self._settings: tuple = ()
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
 
     # ------------------------------------------------------------------------------- the step
     def _view(self, W: int) -> StaticKVCache:
@@ -564,7 +566,7 @@ class GenerationEngine:
 
     def _window_fn(self, W: int):
         if not self.cuda_graphs:
-            return lambda: [self._step(W) for _ in range(self.sync_every)]
+            return lambda: [self._step_fn(W) for _ in range(self.sync_every)]
         key = (W, self._settings)
         if key not in self._graphs:
             try:
@@ -584,15 +586,15 @@ class GenerationEngine:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):  # warm-up outside the graph (kernel selection)
-                self._step(W)
+            for _ in range(2):  # warm-up outside the graph (kernel selection, compilation)
+                self._step_fn(W)
         torch.cuda.current_stream().wait_stream(s)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(g, pool=self._pool):
             for _ in range(self.sync_every):  # one graph = one window of steps: one launch per window
-                self._step(W)
+                self._step_fn(W)
         for t, v in zip(state, saved):  # the warm-up moved the state; K/V it wrote lie past every length
             t.copy_(v)
         return g
