@@ -491,7 +491,7 @@ class GenerationEngine:
       the next prompt of the stream: the prompt minus its last token is prefilled eagerly into that row's
       cache slots (rows refilled together share one padded prefill), the batch keeps its fixed shape.
     * Fixed-shape decode step (one token per row), captured once per (cache width, sampling settings) as a
-      CUDA graph. Its attention reads only the first W slots of the cache, W the smallest multiple of
+      CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the cache, W the smallest multiple of
       `width_step` that holds every busy row for the next window: short prompts do not pay for the longest
       one (length bucketing without re-batching).
     * The host looks at the rows every `sync_every` steps, one window behind (the next window is already
@@ -565,36 +565,36 @@ class GenerationEngine:
         self.active.copy_(act & ~done)
 
     def _window_fn(self, W: int):
-        if not self.cuda_graphs:
-            return lambda: [self._step_fn(W) for _ in range(self.sync_every)]
-        key = (W, self._settings)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(W)
-            except Exception as e:  # noqa: BLE001 - e.g. a model with host syncs: decode eagerly
-                self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
-                warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
-                self.cuda_graphs = False
-                self._graphs.clear()
-                return self._window_fn(W)
-        g = self._graphs[key]
-        return g.replay
+        """`sync_every` steps at width W: replays of the step's CUDA graph (captured on first use), or eager."""
+        if self.cuda_graphs:
+            key = (W, self._settings)
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = self._capture(W)
+                except Exception as e:  # noqa: BLE001 - e.g. a model with host syncs: decode eagerly
+                    self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
+                    warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
+                    self.cuda_graphs = False
+                    self._graphs.clear()
+        if self.cuda_graphs:
+            g = self._graphs[(W, self._settings)]
+            return lambda: [g.replay() for _ in range(self.sync_every)]
+        return lambda: [self._step_fn(W) for _ in range(self.sync_every)]
 
     def _capture(self, W: int):
+        """One step at width W as a CUDA graph (one step, not a window: a new width costs one capture)."""
         state = [self.last_token, self.n_out, self.active, self.out, self.cache.lengths]
         saved = [t.clone() for t in state]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):  # warm-up outside the graph (kernel selection, compilation)
-                self._step_fn(W)
+            self._step_fn(W)  # warm-up outside the graph (kernel selection, compilation)
         torch.cuda.current_stream().wait_stream(s)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(g, pool=self._pool):
-            for _ in range(self.sync_every):  # one graph = one window of steps: one launch per window
-                self._step_fn(W)
+            self._step_fn(W)
         for t, v in zip(state, saved):  # the warm-up moved the state; K/V it wrote lie past every length
             t.copy_(v)
         return g
