@@ -87,6 +87,13 @@ def stage_data(cfg, run: RunDir, dist) -> None:
 
         generator = LazyGenerator(data, tok, ChatRenderer._stop_ids(tok, data.chat_template.stop_tokens), load)
     run_data_stage(data, run.root, generator, tokenizer=tok, rank=shard.index, world_size=shard.count)
+    if generator is not None:  # the regeneration model, KV cache and graphs leave the GPU to training
+        import gc
+
+        del generator
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -491,9 +491,9 @@ class GenerationEngine:
       the next prompt of the stream: the prompt minus its last token is prefilled eagerly into that row's
       cache slots (rows refilled together share one padded prefill), the batch keeps its fixed shape.
     * Fixed-shape decode step (one token per row), captured once per (cache width, sampling settings) as a
-      CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the cache, W the smallest multiple of
-      `width_step` that holds every busy row for the next window: short prompts do not pay for the longest
-      one (length bucketing without re-batching).
+      CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the
+      cache, W the smallest multiple of `width_step` that holds every busy row for the next window: short
+      prompts do not pay for the longest one (length bucketing without re-batching).
     * The host looks at the rows every `sync_every` steps, one window behind (the next window is already
       queued when it reads the last one's pinned copy), so the GPU never waits for the host; finished rows
       idle at most two windows.
@@ -536,7 +536,10 @@ class GenerationEngine:
         self.steps = 0  # decode steps run (all calls)
         self.prefill_s = 0.0
         self._settings: tuple = ()
-        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
+        self._compiled = torch.compile(self._step, dynamic=False) if compile_step else None
+
+    def _step_fn(self, W: int) -> None:
+        (self._compiled or self._step)(W)
 
     # ------------------------------------------------------------------------------- the step
     def _view(self, W: int) -> StaticKVCache:
