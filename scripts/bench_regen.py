@@ -62,10 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--sync-every", type=int, default=8, help="engine: decode steps per CUDA graph / host look")
     p.add_argument("--width-step", type=int, default=128, help="engine: attention width granularity (slots)")
     p.add_argument("--refill-min", type=int, default=None, help="engine: free rows before a refill "
-                                                                "(default batch/32)")
+                                                                "(default batch/8)")
     p.add_argument("--no-graphs", action="store_true", help="engine: run the decode step eagerly")
     p.add_argument("--compile", action="store_true", help="engine: torch.compile the step before capture "
-                                                          "(once per width: use a large --width-step)")
+                                                          "(compilation time included in the timing)")
     p.add_argument("--decode-attn", default=None, choices=["auto", "sdpa", "fold", "math"],
                    help="attention of the cached decode step (model/layers.py)")
     p.add_argument("--out", default=None, help="JSON file for the results")

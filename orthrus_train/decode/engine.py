@@ -503,7 +503,7 @@ class GenerationEngine:
 
     The model is any supported backbone (`model.backbones.FAMILIES`); its cached pass is the same code as the
     decode engine's (`DraftModel.ar_cached`). compile_step: torch.compile the step before capturing it (fewer,
-    fused kernels for launch-bound models; compiled once per width, so pair it with a large width_step)."""
+    fused kernels for launch-bound models; costs compilation time, twice: the width becomes dynamic)."""
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
@@ -516,7 +516,10 @@ class GenerationEngine:
         self.device, self.dtype = p.device, p.dtype
         self.B, self.S = batch_size, max_len
         self.sync_every, self.width_step = sync_every, width_step
-        self.refill_min = max(1, batch_size // 32) if refill_min is None else max(1, refill_min)
+        # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are
+        # refilled in groups: fewer passes for a little idling (B/8 balanced the two in a cost model of a
+        # 135M model at B=256; tune with scripts/bench_regen.py --refill-min)
+        self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, refill_min)
         self.prefill_tokens = prefill_tokens
         self.cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda")
         self.graph_error: str | None = None
@@ -536,7 +539,8 @@ class GenerationEngine:
         self.steps = 0  # decode steps run (all calls)
         self.prefill_s = 0.0
         self._settings: tuple = ()
-        self._compiled = torch.compile(self._step, dynamic=False) if compile_step else None
+        # dynamic=None: the first width compiles static, the second makes the width dynamic (two compiles in all)
+        self._compiled = torch.compile(self._step, dynamic=None) if compile_step else None
 
     def _step_fn(self, W: int) -> None:
         (self._compiled or self._step)(W)
