@@ -507,7 +507,7 @@ class GenerationEngine:
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
-                 prefill_tokens: int = 32768, compile_step: bool = False):
+                 prefill_tokens: int = 16384, compile_step: bool = False):
         if batch_size < 1 or sync_every < 1 or width_step < 1:
             raise ValueError("batch_size, sync_every and width_step must be >= 1")
         # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
