@@ -93,7 +93,8 @@ class DataConfig:
     regenerate: bool = True
     # Longest regenerated response, in tokens.
     max_new_tokens: int = 1024
-    # The first response of each prompt: 0 greedy decoding; > 0 sampling at this temperature (no top-k / top-p).
+    # The first response of each prompt: 0 greedy decoding; > 0 sampling at this temperature, with the top-k /
+    # top-p of the target's generation_config (seeded: a resumed run writes what an uninterrupted one does).
     temperature: float = 0.0
     # Responses per prompt from the target: the first with `temperature` (greedy by default), the others sampled
     # with the target's generation_config (temperature, top_k, top_p). Identical responses of one prompt are

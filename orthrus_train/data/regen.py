@@ -7,7 +7,8 @@
 its rows are refilled across batches and shards and the GPU never waits for a batch's longest response.
 
 `samples_per_prompt` = N makes N rounds over the prompts: round 0 decodes with `temperature` (greedy by
-default), rounds 1..N-1 sample with `sampling` (the target's generation config). Shard s is prompt shard
+default; a temperature > 0 samples with the generation config's top-k / top-p), rounds 1..N-1 sample with
+`sampling` (the target's generation config: temperature, top-k, top-p). Shard s is prompt shard
 s % n_shards of round s // n_shards; round 0's shards are exactly those of a one-sample run.
 
 `regenerate` splits the prompts into shards of `shard_size` (in prompt order); rank r of world w takes
@@ -298,9 +299,9 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
                sampling: tuple[float, int, float] | None = None) -> RegenStats:
     """Write the responses of this rank's shards under out_dir (skipping finished ones).
 
-    samples_per_prompt: N rounds; round 0 decodes with `temperature`, rounds >= 1 sample with `sampling`
-    = (temperature, top_k, top_p), by default the generator's `sampling_defaults()` (the target's
-    generation config)."""
+    samples_per_prompt: N rounds; round 0 decodes with `temperature` (0: greedy; > 0: sampled at that temperature
+    with the top-k / top-p of `sampling`), rounds >= 1 sample with `sampling` = (temperature, top_k, top_p), by
+    default the generator's `sampling_defaults()` (the target's generation config)."""
     if not isinstance(generator, Generator):
         raise TypeError(f"{type(generator).__name__} does not implement Generator.generate")
     if samples_per_prompt < 1:
@@ -310,10 +311,12 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     params: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                   shard_size=shard_size, batch_size=batch_size)
-    if samples_per_prompt > 1:  # one-sample folders keep the meta they always had
+    if samples_per_prompt > 1 or temperature > 0:  # greedy one-sample folders keep the meta they always had
         if sampling is None:
             sampling = getattr(generator, "sampling_defaults", lambda: (1.0, 0, 1.0))()
-        params.update(samples_per_prompt=samples_per_prompt, sampling=list(sampling))
+        params["sampling"] = list(sampling)
+    if samples_per_prompt > 1:
+        params["samples_per_prompt"] = samples_per_prompt
     _check_meta(out_dir, {"n_prompts": len(prompts), "fingerprint": prompts_fingerprint(prompts, **params),
                           **params})
     per_round = -(-len(prompts) // shard_size)
@@ -327,7 +330,10 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
         return lo, [list(p) for p in prompts[lo:lo + shard_size]]
 
     def round_sampling(k: int) -> tuple[float, int, float]:
-        return (temperature, 0, 1.0) if k < per_round else tuple(sampling)  # type: ignore[arg-type]
+        if k >= per_round:
+            return tuple(sampling)  # type: ignore[arg-type]
+        # round 0: greedy, or sampled at `temperature` with the generation config's top-k / top-p
+        return (temperature, 0, 1.0) if temperature == 0 else (temperature, sampling[1], sampling[2])
 
     from tqdm.auto import tqdm
 

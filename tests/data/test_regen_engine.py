@@ -182,3 +182,17 @@ def test_bench_regen_cpu_smoke(tmp_path):
     assert res["n"] == 6 and e["new_tokens"] > 0 and e["tokens_per_s"] > 0 and e["engine_batch"] == 4
     assert h["identical_to_engine"] == 1.0 and e["warm"]["new_tokens"] == e["new_tokens"]
     assert "speedup_vs_hf-dynamic" in e
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_first_response_sampled_with_the_generation_config_filters(byte_tok, llama, prompts, tmp_path, backend):
+    """data.temperature > 0 samples the first response at that temperature with the target's top-k / top-p:
+    with top-k 1 that is greedy, without it the response is sampled."""
+    eos = [byte_tok.eos_token_id]
+    gen = EngineGenerator(llama, eos, batch_size=4) if backend == "engine" else \
+        HFGenerator(llama, eos, byte_tok.pad_token_id, static_cache=False)
+    greedy = EngineGenerator(llama, eos, batch_size=4).generate(prompts, 8)
+    run(prompts, gen, tmp_path / "k1", temperature=2.0, sampling=(0.5, 1, 1.0))
+    assert load_responses(tmp_path / "k1", len(prompts), 3)[0] == greedy
+    run(prompts, gen, tmp_path / "all", temperature=2.0, sampling=(0.5, 0, 1.0))
+    assert load_responses(tmp_path / "all", len(prompts), 3)[0] != greedy
