@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's inputs, environment or run folder (not bugs): printed without a traceback."""
     from .config.schema import ConfigError
-    from .data.sources import BadRecordError
+    from .data.sources import BadRecordError, DataMixError
     from .data.stage import DataMismatchError
     from .data.templates import TemplateError
     from .eval.benchmarks import BenchmarkUnavailable
@@ -119,7 +119,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .launch.slurm import SlurmConfigError
     from .model.backbones import UnsupportedBackbone
     from .train.engine import TrainingDiverged
-    return (ConfigError, BadRecordError, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
+    return (ConfigError, BadRecordError, DataMixError, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
             DistEnvError, SlurmConfigError, UnsupportedBackbone, TrainingDiverged, FileNotFoundError)
 
 

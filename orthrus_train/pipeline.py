@@ -60,8 +60,8 @@ def run_stages(cfg, run_root: Path) -> int:
 # ------------------------------------------------------------------------------------------ data
 def stage_data(cfg, run: RunDir, dist) -> None:
     from .data.config import DataConfig
-    from .data.regen import HFGenerator, eos_ids_for
-    from .data.stage import run_data_stage
+    from .data.stage import LazyGenerator, run_data_stage
+    from .data.templates import ChatRenderer
     from .launch.dist_env import resolve_data_shard
     from .model.factory import build_backbone, resolve_device, tokenizer_for
 
@@ -76,16 +76,24 @@ def stage_data(cfg, run: RunDir, dist) -> None:
     data_cfg["tokenizer"] = cfg.model.tokenizer or cfg.model.path or "byte-tokenizer"
     data_cfg["model"] = cfg.model.path
     shard = resolve_data_shard(dist=dist)
+    data = DataConfig.from_dict(data_cfg)
     generator = None
     if cfg.data.regenerate and not run.data_report.exists():  # finished data is never regenerated
-        device = resolve_device(cfg.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
-        backbone = build_backbone(cfg, device)
-        generator = HFGenerator(backbone, eos_ids_for(backbone, tok), tok.pad_token_id if tok.pad_token_id is not None
-                                else tok.eos_token_id, static_cache=cfg.data.static_cache)
-    run_data_stage(DataConfig.from_dict(data_cfg), run.root, generator, tokenizer=tok, rank=shard.index,
-                   world_size=shard.count)
+        def load():  # only when there is something to generate (after the data mix was checked)
+            device = resolve_device(cfg.device)
+            if device.type == "cuda":
+                device = torch.device("cuda", dist.local_rank)
+            return build_backbone(cfg, device)
+
+        generator = LazyGenerator(data, tok, ChatRenderer._stop_ids(tok, data.chat_template.stop_tokens), load)
+    run_data_stage(data, run.root, generator, tokenizer=tok, rank=shard.index, world_size=shard.count)
+    if generator is not None:  # the regeneration model, KV cache and graphs leave the GPU to training
+        import gc
+
+        del generator
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ train

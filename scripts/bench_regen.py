@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""GPU benchmark (not a test): the data stage's regeneration vs plain `transformers` generate.
+"""GPU benchmark (not a test): the data stage's regeneration backends, on one model and one prompt set.
 
-Both sides run in one process on the same model, prompts (rendered with the model's chat template, as the
-stage renders them), batch size, max_new_tokens and greedy decoding:
+Every side runs in one process on the same model, prompts (rendered with the model's chat template, as the
+stage renders them), batch size, max_new_tokens and greedy decoding, through `regenerate` exactly as
+`run_data_stage` calls it:
 
-* stage: `orthrus_train.data.regenerate` with `HFGenerator` (static KV cache, length-bucketed batches,
-  left padding), exactly what `run_data_stage` runs;
-* plain: `model.generate` on batches in prompt order, padded by the tokenizer, default (dynamic) cache.
+* engine: `EngineGenerator` (the project's decode engine: static KV cache, CUDA graphs, rows refilled as
+  responses end, attention width following the rows). Timed from a fresh generator: cache allocation,
+  prefill and CUDA-graph capture are included (--warm also times a second, warm run);
+* hf-<variant>: `HFGenerator` (transformers generate) with length-bucketed, left-padded batches; static
+  (static cache, transformers' auto-compile), static-nocompile, dynamic. One untimed warm-up batch first
+  (its compilation is reported separately as warmup_s);
+* plain (--plain): `model.generate` on batches in prompt order, tokenizer padding, default cache.
 
-Throughput counts new tokens up to and including each response's end-of-sequence token. One warm-up batch
-per side (CUDA init, kernel autotuning, torch.compile of the static-cache decode step) is run first and
-not timed. Example:
+Throughput counts new tokens up to and including each response's end-of-sequence token. The last line
+printed is one JSON object (also written to --out when given). Example (the lead's H200 target: >= 40K new
+tokens/s on SmolLM2 at batch 256):
 
-    python scripts/bench_regen.py --model /models/Qwen3-8B --prompts ../shared/data/gsm8k/test.jsonl \
-        --field question --n 256 --batch-size 32 --max-new-tokens 256 --out bench_regen.json
+    python scripts/bench_regen.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf.part0 \
+        --prompts ../shared/data/gsm8k/test.jsonl --field question --n 1024 --batch-size 256 \
+        --max-new-tokens 384 --backends engine,hf-static
 
 --model takes an HF folder, a Hub id, a .gguf file, or the first part (.gguf.part0) of a split GGUF file
 (the parts are joined into a temporary folder).
@@ -41,17 +47,28 @@ def parse_args(argv=None):
     p.add_argument("--prompts", required=True, help="prompt file (.jsonl, .jsonl.gz, .json, .parquet, .arrow)")
     p.add_argument("--field", default=None, help="prompt field path (e.g. question, turns[0].content); "
                                                  "default: detect messages / conversations / instruction")
-    p.add_argument("--n", type=int, default=128, help="number of prompts")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n", type=int, default=1024, help="number of prompts")
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--enable-thinking", choices=["default", "true", "false"], default="default",
                    help="Qwen3 chat-template switch")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--variants", default="static,static-nocompile,dynamic",
-                   help="stage generator variants to time: static (static cache, transformers' auto-compile), "
-                        "static-nocompile, dynamic")
-    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--backends", default="engine,hf-static",
+                   help="comma list: engine, hf-static (static cache, transformers' auto-compile), "
+                        "hf-static-nocompile, hf-dynamic")
+    p.add_argument("--plain", action="store_true", help="also time plain model.generate in prompt order")
+    p.add_argument("--warm", action="store_true", help="engine: also time a second run on the same generator")
+    p.add_argument("--sync-every", type=int, default=8, help="engine: decode steps per CUDA graph / host look")
+    p.add_argument("--width-step", type=int, default=128, help="engine: attention width granularity (slots)")
+    p.add_argument("--refill-min", type=int, default=None, help="engine: free rows before a refill "
+                                                                "(default batch/8)")
+    p.add_argument("--no-graphs", action="store_true", help="engine: run the decode step eagerly")
+    p.add_argument("--compile", action="store_true", help="engine: torch.compile the step before capture "
+                                                          "(compilation time included in the timing)")
+    p.add_argument("--decode-attn", default=None, choices=["auto", "sdpa", "fold", "math"],
+                   help="attention of the cached decode step (model/layers.py)")
+    p.add_argument("--out", default=None, help="JSON file for the results")
     return p.parse_args(argv)
 
 
@@ -125,9 +142,13 @@ def main(argv=None) -> dict:
     import transformers
 
     from orthrus_train.data import HFGenerator, regenerate
-    from orthrus_train.data.regen import eos_ids_for, load_responses
+    from orthrus_train.data.regen import EngineGenerator, eos_ids_for, load_responses
     from orthrus_train.model.backbones import load_backbone, load_tokenizer
 
+    if args.decode_attn:
+        from orthrus_train.model.layers import set_decode_attention
+
+        set_decode_attention(args.decode_attn)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_path = join_parts(args.model)
     tokenizer = load_tokenizer(model_path)
@@ -136,10 +157,10 @@ def main(argv=None) -> dict:
     eos = eos_ids_for(model, tokenizer, renderer.stop_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     bs, mnt = args.batch_size, args.max_new_tokens
-    variants = {
-        "static": dict(static_cache=True),
-        "static-nocompile": dict(static_cache=True, compile=False),
-        "dynamic": dict(static_cache=False),
+    hf_variants = {
+        "hf-static": dict(static_cache=True),
+        "hf-static-nocompile": dict(static_cache=True, compile=False),
+        "hf-dynamic": dict(static_cache=False),
     }
 
     def side(outs, seconds, **extra):
@@ -147,32 +168,66 @@ def main(argv=None) -> dict:
         return {"new_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
                 **extra}
 
-    run_plain(model, tokenizer, prompts[:bs], bs, mnt, eos, pad, device)  # warm-up, untimed
-    plain_out, plain_s = timed(lambda: run_plain(model, tokenizer, prompts, bs, mnt, eos, pad, device), device)
+    def stage_run(gen):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, secs = timed(lambda: regenerate(prompts, gen, tmp, max_new_tokens=mnt, batch_size=bs,
+                                               shard_size=max(len(prompts), 1), progress=False), device)
+            outs, _ = load_responses(tmp, len(prompts), max(len(prompts), 1))
+        return outs, secs
+
     result = {
         "model": args.model, "prompts": args.prompts, "n": len(prompts), "batch_size": bs, "max_new_tokens": mnt,
         "dtype": args.dtype, "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "prompt_tokens": sum(map(len, prompts)),
-        "plain": side(plain_out, plain_s, how="model.generate: prompt order, tokenizer padding, default cache"),
-        "stage": {},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "prompt_tokens": sum(map(len, prompts)), "backends": {},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:] if argv is None else list(argv),
     }
-    for name in args.variants.split(","):
-        gen = HFGenerator(model, eos, pad, **variants[name])
-        gen.generate(prompts[:bs], mnt)  # warm-up, untimed (compiles the first shape)
-        with tempfile.TemporaryDirectory() as tmp:
-            _, secs = timed(lambda: regenerate(prompts, gen, tmp, max_new_tokens=mnt, batch_size=bs,
-                                               shard_size=max(len(prompts), 1), progress=False), device)
-            outs, _ = load_responses(tmp, len(prompts), max(len(prompts), 1))
-        result["stage"][name] = side(
-            outs, secs, how=f"regenerate + HFGenerator({variants[name]}): length-bucketed, left-padded",
-            static_cache_used=gen.static_cache, speedup_vs_plain=round(secs and plain_s / secs, 3),
-            identical_to_plain=sum(a == b for a, b in zip(outs, plain_out)) / max(len(prompts), 1))
-        print(f"[bench] {name}: {result['stage'][name]}", file=sys.stderr)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    outputs = {}
+    for name in args.backends.split(","):
+        if name == "engine":
+            kw = dict(sync_every=args.sync_every, width_step=args.width_step, refill_min=args.refill_min,
+                      compile_step=args.compile)
+            gen = EngineGenerator(model, eos, batch_size=bs, use_cuda_graphs=not args.no_graphs, **kw)
+            outs, secs = stage_run(gen)  # cold: allocation, prefill, graph capture included
+            eng = gen.engine
+            info = dict(how="regenerate + EngineGenerator (cold: prefill and graph capture included)",
+                        engine_batch=eng.B, cache_slots=eng.S, cuda_graphs=eng.cuda_graphs,
+                        graphs_captured=len(eng._graphs), graph_error=eng.graph_error, decode_steps=eng.steps,
+                        prefill_s=round(eng.prefill_s, 3), **kw)
+            if args.warm:
+                eng.steps, eng.prefill_s = 0, 0.0
+                warm_outs, warm_secs = stage_run(gen)
+                info["warm"] = side(warm_outs, warm_secs, decode_steps=eng.steps, prefill_s=round(eng.prefill_s, 3))
+            if device.startswith("cuda"):
+                info["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:
+            gen = HFGenerator(model, eos, pad, **hf_variants[name])
+            _, warm_s = timed(lambda: gen.generate(prompts[:bs], mnt), device)  # warm-up (compiles the first shape)
+            outs, secs = stage_run(gen)
+            info = dict(how=f"regenerate + HFGenerator({hf_variants[name]}): length-bucketed, left-padded",
+                        static_cache_used=gen.static_cache, warmup_s=round(warm_s, 3))
+        outputs[name] = outs
+        result["backends"][name] = side(outs, secs, **info)
+        print(f"[bench] {name}: {result['backends'][name]}", file=sys.stderr, flush=True)
+    if args.plain:
+        run_plain(model, tokenizer, prompts[:bs], bs, mnt, eos, pad, device)  # warm-up, untimed
+        plain_out, plain_s = timed(lambda: run_plain(model, tokenizer, prompts, bs, mnt, eos, pad, device), device)
+        outputs["plain"] = plain_out
+        result["backends"]["plain"] = side(plain_out, plain_s, how="model.generate: prompt order, tokenizer "
+                                                                   "padding, default cache")
+    names = list(outputs)
+    for other in names[1:]:  # greedy agreement with the first backend (bf16 can flip near-ties)
+        result["backends"][other][f"identical_to_{names[0]}"] = round(
+            sum(a == b for a, b in zip(outputs[other], outputs[names[0]])) / max(len(prompts), 1), 4)
+    if "engine" in result["backends"]:
+        for other in names:
+            if other != "engine":
+                result["backends"]["engine"][f"speedup_vs_{other}"] = round(
+                    result["backends"]["engine"]["tokens_per_s"] / max(result["backends"][other]["tokens_per_s"], 1e-9), 3)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
     return result
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt")
 OVERLONG = ("truncate", "drop")
+REGEN_BACKENDS = ("auto", "engine", "hf", "server")
 ON_BAD_RECORD = ("raise", "skip")
 
 
@@ -95,9 +96,11 @@ class DataConfig:
     tokenizer: str | None = None
     # Seed for every random choice of this stage (subsets, mixture, split order, sampling).
     seed: int = 0
-    # Total number of selected prompts (train + holdout) split between sources in proportion to their
-    # weights. None: take every record of every source (each capped by its max_samples).
-    num_samples: int | None = None
+    # Total number of selected prompts (train + holdout), split between sources in proportion to their
+    # weights; a source that runs out is used whole and the others fill the remainder (report.json's
+    # per_source shows the real mix). null, "all" or -1: take every prompt of every source (each capped by
+    # its max_samples). More than all sources hold is an error before any model loads.
+    num_samples: Any = None  # int | "all" | None (Any: the Hydra schema accepts the word)
     # Fraction of selected prompts kept apart for evaluation (written to holdout.jsonl, never packed).
     holdout_fraction: float = 0.0
     # Exact number of held-out prompts; overrides holdout_fraction when set.
@@ -110,9 +113,19 @@ class DataConfig:
     regenerate: bool = True
     # Longest regenerated response, in tokens.
     max_new_tokens: int = 1024
-    # 0: greedy decoding. > 0: sampling at this temperature (no top-k / top-p), seeded per batch.
+    # The first response of each prompt: 0 greedy decoding; > 0 sampling at this temperature, with the top-k /
+    # top-p of the target's generation_config (seeded: a resumed run writes what an uninterrupted one does).
     temperature: float = 0.0
-    # Prompts per generate call (length-bucketed, left-padded).
+    # Responses per prompt from the target: the first with `temperature` (greedy by default), the others sampled
+    # with the target's generation_config (temperature, top_k, top_p). Identical responses of one prompt are
+    # dropped (counted in the report), so a few thousand prompts can feed tens of millions of tokens.
+    samples_per_prompt: int = 1
+    # Who writes the responses: "engine" (the project's decode engine: static cache, CUDA graphs, continuous
+    # batching), "hf" (transformers generate), "server" (an OpenAI-compatible server, data.server), or
+    # "auto": the engine for every supported backbone family, transformers otherwise.
+    regen_backend: str = "auto"
+    # Rows decoded at once: the engine's static batch (refilled as responses end), or prompts per
+    # transformers generate call (length-bucketed, left-padded).
     batch_size: int = 32
     # Length of a packed training row, in tokens.
     seq_len: int = 4096
@@ -157,9 +170,15 @@ class DataConfig:
             bad("overlong", f"{self.overlong!r} is not one of {OVERLONG}")
         if self.on_bad_record not in ON_BAD_RECORD:
             bad("on_bad_record", f"{self.on_bad_record!r} is not one of {ON_BAD_RECORD}")
+        if isinstance(self.num_samples, str) and self.num_samples.strip().lower() == "all" or self.num_samples == -1:
+            self.num_samples = None  # one spelling of "every prompt" (the fingerprint sees only this one)
+        if self.num_samples is not None and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int)):
+            bad("num_samples", f"must be a number of prompts, or all / -1 / null for every prompt; got "
+                               f"{self.num_samples!r}")
         for key in ("num_samples", "holdout_count"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
-                bad(key, f"must be >= 0 or null, got {getattr(self, key)}")
+                bad(key, f"must be >= 0 or null, got {getattr(self, key)}"
+                    + (" (-1 or all: every prompt)" if key == "num_samples" else ""))
         if not 0.0 <= self.holdout_fraction < 1.0:
             bad("holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         for key in ("seq_len", "batch_size", "shard_size", "rows_per_file", "max_new_tokens"):
@@ -174,9 +193,18 @@ class DataConfig:
             bad("server.timeout_s", f"must be > 0, got {srv.timeout_s}")
         if srv.max_retries < 0:
             bad("server.max_retries", f"must be >= 0, got {srv.max_retries}")
-        if getattr(self, "regen_backend", None) == "server" and self.regenerate and not srv.url:
+        if self.regen_backend == "server" and self.regenerate and not srv.url:
             bad("server.url", "data.regen_backend=server needs the server's address, e.g. "
                 "data.server.url=http://host:8000")
+        if self.samples_per_prompt < 1:
+            bad("samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
+        if self.regen_backend not in REGEN_BACKENDS:
+            bad("regen_backend", f"{self.regen_backend!r} is not one of {REGEN_BACKENDS}")
+
+    @property
+    def take_all(self) -> bool:
+        """Every prompt of every source (num_samples null / all / -1)."""
+        return self.num_samples is None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | "DataConfig") -> "DataConfig":
@@ -192,6 +220,9 @@ class DataConfig:
         d = self.to_dict()
         d.pop("progress")
         d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
+        d.pop("regen_backend")  # who writes the responses, not what they are asked to be
+        if d["samples_per_prompt"] == 1:
+            d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
         if keys:
             d = {k: d[k] for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -391,6 +391,33 @@ def _quotas(weights: list[float], total: int) -> list[int]:
     return q
 
 
+class DataMixError(ValueError):
+    """The sources cannot supply data.num_samples prompts."""
+
+
+def mix_quotas(weights: list[float], available: list[int], total: int) -> list[int]:
+    """Split `total` in proportion to `weights`, capped by what each source has: a source that runs out is
+    used whole and the others fill the remainder, again in proportion to their weights ("water filling").
+    Needs total <= sum(available)."""
+    if total > sum(available):
+        raise DataMixError(f"{total} prompts asked, only {sum(available)} available")
+    quotas = [0] * len(weights)
+    open_ = list(range(len(weights)))
+    left = total
+    while open_:
+        share = _quotas([weights[i] for i in open_], left)
+        full = [i for i, q in zip(open_, share) if q > available[i]]
+        if not full:  # every remaining source can give its share
+            for i, q in zip(open_, share):
+                quotas[i] = q
+            break
+        for i in full:  # these run out: use them whole, re-split the rest
+            quotas[i] = available[i]
+            left -= available[i]
+        open_ = [i for i in open_ if i not in full]
+    return quotas
+
+
 def load_sources(cfg: DataConfig, *, require_response: bool) -> SourceResult:
     """Read, normalize, dedup, mix and split all sources of `cfg` (deterministic for a given seed)."""
     if not cfg.sources:
@@ -420,22 +447,24 @@ def load_sources(cfg: DataConfig, *, require_response: bool) -> SourceResult:
                            "duplicates": len(records) - len(unique), "available": len(unique_capped),
                            "weight": src.weight})
 
-    if cfg.num_samples is not None:
-        quotas = _quotas([s.weight for s in cfg.sources], cfg.num_samples)
-        for q, pool, src in zip(quotas, pools, cfg.sources):
-            if q > len(pool):
-                raise ValueError(
-                    f"data.num_samples={cfg.num_samples}: source {src.name!r} (weight {src.weight}) should give "
-                    f"{q} prompts but has only {len(pool)} usable ones; lower its weight, lower num_samples, "
-                    "or add data")
-    else:
+    if cfg.take_all:
         quotas = [len(p) for p in pools]
+    else:
+        try:
+            quotas = mix_quotas([s.weight for s in cfg.sources], [len(p) for p in pools], cfg.num_samples)
+        except DataMixError:
+            have = ", ".join(f"{s['source']}: {s['available']}" for s in per_source)
+            raise DataMixError(
+                f"data.num_samples={cfg.num_samples} is more than the {sum(map(len, pools))} usable prompts of all "
+                f"sources ({have}); lower data.num_samples, set data.num_samples=all to take every prompt, use "
+                "data.samples_per_prompt for more responses per prompt, or add sources") from None
 
     selected: list[Record] = []
     for i, (q, pool, info) in enumerate(zip(quotas, pools, per_source)):
         pick = sorted(random.Random(f"{cfg.seed}/mixture/{i}").sample(range(len(pool)), q))
         selected.extend(pool[j] for j in pick)
         info["selected"] = q
+        info["share"] = round(q / max(1, sum(quotas)), 4)  # the real mix (weights are only proportions)
         info["not_selected"] = info["read"] - info["rejected"] - info["duplicates"] - q
     random.Random(f"{cfg.seed}/order").shuffle(selected)
 

@@ -20,14 +20,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jinja2
 
 from .config import DataConfig
 from .pack import pack, stats_dict, write_packed
 from ..model.backbones import load_backbone, load_tokenizer
-from .regen import Generator, HFGenerator, eos_ids_for, load_responses, missing_shards, rank_world, regenerate
+from .regen import (EngineGenerator, Generator, HFGenerator, eos_ids_for, load_responses, missing_shards,
+                    rank_world, regenerate)
 from .sources import BadRecordError, Rejected, load_sources, reason_counts, write_jsonl
 from .templates import ChatRenderer
 
@@ -57,31 +58,82 @@ def as_data_config(cfg_like: Any) -> DataConfig:
     return DataConfig.from_dict(cfg_like)
 
 
-class _LazyHFGenerator:
-    """HFGenerator that loads the backbone on the first call (a resumed run with nothing left loads nothing)."""
+def regen_backend(cfg: DataConfig, model_config: Any = None) -> str:
+    """data.regen_backend with "auto" decided: the engine for a supported backbone family, else transformers."""
+    if cfg.regen_backend != "auto":
+        return cfg.regen_backend
+    from ..model.backbones import UnsupportedBackbone, family_of
 
-    def __init__(self, model_path: str, tokenizer: Any, stop_ids: set[int], static_cache: bool):
-        self.model_path, self.tokenizer, self.stop_ids = model_path, tokenizer, stop_ids
-        self.static_cache = static_cache
-        self._gen: HFGenerator | None = None
+    try:
+        family_of(model_config)
+        return "engine"
+    except UnsupportedBackbone:
+        return "hf"
 
-    def generate(self, prompts, max_new_tokens, *, temperature=0.0, seed=0):
+
+def build_generator(cfg: DataConfig, backbone: Any, tokenizer: Any, stop_ids: Any = ()) -> Generator:
+    """The local regeneration backend of `cfg` (engine or hf) on a loaded backbone."""
+    eos = eos_ids_for(backbone, tokenizer, stop_ids)
+    if regen_backend(cfg, backbone.config) == "engine":
+        return EngineGenerator(backbone, eos, batch_size=cfg.batch_size)
+    pad = tokenizer.pad_token_id
+    return HFGenerator(backbone, eos, eos[0] if pad is None else pad, static_cache=cfg.static_cache)
+
+
+class LazyGenerator:
+    """The generator of data.regen_backend, made on first use: a resumed run with nothing left to generate
+    loads no model, and a data mix that cannot be met fails before any model loads.
+
+    load_backbone: () -> the backbone (on its device); unused for the server backend."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, stop_ids: Any, load_backbone: Callable[[], Any]):
+        self.cfg, self.tokenizer, self.stop_ids, self.load_backbone = cfg, tokenizer, set(stop_ids), load_backbone
+        self._gen: Any = None
+
+    def get(self) -> Generator:
         if self._gen is None:
-            import torch
+            if self.cfg.regen_backend == "server":
+                from .server import ServerGenerator  # the server backend (orthrus_train/data/server.py)
 
-            cuda = torch.cuda.is_available()
-            model = load_backbone(self.model_path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                  device="cuda" if cuda else "cpu")
-            pad = self.tokenizer.pad_token_id
-            eos = eos_ids_for(model, self.tokenizer, self.stop_ids)
-            self._gen = HFGenerator(model, eos, eos[0] if pad is None else pad, static_cache=self.static_cache)
-        return self._gen.generate(prompts, max_new_tokens, temperature=temperature, seed=seed)
+                self._gen = ServerGenerator.from_config(getattr(self.cfg, "server", None), self.tokenizer,
+                                                        sorted(self.stop_ids), model_path=self.cfg.model)
+            else:
+                self._gen = build_generator(self.cfg, self.load_backbone(), self.tokenizer, self.stop_ids)
+        return self._gen
+
+    @property
+    def streaming(self) -> bool:
+        return bool(getattr(self.get(), "streaming", False))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(getattr(self._gen, "eos_token_ids", ())) if self._gen is not None else []
+
+    def sampling_defaults(self):
+        return getattr(self.get(), "sampling_defaults", lambda: (1.0, 0, 1.0))()
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        return self.get().generate(prompts, max_new_tokens, **kw)
+
+    def generate_stream(self, requests, max_new_tokens, settings):
+        return self.get().generate_stream(requests, max_new_tokens, settings)
 
 
-def _wait_for_all_shards(regen_dir: Path, n_prompts: int, shard_size: int, timeout_s: float) -> None:
+def _load_for_data(model_path: str):
+    def load():
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return load_backbone(model_path, dtype=torch.bfloat16 if cuda else torch.float32,
+                             device="cuda" if cuda else "cpu")
+    return load
+
+
+def _wait_for_all_shards(regen_dir: Path, n_prompts: int, shard_size: int, timeout_s: float,
+                         samples_per_prompt: int = 1) -> None:
     """Rank 0 polls the shared folder (a collective barrier would hit NCCL's timeout on long runs)."""
     deadline, last_note = time.monotonic() + timeout_s, 0.0
-    while missing := missing_shards(regen_dir, n_prompts, shard_size):
+    while missing := missing_shards(regen_dir, n_prompts, shard_size, samples_per_prompt):
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0 waited {timeout_s:.0f} s for regeneration shards {missing[:10]} in "
                                f"{regen_dir}; are all ranks running? Rerun to resume.")
@@ -151,29 +203,46 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     n_template_rejected = len(rejected) - len(src.rejected)
 
     regen_report = None
+    docs: list[tuple[list[int], list[int]]] = []
+    doc_prompt = list(range(len(encoded)))  # the prompt (index into `encoded`) of each document
     if cfg.regenerate:
         regen_dir = data_dir / "regen"
         prompts = [e.input_ids for e in encoded]
         if generator is None:
-            if not cfg.model:
+            if not cfg.model and cfg.regen_backend != "server":
                 raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
-            generator = _LazyHFGenerator(cfg.model, tokenizer, renderer.stop_token_ids, cfg.static_cache)
+            generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model))
         t0 = time.perf_counter()
+        n_samples = cfg.samples_per_prompt
         stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
-                           shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress)
+                           shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress,
+                           samples_per_prompt=n_samples)
         if world_size > 1:
             if rank != 0:
                 return None
-            _wait_for_all_shards(regen_dir, len(prompts), cfg.shard_size, wait_timeout_s)
-        responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size)
+            _wait_for_all_shards(regen_dir, len(prompts), cfg.shard_size, wait_timeout_s, n_samples)
+        responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size, n_samples)
         # a response shorter than max_new_tokens stopped at an end-of-sequence token
         eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
         unfinished = sum(1 for r in responses if len(r) >= cfg.max_new_tokens and r[-1] not in eos)
-        docs = [(e.input_ids + r, e.loss_mask + [1] * len(r)) for e, r in zip(encoded, responses)]
+        # every distinct response of a prompt is one document (prompt-major); identical ones are dropped
+        doc_prompt, dup_responses = [], 0
+        for i, e in enumerate(encoded):
+            seen: set[tuple[int, ...]] = set()
+            for r in range(n_samples):
+                resp = responses[r * len(prompts) + i]
+                if tuple(resp) in seen:
+                    dup_responses += 1
+                    continue
+                seen.add(tuple(resp))
+                docs.append((e.input_ids + resp, e.loss_mask + [1] * len(resp)))
+                doc_prompt.append(i)
         regen_report = {
             # generation time summed over shards (and ranks): tokens_per_s is per generating process
-            "prompts": len(prompts), "new_tokens": totals["new_tokens"], "seconds": round(totals["seconds"], 3),
+            "prompts": len(prompts), "samples_per_prompt": n_samples, "responses": len(responses),
+            "duplicate_responses": dup_responses, "new_tokens": totals["new_tokens"],
+            "seconds": round(totals["seconds"], 3),
             "tokens_per_s": round(totals["tokens_per_s"], 1), "shards": stats.shards,
             "shards_done_this_run": stats.shards_done, "shards_skipped": stats.shards_skipped,
             "responses_at_max_new_tokens": unfinished,
@@ -188,7 +257,11 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     rows, pstats = pack(docs, cfg.seq_len, pad_id, overlong=cfg.overlong)
     # doc_ids refer to prompts.jsonl, the full list of training prompts
     for row in rows:
-        row.doc_ids = [kept[d] for d in row.doc_ids]
+        row.doc_ids = [kept[doc_prompt[d]] for d in row.doc_ids]
+    # per prompt: packed when one of its documents is, dropped overlong when all of them are
+    dropped_docs = set(pstats.dropped_doc_ids)
+    prompts_packed = len({doc_prompt[d] for d in range(len(docs)) if d not in dropped_docs})
+    prompts_dropped = len(encoded) - prompts_packed
 
     write_jsonl(data_dir / "prompts.jsonl", src.train)
     write_jsonl(data_dir / "holdout.jsonl", src.holdout)
@@ -199,15 +272,19 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     c = src.counts
     accounting = {"records_read": c["read"], "rejected": len(rejected), "duplicates": c["duplicates"],
                   "not_selected": c["not_selected"], "holdout": c["holdout"],
-                  "dropped_overlong": prompt_overlong + pstats.dropped_overlong, "packed": pstats.packed}
+                  "dropped_overlong": prompt_overlong + prompts_dropped, "packed": prompts_packed}
     check_accounting(accounting)
-    assert c["train"] == n_template_rejected + prompt_overlong + pstats.dropped_overlong + pstats.packed
+    assert c["train"] == n_template_rejected + prompt_overlong + prompts_dropped + prompts_packed
+    if regen_report is not None:  # every response is a duplicate, dropped overlong or packed
+        regen_report["documents_dropped_overlong"] = pstats.dropped_overlong
+        regen_report["documents_packed"] = pstats.packed
+        assert regen_report["responses"] == dup_responses + pstats.dropped_overlong + pstats.packed
     report = {
         "fingerprint": fingerprint,
         "data_dir": str(data_dir),
         "prompts_read": c["read"],
         "rows_written": index["rows"],
-        "documents_packed": pstats.packed,
+        "documents_packed": pstats.packed,  # > packed prompts with data.samples_per_prompt > 1
         "tokens": pstats.tokens,
         "supervised_tokens": pstats.supervised_tokens,
         "pad_tokens": pstats.pad_tokens,
@@ -260,9 +337,11 @@ def summary(report: Mapping[str, Any], note: str = "") -> str:
     lines.append(f"  rejected by reason: {reasons}")
     g = report["regeneration"]
     if g:
-        lines.append(f"  regeneration: {g['prompts']} prompts, {g['new_tokens']} new tokens in {g['seconds']} s "
-                     f"({g['tokens_per_s']} tok/s); shards {g['shards']} (skipped {g['shards_skipped']}); "
-                     f"{g['responses_at_max_new_tokens']} hit max_new_tokens")
+        per = g.get("samples_per_prompt", 1)
+        lines.append(f"  regeneration: {g['prompts']} prompts" + (f" x {per} samples ({g['duplicate_responses']} "
+                     "duplicate responses dropped)" if per > 1 else "") + f", {g['new_tokens']} new tokens in "
+                     f"{g['seconds']} s ({g['tokens_per_s']} tok/s); shards {g['shards']} (skipped "
+                     f"{g['shards_skipped']}); {g['responses_at_max_new_tokens']} hit max_new_tokens")
     else:
         lines.append("  regeneration: off (dataset responses kept)")
     p = report["packing"]

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..model.cache import StaticKVCache
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms
@@ -461,3 +462,293 @@ def hf_generate(backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     finally:
         backbone.generation_config = saved_config
     return HFResult(tokens, sum(times), use_static, note, times)
+
+
+# ============================================================================ plain generation (regeneration)
+@dataclass(frozen=True)
+class GenRequest:
+    """One response to write: `key` comes back with it; `seed` drives its samples (counter-based: the
+    tokens depend only on (seed, token index), not on the batch it rides in); `setting` indexes the
+    `settings` of the `generate_stream` call."""
+    key: object
+    prompt: Sequence[int]
+    seed: int = 0
+    setting: int = 0
+
+
+class _Snapshot:
+    """Host copies of the per-row outputs after one decode window (double-buffered, pinned on CUDA)."""
+
+    def __init__(self, B: int, width: int, pin: bool):
+        kw = dict(dtype=torch.long, pin_memory=pin)
+        self.out = torch.zeros(B, width, **kw)
+        self.n_out = torch.zeros(B, **kw)
+        self.active = torch.zeros(B, dtype=torch.bool, pin_memory=pin)
+        self.event = None
+        self.window = -1
+
+
+class GenerationEngine:
+    """Plain autoregressive generation (no drafts) on the frozen backbone, for regenerating training data at
+    GPU speed: one static KV cache of `batch_size` rows, continuous batching, CUDA graphs.
+
+    * Continuous batching: a row whose response ended (end-of-sequence or `max_new_tokens`) is refilled with
+      the next prompt of the stream: the prompt minus its last token is prefilled eagerly into that row's
+      cache slots (rows refilled together share one padded prefill), the batch keeps its fixed shape.
+    * Fixed-shape decode step (one token per row), captured once per (cache width, sampling settings) as a
+      CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the
+      cache, W the smallest multiple of `width_step` that holds every busy row for the next window: short
+      prompts do not pay for the longest one (length bucketing without re-batching).
+    * The host looks at the rows every `sync_every` steps, one window behind (the next window is already
+      queued when it reads the last one's pinned copy), so the GPU never waits for the host; finished rows
+      idle at most two windows.
+    * Sampling per row: greedy or `SamplingParams` (temperature, top-k, top-p: the acceptance rule's own
+      `verify.processed_logits`), with counter-based uniforms keyed by (request seed, token index): the
+      same request gives the same tokens in any batch, order, refill pattern, graph or eager run.
+
+    The model is any supported backbone (`model.backbones.FAMILIES`); its cached pass is the same code as the
+    decode engine's (`DraftModel.ar_cached`). compile_step: torch.compile the step before capturing it (fewer,
+    fused kernels for launch-bound models; costs compilation time, twice: the width becomes dynamic)."""
+
+    def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
+                 sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
+                 prefill_tokens: int = 16384, compile_step: bool = False):
+        if batch_size < 1 or sync_every < 1 or width_step < 1:
+            raise ValueError("batch_size, sync_every and width_step must be >= 1")
+        # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
+        self.model = DraftModel(backbone, block_size=2, mask_token_id=0, force_mask_token_id=True)
+        p = next(backbone.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.S = batch_size, max_len
+        self.sync_every, self.width_step = sync_every, width_step
+        # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are
+        # refilled in groups: fewer passes for a little idling (B/8 balanced the two in a cost model of a
+        # 135M model at B=256; tune with scripts/bench_regen.py --refill-min)
+        self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, refill_min)
+        self.prefill_tokens = prefill_tokens
+        self.cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda")
+        self.graph_error: str | None = None
+        self._graphs: dict = {}
+        self._pool = None
+        self.cache = self.model.new_cache(self.B, self.S, device=self.device, dtype=self.dtype)
+        self._views: dict[int, StaticKVCache] = {}
+        z = dict(device=self.device, dtype=torch.long)
+        self.last_token = torch.zeros(self.B, **z)
+        self.seeds = torch.zeros(self.B, **z)
+        self.setting = torch.zeros(self.B, **z)
+        self.max_new = torch.zeros(self.B, **z)
+        self.n_out = torch.zeros(self.B, **z)
+        self.active = torch.zeros(self.B, device=self.device, dtype=torch.bool)
+        self.eos = torch.full((16,), -1, **z)
+        self.out = torch.zeros(self.B, 1, **z)
+        self.steps = 0  # decode steps run (all calls)
+        self.prefill_s = 0.0
+        self._settings: tuple = ()
+        # dynamic=None: the first width compiles static, the second makes the width dynamic (two compiles in all)
+        self._compiled = torch.compile(self._step, dynamic=None) if compile_step else None
+
+    def _step_fn(self, W: int) -> None:
+        (self._compiled or self._step)(W)
+
+    # ------------------------------------------------------------------------------- the step
+    def _view(self, W: int) -> StaticKVCache:
+        if W not in self._views:
+            c = self.cache
+            self._views[W] = StaticKVCache([k[:, :, :W] for k in c.k], [v[:, :, :W] for v in c.v], c.lengths)
+        return self._views[W]
+
+    def _step(self, W: int) -> None:
+        """One token for every row (fixed shapes; rows that are not active change nothing that is read)."""
+        cache = self._view(W)
+        h = self.model.ar_cached(self.last_token[:, None], cache)[:, 0]
+        logits = self.model.logits(h)
+        tok = logits.argmax(-1)
+        for i, sp in enumerate(self._settings):
+            if not sp.greedy:
+                u = counter_uniforms(self.seeds, self.n_out, 0, 1)[:, 0]
+                tok = torch.where(self.setting == i, verify.inverse_cdf(draft_probs(logits, sp), u), tok)
+        act = self.active
+        sink = self.out.shape[1] - 1
+        self.out.scatter_(1, torch.where(act, self.n_out, sink)[:, None], tok[:, None])
+        self.n_out.add_(act.long())
+        done = (tok[:, None] == self.eos).any(-1) | (self.n_out >= self.max_new)
+        cache.lengths.add_(act.long())  # x_a is committed; the sampled token is the next x_a
+        self.last_token.copy_(torch.where(act, tok, self.last_token))
+        self.active.copy_(act & ~done)
+
+    def _window_fn(self, W: int):
+        """`sync_every` steps at width W: replays of the step's CUDA graph (captured on first use), or eager."""
+        if self.cuda_graphs:
+            key = (W, self._settings)
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = self._capture(W)
+                except Exception as e:  # noqa: BLE001 - e.g. a model with host syncs: decode eagerly
+                    self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
+                    warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
+                    self.cuda_graphs = False
+                    self._graphs.clear()
+        if self.cuda_graphs:
+            g = self._graphs[(W, self._settings)]
+            return lambda: [g.replay() for _ in range(self.sync_every)]
+        return lambda: [self._step_fn(W) for _ in range(self.sync_every)]
+
+    def _capture(self, W: int):
+        """One step at width W as a CUDA graph (one step, not a window: a new width costs one capture)."""
+        state = [self.last_token, self.n_out, self.active, self.out, self.cache.lengths]
+        saved = [t.clone() for t in state]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            self._step_fn(W)  # warm-up outside the graph (kernel selection, compilation)
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g, pool=self._pool):
+            self._step_fn(W)
+        for t, v in zip(state, saved):  # the warm-up moved the state; K/V it wrote lie past every length
+            t.copy_(v)
+        return g
+
+    # ------------------------------------------------------------------------------- refill
+    def _to_dev(self, values, dtype=torch.long) -> torch.Tensor:
+        """Host values to the device without a stream sync (pinned staging on CUDA)."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _prefill(self, rows: list[int], reqs: list[GenRequest], max_new_tokens: int) -> None:
+        """Cache each prompt minus its last token in its row (slots 0..P-2); arm the row."""
+        t0 = time.perf_counter()
+        dev = self.device
+        lens = [len(r.prompt) for r in reqs]
+        L = max(lens) - 1
+        if L > 0:
+            step = max(1, self.prefill_tokens // L)
+            for lo in range(0, len(rows), step):
+                chunk, part = rows[lo:lo + step], reqs[lo:lo + step]
+                ids = torch.zeros(len(chunk), L, dtype=torch.long)
+                for b, r in enumerate(part):
+                    ids[b, : len(r.prompt) - 1] = torch.as_tensor(list(r.prompt[:-1]), dtype=torch.long)
+                tmp = self.model.new_cache(len(chunk), L, device=dev, dtype=self.dtype)
+                self.model.ar_cached(self._to_dev(ids), tmp)
+                idx = self._to_dev(chunk)
+                for k, v, tk, tv in zip(self.cache.k, self.cache.v, tmp.k, tmp.v):
+                    k[idx, :, :L] = tk
+                    v[idx, :, :L] = tv
+        idx = self._to_dev(rows)
+
+        def put(t, values, dtype=torch.long):
+            t[idx] = self._to_dev(values, dtype)
+
+        put(self.cache.lengths, [n - 1 for n in lens])
+        put(self.last_token, [int(r.prompt[-1]) for r in reqs])
+        put(self.seeds, [int(r.seed) & ((1 << 63) - 1) for r in reqs])
+        put(self.setting, [int(r.setting) for r in reqs])
+        put(self.max_new, [max_new_tokens] * len(rows))
+        put(self.n_out, [0] * len(rows))
+        put(self.active, [True] * len(rows), torch.bool)
+        self.prefill_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------- the stream
+    @torch.no_grad()
+    def generate_stream(self, requests, max_new_tokens: int, settings: Sequence[SamplingParams] = (SamplingParams(),),
+                        eos_token_ids: Sequence[int] = ()):
+        """Yield (key, tokens) for every request of the iterable, in completion order. tokens: the new tokens,
+        ending with (and including) the first end-of-sequence token, or `max_new_tokens` long."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = sorted({int(e) for e in eos_token_ids})
+        if len(eos) > self.eos.numel():
+            raise ValueError(f"at most {self.eos.numel()} end-of-sequence ids, got {eos}")
+        self._settings = tuple(settings)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # graphs, streams and events of this engine live on its device
+        self.eos.fill_(-1)
+        if eos:
+            self.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        if self.out.shape[1] != max_new_tokens + 1:  # last column: sink of inactive rows' writes
+            self.out = torch.zeros(self.B, max_new_tokens + 1, device=self.device, dtype=torch.long)
+            self._graphs.clear()
+        self.active.zero_()
+        pin = self.device.type == "cuda"
+        snaps = [_Snapshot(self.B, max_new_tokens + 1, pin) for _ in range(2)]
+        queue = iter(requests)
+        pending: list[GenRequest] = []  # requests taken from the iterable but not yet placed
+
+        def take(n: int) -> list[GenRequest]:
+            while len(pending) < n:
+                r = next(queue, None)
+                if r is None:
+                    break
+                if not 1 <= len(r.prompt) or not 0 <= r.setting < len(self._settings):
+                    raise ValueError(f"request {r.key!r}: empty prompt or setting {r.setting} not in "
+                                     f"0..{len(self._settings) - 1}")
+                if len(r.prompt) + max_new_tokens > self.S:
+                    raise ValueError(f"request {r.key!r}: prompt of {len(r.prompt)} tokens + max_new_tokens="
+                                     f"{max_new_tokens} needs {len(r.prompt) + max_new_tokens} cache slots; the "
+                                     f"engine has max_len={self.S}")
+                pending.append(r)
+            got = pending[:n]
+            del pending[:n]
+            return got
+
+        owner: list[GenRequest | None] = [None] * self.B  # request riding in each row
+        since: list[int] = [0] * self.B  # first window the row's request rides in
+        ub = [0] * self.B  # cache length of the row after the windows launched so far (exact while active)
+        window, prev = 0, None
+        while True:
+            free = [b for b in range(self.B) if owner[b] is None]
+            busy = self.B - len(free)
+            if free and (len(free) >= self.refill_min or busy == 0):
+                got = take(len(free))
+                if got:
+                    rows = free[: len(got)]
+                    self._prefill(rows, got, max_new_tokens)
+                    for b, r in zip(rows, got):
+                        owner[b], since[b], ub[b] = r, window, len(r.prompt) - 1
+                    busy += len(got)
+            snap = None
+            if busy:
+                top = max(ub[b] for b in range(self.B) if owner[b] is not None) + self.sync_every + 1
+                W = min(self.S, -(-top // self.width_step) * self.width_step)
+                self._window_fn(W)()
+                self.steps += self.sync_every
+                for b in range(self.B):
+                    if owner[b] is not None:
+                        ub[b] += self.sync_every
+                snap = snaps[window % 2]
+                snap.window = window
+                snap.out.copy_(self.out, non_blocking=pin)
+                snap.n_out.copy_(self.n_out, non_blocking=pin)
+                snap.active.copy_(self.active, non_blocking=pin)
+                if pin:
+                    snap.event = torch.cuda.Event()
+                    snap.event.record()
+                window += 1
+            if prev is not None:  # the window before: its rows that ended are harvested and freed
+                if prev.event is not None:
+                    prev.event.synchronize()
+                still, n_out = prev.active.tolist(), prev.n_out.tolist()
+                for b in range(self.B):
+                    r = owner[b]
+                    if r is not None and since[b] <= prev.window and not still[b]:
+                        owner[b] = None
+                        yield r.key, prev.out[b, : n_out[b]].tolist()
+            prev = snap
+            if snap is None and all(o is None for o in owner):
+                if take(1):
+                    raise RuntimeError("generation engine: requests left with no row busy (engine bug)")
+                return
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
+                 seeds: Sequence[int] | None = None, eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Responses to `prompts` in order (any number of prompts: rows are refilled)."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        reqs = [GenRequest(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, toks in self.generate_stream(reqs, max_new_tokens, (sampling or SamplingParams(),), eos_token_ids):
+            out[i] = toks
+        return out

@@ -124,3 +124,24 @@ def test_responses_stay_in_prompt_order(gen, prompts, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gen.generate([], 4) == []
+
+
+def test_sampled_rounds_with_a_generator_without_top_k(gen, prompts, tmp_path):
+    """A generator whose generate takes only temperature and seed (e.g. a server's) still makes the sampled
+    rounds, at the generation config's temperature, and says that top-k / top-p were not applied."""
+    seen = []
+
+    class Plain:
+        def generate(self, prompts, max_new_tokens, *, temperature=0.0, seed=0):
+            seen.append(temperature)
+            return gen.generate(prompts, max_new_tokens, temperature=temperature, seed=seed)
+
+        def sampling_defaults(self):
+            return (0.7, 20, 0.95)
+
+    with pytest.warns(UserWarning, match="takes no top_k/top_p: sampling at temperature 0.7 without top-k 20"):
+        stats = run(prompts, Plain(), tmp_path, temperature=0.0, samples_per_prompt=2)
+    assert stats.shards == 6 and sorted(set(seen)) == [0.0, 0.7]
+    resp, _ = load_responses(tmp_path, len(prompts), 3, samples_per_prompt=2)
+    assert resp[:len(prompts)] == gen.generate(prompts, 6)
+    assert json.loads((tmp_path / "meta.json").read_text())["sampling"] == [0.7, 20, 0.95]

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from orthrus_train.data import BadRecordError, DataConfig, load_sources
-from orthrus_train.data.sources import get_path, iter_raw, parse_path, prompt_key
+from orthrus_train.data.sources import DataMixError, get_path, iter_raw, mix_quotas, parse_path, prompt_key
 
 from .conftest import need_shared, write_jsonl
 
@@ -254,9 +254,51 @@ def test_mixture_weights_split_counts_and_seed_determinism(tmp_path):
     other = load_sources(cfg(*srcs, num_samples=50, seed=2), require_response=False)
     assert {x.uid for x in other.train} != {x.uid for x in r.train}
     assert Counter(x.source for x in other.train) == by_source  # quotas do not depend on the seed
-    with pytest.raises(ValueError, match=r"should give 20 prompts but has only 10 usable.*lower its weight"):
-        load_sources(cfg(srcs[0], one(b, format="prompt", field="q", weight=1, max_samples=10), num_samples=80),
-                     require_response=False)
+
+
+def test_mixture_weights_are_proportions_a_short_source_is_used_whole(tmp_path):
+    a, b, c = numbered(tmp_path, "a", 100), numbered(tmp_path, "b", 100), numbered(tmp_path, "c", 100)
+    src = [one(a, format="prompt", field="q", weight=3), one(b, format="prompt", field="q", max_samples=10),
+           one(c, format="prompt", field="q", weight=1)]
+    # 3:1:1 of 80 would be 48:16:16; b has 10: used whole, the other 70 split 3:1 between a and c
+    r = load_sources(cfg(*src, num_samples=80), require_response=False)
+    assert [s["selected"] for s in r.per_source] == [53, 10, 17]  # 52.5 : 17.5, the tie to the first
+    assert [s["share"] for s in r.per_source] == [0.6625, 0.125, 0.2125]
+    assert Counter(x.source for x in r.train) == {str(a): 53, str(b): 10, str(c): 17}
+    c_ = r.counts
+    assert c_["read"] == c_["rejected"] + c_["duplicates"] + c_["not_selected"] + c_["holdout"] + c_["train"]
+    # two short sources: both whole, the third fills up; all three whole: every prompt
+    src2 = [src[0], src[1], one(c, format="prompt", field="q", max_samples=5)]
+    assert [s["selected"] for s in load_sources(cfg(*src2, num_samples=100), require_response=False).per_source] == \
+        [85, 10, 5]
+    assert len(load_sources(cfg(*src2, num_samples=115), require_response=False).train) == 115
+    # more than all sources hold: one line naming what each has
+    with pytest.raises(DataMixError, match=r"data.num_samples=116 is more than the 115 usable prompts of all sources "
+                                           r"\(.*a.jsonl: 100, .*b.jsonl: 10, .*c.jsonl: 5\); .*num_samples=all"):
+        load_sources(cfg(*src2, num_samples=116), require_response=False)
+    # all / -1: every prompt, whatever the weights
+    assert len(load_sources(cfg(*src2, num_samples="all"), require_response=False).train) == 115
+    assert len(load_sources(cfg(*src2, num_samples=-1), require_response=False).train) == 115
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mix_quotas_properties(seed):
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(1, 6)
+    weights = [rng.choice([0.2, 0.5, 1.0, 3.0]) for _ in range(n)]
+    available = [rng.randint(0, 50) for _ in range(n)]
+    total = rng.randint(0, sum(available))
+    q = mix_quotas(weights, available, total)
+    assert sum(q) == total and all(0 <= x <= a for x, a in zip(q, available))
+    # a source below its capacity gets at least its proportional share of what the full ones left
+    full = [i for i in range(n) if q[i] == available[i]]
+    rest = [i for i in range(n) if i not in full]
+    if rest:
+        left = total - sum(available[i] for i in full)
+        w = sum(weights[i] for i in rest)
+        assert all(abs(q[i] - weights[i] * left / w) <= 2 for i in rest)
 
 
 def test_max_samples_without_weights(tmp_path):
