@@ -55,7 +55,8 @@ def test_backend_choice(byte_tok, model, tmp_path, monkeypatch):
             return [[byte_tok.eos_token_id] for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "orthrus_train.data.server", types.SimpleNamespace(ServerGenerator=ServerGenerator))
-    lazy = LazyGenerator(cfg_for(tmp_path, regen_backend="server", model="m"), byte_tok, {9},
+    lazy = LazyGenerator(cfg_for(tmp_path, regen_backend="server", model="m",
+                                 server={"url": "http://127.0.0.1:9"}), byte_tok, {9},
                          load_backbone=lambda: pytest.fail("the server backend loads no model"))
     assert lazy.generate([[1, 2]], 4) == [[byte_tok.eos_token_id]] and made == {"eos": [9], "model_path": "m"}
 
