@@ -280,7 +280,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
                 log(f"[train] resumed from {folder} at step {start}/{plan.total_steps}")
     n_trainable = sum(p.numel() for p in params) if not hasattr(params[0], "ds_numel") else sum(p.ds_numel for p in params)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total)
+    logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total, start_step=start)
     preempt = shared_handler(cfg.launcher.requeue)
     peak = measured_peak_flops(device)
     K = model.block_size
