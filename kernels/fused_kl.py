@@ -81,8 +81,12 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # Student (and teacher) logit tiles (BLOCK_T, BLOCK_V) in fp32, reduced over H.
-        # DOT_F32 upcasts operands (exact for bf16/fp16 products): the Triton interpreter
-        # computes bf16 tl.dot wrongly, so interpreter runs use it; GPU runs do not.
+        # DOT_F32 (interpreter runs only; GPU runs use tl.dot) upcasts the operands (exact for
+        # bf16/fp16 products: the interpreter computes bf16 tl.dot wrongly) and reduces with an
+        # elementwise product + tl.sum instead of tl.dot. The interpreter's tl.dot is the host
+        # BLAS sgemm, whose rounding depends on a column's position in the tile (OpenBLAS 0.3.31,
+        # numpy 2.4: two identical weight rows gave logits 1 ulp apart), so exact ties were not
+        # ties and the argmax depended on the BLAS build; a sum over H rounds every column alike.
         s = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
         t = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
         # int64 row offsets: V * H exceeds 2**31 for large vocabularies / hidden sizes.
@@ -106,15 +110,29 @@ if HAS_TRITON:
             if DOT_F32:
                 w = w.to(tl.float32)
                 a = a.to(tl.float32)
-            s = tl.dot(a, w, s, input_precision=PRECISION)
+            s = _tile_dot(a, w, s, PRECISION, DOT_F32)
             if TEACHER:
                 b = tl.load(
                     ht_ptr + ht_rows + ks[None, :] * stride_ht_h,
                     mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 ).to(w.dtype)
-                t = tl.dot(b, w, t, input_precision=PRECISION)
+                t = _tile_dot(b, w, t, PRECISION, DOT_F32)
         return s, t
+
+    @triton.jit
+    def _tile_dot(a, w, acc, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+        # acc + a @ w; see _logit_tiles for why the interpreter path does not call tl.dot.
+        if DOT_F32:
+            return acc + tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        return tl.dot(a, w, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _first_argmax(x, m, cols, NONE):
+        # Per row of the tile x (BLOCK_T, BLOCK_V): the smallest column whose value equals the
+        # row's maximum m, i.e. torch.argmax's first maximum, written out rather than taken
+        # from tl.argmax so that it does not depend on a Triton version's tie rule.
+        return tl.min(tl.where(x == m[:, None], cols[None, :], NONE), axis=1)
 
     @triton.jit
     def _stats_kernel(
@@ -163,16 +181,18 @@ if HAS_TRITON:
                 t = t * inv_temp
                 diff = tl.where(col_ok[None, :], t - s, 0.0)  # before masking: no inf - inf
             s = tl.where(col_ok[None, :], s, float("-inf"))
-            if ARGMAX:  # strict '>' keeps the first maximum, like torch.argmax
-                a_s = tl.where(tl.max(s, axis=1) > m_s, v0 + tl.argmax(s, axis=1), a_s)
-            m_new = tl.maximum(m_s, tl.max(s, axis=1))
+            s_max = tl.max(s, axis=1)
+            if ARGMAX:  # first maximum of the tile; strict '>' keeps an earlier tile's on ties
+                a_s = tl.where(s_max > m_s, _first_argmax(s, s_max, cols, V), a_s)
+            m_new = tl.maximum(m_s, s_max)
             l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m_s = m_new
             if TEACHER:
                 t = tl.where(col_ok[None, :], t, float("-inf"))
+                t_max = tl.max(t, axis=1)
                 if ARGMAX:
-                    a_t = tl.where(tl.max(t, axis=1) > m_t, v0 + tl.argmax(t, axis=1), a_t)
-                mt_new = tl.maximum(m_t, tl.max(t, axis=1))
+                    a_t = tl.where(t_max > m_t, _first_argmax(t, t_max, cols, V), a_t)
+                mt_new = tl.maximum(m_t, t_max)
                 alpha = tl.exp(m_t - mt_new)
                 e = tl.exp(t - mt_new[:, None])
                 acc = acc * alpha + tl.sum(e * diff, axis=1)
@@ -313,23 +333,29 @@ def _triton_stats(hs, ht, weight, targets, inv_temp, mode, want_argmax):
                             ARGMAX=want_argmax, **meta)
 
     # Merge the per-split streaming statistics (n_split x T floats: negligible).
-    # The split holding the global max also holds the global argmax (first split on ties, and
-    # each split reports its first maximum, so the result is torch.argmax's first maximum).
-    m, m_split = ms.max(0)
+    m = ms.amax(0)
     lse_s = m + torch.log((ls * torch.exp(ms - m)).sum(0))
     s_arg = t_arg = None
     if want_argmax:
-        s_arg = sarg.gather(0, m_split[None]).squeeze(0).long()
+        s_arg = _first_max_over_splits(ms, sarg, m)
     if teacher:
-        mtm, mt_split = mt.max(0)
+        mtm = mt.amax(0)
         scale = torch.exp(mt - mtm)
         l_t = (lt * scale).sum(0)
         lse_t = mtm + torch.log(l_t)
         loss = (acc * scale).sum(0) / l_t - lse_t + lse_s
         if want_argmax:
-            t_arg = targ.gather(0, mt_split[None]).squeeze(0).long()
+            t_arg = _first_max_over_splits(mt, targ, mtm)
         return loss, lse_s, lse_t, s_arg, t_arg
     return lse_s - acc.sum(0), lse_s, None, s_arg, None
+
+
+def _first_max_over_splits(split_max, split_arg, m):
+    """Global argmax from per-split (max, first argmax): the smallest index among the splits that
+    reach the global max m. Splits cover increasing column ranges, so this is torch.argmax's first
+    maximum, whichever split a tie-blind max(0) would have picked."""
+    none = torch.iinfo(split_arg.dtype).max
+    return torch.where(split_max == m, split_arg, none).amin(0).long()
 
 
 def _triton_grad(hs, ht, weight, targets, lse_s, lse_t, gscale, inv_temp, mode, chunk_size):

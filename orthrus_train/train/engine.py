@@ -70,6 +70,17 @@ def step_rows(plan: Plan, step: int, seed: int) -> tuple[int, torch.Tensor]:
     return epoch, perm[within * plan.global_batch:(within + 1) * plan.global_batch]
 
 
+def micro_batch(data, rows, device, document_mask: bool) -> dict[str, torch.Tensor]:
+    """The rows `rows` of `data` stacked as DistillStep takes them. Packed rows also carry segment_ids and
+    position_ids, so that each document attends only to itself at its own positions (train.document_mask);
+    with document_mask=false, or rows without them (synthetic benchmark rows), a row is one causal sequence."""
+    batch = [data[int(r)] for r in rows]
+    keys = ["input_ids", "loss_mask"]
+    if document_mask and "segment_ids" in batch[0]:
+        keys += ["segment_ids", "position_ids"]
+    return {key: torch.stack([b[key] for b in batch]).to(device) for key in keys}
+
+
 def row_seed(seed: int, epoch: int, row: int) -> int:
     return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + row * 0xC2B2AE3D) % (2 ** 63 - 1)
 
@@ -269,7 +280,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
                 log(f"[train] resumed from {folder} at step {start}/{plan.total_steps}")
     n_trainable = sum(p.numel() for p in params) if not hasattr(params[0], "ds_numel") else sum(p.ds_numel for p in params)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total)
+    logger = MetricsLogger(run, cfg, rank, plan, n_trainable, n_total, start_step=start)
     preempt = shared_handler(cfg.launcher.requeue)
     peak = measured_peak_flops(device)
     K = model.block_size
@@ -286,11 +297,9 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
         flops = 0.0
         for k in mine:
             ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
-            batch = [data[int(r)] for r in ids_k]
-            input_ids = torch.stack([b["input_ids"] for b in batch]).to(device)
-            loss_mask = torch.stack([b["loss_mask"] for b in batch]).to(device)
+            mb = micro_batch(data, ids_k, device, t.document_mask)
             seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
-            loss, st = engine(input_ids, loss_mask, seeds)
+            loss, st = engine(mb["input_ids"], mb["loss_mask"], seeds, mb.get("segment_ids"), mb.get("position_ids"))
             if any_rank(not math.isfinite(loss.detach().item())):
                 raise TrainingDiverged(
                     f"non-finite loss at step {step} (micro-batch {k}, rows {ids_k.tolist()}, lr "

@@ -11,8 +11,32 @@ import os
 from ..config.loader import to_dict
 
 
+def keep_steps_upto(path, step: int) -> int:
+    """Drop the records of steps > `step` from metrics.jsonl (a run that resumes from the checkpoint of
+    `step` logs them again) and a torn last line of a killed process. Returns the number dropped."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    lines = text.splitlines()
+
+    def kept(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines) or (text and not text.endswith("\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
-    def __init__(self, run, cfg, rank: int, plan, n_trainable: int, n_total: int):
+    def __init__(self, run, cfg, rank: int, plan, n_trainable: int, n_total: int, start_step: int = 0):
         self.rank = rank
         self.cfg = cfg
         self.every = cfg.train.log_every
@@ -22,6 +46,10 @@ class MetricsLogger:
             return
         from tqdm.auto import tqdm
 
+        dropped = keep_steps_upto(run.metrics, start_step)
+        if dropped:
+            print(f"[train] {run.metrics.name}: dropped {dropped} record(s) past step {start_step}, where training "
+                  "continues (they are logged again)")
         self.file = open(run.metrics, "a")
         self.plan = plan
         print(f"[train] {cfg.heads.type} heads: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.2f}M parameters "

@@ -259,17 +259,19 @@ def test_drop_in_for_project_chunked_distill(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_argmax_first_maximum_across_tiles_and_splits(backend):
+@pytest.mark.parametrize("tied", [(5, 70, 299), (100, 250), (63, 64), (250, 251, 299)])
+def test_argmax_first_maximum_across_tiles_and_splits(backend, tied):
     """Ties resolve to the first index, like torch.argmax, even when the tied columns sit in
-    different vocab tiles / splits (interpreter tiles are 64 wide, splits half of V)."""
+    different vocab tiles / splits (interpreter tiles are 64 wide, splits of 192 columns here),
+    at any position inside a tile (the interpreter's logits must not depend on the host BLAS)."""
     T, H, V = 3, 16, 300
     hs, ht, w, _ = _data(T, H, V, seed=8)
-    w[[5, 70, 299]] = w[0] * 0 + 4 * hs[0] / hs[0].norm()  # identical rows: exact ties for row 0
+    w[list(tied)] = w[0] * 0 + 4 * hs[0] / hs[0].norm()  # identical rows: exact ties for row 0
     out, s_arg, t_arg = kl(hs, ht, w, return_argmax=True, backend=backend)
-    logits_s = hs.double() @ w.double().T
-    assert s_arg[0].item() == 5
+    logits_s, logits_t = hs.double() @ w.double().T, ht.double() @ w.double().T
+    assert s_arg[0].item() == tied[0] and logits_t[0].argmax().item() == tied[0]  # both rows tie
     assert torch.equal(s_arg, logits_s.argmax(-1))
-    assert torch.equal(t_arg, (ht.double() @ w.double().T).argmax(-1))
+    assert torch.equal(t_arg, logits_t.argmax(-1))
 
 
 def test_backend_resolution(monkeypatch):

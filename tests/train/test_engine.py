@@ -13,17 +13,15 @@ import pytest
 import torch
 
 from orthrus_train.train import checkpoint as ckpt
-from orthrus_train.train.engine import lr_lambda, make_plan, step_rows
+from orthrus_train.train.engine import lr_lambda, make_plan, row_seed, step_rows
 from tests.conftest import REPO, TINY_FAST, orthrus
 
 
 def losses(run: Path) -> dict[int, float]:
-    """step -> loss; the last record of a step wins (a resumed run may repeat steps past its checkpoint)."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
+    """step -> loss; every step is logged once (a resumed run first drops the steps past its checkpoint)."""
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == sorted({r["step"] for r in steps}), "metrics.jsonl repeats or reorders steps"
+    return {r["step"]: r["loss"] for r in steps}
 
 
 def test_plan_and_schedule():
@@ -51,27 +49,29 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_run, tmp_path):
     want = losses(ref)
     assert sorted(want) == list(range(1, 7))
 
-    # pause 2 s after each step so the kill lands mid-run, after the step-4 checkpoint, on any machine
+    # pause 2 s after each step so the kill lands mid-run, after step 5 was logged (its newest checkpoint
+    # is step 4, so the resumed run computes and logs step 5 again), on any machine
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", ORTHRUS_DEBUG_STEP_SLEEP="2")
     p = subprocess.Popen([sys.executable, "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train",
                           *TINY_FAST], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tiny_run / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (tiny_run / "checkpoints" / "step-00000004" / "COMPLETE").exists():
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
         assert p.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    done_before = losses(tiny_run)
-    assert max(done_before) < 6, "the run finished before the kill; the test proves nothing"
-    orthrus("recipe=tiny", f"run_dir={tiny_run}", "stage=train", "resume=auto", *TINY_FAST)
-    got = losses(tiny_run)
+    assert sorted(losses(tiny_run)) == [1, 2, 3, 4, 5], "the kill did not land after step 5; the test proves nothing"
+    assert (tiny_run / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    with metrics.open("a") as f:  # and a line torn by a kill in the middle of a write
+        f.write('{"step": 6, "epo')
+    p = orthrus("recipe=tiny", f"run_dir={tiny_run}", "stage=train", "resume=auto", *TINY_FAST)
+    assert "dropped 2 record(s) past step 4" in p.stdout
+    got = losses(tiny_run)  # each step exactly once, in order
     assert sorted(got) == list(range(1, 7))
     for s in range(1, 7):
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), f"step {s}: {got[s]} != {want[s]}"
-    # no step lost or repeated beyond the last checkpoint: steps 5..6 were logged at most twice
-    lines = [json.loads(l)["step"] for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert all(lines.count(s) == 1 for s in range(1, 5))
 
 
 @pytest.mark.slow
@@ -149,3 +149,52 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch):
     with pytest.raises(engine.TrainingDiverged, match="non-finite loss at step 2.*step-00000002"):
         engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
     assert ckpt.find_resumable(tiny_run / "checkpoints") == tiny_run / "checkpoints" / "step-00000002"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_trainer_keeps_packed_documents_apart(tiny_run, document_mask):
+    """train.document_mask reaches the step the trainer runs: the first logged loss is the loss of the
+    step's packed rows (several documents each) with their segment/position ids, and with
+    train.document_mask=false the loss of the same rows as plain causal sequences. The two differ, so
+    a trainer that drops the ids fails the first case."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.data.pack import PackedDataset
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.model.factory import build_backbone, build_model, tokenizer_for
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    from orthrus_train.data.pack import pack, write_packed
+
+    # repack the data stage's documents (one per 128-token row) two or three to a 256-token row
+    run = RunDir(tiny_run)
+    one = PackedDataset(run.data / "train")
+    docs = [(r["input_ids"][r["segment_ids"] == 1].tolist(), r["loss_mask"][r["segment_ids"] == 1].int().tolist())
+            for r in (one[i] for i in range(one.total_rows))]
+    write_packed(pack(docs, 256, one.index["pad_token_id"])[0], run.data / "train", seq_len=256,
+                 pad_token_id=one.index["pad_token_id"])
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.seq_len=256", "train.max_steps=1",
+                           f"train.document_mask={str(document_mask).lower()}"])
+    t = cfg.train
+    data = PackedDataset(run.data / "train")
+    model = build_model(cfg, build_backbone(cfg), tokenizer_for(cfg, run.tokenizer))
+    plan = make_plan(data.total_rows, t, world=1)
+    epoch, rows = step_rows(plan, 0, t.seed)
+    step = engine.DistillStep(model, t.loss, "torch", t.loss_chunk, t.temperature, t.anchors_per_row)
+    with_docs, plain = [], []
+    with torch.no_grad():
+        for k in range(plan.micro_per_step):
+            ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
+            b = {key: torch.stack([data[int(r)][key] for r in ids_k])
+                 for key in ("input_ids", "loss_mask", "segment_ids", "position_ids")}
+            assert (b["segment_ids"].amax(1) >= 2).all(), "the test needs rows that pack several documents"
+            seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
+            with_docs.append(step(b["input_ids"], b["loss_mask"], seeds, b["segment_ids"], b["position_ids"])[0].item())
+            plain.append(step(b["input_ids"], b["loss_mask"], seeds)[0].item())
+    want_docs, want_plain = sum(with_docs) / len(with_docs), sum(plain) / len(plain)
+    assert abs(want_docs - want_plain) > 1e-3 * want_plain, (want_docs, want_plain)
+
+    engine.run_train(cfg, run, resolve_dist_env({}), model=model)
+    got = losses(tiny_run)[1]
+    assert got == pytest.approx(want_docs if document_mask else want_plain, rel=1e-5), (got, want_docs, want_plain)
