@@ -18,17 +18,17 @@ GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 ORTHRUS_NO_PROGRESS=1 WANDB_MODE=disabled
 HERE=$(cd "$(dirname "$0")" && pwd)
-SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-256}
+SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-256}; MB=${MB:-16}
 STEPS=${STEPS:-960}; SAVE=${SAVE:-30}; GB=${GB:-32}; LR=${LR:-1e-3}
 BUDGETS=${BUDGETS:-30 120 360 960}
 ABL_STEPS=${ABL_STEPS:-240}
 EVAL_N=${EVAL_N:-100}; EVAL_NEW=${EVAL_NEW:-256}; EVAL_BS=${EVAL_BS:-16}
 RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
 pack() { tar czf "$FINAL/results.tgz" -C "$ROOT" results; cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
-BASE=(recipe=smollm2-135m "model.path=$GGUF" train.wandb.mode=disabled)
+BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine)
-TRAIN=(train.micro_batch=16 train.global_batch=$GB train.lr=$LR train.min_lr_ratio=0.1 train.epochs=100)
+TRAIN=(train.micro_batch=$MB train.global_batch=$GB train.lr=$LR train.min_lr_ratio=0.1 train.epochs=100)
 EVAL=(eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW eval.batch_size=$EVAL_BS eval.lossless.enabled=false
       eval.hf_generate_reference=false eval.plots=false)
 run() { local name=$1; shift; local t0=$(date +%s)
