@@ -124,8 +124,10 @@ if HAS_TRITON:
     def _tile_dot(a, w, acc, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
         # acc + a @ w; see _logit_tiles for why the interpreter path does not call tl.dot.
         if DOT_F32:
-            return acc + tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-        return tl.dot(a, w, acc, input_precision=PRECISION)
+            out = acc + tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        else:
+            out = tl.dot(a, w, acc, input_precision=PRECISION)
+        return out
 
     @triton.jit
     def _first_argmax(x, m, cols, NONE):
