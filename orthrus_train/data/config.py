@@ -154,9 +154,16 @@ class DataConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *keys: str) -> str:
-        """Hash of the named fields (all fields that shape the outputs when none are named)."""
+        """Hash of the named fields (all fields that shape the outputs when none are named).
+
+        `tokenizer` is left out: the stage identifies the tokenizer by its content (the same tokenizer
+        from the model folder or from RUN/tokenizer is the same data). `model` counts only when it writes
+        the responses (regenerate); otherwise it only supplies the tokenizer."""
         d = self.to_dict()
         d.pop("progress")
+        d.pop("tokenizer")
+        if not self.regenerate:
+            d.pop("model")
         if keys:
             d = {k: d[k] for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
