@@ -160,12 +160,13 @@ class DataConfig:
         from the model folder or from RUN/tokenizer is the same data). `model` counts only when it writes
         the responses (regenerate); otherwise it only supplies the tokenizer."""
         d = self.to_dict()
-        d.pop("progress")
-        d.pop("tokenizer")
-        if not self.regenerate:
-            d.pop("model")
         if keys:
             d = {k: d[k] for k in keys}
+        else:
+            d.pop("progress")
+            d.pop("tokenizer")
+            if not self.regenerate:
+                d.pop("model")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -45,6 +45,16 @@ def test_tokenizer_is_identified_by_content_not_path(tmp_path):
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(build_byte_tokenizer())
 
 
+def test_data_fingerprint_ignores_the_tokenizer_path_and_keeps_the_generating_model():
+    from orthrus_train.data.config import DataConfig
+
+    assert DataConfig(model="m", tokenizer="m").fingerprint() == DataConfig(model="m", tokenizer="RUN/tok").fingerprint()
+    assert DataConfig(model="a").fingerprint() != DataConfig(model="b").fingerprint()  # it writes the responses
+    assert (DataConfig(model="a", regenerate=False).fingerprint()
+            == DataConfig(model="b", regenerate=False).fingerprint())  # only its tokenizer counts, by content
+    assert DataConfig(seq_len=64).fingerprint() != DataConfig(seq_len=128).fingerprint()
+
+
 def test_same_command_twice_skips_finished_stages(tmp_path):
     run = tmp_path / "run"
     first = orthrus("recipe=tiny", f"run_dir={run}", *FAST)
@@ -53,7 +63,7 @@ def test_same_command_twice_skips_finished_stages(tmp_path):
 
     second = orthrus("recipe=tiny", f"run_dir={run}", *FAST)  # failed before: tokenizer path in the fingerprint
     out = second.stdout
-    assert f"data: complete (" in out and f"rows in {run / 'data'}), skipped" in out
+    assert "data: complete (" in out and f"rows in {run / 'data'}), skipped" in out
     assert "train: complete at step 4, skipped" in out
     assert f"eval: complete from step-00000004 ({run / 'eval' / 'report.md'}), skipped" in out
     assert f"export: complete from step-00000004 ({run / 'export'}), skipped" in out
