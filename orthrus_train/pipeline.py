@@ -112,7 +112,7 @@ def _newest_checkpoint(run: RunDir):
     return find_resumable(run.checkpoints, 0, log=lambda *_: None)
 
 
-def _inputs(cfg, run: RunDir, folder: Path, sections: tuple[str, ...], files: tuple[Path, ...]) -> dict:
+def _inputs(cfg, folder: Path, sections: tuple[str, ...], files: tuple[Path, ...]) -> dict:
     """What a stage's output was made from: the checkpoint (by its trainer_state.json, unique to one
     training), the named config sections and the content of the named files (absent: None)."""
     c = to_dict(cfg)
@@ -126,11 +126,11 @@ EXPORT_SECTIONS = ("recipe", "model", "heads", "export")
 
 
 def _eval_inputs(cfg, run: RunDir, folder: Path) -> dict:
-    return _inputs(cfg, run, folder, EVAL_SECTIONS, (run.data_report,))
+    return _inputs(cfg, folder, EVAL_SECTIONS, (run.data_report,))
 
 
 def _export_inputs(cfg, run: RunDir, folder: Path) -> dict:
-    return _inputs(cfg, run, folder, EXPORT_SECTIONS, (run.eval_report, run.train_summary))
+    return _inputs(cfg, folder, EXPORT_SECTIONS, (run.eval_report, run.train_summary))
 
 
 def _marker_matches(run: RunDir, stage: str, inputs: dict) -> bool:
