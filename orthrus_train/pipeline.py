@@ -1,20 +1,39 @@
 """The stages and the run folder between them: data -> train -> eval -> export (-> publish).
 
 Each stage reads only what the previous one wrote in the run folder, so stages can run separately,
-on other machines, and be re-run.
+on other machines, and be re-run. Running the same command again skips what is finished and resumes
+what is not (README "Stages and the run folder"):
+
+    data    finished when RUN/data/report.json exists and its fingerprint (data config + tokenizer content)
+            matches; otherwise the stage runs, resuming regeneration shards. Data made with another config
+            is an error, never overwritten.
+    train   finished when the newest complete checkpoint is at the configured number of steps (resume=auto);
+            otherwise training resumes from the newest complete checkpoint.
+    eval    (stage=all) finished when RUN/stages/eval.json records the same inputs: checkpoint, eval/model/heads
+            settings and data; otherwise it runs again from the start.
+    export  (stage=all) finished when RUN/stages/export.json records the same inputs: checkpoint, export/model/heads
+            settings and the eval report the card shows; otherwise it is written again.
+
+Rank 0 reads the run folder and decides; every rank takes its decision.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from .config.loader import to_dict, to_yaml
-from .run_dir import RunDir, atomic_write_text
+from .run_dir import RunDir, atomic_write_json, atomic_write_text
 
 ALL = ("data", "train", "eval", "export")
+
+# Seconds to pause after each regeneration batch and before the eval starts (tests only: a kill -9 test can
+# land inside the stage on any machine). The trainer reads the same variable after each step.
+_DEBUG_SLEEP = float(os.environ.get("ORTHRUS_DEBUG_STEP_SLEEP", "0") or 0)
 
 
 def _dist():
@@ -26,6 +45,24 @@ def _barrier(dist) -> None:
     """All ranks finish a stage before any starts the next (rank 0 packs the data, writes the export)."""
     if dist.world_size > 1:
         torch.distributed.barrier()
+
+
+def _agree(dist, decide):
+    """Rank 0 decides (it alone reads the run folder here); every rank returns its answer or raises its error,
+    so all ranks skip or run a stage together."""
+    out = None
+    if dist.rank == 0:
+        try:
+            out = ("ok", decide())
+        except BaseException as e:  # noqa: BLE001 - re-raised on every rank
+            out = ("error", e)
+    if dist.world_size > 1:
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
+    if out[0] == "error":
+        raise out[1]
+    return out[1]
 
 
 def run_stages(cfg, run_root: Path) -> int:
@@ -45,6 +82,12 @@ def run_stages(cfg, run_root: Path) -> int:
         atomic_write_text(run.config, to_yaml(cfg))
     for name in stages:
         t0 = time.perf_counter()
+        finished = FINISHED.get(name)
+        done = _agree(dist, lambda: finished(cfg, run, dist, cfg.stage == "all")) if finished else None
+        if done:
+            if dist.rank == 0:
+                print(f"{name}: {done}, skipped", flush=True)
+            continue
         if dist.rank == 0:
             print(f"\n=== stage {name} === ({run.root})", flush=True)
         STAGES[name](cfg, run, dist)
@@ -54,12 +97,132 @@ def run_stages(cfg, run_root: Path) -> int:
     if dist.rank == 0 and cfg.recipe == "tiny" and "eval" in stages:
         print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers only show that the "
               "machinery works, not real acceptance or speed.")
+    if dist.rank == 0 and "eval" in stages and run.eval_report_md.exists():
+        print(f"report: {run.eval_report_md}", flush=True)
     return 0
 
 
+# ------------------------------------------------------------------------------------------ finished?
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _newest_checkpoint(run: RunDir):
+    from .train.checkpoint import find_resumable
+    return find_resumable(run.checkpoints, 0, log=lambda *_: None)
+
+
+def _inputs(cfg, folder: Path, sections: tuple[str, ...], files: tuple[Path, ...]) -> dict:
+    """What a stage's output was made from: the checkpoint (by its trainer_state.json, unique to one
+    training), the named config sections and the content of the named files (absent: None)."""
+    c = to_dict(cfg)
+    return {"checkpoint": folder.name, "checkpoint_id": _sha((folder / "trainer_state.json").read_bytes()),
+            "config": _sha(json.dumps({k: c[k] for k in sections}, sort_keys=True, default=str).encode()),
+            "files": {f.name: _sha(f.read_bytes()) if f.exists() else None for f in files}}
+
+
+EVAL_SECTIONS = ("recipe", "device", "model", "heads", "eval")
+EXPORT_SECTIONS = ("recipe", "model", "heads", "export")
+
+
+def _eval_inputs(cfg, run: RunDir, folder: Path) -> dict:
+    return _inputs(cfg, folder, EVAL_SECTIONS, (run.data_report,))
+
+
+def _export_inputs(cfg, run: RunDir, folder: Path) -> dict:
+    return _inputs(cfg, folder, EXPORT_SECTIONS, (run.eval_report, run.train_summary))
+
+
+def _marker_matches(run: RunDir, stage: str, inputs: dict) -> bool:
+    marker = run.stage_marker(stage)
+    try:
+        return json.loads(marker.read_text()).get("inputs") == inputs
+    except (OSError, ValueError):
+        return False
+
+
+def _write_marker(run: RunDir, stage: str, inputs: dict) -> None:
+    atomic_write_json(run.stage_marker(stage), {"stage": stage, "inputs": inputs,
+                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _data_finished(cfg, run: RunDir, dist, all_stages: bool) -> str | None:
+    from .data.stage import finished_report
+    from .model.factory import tokenizer_for
+
+    if not run.data_report.exists():
+        return None
+    report = finished_report(_data_config(cfg), run.root, tokenizer_for(cfg, run.tokenizer))  # raises on mismatch
+    return f"complete ({report['rows_written']} rows in {run.data})"
+
+
+def _train_finished(cfg, run: RunDir, dist, all_stages: bool) -> str | None:
+    from .data.pack import PackedDataset
+    from .train.engine import make_plan
+
+    if cfg.resume != "auto" or not (run.data / "train" / "index.json").exists():
+        return None
+    folder = _newest_checkpoint(run)
+    if folder is None:
+        return None
+    step = json.loads((folder / "trainer_state.json").read_text())["step"]
+    total = make_plan(PackedDataset(run.data / "train").total_rows, cfg.train, dist.world_size).total_steps
+    return f"complete at step {step}" if step >= total else None
+
+
+def _eval_finished(cfg, run: RunDir, dist, all_stages: bool) -> str | None:
+    folder = _newest_checkpoint(run) if all_stages else None  # an explicit stage=eval always runs
+    if folder is None or not (run.eval_report.exists() and run.eval_report_md.exists()):
+        return None
+    if not _marker_matches(run, "eval", _eval_inputs(cfg, run, folder)):
+        return None
+    return f"complete from {folder.name} ({run.eval_report_md})"
+
+
+def _export_finished(cfg, run: RunDir, dist, all_stages: bool) -> str | None:
+    folder = _newest_checkpoint(run) if all_stages else None
+    if folder is None or not (run.export / "config.json").exists():
+        return None
+    if not _marker_matches(run, "export", _export_inputs(cfg, run, folder)):
+        return None
+    return f"complete from {folder.name} ({run.export})"
+
+
+FINISHED = {"data": _data_finished, "train": _train_finished, "eval": _eval_finished, "export": _export_finished}
+
+
 # ------------------------------------------------------------------------------------------ data
-def stage_data(cfg, run: RunDir, dist) -> None:
+def _data_config(cfg):
     from .data.config import DataConfig
+
+    data_cfg = to_dict(cfg)["data"]
+    # the stage identifies the tokenizer by its content (RUN/tokenizer is the same tokenizer as the model's)
+    data_cfg["tokenizer"] = cfg.model.tokenizer or cfg.model.path
+    data_cfg["model"] = cfg.model.path
+    return DataConfig.from_dict(data_cfg)
+
+
+class _PausedGenerator:
+    """Testing hook (ORTHRUS_DEBUG_STEP_SLEEP): pause after each regeneration batch."""
+
+    def __init__(self, generator, seconds: float):
+        self._generator, self._seconds = generator, seconds
+
+    def generate(self, *args, **kwargs):
+        out = self._generator.generate(*args, **kwargs)
+        time.sleep(self._seconds)
+        return out
+
+    def generate_stream(self, *args, **kwargs):  # the engine backend: a pause after each response
+        for item in self._generator.generate_stream(*args, **kwargs):
+            time.sleep(self._seconds)
+            yield item
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+
+def stage_data(cfg, run: RunDir, dist) -> None:
     from .data.stage import LazyGenerator, run_data_stage
     from .data.templates import ChatRenderer
     from .launch.dist_env import resolve_data_shard
@@ -70,13 +233,8 @@ def stage_data(cfg, run: RunDir, dist) -> None:
                          "for training-throughput planning (run stage=train with data from another run)")
     # rank 0 writes RUN/tokenizer; the other ranks build the same tokenizer without writing
     tok = tokenizer_for(cfg, run.tokenizer if dist.rank == 0 else None)
-    data_cfg = to_dict(cfg)["data"]
-    # identify the tokenizer by its source, not by this run folder's copy, so that a copied data/ folder
-    # still matches its configuration
-    data_cfg["tokenizer"] = cfg.model.tokenizer or cfg.model.path or "byte-tokenizer"
-    data_cfg["model"] = cfg.model.path
     shard = resolve_data_shard(dist=dist)
-    data = DataConfig.from_dict(data_cfg)
+    data = _data_config(cfg)
     generator = None
     if cfg.data.regenerate and not run.data_report.exists():  # finished data is never regenerated
         def load():  # only when there is something to generate (after the data mix was checked)
@@ -86,6 +244,8 @@ def stage_data(cfg, run: RunDir, dist) -> None:
             return build_backbone(cfg, device)
 
         generator = LazyGenerator(data, tok, ChatRenderer._stop_ids(tok, data.chat_template.stop_tokens), load)
+        if _DEBUG_SLEEP:
+            generator = _PausedGenerator(generator, _DEBUG_SLEEP)
     run_data_stage(data, run.root, generator, tokenizer=tok, rank=shard.index, world_size=shard.count)
     if generator is not None:  # the regeneration model, KV cache and graphs leave the GPU to training
         import gc
@@ -128,9 +288,15 @@ def stage_eval(cfg, run: RunDir, dist) -> None:
         return
     from .eval.report import run_eval
 
+    run.stage_marker("eval").unlink(missing_ok=True)  # a stage killed from here on leaves no 'finished' marker
     model, tok, folder = trained_model(cfg, run)
+    inputs = _eval_inputs(cfg, run, folder)
     print(f"[eval] heads from {folder}")
+    if _DEBUG_SLEEP:  # testing hook: a kill -9 test lands inside this stage
+        run.eval.mkdir(parents=True, exist_ok=True)
+        time.sleep(_DEBUG_SLEEP)
     run_eval(model, tok, cfg.eval, run.root, run_cfg=cfg)
+    _write_marker(run, "eval", inputs)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -142,7 +308,9 @@ def stage_export(cfg, run: RunDir, dist) -> None:
     if cfg.heads.type != "orthrus":
         print(f"[export] heads.type={cfg.heads.type}: only Orthrus heads export to the Orthrus format; skipped")
         return
+    run.stage_marker("export").unlink(missing_ok=True)
     model, tok, folder = trained_model(cfg, run, device=torch.device("cpu"))
+    inputs = _export_inputs(cfg, run, folder)
     training = json.loads(run.train_summary.read_text()) if run.train_summary.exists() else {}
     state = dict(model.backbone.state_dict())
     if model.mask_embedding is not None:  # no spare embedding row: the mask token's own vector
@@ -153,6 +321,7 @@ def stage_export(cfg, run: RunDir, dist) -> None:
                         extra_card_info={"recipe": cfg.recipe, "config": to_yaml(cfg), "training": training,
                                          "license": cfg.model.license},
                         run_dir=run.root, max_shard_size=cfg.export.max_shard_size, overwrite=True)
+    _write_marker(run, "export", inputs)
     print(f"[export] wrote {out} ({cfg.export.layout} layout) from {folder.name}")
 
 

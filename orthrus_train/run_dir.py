@@ -8,6 +8,8 @@
       metrics.jsonl          one JSON line per logged training step
       export/                Hugging Face folder (loadable with trust_remote_code)
       eval/                  report.json, report.md, *.png
+      stages/                eval.json, export.json: written when that stage finished, with the inputs it was
+                             made from (stage=all skips a stage whose marker matches the current inputs)
       slurm/                 batch scripts and job logs (launcher=slurm)
 """
 from __future__ import annotations
@@ -58,6 +60,14 @@ class RunDir:
     @property
     def eval_report(self) -> Path:
         return self.eval / "report.json"
+
+    @property
+    def eval_report_md(self) -> Path:
+        return self.eval / "report.md"
+
+    def stage_marker(self, stage: str) -> Path:
+        """Written last by a stage that has no natural 'done' file of its own (eval, export)."""
+        return self.root / "stages" / f"{stage}.json"
 
     @property
     def slurm(self) -> Path:

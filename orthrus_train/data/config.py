@@ -216,15 +216,23 @@ class DataConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *keys: str) -> str:
-        """Hash of the named fields (all fields that shape the outputs when none are named)."""
+        """Hash of the named fields (all fields that shape the outputs when none are named).
+
+        `tokenizer` is left out: the stage identifies the tokenizer by its content (the same tokenizer
+        from the model folder or from RUN/tokenizer is the same data). `model` counts only when it writes
+        the responses (regenerate); otherwise it only supplies the tokenizer."""
         d = self.to_dict()
-        d.pop("progress")
-        d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
-        d.pop("regen_backend")  # who writes the responses, not what they are asked to be
-        if d["samples_per_prompt"] == 1:
-            d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
         if keys:
             d = {k: d[k] for k in keys}
+        else:
+            d.pop("progress")
+            d.pop("tokenizer")
+            d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
+            d.pop("regen_backend")  # who writes the responses, not what they are asked to be
+            if d["samples_per_prompt"] == 1:
+                d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
+            if not self.regenerate:
+                d.pop("model")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -161,25 +161,17 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     data_dir = Path(run_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = rank_world(rank, world_size)
+    t_start = time.perf_counter()
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(cfg)
     fingerprint = _fingerprint(cfg, tokenizer)
     report_path = data_dir / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
-        if report.get("fingerprint") != fingerprint:
-            raise DataMismatchError(f"{data_dir} was made with another data config (fingerprint "
-                               f"{report.get('fingerprint')} != {fingerprint}); use a new run directory or "
-                               f"delete {data_dir}")
+    report = _finished(data_dir, fingerprint)
+    if report is not None:
         if rank == 0:
             print(summary(report, note="already done, nothing redone"), flush=True)
         return report if rank == 0 else None
 
-    t_start = time.perf_counter()
-    if tokenizer is None:
-        source = cfg.tokenizer or cfg.model
-        if not source:
-            raise ValueError("data.tokenizer and data.model are both unset: the stage needs the backbone's "
-                             "tokenizer to render conversations")
-        tokenizer = load_tokenizer(source)
     renderer = ChatRenderer(tokenizer, enable_thinking=cfg.chat_template.enable_thinking,
                             system_prompt=cfg.chat_template.system_prompt, stop_tokens=cfg.chat_template.stop_tokens)
 
@@ -303,6 +295,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         "files": {"train": "train", "n_train_files": len(index["files"]), "prompts": "prompts.jsonl",
                   "holdout": "holdout.jsonl", "rejected": "rejected.jsonl"},
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "seconds": round(time.perf_counter() - t_start, 3),
         "config": cfg.to_dict(),
     }
@@ -313,12 +306,55 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     return report
 
 
+def _load_tokenizer(cfg: DataConfig):
+    source = cfg.tokenizer or cfg.model
+    if not source:
+        raise ValueError("data.tokenizer and data.model are both unset: the stage needs the backbone's "
+                         "tokenizer to render conversations")
+    return load_tokenizer(source)
+
+
+def finished_report(cfg_like: Any, run_dir: str | os.PathLike, tokenizer: Any = None) -> dict[str, Any] | None:
+    """The report of finished data in run_dir/data made with this config and tokenizer; None when the stage
+    has not finished there. Data made with another config or tokenizer raises DataMismatchError."""
+    cfg = as_data_config(cfg_like)
+    return _finished(Path(run_dir) / "data", _fingerprint(cfg, tokenizer if tokenizer is not None
+                                                          else _load_tokenizer(cfg)))
+
+
+def _finished(data_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    report_path = data_dir / "report.json"
+    if not report_path.exists():
+        return None
+    report = json.loads(report_path.read_text())
+    if report.get("fingerprint") != fingerprint:
+        raise DataMismatchError(f"{data_dir} was made with another data config or tokenizer (fingerprint "
+                                f"{report.get('fingerprint')} != {fingerprint}); use a new run directory or "
+                                f"delete {data_dir}")
+    return report
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of a tokenizer by its content, not its name or path: the same tokenizer loaded from the model
+    folder, a GGUF file or a save_pretrained copy (RUN/tokenizer) gives the same value; any change of the
+    vocabulary, merges, normalisation, added/special tokens or chat template gives another."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizer: its tokenizer.json, without runtime settings and the format version
+        content = json.loads(backend.to_str())
+        for key in ("truncation", "padding", "version"):
+            content.pop(key, None)
+    else:  # slow tokenizer: the vocabulary with the added tokens
+        content = {"vocab": sorted(tokenizer.get_vocab().items())}
+    content["added_tokens_decoder"] = {str(i): str(t) for i, t in
+                                       sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())}
+    content["special_ids"] = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+    content["chat_template"] = getattr(tokenizer, "chat_template", None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     h = hashlib.sha256(cfg.fingerprint().encode())
-    if tokenizer is not None:
-        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
-        h.update(str(getattr(tokenizer, "chat_template", "")).encode())
-        h.update(str(len(tokenizer)).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
 
 

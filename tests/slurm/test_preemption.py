@@ -251,3 +251,61 @@ def test_any_rank_agrees_across_two_processes(tmp_path):
         assert p.returncode == 0, err
         outs.append(out.split())
     assert outs == [["True", "False"], ["True", "False"]]
+
+
+# --------------------------------------------------------------------------- real Slurm: the generated script
+# a small tiny-recipe run (tests/shell/test_rerun.py has the same shape); 12 steps leave room for the requeue
+PIPELINE = ["data.num_samples=20", "data.holdout_count=4", "data.max_new_tokens=24", "train.seq_len=128",
+            "train.anchors_per_row=8", "train.micro_batch=2", "train.global_batch=4", "train.epochs=100",
+            "train.max_steps=12", "train.save_every=2", "heads.block_size=4", "eval.num_prompts=2",
+            "eval.max_new_tokens=8", "eval.temperatures=[0.0]", "eval.lossless.enabled=false"]
+
+
+@pytest.mark.slurm
+def test_preempted_pipeline_job_reruns_its_generated_script_unchanged_and_completes(slurm_cluster, tmp_path):
+    """The user's command (stage=all, 2 tasks) as a Slurm job, requeued during training: Slurm runs the
+    same generated batch script again, which skips the finished data stage, resumes training and completes.
+    Submitting that script once more by hand skips every stage."""
+    import json
+    import re
+
+    from slurm_testlib import tail_logs
+
+    run = tmp_path / "run"
+    env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", ORTHRUS_DEBUG_STEP_SLEEP="1")  # steps long enough to requeue
+    out = subprocess.run([sys.executable, "-m", "orthrus_train", "recipe=tiny", f"run_dir={run}", *PIPELINE,
+                          "launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2",
+                          "launcher.cpus_per_task=1", "launcher.job_name=t-pre", "launcher.time=30"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = slurm_cluster.track(re.findall(r"Submitted Slurm job (\d+)", out.stdout)[-1])
+    script = run / "slurm" / "t-pre.sbatch"
+    text, mtime = script.read_text(), script.stat().st_mtime_ns
+    log = run / "slurm" / f"t-pre-{job}.out"
+
+    slurm_cluster.wait_for((run / "checkpoints" / "latest").exists, 400, "the first checkpoint", job, [log])
+    assert not (run / "checkpoints" / "step-00000012").exists()
+    requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    info = slurm_cluster.wait(job, timeout=400, logs=[log])
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), tail_logs([log])
+    assert int(info["Restarts"]) == 1
+    assert (script.read_text(), script.stat().st_mtime_ns) == (text, mtime), "the batch script was rewritten"
+
+    second = log.read_text().split("signal received", 1)[-1]  # the requeued attempt
+    assert "data: complete" in second and ", skipped" in second, tail_logs([log])
+    assert re.search(r"resumed from \S+ at step [1-9]\d*/12", second), tail_logs([log])
+    assert (run / "checkpoints" / "step-00000012" / "COMPLETE").exists()
+    assert (run / "eval" / "report.md").exists() and (run / "export" / "config.json").exists()
+    assert f"report: {run / 'eval' / 'report.md'}" in second
+
+    # the same script submitted again: every stage is finished
+    again = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=run)
+    assert again.returncode == 0, again.stderr
+    job2 = slurm_cluster.track(again.stdout.strip().split(";")[0])
+    log2 = run / "slurm" / f"t-pre-{job2}.out"
+    info = slurm_cluster.wait(job2, timeout=300, logs=[log2])
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), tail_logs([log2])
+    text2 = log2.read_text()
+    assert "train: complete at step 12, skipped" in text2 and "=== stage" not in text2, tail_logs([log2])
+    assert json.loads((run / "stages" / "eval.json").read_text())["inputs"]["checkpoint"] == "step-00000012"
