@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run_root = Path(cfg.run_dir or os.path.join("outputs", recipe)).expanduser().resolve()
     cfg.run_dir = str(run_root)
+    from .config.preflight import preflight
+    try:  # what the run needs from this machine, before anything is written or submitted
+        notes = preflight(cfg, run_root, submitting=cfg.launcher.type == "slurm"
+                          and not os.environ.get("ORTHRUS_IN_SLURM_JOB"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if os.environ.get("ORTHRUS_IN_SLURM_JOB"):
         # first thing inside a Slurm task: SIGUSR1's default action would kill the process before the
         # trainer could turn the warning into a checkpoint
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's inputs, environment or run folder (not bugs): printed without a traceback."""
     from .config.schema import ConfigError
-    from .data.sources import BadRecordError
+    from .data.sources import BadRecordError, NotEnoughPrompts
     from .data.stage import DataMismatchError
     from .data.templates import TemplateError
     from .eval.benchmarks import BenchmarkUnavailable
@@ -119,7 +128,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .launch.slurm import SlurmConfigError
     from .model.backbones import UnsupportedBackbone
     from .train.engine import TrainingDiverged
-    return (ConfigError, BadRecordError, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
+    return (ConfigError, BadRecordError, NotEnoughPrompts, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
             DistEnvError, SlurmConfigError, UnsupportedBackbone, TrainingDiverged, FileNotFoundError)
 
 

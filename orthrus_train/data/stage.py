@@ -131,8 +131,13 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     renderer = ChatRenderer(tokenizer, enable_thinking=cfg.chat_template.enable_thinking,
                             system_prompt=cfg.chat_template.system_prompt, stop_tokens=cfg.chat_template.stop_tokens)
 
-    src = load_sources(cfg, require_response=not cfg.regenerate)
-    rejected: list[Rejected] = list(src.rejected)
+    rejected: list[Rejected] = []
+    try:
+        src = load_sources(cfg, require_response=not cfg.regenerate, rejected=rejected)
+    except Exception:
+        _keep_rejects(data_dir, rejected, rank)  # the reasons of the records read so far are not lost
+        raise
+    n_source_rejected = len(rejected)
     encoded, kept, prompt_overlong = [], [], 0
     for i, rec in enumerate(src.train):
         try:
@@ -148,7 +153,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             continue
         encoded.append(enc)
         kept.append(i)
-    n_template_rejected = len(rejected) - len(src.rejected)
+    n_template_rejected = len(rejected) - n_source_rejected
+    _keep_rejects(data_dir, rejected, rank)  # now, before regeneration, packing or anything else can fail
 
     regen_report = None
     if cfg.regenerate:
@@ -234,6 +240,16 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     os.replace(tmp, report_path)
     print(summary(report), flush=True)
     return report
+
+
+def _keep_rejects(data_dir: Path, rejected: list[Rejected], rank: int) -> None:
+    """Write rejected.jsonl as soon as the rejects are known (rank 0); say where when there are any."""
+    if rank != 0 or not rejected:
+        return
+    path = data_dir / "rejected.jsonl"
+    write_jsonl(path, rejected)
+    reasons = ", ".join(f"{k} {v}" for k, v in reason_counts(rejected).items())
+    print(f"[data] {len(rejected)} rejected records ({reasons}) written to {path}", flush=True)
 
 
 def _fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
