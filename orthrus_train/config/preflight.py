@@ -25,6 +25,11 @@ def looks_local(path: str) -> bool:
     return os.sep in path and not _HUB_ID.fullmatch(path)
 
 
+def is_hub_id(value: str) -> bool:
+    """True for "name" or "org/name" that is not a file or folder here (so it can only mean the Hub)."""
+    return bool(_HUB_ID.fullmatch(value)) and not looks_local(value) and not os.path.exists(value)
+
+
 def _part_index(p: Path) -> tuple[int, str]:
     digits = re.sub(r"\D", "", p.name.rsplit(".part", 1)[-1])
     return (int(digits) if digits else -1, p.name)
