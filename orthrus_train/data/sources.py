@@ -51,6 +51,10 @@ class BadRecordError(ValueError):
         return BadRecordError(self.reason, self.detail, where)
 
 
+class NotEnoughPrompts(ValueError):
+    """Too few usable prompts for the holdout and training (one line, with the counts)."""
+
+
 @dataclass
 class Record:
     uid: str                     # "<source index>:<row number>", stable across runs
@@ -408,10 +412,6 @@ def _quotas(weights: list[float], total: int) -> list[int]:
     for i in sorted(range(len(q)), key=lambda i: (q[i] - exact[i], i))[: total - sum(q)]:
         q[i] += 1
     return q
-
-
-class NotEnoughPrompts(ValueError):
-    """Too few usable prompts for the holdout and training (one line, with the counts)."""
 
 
 def load_sources(cfg: DataConfig, *, require_response: bool, rejected: list[Rejected] | None = None) -> SourceResult:

@@ -131,13 +131,13 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     renderer = ChatRenderer(tokenizer, enable_thinking=cfg.chat_template.enable_thinking,
                             system_prompt=cfg.chat_template.system_prompt, stop_tokens=cfg.chat_template.stop_tokens)
 
-    rejected: list[Rejected] = []
+    read_rejects: list[Rejected] = []
     try:
-        src = load_sources(cfg, require_response=not cfg.regenerate, rejected=rejected)
+        src = load_sources(cfg, require_response=not cfg.regenerate, rejected=read_rejects)
     except Exception:
-        _keep_rejects(data_dir, rejected, rank)  # the reasons of the records read so far are not lost
+        _keep_rejects(data_dir, read_rejects, rank)  # the reasons of the records read so far are not lost
         raise
-    n_source_rejected = len(rejected)
+    rejected: list[Rejected] = list(src.rejected)
     encoded, kept, prompt_overlong = [], [], 0
     for i, rec in enumerate(src.train):
         try:
@@ -153,7 +153,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             continue
         encoded.append(enc)
         kept.append(i)
-    n_template_rejected = len(rejected) - n_source_rejected
+    n_template_rejected = len(rejected) - len(src.rejected)
     _keep_rejects(data_dir, rejected, rank)  # now, before regeneration, packing or anything else can fail
 
     regen_report = None
