@@ -73,7 +73,7 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     overrides = list(overrides or [])
     if recipe not in available_recipes():
@@ -86,6 +86,10 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             raw = hydra_compose(config_name=recipe,
                                 overrides=[f"hydra.searchpath=[file://{configs_dir()}]"] + overrides)
+    except OverrideParseException as e:  # one line instead of Hydra's caret drawing and link
+        raise ConfigError(f"cannot parse the override {e.override!r} ({str(e).splitlines()[0].split(':')[0]}): "
+                          "quote a value holding special characters (~ = , [ ] { } ( ) or spaces), "
+                          "e.g. 'model.path=\"~/models/x\"'") from None
     except HydraException as e:
         msg, cause = str(e), e.__cause__
         while cause is not None:
