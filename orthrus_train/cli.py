@@ -2,7 +2,8 @@
 
 Composes the recipe with Hydra, validates it against the structured schema, then either prints it
 (`--cfg job`), submits it to Slurm (`launcher=slurm`), or runs the stages in this process.
-Configuration errors exit with status 2 before anything is written.
+Configuration errors exit with status 2 before anything is written, and so do problems config/preflight.py
+finds on this machine (missing local paths, stages that cannot run with this model), before a Slurm submission too.
 """
 from __future__ import annotations
 
