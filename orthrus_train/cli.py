@@ -2,7 +2,8 @@
 
 Composes the recipe with Hydra, validates it against the structured schema, then either prints it
 (`--cfg job`), submits it to Slurm (`launcher=slurm`), or runs the stages in this process.
-Configuration errors exit with status 2 before anything is written.
+Configuration errors exit with status 2 before anything is written, and so do problems config/preflight.py
+finds on this machine (missing local paths, stages that cannot run with this model), before a Slurm submission too.
 """
 from __future__ import annotations
 
@@ -84,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run_root = Path(cfg.run_dir or os.path.join("outputs", recipe)).expanduser().resolve()
     cfg.run_dir = str(run_root)
+    from .config.preflight import preflight
+    try:  # what the run needs from this machine, before anything is written or submitted
+        notes = preflight(cfg, run_root, submitting=cfg.launcher.type == "slurm"
+                          and not os.environ.get("ORTHRUS_IN_SLURM_JOB"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if os.environ.get("ORTHRUS_IN_SLURM_JOB"):
         # first thing inside a Slurm task: SIGUSR1's default action would kill the process before the
         # trainer could turn the warning into a checkpoint
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's inputs, environment or run folder (not bugs): printed without a traceback."""
     from .config.schema import ConfigError
-    from .data.sources import BadRecordError, DataMixError
+    from .data.sources import BadRecordError, DataMixError, NotEnoughPrompts
     from .data.stage import DataMismatchError
     from .data.templates import TemplateError
     from .eval.benchmarks import BenchmarkUnavailable
@@ -119,7 +129,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .launch.slurm import SlurmConfigError
     from .model.backbones import UnsupportedBackbone
     from .train.engine import TrainingDiverged
-    return (ConfigError, BadRecordError, DataMixError, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
+    return (ConfigError, BadRecordError, DataMixError, NotEnoughPrompts, DataMismatchError, TemplateError, BenchmarkUnavailable, OrthrusCheckpointError, PublishError,
             DistEnvError, SlurmConfigError, UnsupportedBackbone, TrainingDiverged, FileNotFoundError)
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .schema import ConfigError, RootConfig, validate
@@ -73,7 +73,7 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     overrides = list(overrides or [])
     if recipe not in available_recipes():
@@ -86,6 +86,10 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             raw = hydra_compose(config_name=recipe,
                                 overrides=[f"hydra.searchpath=[file://{configs_dir()}]"] + overrides)
+    except OverrideParseException as e:  # one line instead of Hydra's caret drawing and link
+        raise ConfigError(f"cannot parse the override {e.override!r} ({str(e).splitlines()[0].split(':')[0]}): "
+                          "quote a value holding special characters (~ = , [ ] { } ( ) or spaces), "
+                          "e.g. 'model.path=\"~/models/x\"'") from None
     except HydraException as e:
         msg, cause = str(e), e.__cause__
         while cause is not None:
@@ -94,6 +98,10 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
         if "Could not override" in msg:
             key = msg.split("'")[1] if "'" in msg else "?"
             msg = f"unknown key {key!r}: it is not in the schema (orthrus_train/config/schema.py) or the recipe"
+            owner = _map_owner(key)
+            if owner:
+                msg = (f"{key!r} is not in {owner} yet: {owner} is a map that takes new keys, and Hydra adds a key "
+                       f"with a leading '+': +{next((o for o in overrides if o.startswith(key + '=')), key + '=VALUE')}")
         raise ConfigError(msg) from None
     finally:
         GlobalHydra.instance().clear()
@@ -116,6 +124,20 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
             raise
         raise ConfigError(str(e)) from None
     return obj
+
+
+def _map_owner(key: str) -> str | None:
+    """The schema field above `key` that is a free-form map (dict-typed: new keys allowed), or None."""
+    node = OmegaConf.structured(RootConfig)
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        node_i = OmegaConf.select(node, prefix, default=None)
+        if node_i is None:
+            return None
+        if isinstance(node_i, DictConfig) and OmegaConf.get_type(node_i) is dict:
+            return prefix
+    return None
 
 
 def to_yaml(obj) -> str:

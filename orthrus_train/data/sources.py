@@ -51,6 +51,10 @@ class BadRecordError(ValueError):
         return BadRecordError(self.reason, self.detail, where)
 
 
+class NotEnoughPrompts(ValueError):
+    """Too few usable prompts for the holdout and training (one line, with the counts)."""
+
+
 @dataclass
 class Record:
     uid: str                     # "<source index>:<row number>", stable across runs
@@ -255,6 +259,8 @@ def get_path(record: Any, path: str, required: bool = True) -> Any:
             if key not in cur or cur[key] is None:
                 if not required:
                     return None
+                if key in cur:  # present but JSON null: say so, not "missing" next to a list naming it
+                    raise BadRecordError("null_field", f"field '{path}' is null; expected a value")
                 raise BadRecordError("missing_field", f"missing field {key!r} (path {path!r}); the record has "
                                                       f"keys {sorted(cur)[:12]}")
             cur = cur[key]
@@ -267,10 +273,27 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _not_an_object(record: Any, expected: str = "a JSON object") -> BadRecordError:
+    """The error for a record that is not an object: a JSON null record is named as such."""
+    if record is None:
+        return BadRecordError("null_record", f"the record is null; expected {expected}")
+    return BadRecordError("wrong_type", f"the record is a JSON {_JSON_TYPES.get(type(record), type(record).__name__)}; "
+                                        f"expected {expected}")
+
+
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "list"}
+
+
+def _expected_record(src: SourceConfig, fmt: str) -> str:
+    """'a JSON object with the field ...' for the error text of a record that is not an object."""
+    key = src.field or {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction"}.get(fmt)
+    return f"a JSON object with the field {key!r}" if key else "a JSON object"
+
+
 def detect_format(record: Any) -> str:
     """Format of a source from one record (format="auto")."""
     if not isinstance(record, dict):
-        raise BadRecordError("wrong_type", f"expected a JSON object, got {type(record).__name__}")
+        raise _not_an_object(record, "a JSON object (with messages, conversations or instruction)")
     for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
         if key in record:
             return fmt
@@ -281,7 +304,7 @@ def detect_format(record: Any) -> str:
 def normalize(record: Any, src: SourceConfig, fmt: str) -> list[dict[str, str]]:
     """Turn one raw record into a conversation; raises BadRecordError (without `where`)."""
     if not isinstance(record, dict):
-        raise BadRecordError("wrong_type", f"expected a JSON object, got {type(record).__name__}")
+        raise _not_an_object(record, _expected_record(src, fmt))
     if fmt in ("messages", "sharegpt"):
         key = src.field or ("messages" if fmt == "messages" else "conversations")
         turns = get_path(record, key)
@@ -418,11 +441,14 @@ def mix_quotas(weights: list[float], available: list[int], total: int) -> list[i
     return quotas
 
 
-def load_sources(cfg: DataConfig, *, require_response: bool) -> SourceResult:
-    """Read, normalize, dedup, mix and split all sources of `cfg` (deterministic for a given seed)."""
+def load_sources(cfg: DataConfig, *, require_response: bool, rejected: list[Rejected] | None = None) -> SourceResult:
+    """Read, normalize, dedup, mix and split all sources of `cfg` (deterministic for a given seed).
+
+    rejected: a list the bad records are appended to as they are read (default: a new one), so that a caller
+    still has them when a later step (mixture, holdout) raises."""
     if not cfg.sources:
         raise ValueError("data.sources is empty: give at least one {path_or_id, format, field}")
-    rejected: list[Rejected] = []
+    rejected = [] if rejected is None else rejected
     seen: set[str] = set()
     pools: list[list[Record]] = []
     per_source: list[dict[str, Any]] = []
@@ -469,8 +495,8 @@ def load_sources(cfg: DataConfig, *, require_response: bool) -> SourceResult:
     random.Random(f"{cfg.seed}/order").shuffle(selected)
 
     n_hold = cfg.holdout_count if cfg.holdout_count is not None else round(cfg.holdout_fraction * len(selected))
-    if n_hold > len(selected):
-        raise ValueError(f"data.holdout_count={n_hold} is more than the {len(selected)} selected prompts")
+    if n_hold and n_hold >= len(selected):  # a holdout that takes every prompt leaves nothing to train on
+        raise NotEnoughPrompts(_too_few(cfg, n_hold, len(selected), per_source))
     holdout, train = selected[:n_hold], selected[n_hold:]
     counts = {
         "read": sum(s["read"] for s in per_source),
@@ -481,6 +507,19 @@ def load_sources(cfg: DataConfig, *, require_response: bool) -> SourceResult:
         "train": len(train),
     }
     return SourceResult(train, holdout, rejected, counts, per_source)
+
+
+def _too_few(cfg: DataConfig, n_hold: int, n_selected: int, per_source: list[dict[str, Any]]) -> str:
+    key = (f"data.holdout_count={n_hold}" if cfg.holdout_count is not None
+           else f"data.holdout_fraction={cfg.holdout_fraction} ({n_hold} prompts)")
+    read = sum(s["read"] for s in per_source)
+    rej = sum(s["rejected"] for s in per_source)
+    dup = sum(s["duplicates"] for s in per_source)
+    where = f"{n_selected} prompts were selected ({read} records read, {rej} rejected, {dup} duplicates)"
+    if n_selected == 0:
+        return f"no usable prompts: {where}; fix the sources (the rejected records and their reasons are in rejected.jsonl)"
+    return (f"{key} leaves no prompt to train on: {where}; set data.holdout_count to at most {n_selected - 1} "
+            "(data.holdout_count=0 for none), or give more prompts")
 
 
 def reason_counts(rejected: list[Rejected]) -> dict[str, int]:

@@ -175,7 +175,12 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     renderer = ChatRenderer(tokenizer, enable_thinking=cfg.chat_template.enable_thinking,
                             system_prompt=cfg.chat_template.system_prompt, stop_tokens=cfg.chat_template.stop_tokens)
 
-    src = load_sources(cfg, require_response=not cfg.regenerate)
+    read_rejects: list[Rejected] = []
+    try:
+        src = load_sources(cfg, require_response=not cfg.regenerate, rejected=read_rejects)
+    except Exception:
+        _keep_rejects(data_dir, read_rejects, rank)  # the reasons of the records read so far are not lost
+        raise
     rejected: list[Rejected] = list(src.rejected)
     encoded, kept, prompt_overlong = [], [], 0
     for i, rec in enumerate(src.train):
@@ -193,6 +198,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         encoded.append(enc)
         kept.append(i)
     n_template_rejected = len(rejected) - len(src.rejected)
+    _keep_rejects(data_dir, rejected, rank)  # now, before regeneration, packing or anything else can fail
 
     regen_report = None
     docs: list[tuple[list[int], list[int]]] = []
@@ -350,6 +356,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     content["special_ids"] = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
     content["chat_template"] = getattr(tokenizer, "chat_template", None)
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _keep_rejects(data_dir: Path, rejected: list[Rejected], rank: int) -> None:
+    """Write rejected.jsonl as soon as the rejects are known (rank 0); say where when there are any."""
+    if rank != 0 or not rejected:
+        return
+    path = data_dir / "rejected.jsonl"
+    write_jsonl(path, rejected)
+    reasons = ", ".join(f"{k} {v}" for k, v in reason_counts(rejected).items())
+    print(f"[data] {len(rejected)} rejected records ({reasons}) written to {path}", flush=True)
 
 
 def _fingerprint(cfg: DataConfig, tokenizer: Any) -> str:

@@ -56,6 +56,22 @@ def lossless_verdict(report: dict | None) -> tuple[bool | None, str]:
     return None, "the 'lossless' section has no passed/ok/status verdict"
 
 
+def base_model_ref(*candidates: str | None) -> tuple[str | None, str | None]:
+    """(Hub id, local name) of the base model from candidates in order of preference (export.base_model_id,
+    model.path, the backbone config's `_name_or_path`): the first that is a Hub id wins; a local path is never
+    published as `base_model`, only its folder or file name is kept for the card's text."""
+    from ..config.preflight import is_hub_id
+
+    local = None
+    for c in candidates:
+        if not c:
+            continue
+        if is_hub_id(c):
+            return c, None
+        local = local or Path(str(c).rstrip("/")).name
+    return None, local
+
+
 def _json_block(obj) -> str:
     return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```"
 
@@ -144,7 +160,7 @@ def _usage(repo: str, layout: str, base: str | None) -> str:
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-{base_note}tok = AutoTokenizer.from_pretrained("{repo}")
+{base_note}tok = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=False)  # a standard tokenizer: no custom code
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16, device_map="cuda")
 text = tok.apply_chat_template([{{"role": "user", "content": "Write a haiku about GPUs."}}], tokenize=False,
                                add_generation_prompt=True)
@@ -157,7 +173,8 @@ print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def build_card(info: dict) -> str:
-    """Render README.md. `info` keys: base_model, base_revision, license, layout, backbone_model_type, block_size,
+    """Render README.md. `info` keys: base_model (a Hub id), base_model_local (the folder or file name of a local
+    base model, when there is no Hub id), base_revision, license, layout, backbone_model_type, block_size,
     mask_token_id, dtype, num_twin_params, num_params, base_sha256, tokenizer_included, recipe, config, data_report,
     training, eval_report, plots, repo_id, title."""
     base, layout = info.get("base_model"), info["layout"]
@@ -175,9 +192,14 @@ def build_card(info: dict) -> str:
     if info.get("license"):
         front.append(f"license: {info['license']}")
     front.append("---")
+    local = info.get("base_model_local")
     facts = [
-        ("base model", base or "_missing_"),
-        ("base revision", info.get("base_revision") or "_missing_"),
+        ("base model", base or (f"local model `{local}` (not a Hub id; export.base_model_id=ORG/NAME names it)"
+                                if local else "_missing_")),
+    ]
+    if info.get("base_revision"):  # unknown for a local folder: no line rather than a placeholder
+        facts.append(("base revision", info["base_revision"]))
+    facts += [
         ("backbone family", info["backbone_model_type"]),
         ("layout", layout),
         ("block size K", info["block_size"]),
@@ -197,7 +219,7 @@ def build_card(info: dict) -> str:
         facts.append(("total parameters", f"{info['num_params']:,}"))
     if info.get("base_sha256"):
         facts.append(("base weights sha256", f"`{info['base_sha256']}`"))
-    title = info.get("title") or f"Orthrus draft heads for {base or 'an unnamed base model'}"
+    title = info.get("title") or f"Orthrus draft heads for {base or local or 'an unnamed base model'}"
     parts = [
         "\n".join(front),
         f"# {title}",
@@ -211,7 +233,7 @@ def build_card(info: dict) -> str:
         "| | |",
         "| --- | --- |",
     ] + [f"| {k} | {v} |" for k, v in facts]
-    parts += ["", "## Usage", "", _usage(info.get("repo_id") or "<path-or-repo-id>", layout, base)]
+    parts += ["", "## Usage", "", _usage(info.get("repo_id") or "<path-or-repo-id>", layout, base or local)]
     parts += ["", "## Training recipe", ""]
     parts.append(f"Recipe: `{info['recipe']}`" if info.get("recipe") else MISSING.format(what="the recipe name"))
     parts += [

@@ -1,7 +1,8 @@
 """Publish an Orthrus export folder to the Hugging Face Hub.
 
 Refuses (unless ``force``) when the run's eval/report.json is missing or its lossless check did not pass. The
-token comes from HF_TOKEN or the stored ``hf auth login``; it is never printed, and any error text is redacted.
+token comes from HF_TOKEN or the stored ``hf auth login``; without one, publishing stops before any network call and
+says where a token is read from. The token is never printed, and any error text is redacted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ class PublishError(RuntimeError):
 def redact(text: str, token: str | None = None) -> str:
     text = text.replace(token, "***") if token else text
     return _TOKEN_RE.sub("hf_***", text)
+
+
+def hub_token(repo_id: str) -> str:
+    """The token HfApi would use (HF_TOKEN, else the one `hf auth login` stored); never printed.
+
+    Raises PublishError naming where a token is read from when there is none, before any network call."""
+    from huggingface_hub import constants, get_token
+
+    token = get_token()
+    if not token:
+        raise PublishError(
+            f"no Hugging Face token found, and publishing to {repo_id} needs one with write access: set the HF_TOKEN "
+            "environment variable, or run `hf auth login` (`huggingface-cli login` in older huggingface_hub), which "
+            f"stores it in {constants.HF_TOKEN_PATH} (under HF_HOME, or HF_TOKEN_PATH)")
+    return token
 
 
 def list_files(export_dir) -> list[tuple[str, int]]:
@@ -87,6 +103,7 @@ def publish(
     if api is None:
         from huggingface_hub import HfApi
 
+        token = hub_token(repo_id)
         api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)

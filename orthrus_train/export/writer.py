@@ -196,13 +196,15 @@ def export_folder(
                 "num_tensors": len(tensors),
             }
             (tmp / HEADS_META_NAME).write_text(json.dumps(meta, indent=2))
+        hub_base, local_base = card.base_model_ref(base_model_id, getattr(backbone_config, "_name_or_path", None))
         found = card.run_folder_inputs(run_dir)
         plots = _copy_plots(found.pop("plot_files"), tmp)
         info = dict(
             found,
             **{k: v for k, v in extra.items() if v is not None},  # the caller's values win over the run folder's
-            base_model=base_model_id,
-            base_revision=base_revision,
+            base_model=hub_base,
+            base_model_local=local_base,
+            base_revision=base_revision or getattr(backbone_config, "_commit_hash", None),
             layout=layout,
             backbone_model_type=config.backbone_model_type,
             block_size=block_size,

@@ -132,8 +132,9 @@ def load_backbone(path: str, dtype=torch.bfloat16, gguf_file: str | None = None,
     kw = {}
     p = Path(os.path.expanduser(path))
     if gguf_file is None and p.suffix == ".gguf":
-        if not p.exists():
-            raise FileNotFoundError(f"GGUF file {p} does not exist (model.path)")
+        if not p.exists():  # the CLI checks this first (config/preflight.py); same line for library callers
+            from ..config.preflight import MODEL_WHAT, missing
+            raise FileNotFoundError(missing("model.path", path, MODEL_WHAT) or f"GGUF file {p} does not exist (model.path)")
         gguf_file, path = p.name, str(p.parent)
     if local_files_only is None:
         local_files_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,7 +1,10 @@
 """Model card contents and publish() against a recorder standing in for HfApi (no network)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from orthrus_export_testlib import MASK_ID, tiny_tokenizer
@@ -203,3 +206,59 @@ def test_publish_errors_never_show_the_token(tmp_path, exported, monkeypatch):
     assert token not in str(info.value) and "SuperSecret" not in str(info.value)
     assert "401 Unauthorized" in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
     shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------------- base model, snippet, token
+
+
+def test_card_never_publishes_a_local_path_as_base_model(tmp_path, exported):
+    _, config, sd, _ = exported["llama"]
+    base = tmp_path / "models" / "my-finetuned-llama"
+    folder = export_folder(sd, config, None, tmp_path / "export", block_size=4, mask_token_id=MASK_ID,
+                           base_model_id=str(base))
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model" not in front and str(base) not in card
+    assert "| base model | local model `my-finetuned-llama`" in card and "export.base_model_id" in card
+    assert "base revision" not in card  # unknown: no line, no placeholder
+    assert "# Orthrus draft heads for my-finetuned-llama" in card
+
+
+def test_card_takes_a_hub_id_from_the_backbone_config(tmp_path, exported):
+    import copy
+
+    _, config, sd, _ = exported["llama"]
+    config = copy.deepcopy(config)
+    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    folder = export_folder(sd, config, None, tmp_path / "export", block_size=4, mask_token_id=MASK_ID,
+                           base_model_id=str(tmp_path / "local" / "SmolLM2.gguf"))
+    card = (folder / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card.split("---")[1]
+    assert str(tmp_path) not in card
+
+
+def test_card_tokenizer_line_runs_without_asking_for_custom_code(tmp_path, exported):
+    folder = _export(tmp_path, exported, tokenizer=tiny_tokenizer())
+    card = (folder / "README.md").read_text()
+    line = next(x for x in card.splitlines() if "AutoTokenizer.from_pretrained(" in x)
+    code = "from transformers import AutoTokenizer\n" + line.replace("<path-or-repo-id>", str(folder)) + \
+        "\nprint('ids', tok('t5 t6').input_ids)"
+    p = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 0, p.stderr
+    assert "ids [5, 6]" in p.stdout
+    assert "custom code" not in p.stdout + p.stderr and "trust_remote_code" not in p.stdout + p.stderr
+
+
+def test_cli_publish_without_a_token_says_where_one_is_read_from(tmp_path, exported):
+    run = _run_dir(tmp_path)
+    shutil.copytree(exported["llama"][3], run / "export")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")  # no network call is made either way
+    p = subprocess.run([sys.executable, "-m", "orthrus_train", "stage=publish", f"run_dir={run}", "hub.repo_id=me/x"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    line = next(x for x in p.stderr.splitlines() if x.startswith("error: "))
+    assert line.startswith("error: no Hugging Face token found") and "HF_TOKEN" in line and "hf auth login" in line
+    assert str(tmp_path / "hf-home" / "token") in line  # where the stored login is read from
+    assert "Error" not in line  # no network error in its place

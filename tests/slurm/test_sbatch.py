@@ -306,3 +306,51 @@ def test_cli_dry_run_writes_and_prints_the_script(tmp_path):
     assert argv[argv.index("-m") + 1:][:2] == ["orthrus_train", "recipe=tiny"]
     assert argv[-3:] == ["launcher=local", f"run_dir={run}", "resume=auto"]
     assert "launcher=slurm" not in argv
+
+
+# --------------------------------------------------------------------------- refused before submitting
+
+
+def _cli(*args):
+    from orthrus_train import cli
+    return cli.main(list(args))
+
+
+@pytest.mark.parametrize("extra", [[], ["launcher.separate_stages=true"], ["launcher.dry_run=true"]])
+def test_random_weights_with_a_data_stage_are_refused_before_submitting(tmp_path, fake_sbatch, capsys, extra):
+    run = tmp_path / "run"
+    rc = _cli("recipe=qwen3-72b", "model.init=random", "launcher=slurm", f"run_dir={run}", *extra)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.init=random with stage=all: the data stage needs real weights" in err and "stage=train" in err
+    assert not fake_sbatch.exists() and not run.exists()  # nothing submitted, nothing written
+
+
+def test_stage_train_without_data_is_refused_at_submit_and_noted_on_a_dry_run(tmp_path, fake_sbatch, capsys):
+    run = tmp_path / "run"
+    args = ["recipe=qwen3-72b", "model.init=random", "stage=train", "launcher=slurm", f"run_dir={run}"]
+    assert _cli(*args) == 2
+    assert "run stage=data first" in capsys.readouterr().err and not fake_sbatch.exists() and not run.exists()
+    assert _cli(*args, "launcher.dry_run=true") == 0  # prints the script, says what the job will need
+    out, err = capsys.readouterr()
+    assert "note: stage=train:" in err and "before submitting" in err and "#SBATCH --nodes=8" in out
+    (run / "data" / "train").mkdir(parents=True)  # data copied in: the real submission goes through
+    assert _cli(*args) == 0
+    assert [Path(c[-1]).name for c in map(json.loads, fake_sbatch.read_text().splitlines())] == ["orthrus.sbatch"]
+
+
+def _readme_slurm_dry_run() -> list[str]:
+    """The README's Slurm dry-run command, as written (continuation lines joined)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if "launcher=slurm" in x and "launcher.dry_run=true" in x)
+    return shlex.split(line.split("#")[0])
+
+
+def test_readme_slurm_dry_run_works_as_written(tmp_path):
+    argv = _readme_slurm_dry_run()
+    assert argv[:3] == ["python", "-m", "orthrus_train"] and "model.init=random" in argv
+    p = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "error:" not in p.stderr
+    srun = srun_argv(p.stdout[p.stdout.index("#!/bin/bash"):])
+    assert "stage=train" in srun and "model.init=random" in srun  # the job would not run the data stage
