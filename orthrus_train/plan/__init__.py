@@ -108,7 +108,8 @@ def make(cfg) -> dict:
     rec = records()
     devices = {k: v for k, v in rec["devices"].items() if k != "about"}
     if p.gpu not in devices:
-        raise ConfigError(f"plan.gpu={p.gpu!r} is not a device kind of {THROUGHPUT.name}; choose one of {sorted(devices)}")
+        raise ConfigError(f"plan.gpu={p.gpu!r} is not a device kind of {THROUGHPUT.name}; "
+                          f"choose one of {sorted(devices)}")
     gpus = p.gpus or cfg.launcher.nodes * cfg.launcher.gpus_per_node
     if gpus < 1:
         raise ConfigError(f"plan.gpus must be >= 1, got {gpus}")
@@ -138,6 +139,8 @@ def make(cfg) -> dict:
     eff, eff_note = efficiency(gpus, table)
     if eff_note:
         tr_how.append(eff_note.lstrip("; "))
+    if getattr(config, "num_experts", None) and not getattr(_config_of(tr_ref), "num_experts", None):
+        tr_how.append("a MoE shape from a dense measurement: expert dispatch is not in the FLOP count")
     if tr_ref.get("zero", zero) != zero:
         tr_how.append(f"measured under ZeRO-{tr_ref['zero']}, this recipe runs ZeRO-{zero}")
     train_tokens = steps.total_steps * t.global_batch * t.seq_len
@@ -182,10 +185,10 @@ def format_text(pl: dict) -> str:
         f"({pl['prompt_tokens']:,.0f} prompt + {pl['response_tokens']:,.0f} response) = {pl['data_tokens'] / 1e9:.3f}B "
         f"tokens -> {pl['rows']:,} rows of {pl['seq_len']}",
         f"                lengths: {pl['lengths_source']}",
-        f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} epochs, "
-        f"{pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
-        f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens at {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU "
-        f"-> {r['hours']:.1f} h",
+        f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} "
+        f"epochs, {pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
+        f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens at {r['tokens_per_s_per_gpu']:,.0f} "
+        f"tok/s/GPU -> {r['hours']:.1f} h",
         f"                {r['basis']}",
         f"  training:     {tr['tokens_per_s_per_gpu']:,.0f} tok/s/GPU -> {tr['hours']:.1f} h",
         f"                {tr['basis']}",

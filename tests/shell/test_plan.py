@@ -54,7 +54,8 @@ def test_more_gpus_is_faster_and_a_measured_world_size_is_used_as_measured():
     z3 = ("recipe=qwen3-8b", "deepspeed=zero3", "plan.gpu=h200")  # as measured: ZeRO-3
     one, two, four = (_json(*z3, f"plan.gpus={n}") for n in (1, 2, 4))
     for n, pl in ((1, one), (2, two), (4, four)):
-        assert pl["training"]["tokens_per_s_per_gpu"] * n == pytest.approx(_measured("qwen3-8b", "h200", n)["tokens_per_s"])
+        measured = _measured("qwen3-8b", "h200", n)["tokens_per_s"]
+        assert pl["training"]["tokens_per_s_per_gpu"] * n == pytest.approx(measured)
         assert not pl["training"]["extrapolated"] and pl["training"]["basis"].startswith("measured")
     assert one["training"]["hours"] > two["training"]["hours"] > four["training"]["hours"] > 0
     assert one["regeneration"]["hours"] == pytest.approx(4 * four["regeneration"]["hours"])

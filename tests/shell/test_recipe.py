@@ -59,7 +59,8 @@ def test_twins_start_as_the_ar_weights_and_loss_is_mean_per_supervised_token():
     loss, st = step(ids, mask, [1, 2])
     from orthrus_train.model.anchors import sample_anchors
     anchors = [sample_anchors(mask[b:b + 1], 6, torch.Generator().manual_seed(s)) for b, s in enumerate([1, 2])]
-    out = m.train_outputs(ids, mask, 6, anchors=(torch.cat([a for a, _ in anchors]), torch.cat([v for _, v in anchors])))
+    out = m.train_outputs(ids, mask, 6, anchors=(torch.cat([a for a, _ in anchors]),
+                                                 torch.cat([v for _, v in anchors])))
     per_tok = chunked_distill(out.hs, out.ht, m.lm_weight(), chunk_size=64)[0]
     assert st["n_sup"] == per_tok.numel() > 0
     torch.testing.assert_close(loss, per_tok.mean())
