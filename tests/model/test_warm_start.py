@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_FAST, orthrus
 
 FAST = TINY_FAST + ["train.wandb.mode=disabled"]
+# several CLI training runs per test (plus the module fixture's): generous on a loaded CI machine
+pytestmark = pytest.mark.timeout(3600)
 
 
 def _copy_data(tiny_data, dest):
