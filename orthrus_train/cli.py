@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = """usage: python -m orthrus_train [recipe=NAME] [stage=all|data|train|eval|export|publish] [run_dir=PATH]
+USAGE = """usage: python -m orthrus_train [recipe=NAME] [stage=all|data|train|eval|export|publish|plan] [run_dir=PATH]
                              [group=choice] [key=value ...] [--cfg job] [--list-recipes]
 
   recipe=NAME        one of the recipes in recipes/ (default: tiny, the CPU demo)
@@ -19,6 +19,7 @@ USAGE = """usage: python -m orthrus_train [recipe=NAME] [stage=all|data|train|ev
   run_dir=PATH       the run folder (default: outputs/<recipe>)
   launcher=slurm     submit as a Slurm job instead of running here (launcher.dry_run=true prints the script)
   --cfg job          print the resolved configuration and exit (loads no model)
+  stage=plan         print tokens, steps and hours of the recipe on plan.gpus x plan.gpu (loads no model)
   key=value          any configuration key, e.g. train.lr=1e-4 model.path=/models/Qwen3-8B deepspeed=zero3
 """
 
@@ -71,17 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        if show_cfg and "model.path is required" in str(e):
-            # --cfg job must work before a checkpoint exists (e.g. to plan a 72B run)
-            from .config.loader import compose_unvalidated
-            print(to_yaml(compose_unvalidated(recipe, overrides)))
+        if not ((show_cfg or "stage=plan" in overrides) and "model.path is required" in str(e)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # --cfg job and stage=plan must work before a checkpoint exists (e.g. to plan a 72B run)
+        from .config.loader import compose_unvalidated
+        cfg = compose_unvalidated(recipe, overrides)
+        if show_cfg:
+            print(to_yaml(cfg))
             print(f"# note: this configuration cannot run yet: {e}", file=sys.stderr)
             return 0
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if show_cfg:
         print(to_yaml(cfg))
         return 0
+    if cfg.stage == "plan":  # estimates only: loads no model, writes nothing
+        from .plan import run as run_plan
+        try:
+            return run_plan(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     run_root = Path(cfg.run_dir or os.path.join("outputs", recipe)).expanduser().resolve()
     cfg.run_dir = str(run_root)

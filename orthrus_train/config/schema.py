@@ -55,6 +55,9 @@ class HeadsConfig:
     trainable: list[str] = field(default_factory=lambda: ["q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff",
                                                           "q_norm_diff", "k_norm_diff"])
     attn_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
+    # Warm start: an Orthrus export (ours, full or heads-only, or the official layout; folder or Hub id)
+    # whose twins initialise a fresh run (model/warm_start.py). A checkpoint to resume wins over it.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -131,10 +134,21 @@ class LauncherConfig(SlurmConfig):
 
 
 @dataclass
+class PlanConfig:
+    """stage=plan (orthrus_train/plan): the cost of this recipe on `gpus` x `gpu`, from recorded throughput."""
+    gpus: Optional[int] = None  # default: launcher.nodes x launcher.gpus_per_node
+    gpu: str = "h200"  # a device kind of orthrus_train/plan/throughput.json (h100, h200, a100)
+    prompts: Optional[int] = None  # default: data.num_samples (required when that is unset)
+    prompt_tokens: Optional[float] = None  # mean tokens of a rendered prompt (default: the recorded measurement)
+    response_tokens: Optional[float] = None  # mean tokens of a response (default: the recorded measurement)
+    format: str = "text"  # text | json
+
+
+@dataclass
 class RootConfig:
     recipe: str = "tiny"
     description: str = ""
-    stage: str = "all"  # all (data, train, eval, export) | data | train | eval | export | publish
+    stage: str = "all"  # all (data, train, eval, export) | data | train | eval | export | publish | plan
     run_dir: Optional[str] = None  # default: outputs/<recipe>
     resume: str = "auto"  # auto (newest complete checkpoint) | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
@@ -147,6 +161,7 @@ class RootConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 STAGES = ("data", "train", "eval", "export", "publish")
@@ -162,7 +177,8 @@ def _one_of(key: str, value, choices) -> None:
 
 
 def validate(cfg: RootConfig) -> None:
-    _one_of("stage", cfg.stage, ("all",) + STAGES)
+    _one_of("stage", cfg.stage, ("all",) + STAGES + ("plan",))
+    _one_of("plan.format", cfg.plan.format, ("text", "json"))
     _one_of("model.init", cfg.model.init, ("pretrained", "random"))
     _one_of("model.dtype", cfg.model.dtype, ("bfloat16", "float32", "float16"))
     _one_of("heads.type", cfg.heads.type, ("orthrus", "medusa"))
@@ -182,6 +198,13 @@ def validate(cfg: RootConfig) -> None:
             f"or use model.init=random to build the shape with random weights for memory/throughput planning")
     if cfg.model.init == "random" and not cfg.model.shape:
         raise ConfigError("model.shape is required with model.init=random (tiny, or a Qwen3 shape such as qwen3-8b)")
+    if cfg.heads.init_from and cfg.heads.type != "orthrus":
+        raise ConfigError("heads.init_from: exports carry Orthrus twins only, so Medusa heads cannot be "
+                          "warm-started; use heads.type=orthrus or drop heads.init_from")
+    if cfg.heads.init_from and cfg.stage in ("all", "train"):  # before the data stage spends hours
+        from ..model.warm_start import source_problem
+        if source_problem(cfg.heads.init_from):
+            raise ConfigError(source_problem(cfg.heads.init_from))
     if cfg.heads.block_size < 2:
         raise ConfigError(f"heads.block_size must be >= 2, got {cfg.heads.block_size}")
     t = cfg.train

@@ -261,6 +261,9 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan.total_steps, t.warmup_ratio, t.min_lr_ratio))
+    if cfg.heads.init_from:  # before DeepSpeed copies the parameters; a checkpoint to resume wins
+        from ..model.warm_start import warm_start
+        warm_start(model, cfg, run, log=log if rank == 0 else (lambda *_: None))
     engine, _, _, _ = deepspeed.initialize(model=step_mod, optimizer=opt, lr_scheduler=sched, config=dsc)
 
     start, folder = 0, None

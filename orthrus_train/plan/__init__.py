@@ -1,0 +1,203 @@
+"""`stage=plan`: what a recipe will cost on N GPUs of a kind, before anything is submitted.
+
+    python -m orthrus_train recipe=qwen3-8b stage=plan plan.gpus=8 plan.gpu=h200
+
+Prints the data (prompts, documents, tokens, packed rows), the optimizer steps, and the hours of
+regeneration and of training, from the throughput measured on real devices and recorded in
+`throughput.json` (each entry names its date, device, commit and command). A shape or device with no
+measurement is extrapolated from the nearest one that has one, and the plan says from which and how:
+training by the project's FLOP count of a row (`train/flops.py`, i.e. equal MFU), regeneration by
+the weights a decode step reads (active parameters), across devices by dense bf16 peak (training) or
+HBM bandwidth (regeneration), across GPU counts by the measured scaling efficiency. Loads no model
+(at most a config.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..config.schema import ConfigError
+
+THROUGHPUT = Path(__file__).with_name("throughput.json")
+# what the training measurements ran when an entry does not say (scripts/bench_train.py, recipe qwen3-8b)
+BENCH_ROW = {"seq_len": 2048, "anchors": 256, "block": 32, "grad_ckpt": True}
+
+
+def records() -> dict:
+    return json.loads(THROUGHPUT.read_text())
+
+
+def backbone_config(cfg):
+    """The transformers config of the run's backbone, without loading weights."""
+    from ..model.backbones import qwen3_shape
+
+    m = cfg.model
+    if m.shape and m.shape != "tiny":
+        return qwen3_shape(m.shape)
+    if m.path and (Path(m.path).expanduser() / "config.json").exists():
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(str(Path(m.path).expanduser()))
+    raise ConfigError("stage=plan needs the backbone's shape: set model.shape (e.g. qwen3-8b) or point model.path at "
+                      "a folder holding its config.json")
+
+
+def _config_of(entry: dict):
+    if "config" in entry:
+        import transformers
+        c = dict(entry["config"])
+        return transformers.AutoConfig.for_model(c.pop("model_type"), **c)
+    from ..model.backbones import qwen3_shape
+    return qwen3_shape(entry["shape"])
+
+
+def decode_params(config) -> float:
+    """Weights one decode step reads per token: the layers' matmuls (active experts only) + lm_head."""
+    from ..train.flops import layer_params
+    return config.num_hidden_layers * layer_params(config)[0] + config.vocab_size * config.hidden_size
+
+
+def train_token_flops(config, seq_len: int, anchors: int, block: int, grad_ckpt: bool) -> float:
+    """Training FLOPs per row token (train/flops.py): the cost that tokens/s scales inversely with at equal MFU."""
+    from ..train.flops import row_flops
+    return row_flops(config, seq_len, anchors, block, anchors * (block - 1), grad_ckpt) / seq_len
+
+
+def _entry_token_flops(e: dict) -> float:
+    s = {k: e.get(k, v) for k, v in BENCH_ROW.items()}
+    return train_token_flops(_config_of(e), s["seq_len"], s["anchors"], s["block"], s["grad_ckpt"])
+
+
+def efficiency(n: int, table: dict) -> tuple[float, str]:
+    measured = sorted(int(k) for k in table)
+    best = max((k for k in measured if k <= n), default=1)
+    note = "" if best == n else f"; no {n}-GPU measurement: the efficiency measured at {best} GPUs is kept"
+    return float(table[str(best)]), note
+
+
+def _pick(entries: list[dict], shape: str | None, gpu: str, zero: int | None, gpus: int, cost) -> dict:
+    """The measurement closest to what is planned: the same shape, then the same device, then the same ZeRO
+    stage, then the nearest cost (FLOPs or parameters), then the nearest GPU count (both in log ratio)."""
+    return min(entries, key=lambda e: (e["shape"] != shape, e["gpu"] != gpu, e.get("zero", zero) != zero,
+                                       abs(math.log(cost(e))), abs(math.log(e.get("world", 1) / gpus))))
+
+
+def _scaled(entries, kind: str, shape, gpu, zero, gpus, cost_of, target_cost, devices, device_key, rate_key):
+    """(per-GPU rate of the measurement carried to `shape` on `gpu`, the measurement used, how it was carried)."""
+    ref = _pick(entries, shape, gpu, zero, gpus, lambda e: cost_of(e) / target_cost)
+    rate = ref[rate_key] / ref.get("world", 1)
+    how = []
+    ratio = cost_of(ref) / target_cost
+    if abs(ratio - 1) > 1e-6:
+        rate *= ratio
+        what = (f"no {shape} measurement" if shape else "no measurement of this shape") if ref["shape"] != shape \
+            else "other settings than measured"
+        how.append(f"{what}: scaled from {ref['shape']} by {kind} ({ratio:.3g}x)")
+    if ref["gpu"] != gpu:
+        ratio = devices[gpu][device_key] / devices[ref["gpu"]][device_key]
+        rate *= ratio
+        how.append(f"no {gpu} measurement: carried from {ref['gpu']} by {device_key} ({ratio:.3g}x)")
+    return rate, ref, how
+
+
+def make(cfg) -> dict:
+    """The plan as a dict (see `format_text`)."""
+    from ..train.engine import make_plan
+
+    p, t, d = cfg.plan, cfg.train, cfg.data
+    rec = records()
+    devices = {k: v for k, v in rec["devices"].items() if k != "about"}
+    if p.gpu not in devices:
+        raise ConfigError(f"plan.gpu={p.gpu!r} is not a device kind of {THROUGHPUT.name}; "
+                          f"choose one of {sorted(devices)}")
+    gpus = p.gpus or cfg.launcher.nodes * cfg.launcher.gpus_per_node
+    if gpus < 1:
+        raise ConfigError(f"plan.gpus must be >= 1, got {gpus}")
+    prompts = p.prompts if p.prompts is not None else d.num_samples
+    if not prompts:
+        raise ConfigError("stage=plan needs the number of prompts: set data.num_samples or plan.prompts")
+    config = backbone_config(cfg)
+    shape = cfg.model.shape
+    lengths = rec["tokens_per_prompt"]
+    prompt_tok = p.prompt_tokens if p.prompt_tokens is not None else lengths["prompt"]
+    response_tok = min(p.response_tokens if p.response_tokens is not None else lengths["response"], d.max_new_tokens)
+    per_prompt = int(getattr(d, "samples_per_prompt", 1) or 1)
+    holdout = d.holdout_count or 0
+    documents = max(0, prompts - holdout) * per_prompt
+    data_tokens = documents * (prompt_tok + response_tok)
+    regen_tokens = documents * response_tok if d.regenerate else 0
+    rows = int(data_tokens // t.seq_len)
+    steps = make_plan(rows, t, gpus)
+
+    zero = cfg.deepspeed.stage
+    target_flops = train_token_flops(config, t.seq_len, t.anchors_per_row, cfg.heads.block_size, t.grad_checkpointing)
+    tr_rate1, tr_ref, tr_how = _scaled(rec["training"], "FLOPs per token", shape, p.gpu, zero, gpus, _entry_token_flops,
+                                       target_flops, devices, "bf16_tflops", "tokens_per_s")
+    # the reference's own world size: back to one GPU with the measured efficiency, then to `gpus`
+    table = rec["scaling"]["training"]
+    tr_rate1 /= efficiency(tr_ref.get("world", 1), table)[0]
+    eff, eff_note = efficiency(gpus, table)
+    if eff_note:
+        tr_how.append(eff_note.lstrip("; "))
+    if getattr(config, "num_experts", None) and not getattr(_config_of(tr_ref), "num_experts", None):
+        tr_how.append("a MoE shape from a dense measurement: expert dispatch is not in the FLOP count")
+    if tr_ref.get("zero", zero) != zero:
+        tr_how.append(f"measured under ZeRO-{tr_ref['zero']}, this recipe runs ZeRO-{zero}")
+    train_tokens = steps.total_steps * t.global_batch * t.seq_len
+    train_rate = tr_rate1 * eff * gpus
+    train_h = train_tokens / train_rate / 3600
+
+    target_params = decode_params(config)
+    rg_rate1, rg_ref, rg_how = _scaled(rec["regeneration"], "decode parameters", shape, p.gpu, None, gpus,
+                                       lambda e: decode_params(_config_of(e)), target_params, devices,
+                                       "hbm_tb_s", "new_tokens_per_s")
+    regen_h = regen_tokens / (rg_rate1 * gpus) / 3600 if regen_tokens else 0.0
+
+    def basis(ref, how, extra=""):
+        measured = "measured" if not how else "extrapolated (" + "; ".join(how) + ")"
+        return (f"{measured}; from {ref['shape']} on {ref['world'] if 'world' in ref else 1} x {ref['gpu']}"
+                f"{' ZeRO-' + str(ref['zero']) if 'zero' in ref else ''}, {ref['date']}, commit {ref['commit']}"
+                f"{extra}: {ref['source']}")
+
+    return {
+        "recipe": cfg.recipe, "gpus": gpus, "gpu": p.gpu, "shape": shape or config.model_type,
+        "prompts": prompts, "holdout": holdout, "samples_per_prompt": per_prompt, "documents": documents,
+        "prompt_tokens": prompt_tok, "response_tokens": response_tok, "data_tokens": data_tokens,
+        "regenerated_tokens": regen_tokens, "rows": rows, "seq_len": t.seq_len,
+        "steps_per_epoch": steps.steps_per_epoch, "steps": steps.total_steps, "epochs": t.epochs,
+        "global_batch": t.global_batch, "train_tokens": train_tokens,
+        "lengths_source": lengths["source"] if (p.prompt_tokens is None or p.response_tokens is None) else "plan.*",
+        "regeneration": {"tokens_per_s_per_gpu": rg_rate1, "hours": regen_h, "extrapolated": bool(rg_how),
+                         "basis": basis(rg_ref, rg_how, "; GPUs assumed to scale linearly (not measured)")},
+        "training": {"tokens_per_s_per_gpu": tr_rate1 * eff, "scaling_efficiency": eff, "hours": train_h,
+                     "extrapolated": bool(tr_how),
+                     "basis": basis(tr_ref, tr_how, f"; {gpus} GPUs at {eff:.0%} scaling efficiency")},
+        "total_hours": regen_h + train_h, "gpu_hours": (regen_h + train_h) * gpus,
+    }
+
+
+def format_text(pl: dict) -> str:
+    r, tr = pl["regeneration"], pl["training"]
+    lines = [
+        f"plan: recipe {pl['recipe']} ({pl['shape']}) on {pl['gpus']} x {pl['gpu']} (estimates; no model loaded)",
+        f"  data:         {pl['prompts']:,} prompts - {pl['holdout']:,} held out, x {pl['samples_per_prompt']} "
+        f"response(s) = {pl['documents']:,} documents x ~{pl['prompt_tokens'] + pl['response_tokens']:,.0f} tokens "
+        f"({pl['prompt_tokens']:,.0f} prompt + {pl['response_tokens']:,.0f} response) = {pl['data_tokens'] / 1e9:.3f}B "
+        f"tokens -> {pl['rows']:,} rows of {pl['seq_len']}",
+        f"                lengths: {pl['lengths_source']}",
+        f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} "
+        f"epochs, {pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
+        f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens at {r['tokens_per_s_per_gpu']:,.0f} "
+        f"tok/s/GPU -> {r['hours']:.1f} h",
+        f"                {r['basis']}",
+        f"  training:     {tr['tokens_per_s_per_gpu']:,.0f} tok/s/GPU -> {tr['hours']:.1f} h",
+        f"                {tr['basis']}",
+        f"  total:        {pl['total_hours']:.1f} h on {pl['gpus']} GPUs ({pl['gpu_hours']:,.0f} GPU-hours)",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg) -> int:
+    pl = make(cfg)
+    print(json.dumps(pl, indent=1) if cfg.plan.format == "json" else format_text(pl))
+    return 0

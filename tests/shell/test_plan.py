@@ -1,0 +1,97 @@
+"""stage=plan through the CLI: tokens, steps and hours of a recipe on N GPUs of a kind, from the throughput
+recorded in orthrus_train/plan/throughput.json; loads no model, writes nothing."""
+import json
+import math
+import re
+
+import pytest
+
+from orthrus_train.plan import THROUGHPUT
+from tests.conftest import orthrus
+
+REC = json.loads(THROUGHPUT.read_text())
+
+
+def _plan(*args, check=True):
+    return orthrus("stage=plan", *args, check=check, env={"HF_HUB_OFFLINE": "1"})
+
+
+def _json(*args):
+    p = _plan(*args, "plan.format=json")
+    assert "Loading" not in p.stdout + p.stderr
+    return json.loads(p.stdout)
+
+
+def _measured(shape, gpu, world):
+    return next(e for e in REC["training"] if (e["shape"], e["gpu"], e["world"]) == (shape, gpu, world))
+
+
+def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
+    pl = _json("recipe=qwen3-8b", "plan.gpus=8", "plan.gpu=h200", f"run_dir={tmp_path / 'r'}")
+    assert not (tmp_path / "r").exists()  # writes nothing
+    # data and steps follow the recipe: 510K prompts - 300 held out, 304 + 688 tokens each, 2048-token rows
+    assert pl["documents"] == 510_000 - 300
+    assert pl["data_tokens"] == pl["documents"] * (304 + 688) and pl["regenerated_tokens"] == pl["documents"] * 688
+    rows = pl["data_tokens"] // 2048
+    assert pl["rows"] == rows and pl["steps_per_epoch"] == rows // 128 and pl["steps"] == 2 * (rows // 128)
+    assert pl["train_tokens"] == pl["steps"] * 128 * 2048
+    # training: qwen3-8b measured on 4 H200s (ZeRO-3), the nearest GPU count; its efficiency kept for 8
+    per_gpu = _measured("qwen3-8b", "h200", 4)["tokens_per_s"] / 4
+    assert pl["training"]["tokens_per_s_per_gpu"] == pytest.approx(per_gpu)
+    assert pl["training"]["hours"] == pytest.approx(pl["train_tokens"] / (per_gpu * 8) / 3600)
+    basis = pl["training"]["basis"]
+    assert "from qwen3-8b on 4 x h200 ZeRO-3, 2026-11-22, commit ea5ecee" in basis
+    assert "no 8-GPU measurement" in basis and "no qwen3-8b measurement" not in basis
+    # regeneration: no 8B or H200 measurement: carried from the 0.6B H100 one by parameters and bandwidth, said so
+    r = pl["regeneration"]
+    assert r["extrapolated"] and "scaled from qwen3-0.6b by decode parameters" in r["basis"]
+    assert "no h200 measurement: carried from h100 by hbm_tb_s" in r["basis"]
+    assert r["hours"] == pytest.approx(pl["regenerated_tokens"] / (r["tokens_per_s_per_gpu"] * 8) / 3600)
+    assert pl["total_hours"] == pytest.approx(r["hours"] + pl["training"]["hours"])
+
+
+def test_more_gpus_is_faster_and_a_measured_world_size_is_used_as_measured():
+    z3 = ("recipe=qwen3-8b", "deepspeed=zero3", "plan.gpu=h200")  # as measured: ZeRO-3
+    one, two, four = (_json(*z3, f"plan.gpus={n}") for n in (1, 2, 4))
+    for n, pl in ((1, one), (2, two), (4, four)):
+        measured = _measured("qwen3-8b", "h200", n)["tokens_per_s"]
+        assert pl["training"]["tokens_per_s_per_gpu"] * n == pytest.approx(measured)
+        assert not pl["training"]["extrapolated"] and pl["training"]["basis"].startswith("measured")
+    assert one["training"]["hours"] > two["training"]["hours"] > four["training"]["hours"] > 0
+    assert one["regeneration"]["hours"] == pytest.approx(4 * four["regeneration"]["hours"])
+
+
+def test_unmeasured_shape_is_extrapolated_and_says_from_what():
+    p = _plan("recipe=qwen3-14b", "plan.gpu=h100", "plan.gpus=16")
+    out = p.stdout
+    for needle in ("plan: recipe qwen3-14b", "optimizer steps", "regeneration:", "training:", "total:",
+                   "no qwen3-14b measurement: scaled from qwen3-8b by FLOPs per token"):
+        assert needle in out, out
+    per_gpu = float(re.search(r"training: +([\d,]+) tok/s/GPU", out).group(1).replace(",", ""))
+    ref = _measured("qwen3-8b", "h100", 1)["tokens_per_s"]
+    assert 0.3 * ref < per_gpu < 0.74 * ref  # 14B: fewer tokens/s than 8B, at 16 GPUs' efficiency
+
+
+def test_72b_plans_without_a_checkpoint():
+    pl = _json("recipe=qwen3-72b")  # model.path is unset: the plan needs only the shape
+    assert pl["gpus"] == 64 and pl["gpu"] == "h200"
+    assert "from qwen3-72b on 4 x h200 ZeRO-3" in pl["training"]["basis"]
+    per_gpu_at_4 = _measured("qwen3-72b", "h200", 4)["tokens_per_s"] / 4
+    assert pl["training"]["tokens_per_s_per_gpu"] == pytest.approx(per_gpu_at_4)  # 4 GPUs' efficiency kept
+
+
+def test_shape_from_config_json_and_prompts_from_plan():
+    pl = _json("recipe=tiny", "plan.prompts=1000", "plan.gpus=1", "plan.gpu=h100", "plan.response_tokens=50",
+               "plan.prompt_tokens=20")
+    assert pl["shape"] == "qwen3" and pl["documents"] == 1000 - 8 and pl["data_tokens"] == (1000 - 8) * 70
+    assert math.isfinite(pl["total_hours"]) and pl["training"]["extrapolated"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["recipe=qwen3-8b", "plan.gpu=tpu"], "plan.gpu='tpu'"),
+    (["recipe=tiny"], "set data.num_samples or plan.prompts"),
+    (["recipe=qwen3-8b", "plan.gpus=3"], "split evenly over 3 processes"),
+])
+def test_bad_plan_input_is_one_line(args, needle):
+    p = _plan(*args, check=False)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
