@@ -25,7 +25,7 @@ import torch
 
 from ..decode.engine import DecodeEngine, RowRecord, SamplingParams, hf_generate
 from ..decode.rng import row_seed
-from . import lossless, metrics
+from . import baseline, lossless, metrics
 from .benchmarks import BenchmarkPrompts, EvalPrompt, PromptRenderer, load_benchmark, load_train_prompt_hashes, \
     stop_token_ids
 from .config import EvalConfig
@@ -281,6 +281,14 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             report["warnings"].append(f"{name}: only {len(b.prompts)} prompts (< {metrics.MIN_PROMPTS_FOR_HEADLINE})"
                                       "; its numbers are indicative")
     samples_f.close()
+    if cfg.compare_untrained:  # the same prompts and seeds, heads at their step-0 state (eval/baseline.py)
+        def decode_spec(b, T):
+            gen = _engine_gen(engines, cfg.max_new_tokens, SamplingParams(T, cfg.top_k, cfg.top_p), eos, "spec")
+            return _run_turns(b.prompts, renderer, gen,
+                              lambda p, turn: row_seed(cfg.seed, p.benchmark, p.index, turn, T)).merged()
+        report[baseline.KEY] = baseline.compare_untrained(
+            model, benches, cfg.temperatures, decode_spec,
+            lambda name, T: report["benchmarks"][name]["results"][_tkey(T)]["spec"])
 
     if ls.enabled:
         report["lossless"] = _lossless(model, cfg, engines, benches, renderer, eos, greedy_cache,
@@ -438,6 +446,7 @@ def summary_table(report: dict[str, Any]) -> str:
                      + f"  KS p={_f(ks['p_value'], 4)} over "
                      f"{ks['tokens']} tokens" + (f"  chi2 min p={_f(ll['chi_square']['min_p_value'], 4)}"
                                                  if "chi_square" in ll else ""))
+    lines += baseline.summary_lines(report)
     for n in report.get("notes", []):
         lines.append(f"NOTE: {n}")
     for w in report.get("warnings", []):
@@ -516,6 +525,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             for d in g["divergences"][:50]:
                 out.append(f"| {d['uid']} | {d['index']} | {d['ar_token']} | {d['spec_token']} | "
                            f"{_f(d['top2_gap'], 5)} | {d['near_tie']} |")
+    out += baseline.markdown(report)
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
