@@ -52,9 +52,8 @@ def run_stages(cfg, run_root: Path) -> int:
         if dist.rank == 0:
             print(f"=== stage {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
     if dist.rank == 0 and cfg.recipe == "tiny" and "eval" in stages:
-        print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers show that the "
-              "machinery works and that training helps (untrained vs trained heads above), not real acceptance "
-              "or speed.")
+        print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers only show that the "
+              "machinery works, not real acceptance or speed.")
     return 0
 
 
