@@ -121,6 +121,9 @@ class EvalConfig:
     train_prompts_file: str | None = None
     exclude_train_overlap: bool = True
     lossless: LosslessConfig = field(default_factory=LosslessConfig)
+    # Decode the benchmarks once more with the heads reset to their training step-0 state (same prompts and
+    # seeds) and report untrained vs trained acceptance length / TPF (eval/baseline.py). Doubles drafted decoding.
+    compare_untrained: bool = False
     # Write PNG plots next to report.json / report.md.
     plots: bool = True
 

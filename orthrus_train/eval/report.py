@@ -25,7 +25,7 @@ import torch
 
 from ..decode.engine import DecodeEngine, RowRecord, SamplingParams, hf_generate
 from ..decode.rng import row_seed
-from . import lossless, metrics, sampling
+from . import baseline, lossless, metrics, sampling
 from .benchmarks import BenchmarkPrompts, EvalPrompt, PromptRenderer, load_benchmark, load_train_prompt_hashes, \
     stop_token_ids
 from .config import EvalConfig
@@ -292,6 +292,14 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             report["warnings"].append(f"{name}: only {len(b.prompts)} prompts (< {metrics.MIN_PROMPTS_FOR_HEADLINE})"
                                       "; its numbers are indicative")
     samples_f.close()
+    if cfg.compare_untrained:  # the same prompts and seeds, heads at their step-0 state (eval/baseline.py)
+        def decode_spec(b, T):
+            gen = _engine_gen(engines, cfg.max_new_tokens, SamplingParams(T, cfg.top_k, cfg.top_p), eos, "spec")
+            return _run_turns(b.prompts, renderer, gen,
+                              lambda p, turn: row_seed(cfg.seed, p.benchmark, p.index, turn, T)).merged()
+        report[baseline.KEY] = baseline.compare_untrained(
+            model, benches, cfg.temperatures, decode_spec,
+            lambda name, T: report["benchmarks"][name]["results"][_tkey(T)]["spec"])
 
     if ls.enabled:
         report["lossless"] = _lossless(model, cfg, engines, benches, renderer, eos, greedy_cache,
@@ -552,6 +560,7 @@ def summary_table(report: dict[str, Any]) -> str:
                      + f"  KS ({ks.get('dtype')}) p={_f(ks['p_value'], 4)} over "
                      f"{ks['tokens']} tokens" + (f"  chi2 min p={_f(ll['chi_square']['min_p_value'], 4)}"
                                                  if "chi_square" in ll else ""))
+    lines += baseline.summary_lines(report)
     for n in report.get("notes", []):
         lines.append(f"NOTE: {n}")
     for w in report.get("warnings", []):
@@ -601,6 +610,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                    f"{b['train_overlap']} | {b['excluded']} |")
     if report.get("lossless"):
         out += _lossless_md(report["lossless"])
+    out += baseline.markdown(report)
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     out += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
