@@ -53,7 +53,7 @@ for ph in $PHASES; do case $ph in
     run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000
     wait
-    for r in main medusa "${!ABL[@]/#/abl-}"; do cp "$ROOT/$r/metrics.jsonl" "$RES/${r}_metrics.jsonl" 2>/dev/null; done ;;
+    for r in main medusa "${!ABL[@]}"; do [ -d "$ROOT/$r" ] || r=abl-$r; cp "$ROOT/$r/metrics.jsonl" "$RES/${r}_metrics.jsonl" 2>/dev/null; done ;;
   eval)
     for n in $BUDGETS; do
       d=$ROOT/curve/step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
