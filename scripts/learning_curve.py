@@ -48,6 +48,24 @@ def tokens_at(cum: dict[int, int], step: int) -> int:
     return int(cum[s0] + rate * (step - s0))
 
 
+def training_rows(metrics_file: Path, run: str, steps: list[int], window: int = 10) -> list[dict]:
+    """The training side of a curve: loss, per-offset argmax agreement with the teacher and the expected
+    acceptance implied by it (1 + sum_k prod_{j<=k} agreement_j), averaged over the `window` steps up to
+    each budget. A training metric on training batches, not an acceptance length from decoding."""
+    recs = {int(json.loads(line)["step"]): json.loads(line) for line in metrics_file.read_text().splitlines()}
+    cum = supervised_tokens_by_step(metrics_file)
+    out = []
+    for step in steps:
+        win = [recs[k] for k in range(step - window + 1, step + 1) if k in recs]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        out.append({"run": run, "steps": step, "supervised_tokens": tokens_at(cum, step),
+                    "loss": mean([r["loss"] for r in win]),
+                    "expected_accept_from_agreement": mean([r["expected_accept"] for r in win]),
+                    "agreement": [round(mean([r["agreement"][i] for r in win]), 4)
+                                  for i in range(len(win[-1]["agreement"]))]})
+    return out
+
+
 def rows_of(report: dict, run: str, steps: int, tokens: int) -> list[dict]:
     out = []
     for bench, b in report.get("benchmarks", {}).items():
@@ -102,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("main", help="RUN_DIR:EVAL_ROOT of the main run")
     ap.add_argument("--extra", action="append", default=[], help="NAME=RUN_DIR:REPORT_JSON")
+    ap.add_argument("--budgets", default="", help="steps of the main run for the training-side curve "
+                                                  "(training_curve.json), e.g. 20,80,200,600")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +142,16 @@ def main(argv=None) -> int:
         rcum = supervised_tokens_by_step(Path(rdir) / "metrics.jsonl")
         last = max(rcum)
         rows += rows_of(json.loads(Path(rep).read_text()), name, last, rcum[last])
+    if args.budgets:
+        train_rows = training_rows(run_dir / "metrics.jsonl", "main", [int(b) for b in args.budgets.split(",")])
+        for spec in args.extra:
+            name, rest = spec.split("=", 1)
+            m = Path(rest.split(":", 1)[0]) / "metrics.jsonl"
+            if m.exists():
+                last = max(supervised_tokens_by_step(m))
+                train_rows += training_rows(m, name, [last])
+        (out / "training_curve.json").write_text(json.dumps(train_rows, indent=1) + "\n")
+        print(json.dumps(train_rows, indent=1))
     (out / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "curve.md").write_text(table(rows))
     if any(r["run"] == "main" for r in rows):
