@@ -42,10 +42,10 @@ def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
     basis = pl["training"]["basis"]
     assert "from qwen3-8b on 4 x h200 ZeRO-3, 2026-11-22, commit ea5ecee" in basis
     assert "no 8-GPU measurement" in basis and "no qwen3-8b measurement" not in basis
-    # regeneration: no 8B or H200 measurement: carried from the 0.6B H100 one by parameters and bandwidth, said so
+    # regeneration: no 8B measurement: carried from the SmolLM2 engine measurement on the H200 by parameters, said so
     r = pl["regeneration"]
-    assert r["extrapolated"] and "scaled from qwen3-0.6b by decode parameters" in r["basis"]
-    assert "no h200 measurement: carried from h100 by hbm_tb_s" in r["basis"]
+    assert r["extrapolated"] and "scaled from smollm2-135m by decode parameters" in r["basis"]
+    assert "from smollm2-135m on 1 x h200, 2026-11-30, commit 8199dda" in r["basis"]
     assert r["hours"] == pytest.approx(pl["regenerated_tokens"] / (r["tokens_per_s_per_gpu"] * 8) / 3600)
     assert pl["total_hours"] == pytest.approx(r["hours"] + pl["training"]["hours"])
 
