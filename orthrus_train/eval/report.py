@@ -294,11 +294,11 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
     samples_f.close()
     if cfg.compare_untrained:  # the same prompts and seeds, heads at their step-0 state (eval/baseline.py)
         def decode_spec(b, T):
-            gen = _engine_gen(engines, cfg.max_new_tokens, SamplingParams(T, cfg.top_k, cfg.top_p), eos, "spec")
+            gen = _engine_gen(engines, cfg.max_new_tokens, sampling.params(samp, T), eos, "spec")
             return _run_turns(b.prompts, renderer, gen,
                               lambda p, turn: row_seed(cfg.seed, p.benchmark, p.index, turn, T)).merged()
         report[baseline.KEY] = baseline.compare_untrained(
-            model, benches, cfg.temperatures, decode_spec,
+            model, benches, samp["temperatures"], decode_spec,
             lambda name, T: report["benchmarks"][name]["results"][_tkey(T)]["spec"])
 
     if ls.enabled:
