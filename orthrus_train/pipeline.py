@@ -95,8 +95,9 @@ def run_stages(cfg, run_root: Path) -> int:
         if dist.rank == 0:
             print(f"=== stage {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
     if dist.rank == 0 and cfg.recipe == "tiny" and "eval" in stages:
-        print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers only show that the "
-              "machinery works, not real acceptance or speed.")
+        print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers show that the "
+              "machinery works and that training helps (untrained vs trained heads above), not real acceptance "
+              "or speed.")
     if dist.rank == 0 and "eval" in stages and run.eval_report_md.exists():
         print(f"report: {run.eval_report_md}", flush=True)
     return 0
