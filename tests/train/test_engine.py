@@ -167,13 +167,14 @@ def test_trainer_keeps_packed_documents_apart(tiny_run, document_mask):
 
     from orthrus_train.data.pack import pack, write_packed
 
-    # repack the data stage's documents (one per 128-token row) two or three to a 256-token row
+    # repack the data stage's documents (one per 128-token row) two or three to a 256-token row; keep the
+    # rows that hold several (the packer's last row may hold one)
     run = RunDir(tiny_run)
     one = PackedDataset(run.data / "train")
     docs = [(r["input_ids"][r["segment_ids"] == 1].tolist(), r["loss_mask"][r["segment_ids"] == 1].int().tolist())
             for r in (one[i] for i in range(one.total_rows))]
-    write_packed(pack(docs, 256, one.index["pad_token_id"])[0], run.data / "train", seq_len=256,
-                 pad_token_id=one.index["pad_token_id"])
+    several = [row for row in pack(docs, 256, one.index["pad_token_id"])[0] if len(row.doc_lengths) >= 2]
+    write_packed(several, run.data / "train", seq_len=256, pad_token_id=one.index["pad_token_id"])
     cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.seq_len=256", "train.max_steps=1",
                            f"train.document_mask={str(document_mask).lower()}"])
     t = cfg.train
