@@ -6,6 +6,7 @@ key named. Semantic checks that span keys live in `validate()`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,6 +87,11 @@ class TrainConfig:
     loss_backend: str = "auto"  # auto (triton on CUDA) | torch | triton
     loss_chunk: int = 2048  # tokens per chunk of the torch loss path
     temperature: float = 1.0
+    # Per-offset loss weights: the token k+1 places after the anchor (block offset k = 0..K-2) weighs
+    # exp(-offset_decay * k) in the loss, normalised over the micro-batch's supervised tokens (a weighted
+    # mean). 0 = every supervised token alike (the paper's mean per token). Acceptance stops at the first
+    # miss, so early offsets decide most of it; try 0.1-0.3.
+    offset_decay: float = 0.0
     grad_checkpointing: bool = True
     # Packed rows: each document sees only itself (AR pass and diffusion blocks), at positions restarting
     # at 0, as it will when served alone. false: plain causal attention across the packed row.
@@ -208,6 +214,8 @@ def validate(cfg: RootConfig) -> None:
     if cfg.heads.block_size < 2:
         raise ConfigError(f"heads.block_size must be >= 2, got {cfg.heads.block_size}")
     t = cfg.train
+    if not math.isfinite(cfg.train.offset_decay) or cfg.train.offset_decay < 0:
+        raise ConfigError(f"train.offset_decay must be a finite number >= 0 (0 = uniform), got {cfg.train.offset_decay}")
     for key in ("seq_len", "anchors_per_row", "micro_batch", "global_batch", "loss_chunk", "save_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")

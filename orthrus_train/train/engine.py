@@ -100,11 +100,13 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
 class DistillStep(nn.Module):
     """What DeepSpeed wraps: one micro-batch -> scalar loss (mean over its supervised tokens)."""
 
-    def __init__(self, model, loss: str, backend: str, chunk: int, temperature: float, n_anchors: int):
+    def __init__(self, model, loss: str, backend: str, chunk: int, temperature: float, n_anchors: int,
+                 offset_decay: float = 0.0):
         super().__init__()
         self.model = model
         self.loss, self.backend, self.chunk = loss, backend, chunk
         self.temperature, self.n_anchors = temperature, n_anchors
+        self.offset_decay = float(offset_decay)  # train.offset_decay: weight exp(-decay * offset) per token
 
     def forward(self, input_ids, loss_mask, seeds: list[int], segment_ids=None, position_ids=None):
         from ..model.anchors import sample_anchors
@@ -119,7 +121,11 @@ class DistillStep(nn.Module):
         with _gathered(weight):
             per_tok, s_arg, t_arg = self._loss(out.hs, out.ht, weight)
         n = per_tok.numel()
-        loss = per_tok.sum() / max(n, 1)
+        if self.offset_decay > 0 and n:
+            w = torch.exp(-self.offset_decay * out.sup.offset.to(per_tok.device, torch.float32))
+            loss = (per_tok * w).sum() / w.sum()  # weighted mean over the supervised tokens
+        else:
+            loss = per_tok.sum() / max(n, 1)
         if n == 0:
             loss = out.hs.sum() * 0.0
         stats = {"offset": out.sup.offset, "s_arg": s_arg, "t_arg": t_arg, "n_sup": n,
@@ -256,7 +262,8 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     backend = t.loss_backend
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
-    step_mod = DistillStep(model, t.loss, backend, t.loss_chunk, t.temperature, t.anchors_per_row)
+    step_mod = DistillStep(model, t.loss, backend, t.loss_chunk, t.temperature, t.anchors_per_row,
+                           t.offset_decay)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))

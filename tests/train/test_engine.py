@@ -199,3 +199,65 @@ def test_trainer_keeps_packed_documents_apart(tiny_run, document_mask):
     engine.run_train(cfg, run, resolve_dist_env({}), model=model)
     got = losses(tiny_run)[1]
     assert got == pytest.approx(want_docs if document_mask else want_plain, rel=1e-5), (got, want_docs, want_plain)
+
+
+def test_offset_decay_weights_the_loss_per_block_offset():
+    """train.offset_decay > 0: the step's loss is the exp(-decay * offset)-weighted mean of the per-token
+    losses (checked against the per-token losses by hand); 0 is the plain mean."""
+    from orthrus_train.losses import chunked_distill
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+    from orthrus_train.model.anchors import sample_anchors
+    from orthrus_train.train.engine import DistillStep
+
+    torch.manual_seed(0)
+    m = OrthrusModel(build_random(tiny_config("qwen3", vocab_size=200)), block_size=6, vocab_len=190)
+    ids = torch.randint(0, 190, (2, 40))
+    lm = torch.ones_like(ids, dtype=torch.bool)
+    seeds = [3, 4]
+    anchors, valid = zip(*(sample_anchors(lm[b:b + 1], 5, torch.Generator().manual_seed(s)) for b, s in enumerate(seeds)))
+    with torch.no_grad():
+        out = m.train_outputs(ids, lm, 5, anchors=(torch.cat(anchors), torch.cat(valid)))
+        per_tok = chunked_distill(out.hs, out.ht, m.lm_weight(), chunk_size=64)[0]
+        off = out.sup.offset.float()
+        assert len(set(off.tolist())) == 5  # every offset 0..K-2 is supervised
+        for decay in (0.0, 0.3, 1.0):
+            got = DistillStep(m, "kl", "torch", 64, 1.0, 5, offset_decay=decay)(ids, lm, seeds)[0].item()
+            w = torch.exp(-decay * off)
+            assert got == pytest.approx(((per_tok * w).sum() / w.sum()).item(), rel=1e-6), decay
+        assert DistillStep(m, "kl", "torch", 64, 1.0, 5, offset_decay=1.0)(ids, lm, seeds)[0].item() != \
+            pytest.approx(per_tok.mean().item(), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_trainer_reads_offset_decay(tiny_run):
+    """train.offset_decay reaches the step the trainer runs: the first logged loss of a run with
+    offset_decay=0.5 is the weighted loss of the first step's micro-batches, not the plain one."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.data.pack import PackedDataset
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.model.factory import build_backbone, build_model, tokenizer_for
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    run = RunDir(tiny_run)
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=1", "train.offset_decay=0.5"])
+    t = cfg.train
+    data = PackedDataset(run.data / "train")
+    model = build_model(cfg, build_backbone(cfg), tokenizer_for(cfg, run.tokenizer))
+    plan = make_plan(data.total_rows, t, world=1)
+    epoch, rows = step_rows(plan, 0, t.seed)
+    want = {}
+    for decay in (0.0, 0.5):
+        step = engine.DistillStep(model, t.loss, "torch", t.loss_chunk, t.temperature, t.anchors_per_row, decay)
+        vals = []
+        with torch.no_grad():
+            for k in range(plan.micro_per_step):
+                ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
+                b = {key: torch.stack([data[int(r)][key] for r in ids_k])
+                     for key in ("input_ids", "loss_mask", "segment_ids", "position_ids")}
+                seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
+                vals.append(step(b["input_ids"], b["loss_mask"], seeds, b["segment_ids"], b["position_ids"])[0].item())
+        want[decay] = sum(vals) / len(vals)
+    assert abs(want[0.5] - want[0.0]) > 1e-3 * want[0.0], want
+    engine.run_train(cfg, run, resolve_dist_env({}), model=model)
+    assert losses(tiny_run)[1] == pytest.approx(want[0.5], rel=1e-5), want
