@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..decode import compile_policy
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt")
 OVERLONG = ("truncate", "drop")
 REGEN_BACKENDS = ("auto", "engine", "hf", "server")
@@ -127,6 +129,11 @@ class DataConfig:
     # Rows decoded at once: the engine's static batch (refilled as responses end), or prompts per
     # transformers generate call (length-bucketed, left-padded).
     batch_size: int = 32
+    # torch.compile the engine's decode step (engine backend): auto = on CUDA when a rank's estimated decode
+    # steps (its requests / batch_size x max_new_tokens) reach compile_min_steps; true / false force it.
+    # Compiled kernels are cached in RUN/cache/torchinductor (decode/compile_policy.py).
+    compile_steps: str = "auto"
+    compile_min_steps: int = 50000
     # Length of a packed training row, in tokens.
     seq_len: int = 4096
     # Conversation longer than seq_len: "truncate" (keep the first seq_len tokens) or "drop" it.
@@ -196,6 +203,12 @@ class DataConfig:
         if self.regen_backend == "server" and self.regenerate and not srv.url:
             bad("server.url", "data.regen_backend=server needs the server's address, e.g. "
                 "data.server.url=http://host:8000")
+        try:
+            self.compile_steps = compile_policy.normalize(self.compile_steps)
+        except ValueError:
+            bad("compile_steps", f"{self.compile_steps!r} is not one of auto, true, false")
+        if self.compile_min_steps < 0:
+            bad("compile_min_steps", f"must be >= 0, got {self.compile_min_steps}")
         if self.samples_per_prompt < 1:
             bad("samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
         if self.regen_backend not in REGEN_BACKENDS:
@@ -229,6 +242,7 @@ class DataConfig:
             d.pop("tokenizer")
             d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
             d.pop("regen_backend")  # who writes the responses, not what they are asked to be
+            d.pop("compile_steps"), d.pop("compile_min_steps")  # how fast, not what
             if d["samples_per_prompt"] == 1:
                 d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
             if not self.regenerate:

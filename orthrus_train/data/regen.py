@@ -135,8 +135,14 @@ class EngineGenerator:
     streaming = True
 
     def __init__(self, model: Any, eos_token_ids: Sequence[int], batch_size: int = 256,
-                 use_cuda_graphs: bool = True, **engine_kw: Any):
-        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens)."""
+                 use_cuda_graphs: bool = True, compile_steps: Any = "auto", compile_min_steps: int | None = None,
+                 compile_cache: Any = None, **engine_kw: Any):
+        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens).
+        compile_steps: auto | true | false, decided per call from the decode steps ahead
+        (`decode/compile_policy.py`); the decision is kept in `compile_info`. compile_cache: the on-disk
+        cache folder for compiled kernels (set only when compiling; a user's TORCHINDUCTOR_CACHE_DIR wins)."""
+        from ..decode import compile_policy
+
         from ..model.backbones import family_of
 
         family_of(model.config)  # a clear refusal for families the engine does not implement
@@ -145,6 +151,10 @@ class EngineGenerator:
         if not self.eos_token_ids:
             raise ValueError("EngineGenerator needs at least one eos token id to stop generation")
         self.batch_size, self.use_cuda_graphs, self.engine_kw = batch_size, use_cuda_graphs, engine_kw
+        self.compile_steps = compile_policy.normalize(compile_steps)
+        self.compile_min_steps = compile_policy.DEFAULT_MIN_STEPS if compile_min_steps is None else compile_min_steps
+        self.compile_cache = compile_cache
+        self.compile_info: dict | None = None
         self.engine = None
 
     def sampling_defaults(self) -> tuple[float, int, float]:
@@ -155,11 +165,28 @@ class EngineGenerator:
 
         step = self.engine_kw.get("width_step", 128)
         slots = -(-slots // step) * step
-        if self.engine is None or self.engine.S < slots:
+        compile_step = bool(self.compile_info and self.compile_info["used"])
+        if self.engine is None or self.engine.S < slots or getattr(self.engine, "_compile_step", False) != compile_step:
             self.engine = None  # free the old cache first
             self.engine = GenerationEngine(self.model, self._fit_batch(slots), slots,
-                                           use_cuda_graphs=self.use_cuda_graphs, **self.engine_kw)
+                                           use_cuda_graphs=self.use_cuda_graphs, compile_step=compile_step,
+                                           **self.engine_kw)
+            self.engine._compile_step = compile_step
         return self.engine
+
+    def _decide_compile(self, n_requests: int, max_new_tokens: int) -> None:
+        """Compile the step when this call's decode work earns it back (one decision per call, reported)."""
+        from ..decode import compile_policy
+
+        p = next(self.model.parameters())
+        est = -(-n_requests // self.batch_size) * max_new_tokens
+        info = compile_policy.decide(self.compile_steps, p.is_cuda and self.use_cuda_graphs, est,
+                                     self.compile_min_steps)
+        if info["used"] and self.compile_cache is not None:
+            info["cache_dir"] = compile_policy.use_cache_dir(self.compile_cache)
+        if self.compile_info is None or info["used"] != self.compile_info["used"]:
+            print(f"[data] compiled decode step: {'yes' if info['used'] else 'no'} ({info['reason']})", flush=True)
+        self.compile_info = info
 
     def _fit_batch(self, slots: int) -> int:
         """batch_size, lowered (with a warning) where its KV cache would take more than half the free memory."""
@@ -184,6 +211,7 @@ class EngineGenerator:
         if not requests:
             return iter(())
         longest = max(len(r.prompt) for r in requests)
+        self._decide_compile(len(requests), max_new_tokens)
         return self._engine_for(longest + max_new_tokens).generate_stream(
             requests, max_new_tokens, settings, self.eos_token_ids)
 

@@ -71,11 +71,14 @@ def regen_backend(cfg: DataConfig, model_config: Any = None) -> str:
         return "hf"
 
 
-def build_generator(cfg: DataConfig, backbone: Any, tokenizer: Any, stop_ids: Any = ()) -> Generator:
-    """The local regeneration backend of `cfg` (engine or hf) on a loaded backbone."""
+def build_generator(cfg: DataConfig, backbone: Any, tokenizer: Any, stop_ids: Any = (),
+                    compile_cache: Any = None) -> Generator:
+    """The local regeneration backend of `cfg` (engine or hf) on a loaded backbone. compile_cache: where
+    compiled kernels are kept when the engine compiles its step (RUN/cache/torchinductor)."""
     eos = eos_ids_for(backbone, tokenizer, stop_ids)
     if regen_backend(cfg, backbone.config) == "engine":
-        return EngineGenerator(backbone, eos, batch_size=cfg.batch_size)
+        return EngineGenerator(backbone, eos, batch_size=cfg.batch_size, compile_steps=cfg.compile_steps,
+                               compile_min_steps=cfg.compile_min_steps, compile_cache=compile_cache)
     pad = tokenizer.pad_token_id
     return HFGenerator(backbone, eos, eos[0] if pad is None else pad, static_cache=cfg.static_cache)
 
@@ -86,8 +89,10 @@ class LazyGenerator:
 
     load_backbone: () -> the backbone (on its device); unused for the server backend."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, stop_ids: Any, load_backbone: Callable[[], Any]):
+    def __init__(self, cfg: DataConfig, tokenizer: Any, stop_ids: Any, load_backbone: Callable[[], Any],
+                 compile_cache: Any = None):
         self.cfg, self.tokenizer, self.stop_ids, self.load_backbone = cfg, tokenizer, set(stop_ids), load_backbone
+        self.compile_cache = compile_cache
         self._gen: Any = None
 
     def get(self) -> Generator:
@@ -98,12 +103,17 @@ class LazyGenerator:
                 self._gen = ServerGenerator.from_config(getattr(self.cfg, "server", None), self.tokenizer,
                                                         sorted(self.stop_ids), model_path=self.cfg.model)
             else:
-                self._gen = build_generator(self.cfg, self.load_backbone(), self.tokenizer, self.stop_ids)
+                self._gen = build_generator(self.cfg, self.load_backbone(), self.tokenizer, self.stop_ids,
+                                            self.compile_cache)
         return self._gen
 
     @property
     def streaming(self) -> bool:
         return bool(getattr(self.get(), "streaming", False))
+
+    @property
+    def compile_info(self) -> dict | None:
+        return getattr(self._gen, "compile_info", None)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -209,7 +219,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         if generator is None:
             if not cfg.model and cfg.regen_backend != "server":
                 raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
-            generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model))
+            generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model),
+                                      compile_cache=data_dir.parent / "cache" / "torchinductor")
         t0 = time.perf_counter()
         n_samples = cfg.samples_per_prompt
         stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
@@ -246,6 +257,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             "responses_at_max_new_tokens": unfinished,
             "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
         }
+        if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
+            regen_report["compile"] = generator.compile_info
     else:
         docs = [(e.input_ids, e.loss_mask) for e in encoded]
     if rank != 0:

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..decode import compile_policy
+
 
 SAMPLING_SOURCES = ("generation_config", "plain")
 
@@ -94,8 +96,11 @@ class EvalConfig:
     # Capture the draft and verify steps as CUDA graphs (CUDA only; ignored on the CPU).
     use_cuda_graphs: bool = True
     # torch.compile the draft / verify steps before capture: about 2x faster steps for a launch-bound 135M
-    # model on an H100, but minutes of compilation per engine size, mode and sampling setting (off by default).
-    compile_steps: bool = False
+    # model on an H100, but minutes of compilation per engine size, mode and sampling setting.
+    # auto: compile on CUDA when the eval's estimated decode steps reach compile_min_steps (the report says
+    # whether it compiled, why, and the seconds it took); true / false force it (decode/compile_policy.py).
+    compile_steps: str = "auto"
+    compile_min_steps: int = 50000
     # Steps between host reads of the engine's "all rows done" flag: the only host syncs of the decode loop;
     # a batch runs at most sync_every-1 idle steps after its last row finished.
     sync_every: int = 4
@@ -158,6 +163,12 @@ class EvalConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
             bad("min_p", f"must be in [0, 1), got {self.min_p}")
+        try:
+            self.compile_steps = compile_policy.normalize(self.compile_steps)
+        except ValueError:
+            bad("compile_steps", f"{self.compile_steps!r} is not one of auto, true, false")
+        if self.compile_min_steps < 0:
+            bad("compile_min_steps", f"must be >= 0, got {self.compile_min_steps}")
         if self.verify_backend not in ("auto", "triton", "torch"):
             bad("verify_backend", f"{self.verify_backend!r} is not one of auto, triton, torch")
         lc = self.lossless

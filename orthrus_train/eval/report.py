@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..decode import compile_policy
 from ..decode.engine import DecodeEngine, RowRecord, SamplingParams, hf_generate
 from ..decode.rng import row_seed
 from . import baseline, lossless, metrics, sampling
@@ -54,9 +55,10 @@ def _clean(x):
 class _Engines:
     """One engine at a time, regrown (and its graphs recaptured) when a longer prompt comes."""
 
-    def __init__(self, model, cfg: EvalConfig, batch_size: int | None = None):
+    def __init__(self, model, cfg: EvalConfig, batch_size: int | None = None, compile_steps: bool = False):
         self.model, self.cfg = model, cfg
         self.B = batch_size or cfg.batch_size
+        self.compile_steps = compile_steps
         self.engine: DecodeEngine | None = None
 
     def get(self, slots: int) -> DecodeEngine:
@@ -66,7 +68,7 @@ class _Engines:
             on_cuda = next(self.model.backbone.parameters()).is_cuda
             self.engine = DecodeEngine(self.model, self.B, S, use_cuda_graphs=self.cfg.use_cuda_graphs and on_cuda,
                                        sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend,
-                                       compile_steps=self.cfg.compile_steps)
+                                       compile_steps=self.compile_steps)
         return self.engine
 
 
@@ -240,7 +242,15 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             report["warnings"].append(f"{name}: {len(b.train_overlap)} prompts also among the training prompts"
                                       + (" (excluded)" if cfg.exclude_train_overlap else " (kept!)"))
 
-    engines = _Engines(model, cfg)
+    n_temps = len(samp["temperatures"])
+    est = compile_policy.eval_steps([sum(len(p.turns) for p in b.prompts) for b in benches.values()], n_temps,
+                                    cfg.batch_size, cfg.max_new_tokens, model.block_size, cfg.ar_baseline)
+    comp = compile_policy.decide(cfg.compile_steps, p0.is_cuda and cfg.use_cuda_graphs, est, cfg.compile_min_steps)
+    if comp["used"]:
+        comp["cache_dir"] = compile_policy.use_run_cache(run_dir)
+    comp["setup_s"] = 0.0  # warm-up seconds per (benchmark, temperature, method): compilation + graph capture
+    report["compile"] = comp
+    engines = _Engines(model, cfg, compile_steps=comp["used"])
     greedy_cache: dict[str, tuple[_Run, _Run]] = {}
     sampled_sequences: list[tuple[list[int], list[int]]] = []
     samples_f = open(out_dir / "samples.jsonl", "w")
@@ -262,7 +272,9 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
             bar = Progress(len(methods) * sum(len(p.turns) for p in b.prompts), f"eval {name} {_tkey(T)}")
             for mode in methods:
                 gen = _engine_gen(engines, cfg.max_new_tokens, sp, eos, mode, bar)
+                t_w = time.perf_counter()
                 _warm_up(_engine_gen(engines, min(8, cfg.max_new_tokens), sp, eos, mode), first_ids)
+                comp["setup_s"] += time.perf_counter() - t_w
                 bar.start(mode)
                 runs[mode] = run = _run_turns(b.prompts, renderer, gen, seed_of)
                 label = f"{name} {_tkey(T)} {mode}"
@@ -579,6 +591,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Settings: {s['num_prompts']} prompts per benchmark, max {s['max_new_tokens']} new tokens, temperatures "
             f"{samp['temperatures']}, batch {s['batch_size']}, seed {s['seed']}, "
             f"CUDA graphs requested: {s['use_cuda_graphs']}.  ",
+            *([f"Compiled steps: {'yes' if report['compile']['used'] else 'no'} ({report['compile']['reason']}); "
+               f"warm-up (compilation + capture) {report['compile']['setup_s']:.1f} s in all.  "]
+              if "compile" in report else []),
             f"Sampling (T > 0): {sampling.describe(samp)}.", ""]
     out += ["## Results", "",
             "| benchmark | temp | prompts | acceptance length | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "

@@ -88,6 +88,10 @@ def test_samples_per_prompt_dedup_and_accounting(tmp_path, byte_tok, model, back
         model.generation_config = saved
     g = rep["regeneration"]
     assert g["samples_per_prompt"] == 3 and g["responses"] == 36 and g["shards"] == 9
+    if backend == "engine":  # data.compile_steps' decision is part of the report (auto: no compile on the CPU)
+        assert g["compile"]["setting"] == "auto" and g["compile"]["used"] is False, g.get("compile")
+    else:
+        assert "compile" not in g
     assert g["responses"] == g["duplicate_responses"] + g["documents_dropped_overlong"] + g["documents_packed"]
     assert rep["documents_packed"] > one["documents_packed"] == 12
     assert rep["supervised_tokens"] > 2 * one["supervised_tokens"]

@@ -274,3 +274,51 @@ def test_progress_bar_on_stderr_only_when_asked_or_a_tty(qwen3_model, tmp_path, 
     monkeypatch.setenv("ORTHRUS_PROGRESS", "0")
     run_eval(qwen3_model, tok, cfg, tmp_path / "off")
     assert "tok/s" not in capsys.readouterr().err
+
+
+def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp_path, monkeypatch):
+    """eval.compile_steps: auto does not compile on the CPU and says why; true hands compile_steps=True to
+    every engine of the benchmark runs; the report and report.md say what was used and the warm-up time."""
+    import orthrus_train.eval.report as report_mod
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=3)
+    base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+                num_prompts=3, max_new_tokens=6, temperatures=[0.0], batch_size=2, verify_backend="torch",
+                plots=False, lossless=dict(enabled=False))
+    seen = []
+    real = report_mod.DecodeEngine
+
+    def recording(*a, compile_steps=False, **k):
+        seen.append(compile_steps)
+        return real(*a, compile_steps=False, **k)  # the wiring is under test here, not inductor on the CPU
+    monkeypatch.setattr(report_mod, "DecodeEngine", recording)
+    rep = run_eval(qwen3_model, tok, base, tmp_path / "auto")
+    c = rep["compile"]
+    assert c["setting"] == "auto" and c["used"] is False and "not on a CUDA device" in c["reason"]
+    assert c["estimated_steps"] == 9 + 18  # 6 prompt-turns in batches of 2: 3 x 6 AR steps, half that drafted
+    assert seen and not any(seen) and c["setup_s"] > 0
+    assert "Compiled steps: no (auto: not on a CUDA device" in (tmp_path / "auto" / "eval" / "report.md").read_text()
+    seen.clear()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    rep = run_eval(qwen3_model, tok, {**base, "compile_steps": True}, tmp_path / "forced")
+    assert rep["compile"]["used"] is True and rep["compile"]["reason"] == "compile_steps=true"
+    assert seen and all(seen)
+    assert rep["compile"]["cache_dir"] == str(tmp_path / "forced" / "cache" / "torchinductor")
+    assert (tmp_path / "forced" / "cache" / "torchinductor").is_dir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_compile_policy_decides_by_estimated_decode_steps():
+    from orthrus_train.decode import compile_policy as cp
+
+    assert cp.decide("auto", True, 60_000, 50_000)["used"] is True
+    d = cp.decide("auto", True, 10_000, 50_000)
+    assert d["used"] is False and "would not pay" in d["reason"]
+    assert cp.decide("auto", False, 10 ** 9)["used"] is False
+    assert cp.decide(True, False, 0)["used"] is True and cp.decide("off", True, 10 ** 9)["used"] is False
+    with pytest.raises(ValueError, match="auto, true or false"):
+        cp.normalize("sometimes")
+    # 2 benchmarks of 10 and 3 prompt-turns, 2 temperatures, batch 4, 100 new tokens, drafted + AR
+    assert cp.eval_steps([10, 3], 2, 4, 100, 8, True) == 2 * (150 + 300) + 2 * (50 + 100)
+    assert cp.eval_steps([10], 1, 4, 100, None, False) == 300
