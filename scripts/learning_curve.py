@@ -90,7 +90,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "Orthrus heads: acceptance length vs training tokens") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,10 +104,17 @@ def plot(rows: list[dict], path: Path) -> None:
                          if r["benchmark"] == bench and r["temperature"] == temp)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if temp == 0 else "--",
                     label=f"{bench} T={temp:g}")
+    # separately trained runs (ablations, Medusa): one marker per benchmark at T=0, at their own token count
+    markers = iter("s^vDPX*<>")
+    for run in sorted({r["run"] for r in rows} - {"main"}):
+        pts = [r for r in rows if r["run"] == run and r["temperature"] == 0]
+        if pts:
+            ax.scatter([r["supervised_tokens"] for r in pts], [r["acceptance_length"] for r in pts],
+                       marker=next(markers, "o"), s=36, label=f"{run} T=0 (" + ", ".join(r["benchmark"] for r in pts) + ")")
     ax.set_xscale("log")
     ax.set_xlabel("supervised tokens (log)")
     ax.set_ylabel("acceptance length (emitted / verify pass)")
-    ax.set_title("Orthrus heads on SmolLM2-135M-Instruct: acceptance vs training tokens")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -120,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("main", help="RUN_DIR:EVAL_ROOT of the main run")
     ap.add_argument("--extra", action="append", default=[], help="NAME=RUN_DIR:REPORT_JSON")
+    ap.add_argument("--title", default="SmolLM2-135M-Instruct: acceptance length vs training tokens")
     ap.add_argument("--budgets", default="", help="steps of the main run for the training-side curve "
                                                   "(training_curve.json), e.g. 20,80,200,600")
     args = ap.parse_args(argv)
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
     (out / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "curve.md").write_text(table(rows))
     if any(r["run"] == "main" for r in rows):
-        plot(rows, out / "curve.png")
+        plot(rows, out / "curve.png", args.title)
     print(table(rows))
     return 0
 

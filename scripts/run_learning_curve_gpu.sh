@@ -12,7 +12,11 @@
 #           and the ablations; the engine's numbers only (no lossless checks, no transformers reference)
 #   final   the lossless checks on the largest budget (ROOT/final)
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
+#   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
+#           background on the side GPU; the train phase waits for them before it uses that GPU
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
+# Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
+# evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0).
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
@@ -38,48 +42,78 @@ run() { local name=$1; shift; local t0=$(date +%s)
 link_run() {  # a run folder that shares the main run's tokenizer and data (no copies)
   mkdir -p "$1"; for x in tokenizer data; do [ -e "$1/$x" ] || ln -s "$ROOT/main/$x" "$1/$x"; done; }
 # name -> extra overrides of each ablation (each trains ABL_STEPS steps with its own schedule)
-declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [anchors128]="train.anchors_per_row=128")
+declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [decay0.3]="train.offset_decay=0.3" [k32]="heads.block_size=32")
+if [ -n "${ABLATIONS:-}" ]; then  # e.g. ABLATIONS="base lr3e-3": keep only these
+  declare -A KEEP=(); for a in $ABLATIONS; do KEEP[$a]=1; done
+  for a in "${!ABL[@]}"; do [ -n "${KEEP[$a]:-}" ] || unset "ABL[$a]"; done
+fi
+MAIN_GPU=${MAIN_GPU:-0}; SIDE_GPU=${SIDE_GPU:-}
+on_main() { if [ -n "$SIDE_GPU" ]; then CUDA_VISIBLE_DEVICES=$MAIN_GPU "$@"; else "$@"; fi; }
+on_side() { if [ -n "$SIDE_GPU" ]; then CUDA_VISIBLE_DEVICES=$SIDE_GPU "$@"; else "$@"; fi; }
+PROFILE_PID=""; side_pids=()
+PROFILE_SHAPES=${PROFILE_SHAPES:-smollm2-135m qwen3-4b qwen3-8b}
 
 for ph in $PHASES; do case $ph in
-  data) run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
+  profile)
+    mkdir -p "$RES/decode"
+    ( for sh in $PROFILE_SHAPES; do
+        t0=$(date +%s)
+        on_side python "$HERE/profile_decode_step.py" --shape "$sh" ${PROFILE_ARGS:-} --out "$RES/decode/$sh.json" \
+          > "$RES/decode/$sh.log" 2>&1
+        echo "[profile $sh] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
+      done ) &
+    PROFILE_PID=$! ;;
+  data) on_main run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
   train)
     link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
-    run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 "${TRAIN[@]}" \
-      train.max_steps=$STEPS train.save_every=$STEPS &
+    side_pids=()
+    [ -n "$PROFILE_PID" ] && [ -n "$SIDE_GPU" ] && { wait "$PROFILE_PID"; PROFILE_PID=""; }  # the side GPU is free now
+    on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 "${TRAIN[@]}" \
+      train.max_steps=$STEPS train.save_every=$STEPS & side_pids+=($!)
     for a in "${!ABL[@]}"; do
-      run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
-        train.save_every=$ABL_STEPS ${ABL[$a]} &
+      on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
+        train.save_every=$ABL_STEPS ${ABL[$a]} & side_pids+=($!)
     done
-    run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
+    on_main run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000
-    wait
-    for r in main medusa "${!ABL[@]}"; do [ -d "$ROOT/$r" ] || r=abl-$r; cp "$ROOT/$r/metrics.jsonl" "$RES/${r}_metrics.jsonl" 2>/dev/null; done ;;
+    [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
+    cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
   eval)
+    # the side GPU: Medusa and each ablation evaluated as soon as its training ends
+    ( for p in "${side_pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done  # not this subshell's children
+      for r in medusa "${!ABL[@]}"; do d=$ROOT/$r; [ "$r" = medusa ] || d=$ROOT/abl-$r
+        cp "$d/metrics.jsonl" "$RES/$(basename "$d")_metrics.jsonl" 2>/dev/null; done
+      [ -f "$ROOT/medusa/eval/report.json" ] || on_side run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
+        heads.block_size=16 "${EVAL[@]}"
+      for a in "${!ABL[@]}"; do
+        [ -f "$ROOT/abl-$a/eval/report.json" ] || on_side run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
+      done ) &
+    side_eval=$!
     for n in $BUDGETS; do
       d=$ROOT/curve/step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
       src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
       [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
-      [ -f "$d/eval/report.json" ] || run eval_step$n run_dir=$d stage=eval "${EVAL[@]}"
+      [ -f "$d/eval/report.json" ] || on_main run eval_step$n run_dir=$d stage=eval "${EVAL[@]}"
       cp "$d/eval/report.json" "$RES/curve_step${n}_report.json" 2>/dev/null
+      python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect.log" 2>&1  # partial curve
+      pack
     done
-    [ -f "$ROOT/medusa/eval/report.json" ] || run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
-      heads.block_size=16 "${EVAL[@]}"
-    for a in "${!ABL[@]}"; do
-      [ -f "$ROOT/abl-$a/eval/report.json" ] || run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
-    done ;;
+    wait "$side_eval" ;;
   final)
     n=${BUDGETS##* }; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
     src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
     [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
-    run final_eval run_dir=$d stage=eval eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW \
+    on_main run final_eval run_dir=$d stage=eval eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW \
       eval.batch_size=$EVAL_BS eval.lossless.ks_min_tokens=${KS_TOKENS:-50000} eval.lossless.greedy_prompts=$EVAL_N \
       eval.hf_generate_reference=false
     cp "$d/eval/report.json" "$RES/final_report.json" 2>/dev/null; cp "$d/eval/report.md" "$RES/final_report.md" 2>/dev/null ;;
   collect)
     extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
     for a in "${!ABL[@]}"; do extras+=(--extra "abl-$a=$ROOT/abl-$a:$ROOT/abl-$a/eval/report.json"); done
-    python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" "${extras[@]}" > "$RES/collect.log" 2>&1
+    python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" "${extras[@]}" --budgets "${BUDGETS// /,}" \
+      > "$RES/collect.log" 2>&1
     tail -40 "$RES/collect.log" ;;
   *) echo "unknown phase $ph" | tee -a "$RES/phases.txt" ;;
 esac; pack; done
+[ -z "$PROFILE_PID" ] || wait "$PROFILE_PID"
 pack

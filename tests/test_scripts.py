@@ -33,3 +33,45 @@ def test_bench_kernels_smoke(tmp_path):
     assert rep["loss"] and rep["verify"]
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rep["loss"])
     assert all(r["ms"] > 0 for r in rep["verify"])
+
+
+def test_learning_curve_collects_reports_into_curve_json(tmp_path):
+    """scripts/learning_curve.py: eval reports of the main run's checkpoints and of extra runs -> curve.json
+    rows {run, supervised_tokens, steps, benchmark, temperature, acceptance_length, tpf, speedup}, the
+    training-side curve at the budgets, curve.md and the plot."""
+    def metrics(run, steps, per_step):
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": s, "supervised_tokens": per_step, "loss": 3.0 - 0.1 * s, "expected_accept": 1.5 + 0.1 * s,
+             "agreement": [0.8, 0.3]}) + "\n" for s in steps))
+
+    def report(path, accept):
+        path.parent.mkdir(parents=True)
+        cell = lambda a: {"spec": {"acceptance_length": a, "tpf": a / 2, "tokens_per_s": 100 * a},  # noqa: E731
+                          "ar": {"tokens_per_s": 100.0}, "speedup": a}
+        path.write_text(json.dumps({"benchmarks": {"gsm8k": {"results": {"T=0": cell(accept), "T=1": cell(accept - 0.5)}}}}))
+
+    metrics(tmp_path / "main", range(1, 9), 1000)
+    report(tmp_path / "curve" / "step-2" / "eval" / "report.json", 2.0)
+    report(tmp_path / "curve" / "step-8" / "eval" / "report.json", 3.0)
+    metrics(tmp_path / "abl", range(1, 5), 500)
+    report(tmp_path / "abl" / "eval" / "report.json", 2.5)
+    out = tmp_path / "out"
+    _run(["scripts/learning_curve.py", str(out), f"{tmp_path / 'main'}:{tmp_path / 'curve'}",
+          "--extra", f"abl-lr={tmp_path / 'abl'}:{tmp_path / 'abl' / 'eval' / 'report.json'}",
+          "--extra", f"missing={tmp_path / 'abl'}:{tmp_path / 'nope.json'}", "--budgets", "2,8"], tmp_path)
+    rows = json.loads((out / "curve.json").read_text())
+    key = lambda r: (r["run"], r["steps"], r["temperature"])  # noqa: E731
+    got = {key(r): r for r in rows}
+    assert set(got) == {("main", 2, 0.0), ("main", 2, 1.0), ("main", 8, 0.0), ("main", 8, 1.0),
+                        ("abl-lr", 4, 0.0), ("abl-lr", 4, 1.0)}
+    assert got[("main", 8, 0.0)]["supervised_tokens"] == 8000 and got[("main", 2, 0.0)]["supervised_tokens"] == 2000
+    assert got[("main", 8, 0.0)]["acceptance_length"] == 3.0 and got[("main", 8, 1.0)]["tpf"] == 1.25
+    assert got[("abl-lr", 4, 0.0)]["supervised_tokens"] == 2000 and got[("abl-lr", 4, 0.0)]["speedup"] == 2.5
+    for r in rows:
+        assert {"supervised_tokens", "steps", "benchmark", "temperature", "acceptance_length", "tpf",
+                "speedup"} <= set(r)
+    train = json.loads((out / "training_curve.json").read_text())
+    # the training side needs only metrics.jsonl: "missing" (no eval report) still has its training row
+    assert [(r["run"], r["steps"]) for r in train] == [("main", 2), ("main", 8), ("abl-lr", 4), ("missing", 4)]
+    assert (out / "curve.png").stat().st_size > 0 and "| main | 8 | 0.01M | gsm8k |" in (out / "curve.md").read_text()
