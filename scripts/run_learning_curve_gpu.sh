@@ -10,7 +10,8 @@
 #   eval    each budget in BUDGETS (steps of the main run) evaluated as its own run folder
 #           (ROOT/curve/step-N with links to the main run's tokenizer, data and checkpoint), then Medusa
 #           and the ablations; the engine's numbers only (no lossless checks, no transformers reference)
-#   final   the lossless checks on the largest budget (ROOT/final)
+#   final   the lossless checks on the largest budget (ROOT/final); HF_REF=true adds the transformers
+#           `generate` reference speed (static cache, compiled) on HF_REF_PROMPTS prompts per cell
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
 #   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
 #           background on the side GPU; the train phase waits for them before it uses that GPU
@@ -105,7 +106,7 @@ for ph in $PHASES; do case $ph in
     [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
     on_main run final_eval run_dir=$d stage=eval eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW \
       eval.batch_size=$EVAL_BS eval.lossless.ks_min_tokens=${KS_TOKENS:-50000} eval.lossless.greedy_prompts=$EVAL_N \
-      eval.hf_generate_reference=false
+      eval.hf_generate_reference=${HF_REF:-false} eval.hf_generate_prompts=${HF_REF_PROMPTS:-32}
     cp "$d/eval/report.json" "$RES/final_report.json" 2>/dev/null; cp "$d/eval/report.md" "$RES/final_report.md" 2>/dev/null ;;
   collect)
     extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
