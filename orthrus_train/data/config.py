@@ -203,12 +203,7 @@ class DataConfig:
         if self.regen_backend == "server" and self.regenerate and not srv.url:
             bad("server.url", "data.regen_backend=server needs the server's address, e.g. "
                 "data.server.url=http://host:8000")
-        try:
-            self.compile_steps = compile_policy.normalize(self.compile_steps)
-        except ValueError:
-            bad("compile_steps", f"{self.compile_steps!r} is not one of auto, true, false")
-        if self.compile_min_steps < 0:
-            bad("compile_min_steps", f"must be >= 0, got {self.compile_min_steps}")
+        self.compile_steps = compile_policy.checked(self.compile_steps, self.compile_min_steps, bad)
         if self.samples_per_prompt < 1:
             bad("samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
         if self.regen_backend not in REGEN_BACKENDS:

@@ -33,6 +33,17 @@ def normalize(value, key: str = "compile_steps") -> str:
     return v
 
 
+def checked(setting, min_steps: int, bad) -> str:
+    """The normalized setting of a config section; `bad(key, message)` raises for a wrong value."""
+    try:
+        setting = normalize(setting)
+    except ValueError:
+        bad("compile_steps", f"{setting!r} is not one of auto, true, false")
+    if min_steps < 0:
+        bad("compile_min_steps", f"must be >= 0, got {min_steps}")
+    return setting
+
+
 def decide(setting, on_cuda: bool, estimated_steps: int, min_steps: int = DEFAULT_MIN_STEPS) -> dict:
     """{used, setting, reason, estimated_steps, min_steps}: whether to compile, and why (for the report)."""
     s = normalize(setting)

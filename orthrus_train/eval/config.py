@@ -163,12 +163,7 @@ class EvalConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
             bad("min_p", f"must be in [0, 1), got {self.min_p}")
-        try:
-            self.compile_steps = compile_policy.normalize(self.compile_steps)
-        except ValueError:
-            bad("compile_steps", f"{self.compile_steps!r} is not one of auto, true, false")
-        if self.compile_min_steps < 0:
-            bad("compile_min_steps", f"must be >= 0, got {self.compile_min_steps}")
+        self.compile_steps = compile_policy.checked(self.compile_steps, self.compile_min_steps, bad)
         if self.verify_backend not in ("auto", "triton", "torch"):
             bad("verify_backend", f"{self.verify_backend!r} is not one of auto, triton, torch")
         lc = self.lossless

@@ -208,3 +208,15 @@ def test_new_key_of_a_map_says_to_use_plus(tmp_path, run_cli, arg, owner):
 def test_unknown_key_of_a_section_does_not_suggest_plus(tmp_path, run_cli):
     p = run_cli("recipe=tiny", "eval.bogus=1", f"run_dir={tmp_path}")
     assert p.returncode == 2 and "unknown key 'eval.bogus'" in _error_line(p) and "+" not in _error_line(p)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.compile_steps=maybe", "error: data.compile_steps: 'maybe' is not one of auto, true, false"),
+    ("eval.compile_min_steps=-1", "error: eval.compile_min_steps: must be >= 0, got -1"),
+    ("train.offset_decay=-0.5", "train.offset_decay must be a finite number >= 0"),
+])
+def test_bad_compile_and_loss_settings_are_one_line(tmp_path, override, message):
+    run = tmp_path / "run"
+    p = orthrus("recipe=tiny", f"run_dir={run}", override, check=False, timeout=300)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not run.exists()  # nothing written
