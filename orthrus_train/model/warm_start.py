@@ -211,7 +211,8 @@ def load_into(model, path: str) -> str:
             with _writable(dst):
                 dst.copy_(tensors[name].to(device=dst.device, dtype=dst.dtype))
     if partitioned:
-        return f"{src.described}; {partitioned} of {len(expected)} partitioned (ZeRO-3): gathered, written, re-partitioned"
+        return (f"{src.described}; {partitioned} of {len(expected)} partitioned (ZeRO-3): gathered, written, "
+                "re-partitioned")
     return src.described
 
 
