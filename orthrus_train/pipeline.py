@@ -307,7 +307,8 @@ def stage_export(cfg, run: RunDir, dist) -> None:
     from .export.writer import export_folder
 
     if cfg.heads.type != "orthrus":
-        print(f"[export] heads.type={cfg.heads.type}: only Orthrus heads export to the Orthrus format; skipped")
+        print(f"[export] heads.type={cfg.heads.type}: only Orthrus heads export to the Orthrus format; skipped "
+              f"(the heads stay in {run.checkpoints}; heads.init_from={run.root} warm-starts a Medusa run from them)")
         return
     run.stage_marker("export").unlink(missing_ok=True)
     model, tok, folder = trained_model(cfg, run, device=torch.device("cpu"))

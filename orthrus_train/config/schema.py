@@ -56,8 +56,9 @@ class HeadsConfig:
     trainable: list[str] = field(default_factory=lambda: ["q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff",
                                                           "q_norm_diff", "k_norm_diff"])
     attn_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
-    # Warm start: an Orthrus export (ours, full or heads-only, or the official layout; folder or Hub id)
-    # whose twins initialise a fresh run (model/warm_start.py). A checkpoint to resume wins over it.
+    # Warm start: an Orthrus export (ours, full or heads-only, or the official layout; folder or Hub id),
+    # a run folder or one of its checkpoints (Orthrus twins or Medusa heads) whose heads initialise a
+    # fresh run (model/warm_start.py). A checkpoint to resume wins over it.
     init_from: Optional[str] = None
 
 
@@ -204,9 +205,6 @@ def validate(cfg: RootConfig) -> None:
             f"or use model.init=random to build the shape with random weights for memory/throughput planning")
     if cfg.model.init == "random" and not cfg.model.shape:
         raise ConfigError("model.shape is required with model.init=random (tiny, or a Qwen3 shape such as qwen3-8b)")
-    if cfg.heads.init_from and cfg.heads.type != "orthrus":
-        raise ConfigError("heads.init_from: exports carry Orthrus twins only, so Medusa heads cannot be "
-                          "warm-started; use heads.type=orthrus or drop heads.init_from")
     if cfg.heads.init_from and cfg.stage in ("all", "train"):  # before the data stage spends hours
         from ..model.warm_start import source_problem
         if source_problem(cfg.heads.init_from):

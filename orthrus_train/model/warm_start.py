@@ -1,40 +1,67 @@
-"""Warm starts: `heads.init_from=PATH` copies the twins of an export into a freshly built model.
+"""Warm starts: `heads.init_from=PATH` copies trained heads into a freshly built model.
 
-PATH is an Orthrus export folder (or a Hub id): this project's full or heads-only layout, or a
-checkpoint in the official Orthrus layout (github.com/chiennv2000/orthrus, src/model.py: a Qwen3
-config.json with `block_size` and `mask_token_id`, and `model.layers.{i}.self_attn.{q,k,v,o}_proj_diff`,
-`{q,k}_norm_diff` tensors next to the backbone's). Only the head tensors are read; the backbone stays
-the run's own (e.g. your fine-tuned Qwen3), so the shapes must agree: hidden size, layers, heads, kv
-heads, head dim, vocabulary, block size and mask token are checked first and any mismatch is refused,
-named, before anything is loaded. The optimizer state always starts fresh. A run that resumes from
+PATH is one of
+  * an Orthrus export folder (or a Hub id): this project's full or heads-only layout, or a checkpoint in
+    the official Orthrus layout (github.com/chiennv2000/orthrus, src/model.py: a Qwen3 config.json with
+    `block_size` and `mask_token_id`, and `model.layers.{i}.self_attn.{q,k,v,o}_proj_diff`, `{q,k}_norm_diff`
+    tensors next to the backbone's). Exports carry Orthrus twins only (stage=export skips Medusa runs);
+  * a training checkpoint of this project, RUN/checkpoints/step-N (only its heads.safetensors is read, so
+    a copy of that one file in a folder is enough), Orthrus twins or Medusa heads;
+  * a run folder of this project: its newest complete checkpoint, as resume=auto would pick it.
+Only the head tensors are read; the backbone stays the run's own (e.g. your fine-tuned Qwen3), so the shapes
+must agree: the head type, and hidden size, layers, heads, kv heads, head dim, vocabulary, block size and
+mask token (Orthrus) or hidden size, vocabulary and number of heads = block size - 1 (Medusa) are checked
+first and any mismatch is refused, named, before anything is loaded. The optimizer state always starts
+fresh. Under ZeRO-3 each twin is gathered, written on rank 0 and re-partitioned. A run that resumes from
 one of its own checkpoints ignores `heads.init_from`: the checkpoint wins.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config.schema import ConfigError
 
-# (config.json key, what to call it in a message) of the backbone shape the twins depend on
+# (config.json key, what to call it in a message) of the backbone shape the heads depend on
 SHAPE_KEYS = (("hidden_size", "hidden size"), ("num_hidden_layers", "layers"), ("num_attention_heads", "heads"),
               ("num_key_value_heads", "kv heads"), ("head_dim", "head dim"), ("vocab_size", "vocabulary"))
+# what Medusa heads (hidden -> hidden MLPs before the shared lm_head) depend on; the number of heads is
+# block_size - 1, checked through the block size
+MEDUSA_KEYS = ("hidden_size", "vocab_size")
+CHECKPOINT_HEADS = "heads.safetensors"  # written by the trainer into every checkpoint (train/engine.py:_save)
+HEAD_KIND = {"orthrus": "Orthrus twins", "medusa": "Medusa heads"}
 
 
 class WarmStartError(ConfigError):
     """heads.init_from names something that cannot initialise this run's heads (one line, names the mismatch)."""
 
 
+@dataclass
+class Source:
+    """What heads.init_from points at, read: the head tensors and what they were trained for."""
+    kind: str  # 'export' or 'checkpoint'
+    layout: str  # export: 'full' | 'heads'; checkpoint: the folder read
+    head_type: str  # 'orthrus' | 'medusa'
+    config: dict  # config.json keys: backbone family/shape (SHAPE_KEYS), block_size, mask_token_id
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def described(self) -> str:
+        return f"its {self.layout} layout" if self.kind == "export" else f"checkpoint {self.layout}"
+
+
 def source_problem(path: str) -> str | None:
-    """Why `path` can be neither a local export folder nor a Hub id (ORG/NAME), or None (checked at config time)."""
+    """Why `path` can be neither a local folder nor a Hub id (ORG/NAME), or None (checked at config time)."""
     p = Path(path).expanduser()
     if p.is_dir():
         return None
     if p.exists() or path.count("/") != 1 or path.startswith((".", "/", "~")):
-        return f"heads.init_from={path}: no such export folder (give a local export folder or a Hub id ORG/NAME)"
+        return (f"heads.init_from={path}: no such folder (give an export folder, a Hub id ORG/NAME, a run "
+                "folder or one of its checkpoints/step-N)")
     return None
 
 
@@ -54,17 +81,18 @@ def _folder(path: str) -> Path:
                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
-def read_export(path: str) -> tuple[dict, dict[str, torch.Tensor], str]:
+def read_export(path: str, folder: Path | None = None) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(config.json, {head tensor name: tensor}, layout) of an export folder; layout is 'heads' or 'full'."""
     from safetensors import safe_open
 
     from ..export.modeling_orthrus import (HEADS_META_NAME, HEADS_WEIGHTS_NAME, WEIGHTS_NAME, is_head_tensor,
                                            read_weight_files)
 
-    folder = _folder(path)
+    folder = folder or _folder(path)
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
-        raise WarmStartError(f"heads.init_from={path}: {cfg_file} not found; point it at an Orthrus export folder")
+        raise WarmStartError(f"heads.init_from={path}: {cfg_file} not found; point it at an Orthrus export folder, "
+                             "a run folder or one of its checkpoints/step-N")
     config = json.loads(cfg_file.read_text())
     layout = "heads" if (folder / HEADS_META_NAME).exists() else "full"
     found = read_weight_files(str(folder), HEADS_WEIGHTS_NAME if layout == "heads" else WEIGHTS_NAME)
@@ -78,6 +106,43 @@ def read_export(path: str) -> tuple[dict, dict[str, torch.Tensor], str]:
     return config, tensors, layout
 
 
+def read_checkpoint(path: str, folder: Path) -> Source:
+    """The heads.safetensors of a training checkpoint, with what its metadata says they were trained for."""
+    from safetensors import safe_open
+
+    if (folder / "manifest.json").exists() and not (folder / "COMPLETE").exists():
+        raise WarmStartError(f"heads.init_from={path}: {folder} has no COMPLETE marker (the write was interrupted); "
+                             "give a complete checkpoint")
+    with safe_open(str(folder / CHECKPOINT_HEADS), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    head_type = meta.get("head_type") or ("medusa" if any(k.startswith("medusa_heads.") for k in tensors)
+                                          else "orthrus")
+    config = json.loads(meta["backbone"]) if meta.get("backbone") else {}  # absent in checkpoints before it
+    for k in ("block_size", "mask_token_id"):
+        if meta.get(k) not in (None, "None"):
+            config[k] = int(meta[k])
+    return Source("checkpoint", str(folder), head_type, config, tensors)
+
+
+def read_source(path: str) -> Source:
+    """Read whatever heads.init_from names: a checkpoint, a run folder (its newest checkpoint) or an export."""
+    from ..train.checkpoint import find_resumable
+
+    folder = _folder(path)
+    if not (folder / CHECKPOINT_HEADS).exists() and (folder / "checkpoints").is_dir():  # a run folder
+        notes = []
+        ckpt = find_resumable(folder / "checkpoints", log=notes.append)
+        if ckpt is None:
+            raise WarmStartError(f"heads.init_from={path}: a run folder without a complete checkpoint "
+                                 f"in {folder / 'checkpoints'}" + (f" ({'; '.join(notes)[:300]})" if notes else ""))
+        folder = ckpt
+    if (folder / CHECKPOINT_HEADS).exists():
+        return read_checkpoint(path, folder)
+    config, tensors, layout = read_export(path, folder)
+    return Source("export", layout, "orthrus", config, tensors)
+
+
 def _shape(config) -> dict:
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     out = {k: get(k) for k, _ in SHAPE_KEYS}
@@ -86,43 +151,74 @@ def _shape(config) -> dict:
     return out
 
 
-def mismatches(config: dict, model) -> list[str]:
-    """What differs between an export's config.json and the run's model, as 'what: export X, this run Y'."""
+def backbone_meta(config) -> dict:
+    """The backbone family and shape a checkpoint's heads were trained on (stored in heads.safetensors)."""
+    return {"backbone_model_type": config.model_type, **_shape(config)}
+
+
+def mismatches(config: dict, model, head_type: str = "orthrus") -> list[str]:
+    """What differs between a source's config and the run's model, as 'what: export X, this run Y'.
+    A checkpoint written before its metadata named the backbone has no shape keys: they are skipped there
+    (the tensor shapes are still checked)."""
+    what = "source" if config.get("_checkpoint") else "export"
     out = []
     family = config.get("backbone_model_type") or config.get("model_type")
-    family = "qwen3" if family in (None, "orthrus") else family  # official configs: Qwen3Config
-    if family != model.config.model_type:
-        out.append(f"backbone family: export {family}, this run {model.config.model_type}")
+    if not config.get("_checkpoint") or family:
+        family = "qwen3" if family in (None, "orthrus") else family  # official configs: Qwen3Config
+        if family != model.config.model_type:
+            out.append(f"backbone family: {what} {family}, this run {model.config.model_type}")
     theirs, ours = _shape(config), _shape(model.config)
-    out += [f"{label}: export {theirs[k]}, this run {ours[k]}" for k, label in SHAPE_KEYS if theirs[k] != ours[k]]
+    keys = [(k, label) for k, label in SHAPE_KEYS if head_type == "orthrus" or k in MEDUSA_KEYS]
+    out += [f"{label}: {what} {theirs[k]}, this run {ours[k]}" for k, label in keys
+            if theirs[k] != ours[k] and not (config.get("_checkpoint") and theirs[k] is None)]
     if config.get("block_size") != model.block_size:
-        out.append(f"block size: export {config.get('block_size')}, this run {model.block_size} (heads.block_size)")
-    if config.get("mask_token_id") != model.mask_token_id:
-        out.append(f"mask token: export {config.get('mask_token_id')}, this run {model.mask_token_id} "
+        extra = f" ({model.block_size - 1} Medusa heads)" if head_type == "medusa" else ""
+        out.append(f"block size: {what} {config.get('block_size')}, this run {model.block_size}{extra} "
+                   "(heads.block_size)")
+    if head_type == "orthrus" and config.get("mask_token_id") != model.mask_token_id:
+        out.append(f"mask token: {what} {config.get('mask_token_id')}, this run {model.mask_token_id} "
                    "(model.mask_token_id)")
     return out
 
 
 def load_into(model, path: str) -> str:
-    """Check `path` against `model` and copy its head tensors into the model's. Returns the layout read."""
-    if model.head_type != "orthrus":
-        raise WarmStartError("heads.init_from: exports carry Orthrus twins only, so Medusa heads cannot be "
-                             "warm-started; use heads.type=orthrus or drop heads.init_from")
-    config, tensors, layout = read_export(path)
-    bad = mismatches(config, model)
+    """Check `path` against `model` and copy its head tensors into the model's. Returns what was read (and
+    how many of the model's head tensors were ZeRO-3 partitions)."""
+    src = read_source(path)
+    if src.head_type != model.head_type:
+        what = "an export" if src.kind == "export" else f"checkpoint {src.layout}"
+        hint = (" (exports carry Orthrus twins only; give a Medusa run folder or one of its checkpoints/step-N)"
+                if model.head_type == "medusa" else "")
+        raise WarmStartError(f"heads.init_from={path} holds {HEAD_KIND.get(src.head_type, src.head_type)} "
+                             f"({what}) but this run trains {HEAD_KIND[model.head_type]} "
+                             f"(heads.type={model.head_type}); refused{hint}")
+    config = dict(src.config, _checkpoint=src.kind == "checkpoint")
+    bad = mismatches(config, model, model.head_type)
     if bad:
         raise WarmStartError(f"heads.init_from={path} does not fit this run's backbone; refused: " + "; ".join(bad))
     expected = model.head_state_dict()
+    tensors = src.tensors
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != _full_shape(expected[k])]
     if missing or extra or wrong:
-        raise WarmStartError(f"heads.init_from={path}: its twins do not match this model: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}, wrong shape {sorted(wrong)[:3]}")
+        raise WarmStartError(f"heads.init_from={path}: its heads do not match this model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}, wrong shape "
+                             + ", ".join(f"{k} {tuple(tensors[k].shape)} (this run {_full_shape(expected[k])})"
+                                         for k in sorted(wrong)[:3]))
+    partitioned = sum(hasattr(dst, "ds_id") for dst in expected.values())
     with torch.no_grad():
         for name, dst in expected.items():
             with _writable(dst):
                 dst.copy_(tensors[name].to(device=dst.device, dtype=dst.dtype))
-    return layout
+    if partitioned:
+        return (f"{src.described}; {partitioned} of {len(expected)} partitioned (ZeRO-3): gathered, written, "
+                "re-partitioned")
+    return src.described
+
+
+def _full_shape(param) -> tuple:
+    """The whole shape, also of a ZeRO-3 partitioned parameter (whose .shape is empty outside a gather)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _writable(param):
@@ -156,6 +252,7 @@ def warm_start(model, cfg, run, log=print) -> bool:
         log(f"[train] heads.init_from={path} ignored: resuming from checkpoint {ckpt} "
             "(the checkpoint wins: its heads and optimizer state)")
         return False
-    layout = load_into(model, os.fspath(path))
-    log(f"[train] heads initialised from {path} (optimizer state fresh); twins read from its {layout} layout")
+    described = load_into(model, os.fspath(path))
+    noun = "twins" if model.head_type == "orthrus" else "Medusa heads"
+    log(f"[train] heads initialised from {path} (optimizer state fresh); {noun} read from {described}")
     return True

@@ -3,6 +3,8 @@
     checkpoints/
       step-00000040/                 DeepSpeed files (twins only: frozen weights are excluded),
         rng_rank{r}.pt               every rank's RNG states
+        heads.safetensors            the heads, consolidated (eval/export and heads.init_from read it); its
+                                     metadata: head_type, block_size, mask_token_id, backbone (JSON: family, shape)
         trainer_state.json           step, epoch, data position, metrics at save time
         manifest.json                every file with its size (written last, by rank 0)
         COMPLETE                     marker: the folder is whole

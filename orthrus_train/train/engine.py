@@ -7,6 +7,7 @@ one, and 2 processes compute the same micro-batches as 1 process with the same g
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -389,6 +390,8 @@ def _grad_norm(engine):
 def _save(engine, model, run: RunDir, step: int, epoch: int, plan: Plan, rank: int, keep: int, record: dict):
     from safetensors.torch import save_file
 
+    from ..model.warm_start import backbone_meta
+
     state = {"step": step, "epoch": epoch, "rows_consumed": step * plan.global_batch, "plan": plan.__dict__,
              "head_type": model.head_type, "block_size": model.block_size, "mask_token_id": model.mask_token_id,
              "metrics": record}
@@ -398,9 +401,11 @@ def _save(engine, model, run: RunDir, step: int, epoch: int, plan: Plan, rank: i
         def save_checkpoint(self, root, tag, **kw):
             engine.save_checkpoint(root, tag=tag, **kw)
             if rank == 0:
+                # what the heads were trained for: heads.init_from checks a checkpoint against its run with it
                 save_file(heads, os.path.join(root, tag, "heads.safetensors"),
                           metadata={"head_type": model.head_type, "block_size": str(model.block_size),
-                                    "mask_token_id": str(model.mask_token_id)})
+                                    "mask_token_id": str(model.mask_token_id),
+                                    "backbone": json.dumps(backbone_meta(model.config))})
     return ckpt.save(_Engine(), run.checkpoints, step, state, rank, keep)
 
 
