@@ -82,7 +82,7 @@ def test_two_tasks_resolve_distinct_ranks_and_checkpoint(slurm_cluster, tmp_path
     run = tmp_path / "run"
     job = submit_standin(slurm_cluster, run, "t-ranks", ["standin.steps=3"])
     log = run / "slurm" / f"t-ranks-{job}.out"
-    info = slurm_cluster.wait(job, timeout=120, logs=[log])
+    info = slurm_cluster.wait(job, timeout=300, logs=[log])
     assert_completed(info, [log])
     assert log.exists() and f"[orthrus] job {job}" in log.read_text()
 
@@ -115,7 +115,7 @@ def test_scontrol_requeue_resumes_from_newest_checkpoint(slurm_cluster, tmp_path
     slurm_cluster.wait_for(lambda: (run / "checkpoints" / "step-3").is_dir(), 90, "checkpoint step-3", job, [log])
     out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    info = slurm_cluster.wait(job, timeout=150, logs=[log])
+    info = slurm_cluster.wait(job, timeout=300, logs=[log])
     assert_completed(info, [log])
     assert int(info["Restarts"]) == 1
 
@@ -144,7 +144,7 @@ def test_time_limit_warning_makes_the_job_requeue_itself(slurm_cluster, tmp_path
                          [f"standin.steps={total}", "standin.step_sleep=1", "standin.step_sleep_after_restart=0.02"],
                          time="2", signal_seconds_before_end=80)
     log = run / "slurm" / f"t-warn-{job}.out"
-    info = slurm_cluster.wait(job, timeout=170, logs=[log])
+    info = slurm_cluster.wait(job, timeout=300, logs=[log])
     assert_completed(info, [log])
 
     events = read_events(run / "steps.log")
@@ -171,7 +171,7 @@ def test_separate_stages_and_data_array(slurm_cluster, tmp_path):
         slurm_cluster.track(j["job_id"])
     logs = [run / "slurm" / "*.out"]
     for j in jobs:
-        assert_completed(slurm_cluster.wait(j["job_id"], timeout=120, logs=logs), logs)
+        assert_completed(slurm_cluster.wait(j["job_id"], timeout=300, logs=logs), logs)
 
     shards = sorted((json.loads(p.read_text()) for p in (run / "data").glob("shard-*.json")), key=lambda s: s["index"])
     assert [(s["index"], s["count"], s["source"]) for s in shards] == [(0, 2, "slurm-array"), (1, 2, "slurm-array")]
@@ -198,7 +198,7 @@ def test_tiny_recipe_as_a_two_task_job(slurm_cluster, tmp_path):
                                           "train.save_every=10"])
     log = run / "slurm" / f"t-tiny-{job}.out"
     assert (run / "slurm" / "t-tiny.sbatch").exists()
-    info = slurm_cluster.wait(job, timeout=240, logs=[log])
+    info = slurm_cluster.wait(job, timeout=400, logs=[log])
     assert_completed(info, [log])
 
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
@@ -225,7 +225,7 @@ def test_tiny_recipe_as_separate_stage_jobs(slurm_cluster, tmp_path):
     assert [j["stage"] for j in jobs] == ["data", "train", "eval", "export"]
     logs = [run / "slurm" / "*.out"]
     for j in jobs:
-        assert_completed(slurm_cluster.wait(j["job_id"], timeout=150, logs=logs), logs)
+        assert_completed(slurm_cluster.wait(j["job_id"], timeout=300, logs=logs), logs)
     data_id = jobs[0]["job_id"]
     assert {p.name for p in (run / "slurm").glob("t-sep-data-*.out")} == {f"t-sep-data-{data_id}_0.out",
                                                                            f"t-sep-data-{data_id}_1.out"}
@@ -243,7 +243,7 @@ def test_requeued_tiny_training_resumes_without_losing_steps(slurm_cluster, tmp_
     one = ["launcher.tasks_per_node=1"]
     data_job = submit_cli(slurm_cluster, run, [*CLI_CPU_TASKS, *one, "launcher.job_name=t-rq-data", "stage=data"])
     data_log = run / "slurm" / f"t-rq-data-{data_job}.out"
-    assert_completed(slurm_cluster.wait(data_job, timeout=150, logs=[data_log]), [data_log])
+    assert_completed(slurm_cluster.wait(data_job, timeout=300, logs=[data_log]), [data_log])
 
     total = 120
     job = submit_cli(slurm_cluster, run, [*CLI_CPU_TASKS, "launcher.job_name=t-rq-train", "stage=train",
@@ -254,7 +254,7 @@ def test_requeued_tiny_training_resumes_without_losing_steps(slurm_cluster, tmp_
     out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     requeued_at = time.time()
-    info = slurm_cluster.wait(job, timeout=180, logs=[log])
+    info = slurm_cluster.wait(job, timeout=300, logs=[log])
     assert_completed(info, [log])
     assert int(info["Restarts"]) == 1
 
