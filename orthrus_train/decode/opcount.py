@@ -21,12 +21,13 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# pure view / metadata ops: no kernel (besides `func.is_view`, which most of these already are)
+# pure view / metadata / allocation ops: no kernel (besides `func.is_view`, which most of these already are)
 VIEW_OPS = {
     "view", "_unsafe_view", "expand", "transpose", "t", "slice", "select", "unsqueeze", "squeeze", "as_strided",
     "detach", "alias", "permute", "_reshape_alias", "split", "split_with_sizes", "chunk", "unbind", "unflatten",
     "view_as", "reshape", "lift_fresh", "_to_copy_noop", "sym_size", "sym_stride", "sym_numel", "is_same_size",
     "diagonal", "narrow", "real", "imag", "_neg_view", "_conj", "resolve_conj", "resolve_neg", "movedim",
+    "empty", "empty_like", "empty_strided",  # allocations (no kernel)
 }
 
 

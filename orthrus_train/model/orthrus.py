@@ -20,7 +20,7 @@ from . import masks
 from .anchors import Supervision, sample_anchors, supervision
 from .backbones import family_of
 from .cache import StaticKVCache
-from .layers import DecodeMask, cached_attention, flex, layer_step, rope_tables, sdpa
+from .layers import DecodeMask, cached_attention, flex, layer_step, norm, rope_tables, sdpa
 
 TWINS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 
@@ -207,8 +207,8 @@ class DraftModel(nn.Module):
                 cache.write(i, k, v, idx)
                 return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), dm,
                                         layer.self_attn.scaling)
-            h = layer_step(layer, h, cos, sin, view, attend)
-        return self.decoder.norm(h)
+            h = layer_step(layer, h, cos, sin, view, attend, decode=True)
+        return norm(self.decoder.norm, h, fast=True)
 
     def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:
         p = next(self.backbone.parameters())
