@@ -41,7 +41,8 @@ def main(argv=None):
             ar, sp = r["ar"], r["spec"]
             print(f"  B={r['batch']:<3} {r['sampling']:<8} AR {ar['ops_per_step']:>5} ops ({ar['ops_per_layer']}/layer "
                   f"+ {ar['ops_outside_layers']})   drafted {sp['ops_per_step']:>5} ops ({sp['ops_per_layer']}/layer + "
-                  f"{sp['ops_outside_layers']})   x{r['spec_over_ar_ops']}   syncs {ar['host_syncs']}/{sp['host_syncs']}")
+                  f"{sp['ops_outside_layers']})   x{r['spec_over_ar_ops']}   "
+                  f"syncs {ar['host_syncs']}/{sp['host_syncs']}")
         if a.out_dir:
             out = Path(a.out_dir) / f"ops_{a.tag}_{shape}.json"
             out.parent.mkdir(parents=True, exist_ok=True)

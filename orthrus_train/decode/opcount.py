@@ -135,7 +135,8 @@ def count_engine(eng, prompts, sampled: bool) -> dict:
 
 def count_steps(shape: str, batches=(1, 16), block_size: int = 16, reduced: bool = True, top: int = 15,
                 dtype=torch.bfloat16) -> dict:
-    """Per-step op totals (in `dtype`, bf16 by default as on the GPU: fp32 skips the norms' dtype casts), per-layer counts (from a 1-layer and a 2-layer model: counts are linear in the layer
+    """Per-step op totals (in `dtype`, bf16 by default as on the GPU: fp32 skips the norms' dtype casts),
+    per-layer counts (from a 1-layer and a 2-layer model: counts are linear in the layer
     count) and the top op names, for every (batch, greedy/sampled, ar/spec)."""
     cfg, _ = shape_config(shape, reduced)
     L = cfg.num_hidden_layers
@@ -159,6 +160,7 @@ def count_steps(shape: str, batches=(1, 16), block_size: int = 16, reduced: bool
                 }
             row["spec_over_ar_ops"] = round(row["spec"]["ops_per_step"] / row["ar"]["ops_per_step"], 3)
             rows.append(row)
-    return {"shape": shape, "layers": L, "dtype": str(dtype).replace("torch.", ""), "block_size": block_size, "reduced_width": reduced,
+    return {"shape": shape, "layers": L, "dtype": str(dtype).replace("torch.", ""), "block_size": block_size,
+            "reduced_width": reduced,
             "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
             "torch": torch.__version__, "rows": rows}
