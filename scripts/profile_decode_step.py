@@ -8,6 +8,17 @@ the engine's step (CUDA graphs, as the eval runs it) --steps times and reports m
 one eager step and lists the kernels that take the most GPU time.
 
     python scripts/profile_decode_step.py --batch 16 --prompt-len 100 1000 --out profile.json
+
+One JSON per shape, with the roofline of an AR step (the next GPU session: one command per shape):
+
+    python scripts/profile_decode_step.py --shape qwen3-8b --batch 1 16 --prompt-len 100 1000 --attn auto \
+        --count-ops --out docs/results/<date>-decode/qwen3-8b.json
+
+Every row then has "ar_floor_ms" = bytes of weights an AR step reads / the device's copy bandwidth (measured
+here with a large device-to-device copy: "copy_gbps"), "ar_over_floor" = ar_ms / floor and "spec_over_ar".
+--count-ops adds the aten op counts of one eager step of each kind (`orthrus_train/decode/opcount.py`; the
+CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several shapes; --out may then hold
+"{shape}" or name a directory (then <dir>/<shape>.json). --tiny: reduced width (CPU smoke runs).
 """
 from __future__ import annotations
 
@@ -28,9 +39,46 @@ def smollm2_shape():
                        intermediate=1536, max_positions=8192, head_dim=64)
 
 
+def weight_bytes_per_ar_step(model) -> int:
+    """Bytes of the weights one AR (verify) pass reads: every backbone parameter except the draft twins and the
+    input embedding table (one row per token is gathered; a tied lm_head is the same tensor and counts once)."""
+    bb = model.backbone
+    emb = bb.get_input_embeddings().weight
+    head = bb.get_output_embeddings().weight
+    seen, total = set(), 0
+    for name, p in bb.named_parameters(remove_duplicate=False):
+        if "_diff." in name or (p is emb and p is not head) or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth_gbps(dev, nbytes: int = 2 << 30) -> float | None:
+    """Device memory bandwidth from a large device-to-device copy (bytes read + written per second, GB/s)."""
+    if dev.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    n = 10
+    start.record()
+    for _ in range(n):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    s = start.elapsed_time(end) / 1e3 / n
+    del src, dst
+    return 2 * nbytes / s / 1e9
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--shape", nargs="+", default=["smollm2-135m"])
+    ap.add_argument("--tiny", action="store_true", help="reduced width and 2 layers (CPU smoke runs)")
+    ap.add_argument("--count-ops", action="store_true", help="also count the aten ops of one eager step of each kind")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--prompt-len", type=int, nargs="+", default=[100, 1000])
@@ -43,16 +91,37 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of one eager step")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gbps = copy_bandwidth_gbps(dev)
+    if gbps:
+        print(f"device copy bandwidth: {gbps:.0f} GB/s (read + write)", flush=True)
+    if len(a.shape) > 1 and a.out and "{shape}" not in a.out and not Path(a.out).is_dir():
+        ap.error("several shapes: --out must hold '{shape}' or name a directory")
+    for shape in a.shape:
+        out = a.out
+        if out and Path(out).is_dir():
+            out = str(Path(out) / f"{shape}.json")
+        elif out:
+            out = out.replace("{shape}", shape)
+        profile_shape(a, shape, dev, gbps, out)
+
+
+def profile_shape(a, shape, dev, gbps, out):
+    from orthrus_train.decode import opcount
     from orthrus_train.decode.engine import DecodeEngine, SamplingParams
     from orthrus_train.model import OrthrusModel, build_random, layers
     from orthrus_train.model.backbones import qwen3_shape
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype)
-    cfg = smollm2_shape() if a.shape == "smollm2-135m" else qwen3_shape(a.shape)
+    if a.tiny:
+        cfg, _ = opcount.shape_config(shape, reduced=True, layers=2)
+    else:
+        cfg = smollm2_shape() if shape == "smollm2-135m" else qwen3_shape(shape)
     bb = build_random(cfg, seed=0).to(dev, dtype)
     V = bb.get_input_embeddings().weight.shape[0]
     m = OrthrusModel(bb, block_size=a.block_size, vocab_len=V).to(dev, dtype).eval().requires_grad_(False)
+    wbytes = weight_bytes_per_ar_step(m)
+    floor_ms = wbytes / (gbps * 1e9) * 1e3 if gbps else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
     for impl, B, P in [(i, b, p) for i in a.attn for b in a.batch for p in a.prompt_len]:
@@ -77,11 +146,19 @@ def main(argv=None):
                     f()
             sync()
             row[f"{mode}_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / a.steps
+            eager = [eng._propose_step, eng._verify_step] if mode == "spec" else [eng._verify_step]
+            if a.count_ops:  # one eager step under the op counter (greedy, as timed)
+                eng._prefill(prompts, 10 ** 6, list(range(B)), [])
+                with torch.no_grad(), opcount.counting() as c:
+                    for f in eager:
+                        f()
+                    sync()
+                row[f"{mode}_ops"] = c.total
+                row[f"{mode}_top_ops"] = dict(c.ops.most_common(a.top))
             if not a.profile:
                 continue
             # where the time goes: one eager step under the profiler
             eng._prefill(prompts, 10 ** 6, list(range(B)), [])
-            eager = [eng._propose_step, eng._verify_step] if mode == "spec" else [eng._verify_step]
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             with profile(activities=acts) as prof:
@@ -99,16 +176,27 @@ def main(argv=None):
                 row[f"{mode}_gpu_us_eager"] = sum(getattr(e, "self_device_time_total", 0)
                                                   for e in prof.key_averages())
         row["spec_over_ar"] = row["spec_ms_per_step"] / row["ar_ms_per_step"]
-        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_top")}), flush=True)
+        # the roofline of an AR step: its weights read once at the device's copy bandwidth (KV cache reads and
+        # the logits' write come on top: kv_read_mb)
+        row["ar_floor_ms"] = floor_ms
+        row["ar_over_floor"] = row["ar_ms_per_step"] / floor_ms if floor_ms else None
+        row["kv_read_mb"] = sum(t.numel() * t.element_size() for t in eng._st.cache.k + eng._st.cache.v) / 1e6
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_top") and not k.endswith("_top_ops")}),
+              flush=True)
         for mode in ("spec", "ar") if a.profile else ():
             for t in row[f"{mode}_top"]:
                 print(f"  {mode:<5}{t['us']:>10.1f} us {t['calls']:>5}x  {t['name']}")
         results.append(row)
         del eng
-    if a.out:
-        Path(a.out).write_text(json.dumps({"shape": a.shape, "dtype": a.dtype, "block_size": a.block_size,
-                                           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-                                           "torch": torch.__version__, "rows": results}, indent=1))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({
+            "shape": shape, "tiny": a.tiny, "dtype": a.dtype, "block_size": a.block_size,
+            "layers": cfg.num_hidden_layers, "weight_bytes_per_ar_step": wbytes, "copy_gbps": gbps,
+            "ar_floor_ms": floor_ms,
+            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "rows": results}, indent=1))
+        print(f"-> {out}", flush=True)
 
 
 if __name__ == "__main__":

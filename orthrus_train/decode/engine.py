@@ -36,7 +36,7 @@ import torch
 from ..model.cache import StaticKVCache
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
-from .rng import counter_uniforms
+from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
 
 MODES = ("spec", "ar")
 FINISH = {0: "running", 1: "eos", 2: "length"}
@@ -112,6 +112,7 @@ class _State:
         self.last_token = torch.zeros(B, **z)
         self.last_hidden = torch.zeros(B, H, device=device, dtype=dtype)
         self.seeds = torch.zeros(B, **z)
+        self.seed_h = torch.zeros(B, **z)  # rng.seed_hash(seeds), set with the seeds
         self.max_new = torch.zeros(B, **z)
         self.active = torch.zeros(B, device=device, dtype=torch.bool)
         self.any_active = torch.zeros((), device=device, dtype=torch.bool)
@@ -123,6 +124,11 @@ class _State:
         self.drafts = torch.zeros(B, K - 1, **z)
         self.draft_logits = torch.zeros(B, K - 1, V, device=device, dtype=dtype)
         self.eos = torch.full((16,), -1, **z)
+        # constants of the step functions (device tensors made once, so a step launches no fills for them)
+        self.rows = torch.arange(B, **z)
+        self.cols = {T: torch.arange(T, **z) for T in (1, K)}
+        self.sink = torch.tensor(out_width - 1, **z)  # last column of out / acc: sink for masked writes
+        self.zeros = torch.zeros(B, 1, **z)
 
 
 class DecodeEngine:
@@ -167,61 +173,93 @@ class DecodeEngine:
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._mode = "spec"
         self._sampling = SamplingParams()
+        # the slot part of the counter-based uniforms (fixed per engine: rng.counter_uniforms in three parts)
+        self._slot_h = {"draft": slot_hash(0, self.K - 1, self.device),
+                        "spec": slot_hash(self.K - 1, self.K, self.device), "ar": slot_hash(self.K - 1, 1, self.device)}
 
     # ------------------------------------------------------------------------------- step functions
+    def _uniforms(self, slots: str) -> torch.Tensor:
+        """== counter_uniforms(seeds, n_verify, offset, n) of the slots named (draft / spec / ar verify)."""
+        st = self._st
+        return uniforms_from_hashes(st.seed_h, st.n_verify, self._slot_h[slots])
+
     def _propose_step(self) -> None:
         st, m = self._st, self.model
         logits = m.propose(DecodeState(st.cache, st.last_token, st.last_hidden))
         sp = self._sampling
-        if sp.greedy:
-            d = logits.argmax(-1)
-        else:
-            u = counter_uniforms(st.seeds, st.n_verify, 0, self.K - 1)
-            d = verify.inverse_cdf(draft_probs(logits, sp), u)
+        if sp.greedy:  # the greedy rule never reads the draft logits: only the drafts are kept
+            torch.argmax(logits, -1, out=st.drafts)
+            return
+        d = verify.inverse_cdf(draft_probs(logits, sp), self._uniforms("draft"))
         st.draft_logits.copy_(logits)
         st.drafts.copy_(d)
 
     def _verify_step(self) -> None:
         st, model, sp = self._st, self.model, self._sampling
-        B = self.B
         spec = self._mode == "spec"
         ids = torch.cat([st.last_token[:, None], st.drafts], 1) if spec else st.last_token[:, None]
         T = ids.shape[1]
-        hidden = model.ar_cached(ids, st.cache)  # (B, T, H)
+        # ids are sampled tokens (never the mask token): no mask-embedding handling
+        hidden = model.ar_cached(ids, st.cache, real_tokens=True)  # (B, T, H)
         target = model.logits(hidden)  # (B, T, V)
         drafts = st.drafts if spec else st.drafts[:, :0]
         dlog = st.draft_logits if spec else st.draft_logits[:, :0]
-        u = counter_uniforms(st.seeds, st.n_verify, self.K - 1, T)
+        u = None if sp.greedy else self._uniforms(self._mode)  # the greedy rule draws nothing
         m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
                                 top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend)
         m, nxt = m.long(), nxt.long()
-        j = torch.arange(T, device=ids.device)
-        # tokens emitted at slots j = 0..m: d_1..d_m, then the rule's next token
-        cand = torch.cat([drafts, nxt[:, None]], 1)
-        cand = torch.where(j[None] == m[:, None], nxt[:, None], cand)
-        valid = j[None] <= m[:, None]
-        is_eos = (cand[..., None] == st.eos).any(-1) & valid
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), torch.full_like(m, T))
+        if spec:
+            self._commit_block(drafts, m, nxt, hidden)
+        else:
+            self._commit_one(nxt)
+
+    def _commit_block(self, drafts, m, nxt, hidden) -> None:
+        """Bookkeeping of a drafted step: emit d_1..d_m and the next token (cut at EOS / max_new_tokens).
+        Invariants used: 0 <= n_out <= max_new for every row; finished rows are inactive."""
+        st = self._st
         act = st.active
-        n_emit = torch.minimum(torch.minimum(m + 1, first_eos + 1), (st.max_new - st.n_out).clamp(min=0))
-        n_emit = n_emit * act
-        sink = st.out.shape[1] - 1
-        pos = torch.where(j[None] < n_emit[:, None], st.n_out[:, None] + j[None], torch.full_like(cand, sink))
+        j = st.cols[drafts.shape[1] + 1]
+        # tokens emitted at slots j = 0..m: d_1..d_m, then the rule's next token (slots > m: never emitted)
+        cand = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, m[:, None], nxt[:, None])
+        # the first EOS among the candidates (T if none); one past m cannot cut: n_emit <= m + 1 anyway
+        first_eos = (~(cand[..., None] == st.eos).any(-1)).cumprod(1).sum(1)
+        n_emit = torch.minimum(torch.minimum(m, first_eos) + 1, st.max_new - st.n_out) * act
+        pos = torch.where(j[None] < n_emit[:, None], st.n_out[:, None] + j[None], st.sink)
         st.out.scatter_(1, pos, cand)
-        apos = torch.where(act, st.n_verify, torch.full_like(m, sink))
-        st.acc.scatter_(1, apos[:, None], m[:, None])
-        st.n_verify.add_(act.long())
+        st.acc.scatter_(1, torch.where(act, st.n_verify, st.sink)[:, None], m[:, None])
+        st.n_verify.add_(act)
         st.n_out.add_(n_emit)
-        hit_eos = act & (first_eos < n_emit)
+        hit_eos = first_eos < n_emit  # (n_emit = 0 for inactive rows)
         finished = act & (hit_eos | (st.n_out >= st.max_new))
-        st.finish.copy_(torch.where(finished, torch.where(hit_eos, 1, 2), st.finish))
-        still = act & ~finished
-        st.cache.lengths.add_(torch.where(still, m + 1, 0))
-        st.last_token.copy_(torch.where(still, nxt, st.last_token))
-        h_m = hidden[torch.arange(B, device=ids.device), m]
-        st.last_hidden.copy_(torch.where(still[:, None], h_m.to(st.last_hidden.dtype), st.last_hidden))
+        st.finish.masked_fill_(finished, 2).masked_fill_(hit_eos, 1)  # hit_eos implies finished
+        still = act ^ finished  # finished implies act
+        st.cache.lengths.add_((m + 1) * still)
+        torch.where(still, nxt, st.last_token, out=st.last_token)
+        if self.model.uses_last_hidden:
+            torch.where(still[:, None], hidden[st.rows, m].to(st.last_hidden.dtype), st.last_hidden,
+                        out=st.last_hidden)
         st.active.copy_(still)
-        st.any_active.copy_(still.any())
+        torch.any(still, out=st.any_active)
+
+    def _commit_one(self, nxt) -> None:
+        """Bookkeeping of an AR step (m = 0: emit the next token). An active row has n_out < max_new, so it
+        emits exactly one token; n_out == n_verify for every row. last_hidden is not kept (no drafter reads it
+        in AR mode; prefill sets it)."""
+        st = self._st
+        act = st.active
+        pos = torch.where(act, st.n_out, st.sink)[:, None]
+        st.out.scatter_(1, pos, nxt[:, None])
+        st.acc.scatter_(1, pos, st.zeros)  # n_verify == n_out
+        st.n_verify.add_(act)
+        st.n_out.add_(act)
+        hit_eos = act & (nxt[:, None] == st.eos).any(-1)
+        finished = hit_eos | (act & (st.n_out >= st.max_new))
+        st.finish.masked_fill_(finished, 2).masked_fill_(hit_eos, 1)
+        still = act ^ finished
+        st.cache.lengths.add_(still)
+        torch.where(still, nxt, st.last_token, out=st.last_token)
+        st.active.copy_(still)
+        torch.any(still, out=st.any_active)
 
     # ------------------------------------------------------------------------------- graphs
     def _steps(self):
@@ -357,6 +395,7 @@ class DecodeEngine:
         st.cache.lengths.copy_((lens - 1).to(dev))
         st.last_token.copy_(torch.tensor([p[-1] for p in prompts] + [0] * (B - n), dtype=torch.long))
         st.seeds.copy_(torch.tensor(list(seeds) + [0] * (B - n), dtype=torch.long))
+        st.seed_h.copy_(seed_hash(st.seeds))
         st.max_new.fill_(max_new_tokens)
         active = torch.zeros(B, dtype=torch.bool)
         active[:n] = True

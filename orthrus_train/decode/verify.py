@@ -188,15 +188,20 @@ def verify_reference(
     B, K, V, n = _prep(draft_tokens, draft_logits, target_logits, n_valid, uniforms, greedy,
                        draft_is_greedy)
     dev = target_logits.device
+
+    if greedy:  # (few ops: a decode step runs this; no mask when every draft is valid)
+        am = target_logits.argmax(dim=-1)
+        if K == 1:
+            return torch.zeros_like(am[:, 0]), am[:, 0]
+        ok = draft_tokens.long() == am[:, : K - 1]
+        if n_valid is not None:
+            ok &= torch.arange(K - 1, device=dev)[None, :] < n[:, None]
+        acc = ok.cumprod(dim=-1).sum(dim=-1)  # leading accepted drafts (int64)
+        return acc, am.gather(1, acc[:, None]).squeeze(1)
+
     slots = torch.arange(K - 1, device=dev)
     valid = slots[None, :] < n[:, None]
     d = draft_tokens.long().clamp(0, V - 1)
-
-    if greedy:
-        am = target_logits.argmax(dim=-1)
-        ok = (draft_tokens.long() == am[:, : K - 1]) & valid
-        acc = ok.long().cumprod(dim=-1).sum(dim=-1)
-        return acc, am.gather(1, acc[:, None]).squeeze(1)
 
     lp = processed_logits(target_logits, temperature, top_k, top_p, min_p)
     lse_p = torch.logsumexp(lp, dim=-1)

@@ -29,12 +29,16 @@ class StaticKVCache:
     def slots(self) -> int:
         return self.k[0].shape[2]
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Write (B, Hkv, T, D) at slots lengths[b] .. lengths[b]+T-1 (clamped to the last slot,
-        which callers keep as slack: it is never a committed position)."""
+    def write_index(self, T: int) -> torch.Tensor:
+        """(B, 1, T, 1) slots lengths[b] .. lengths[b]+T-1 (clamped to the last slot, which callers keep as
+        slack: it is never a committed position). The same for every layer: a pass computes it once."""
+        idx = (self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]).clamp_(max=self.slots - 1)
+        return idx[:, None, :, None]
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write (B, Hkv, T, D) at slots lengths[b] .. lengths[b]+T-1 (`write_index(T)`, if not given)."""
         B, H, T, D = k_new.shape
-        idx = (self.lengths[:, None] + torch.arange(T, device=k_new.device)[None, :]).clamp_(max=self.slots - 1)
-        idx = idx[:, None, :, None].expand(B, H, T, D)
+        idx = (self.write_index(T) if index is None else index).expand(B, H, T, D)
         self.k[layer].scatter_(2, idx, k_new.to(self.k[layer].dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.v[layer].dtype))
 

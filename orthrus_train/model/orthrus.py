@@ -20,7 +20,7 @@ from . import masks
 from .anchors import Supervision, sample_anchors, supervision
 from .backbones import family_of
 from .cache import StaticKVCache
-from .layers import cached_attention, flex, layer_step, sdpa
+from .layers import DecodeMask, cached_attention, flex, layer_step, norm, rope_tables, sdpa
 
 TWINS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 
@@ -96,6 +96,7 @@ def make_twin(src: nn.Module) -> nn.Module:
 class DraftModel(nn.Module):
     head_type = "base"
     draft_passes_per_step = 1  # backbone forward passes a proposal costs (for TPF)
+    uses_last_hidden = False  # whether `propose` reads DecodeState.last_hidden (the engine keeps it only then)
 
     def __init__(self, backbone: nn.Module, block_size: int, mask_token_id: int | None = None,
                  vocab_len: int | None = None, force_mask_token_id: bool = False, attn_backend: str = "sdpa",
@@ -139,9 +140,11 @@ class DraftModel(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.backbone.get_output_embeddings().weight
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, real_tokens: bool = False) -> torch.Tensor:
+        """Embeddings of `ids`; real_tokens: the caller guarantees that no id is the mask token (e.g. the verify
+        pass over sampled tokens), which skips the mask token's separate embedding (3 ops)."""
         emb = self.decoder.embed_tokens
-        if self.mask_embedding is None:
+        if self.mask_embedding is None or real_tokens:
             return emb(ids)
         is_mask = ids == self.mask_token_id
         h = emb(ids.masked_fill(is_mask, 0))
@@ -151,7 +154,16 @@ class DraftModel(nn.Module):
         return self.backbone.lm_head(hidden)
 
     def rope(self, h, positions):
-        return self.decoder.rotary_emb(h, positions)
+        """RoPE tables of a pass (`layers.rope_tables` of the backbone's rotary cos/sin)."""
+        return rope_tables(*self.decoder.rotary_emb(h, positions))
+
+    def embed_block(self, first: torch.Tensor, K: int) -> torch.Tensor:
+        """Embeddings (B, K, H) of the draft block [first, mask, ..., mask]: the token's embedding and the mask
+        token's, concatenated (the same values as embedding the block's ids, in 2 ops instead of 6)."""
+        h0 = self.embed(first[:, None], real_tokens=True)
+        m = self.mask_embedding if self.mask_embedding is not None else \
+            self.decoder.embed_tokens.weight[self.mask_token_id]
+        return torch.cat([h0, m.to(h0.dtype).expand(h0.shape[0], K - 1, h0.shape[-1])], 1)
 
     # ---- AR view ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -174,26 +186,29 @@ class DraftModel(nn.Module):
             h = layer_step(layer, h, cos, sin, "ar", attend)
         return self.decoder.norm(h), kv
 
-    def ar_cached(self, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    def ar_cached(self, ids: torch.Tensor, cache: StaticKVCache, real_tokens: bool = False) -> torch.Tensor:
         """Prefill / verify: causal pass of `ids` (B, T) at positions lengths+t, writing its K/V to the
-        cache. Returns final hidden (B, T, H). Does not advance `cache.lengths`."""
-        return self._cached_pass(ids, cache, masks.cached_causal_mask(cache.lengths, cache.slots, ids.shape[1]),
-                                 "ar")
+        cache. Returns final hidden (B, T, H). Does not advance `cache.lengths`. real_tokens: see `embed`."""
+        return self._cached_pass(self.embed(ids, real_tokens), cache,
+                                 masks.cached_causal_mask(cache.lengths, cache.slots, ids.shape[1]), "ar")
 
-    def _cached_pass(self, ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, view: str) -> torch.Tensor:
-        """One pass of `ids` (B, T) at positions lengths..lengths+T-1 through the `view` ("ar" | "diff")
-        projections: every layer writes its K/V into those cache slots and attends over the cache under
-        `mask` (B, 1, T, S). Returns final hidden (B, T, H); `cache.lengths` is not advanced."""
-        h = self.embed(ids)
-        pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
+    def _cached_pass(self, h: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, view: str) -> torch.Tensor:
+        """One pass of the embedded tokens `h` (B, T, H) at positions lengths..lengths+T-1 through the `view`
+        ("ar" | "diff") projections: every layer writes its K/V into those cache slots and attends over the cache
+        under `mask` (B, 1, T, S). Returns final hidden (B, T, H); `cache.lengths` is not advanced.
+        What every layer shares is built once per pass: RoPE tables, the cache write index, the prepared mask."""
+        T = h.shape[1]
+        pos = cache.lengths[:, None] + torch.arange(T, device=h.device)[None]
         cos, sin = self.rope(h, pos)
+        idx = cache.write_index(T)
+        dm = DecodeMask(mask, self.config.num_attention_heads, self.config.num_key_value_heads, h.dtype)
         for i, layer in enumerate(self.decoder.layers):
             def attend(q, k, v, i=i, layer=layer):
-                cache.write(i, k, v)
-                return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask,
+                cache.write(i, k, v, idx)
+                return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), dm,
                                         layer.self_attn.scaling)
-            h = layer_step(layer, h, cos, sin, view, attend)
-        return self.decoder.norm(h)
+            h = layer_step(layer, h, cos, sin, view, attend, decode=True)
+        return norm(self.decoder.norm, h, fast=True)
 
     def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:
         p = next(self.backbone.parameters())
@@ -318,14 +333,14 @@ class OrthrusModel(DraftModel):
         # The block's keys/values go into the cache slots it occupies (lengths..lengths+K-1, past every
         # committed slot; the verify pass over the same K positions overwrites them before they count), so
         # attention reads the cache in place instead of a per-layer copy of cache + block.
-        mask = masks.draft_cached_mask(cache.lengths, cache.slots, block_ids.shape[1])
-        return self._cached_pass(block_ids, cache, mask, "diff")
+        return self._draft(self.embed(block_ids), cache)
+
+    def _draft(self, h: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        return self._cached_pass(h, cache, masks.draft_cached_mask(cache.lengths, cache.slots, h.shape[1]), "diff")
 
     def propose(self, state: DecodeState) -> torch.Tensor:
-        B = state.last_token.shape[0]
-        block = torch.full((B, self.block_size), self.mask_token_id, dtype=torch.long, device=state.last_token.device)
-        block[:, 0] = state.last_token
-        return self.logits(self.draft(block, state.cache)[:, :-1])
+        # == self.draft([x_a, mask, ..., mask]), with the block embedded without building its ids
+        return self.logits(self._draft(self.embed_block(state.last_token, self.block_size), state.cache)[:, :-1])
 
 
 class ResBlock(nn.Module):
@@ -346,6 +361,7 @@ class MedusaModel(DraftModel):
     backbone pass to draft (it reads the hidden state the last verify pass produced)."""
     head_type = "medusa"
     draft_passes_per_step = 0
+    uses_last_hidden = True
 
     def __init__(self, backbone, block_size: int = 32, **kw):
         super().__init__(backbone, block_size, **kw)
