@@ -14,7 +14,8 @@
 #           `generate` reference speed (static cache, compiled) on HF_REF_PROMPTS prompts per cell
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
 #   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
-#           background on the side GPU; the train phase waits for them before it uses that GPU
+#           background on the side GPU; the train phase waits for them before it uses that GPU. PROFILE_COMPILE="ARGS"
+#           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving)
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
 # evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0).
@@ -62,7 +63,13 @@ for ph in $PHASES; do case $ph in
         on_side python "$HERE/profile_decode_step.py" --shape "$sh" ${PROFILE_ARGS:-} --out "$RES/decode/$sh.json" \
           > "$RES/decode/$sh.log" 2>&1
         echo "[profile $sh] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
-      done ) &
+      done
+      if [ -n "${PROFILE_COMPILE:-}" ]; then  # compile cost and per-step saving: the compile_min_steps threshold
+        t0=$(date +%s)
+        on_side python "$HERE/profile_decode_step.py" --shape smollm2-135m --compile $PROFILE_COMPILE \
+          --out "$RES/decode/smollm2-135m_compiled.json" > "$RES/decode/smollm2-135m_compiled.log" 2>&1
+        echo "[profile smollm2-135m compiled] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
+      fi ) &
     PROFILE_PID=$! ;;
   data) on_main run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
   train)
