@@ -143,6 +143,9 @@ class EngineGenerator:
         cache folder for compiled kernels (set only when compiling; a user's TORCHINDUCTOR_CACHE_DIR wins)."""
         from ..decode import compile_policy
 
+        if "compile_step" in engine_kw:  # GenerationEngine's own spelling: the same as compile_steps=true/false
+            compile_steps = bool(engine_kw.pop("compile_step"))
+
         from ..model.backbones import family_of
 
         family_of(model.config)  # a clear refusal for families the engine does not implement
