@@ -142,11 +142,10 @@ class EngineGenerator:
         (`decode/compile_policy.py`); the decision is kept in `compile_info`. compile_cache: the on-disk
         cache folder for compiled kernels (set only when compiling; a user's TORCHINDUCTOR_CACHE_DIR wins)."""
         from ..decode import compile_policy
+        from ..model.backbones import family_of
 
         if "compile_step" in engine_kw:  # GenerationEngine's own spelling: the same as compile_steps=true/false
             compile_steps = bool(engine_kw.pop("compile_step"))
-
-        from ..model.backbones import family_of
 
         family_of(model.config)  # a clear refusal for families the engine does not implement
         self.model = model.eval()
@@ -169,12 +168,11 @@ class EngineGenerator:
         step = self.engine_kw.get("width_step", 128)
         slots = -(-slots // step) * step
         compile_step = bool(self.compile_info and self.compile_info["used"])
-        if self.engine is None or self.engine.S < slots or getattr(self.engine, "_compile_step", False) != compile_step:
+        if self.engine is None or self.engine.S < slots or (self.engine._compiled is not None) != compile_step:
             self.engine = None  # free the old cache first
             self.engine = GenerationEngine(self.model, self._fit_batch(slots), slots,
                                            use_cuda_graphs=self.use_cuda_graphs, compile_step=compile_step,
                                            **self.engine_kw)
-            self.engine._compile_step = compile_step
         return self.engine
 
     def _decide_compile(self, n_requests: int, max_new_tokens: int) -> None:

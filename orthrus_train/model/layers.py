@@ -14,14 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor):
     """The backbone rotary module's cos/sin (B, T, D) -> the tables `apply_rope` takes, built once per pass:
-    (B, 1, T, D) cos, and sin with rotate_half's sign folded in (first half negated). Then
+    (B, 1, T, D) cos, and sin with the sign of the backbone's rotate_half folded in (first half negated). Then
     rotate_half(x) * sin == x.roll(D/2) * signed_sin element for element (-(a) * b == a * -(b) exactly in
     IEEE arithmetic), so RoPE costs 4 ops per tensor instead of 5 (no neg + cat per layer)."""
     s1, s2 = sin.chunk(2, dim=-1)
@@ -131,7 +126,7 @@ class DecodeMask:
         impl = decode_attention() if T <= DECODE_MAX_QUERIES else "sdpa"
         if impl == "auto":
             impl = "fold" if T > 1 and B > 1 else "sdpa"
-        self.impl, self.bool_mask = impl, mask
+        self.impl = impl
         g = q_heads // kv_heads
         if impl != "sdpa" and g > 1:
             mask = mask[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
