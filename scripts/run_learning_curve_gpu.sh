@@ -30,7 +30,9 @@ BUDGETS=${BUDGETS:-30 120 360 960}
 ABL_STEPS=${ABL_STEPS:-240}
 EVAL_N=${EVAL_N:-100}; EVAL_NEW=${EVAL_NEW:-256}; EVAL_BS=${EVAL_BS:-16}
 RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
-pack() { tar czf "$FINAL/results.tgz" -C "$ROOT" results; cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
+pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the file at any moment
+  local tmp; tmp=$(mktemp "$FINAL/.results.XXXXXX") && tar czf "$tmp" -C "$ROOT" results && mv -f "$tmp" "$FINAL/results.tgz"
+  cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine)
@@ -93,8 +95,10 @@ for ph in $PHASES; do case $ph in
         cp "$d/metrics.jsonl" "$RES/$(basename "$d")_metrics.jsonl" 2>/dev/null; done
       [ -f "$ROOT/medusa/eval/report.json" ] || on_side run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
         heads.block_size=16 "${EVAL[@]}"
+      cp "$ROOT/medusa/eval/report.json" "$RES/medusa_report.json" 2>/dev/null; pack  # kept even if the lease ends
       for a in "${!ABL[@]}"; do
         [ -f "$ROOT/abl-$a/eval/report.json" ] || on_side run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
+        cp "$ROOT/abl-$a/eval/report.json" "$RES/abl-${a}_report.json" 2>/dev/null; pack
       done ) &
     side_eval=$!
     for n in $BUDGETS; do
@@ -105,8 +109,7 @@ for ph in $PHASES; do case $ph in
       cp "$d/eval/report.json" "$RES/curve_step${n}_report.json" 2>/dev/null
       python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect.log" 2>&1  # partial curve
       pack
-    done
-    wait "$side_eval" ;;
+    done ;;  # the side GPU's evals go on during `final`; `collect` waits for them
   final)
     n=${BUDGETS##* }; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
     src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
@@ -116,6 +119,7 @@ for ph in $PHASES; do case $ph in
       eval.hf_generate_reference=${HF_REF:-false} eval.hf_generate_prompts=${HF_REF_PROMPTS:-32}
     cp "$d/eval/report.json" "$RES/final_report.json" 2>/dev/null; cp "$d/eval/report.md" "$RES/final_report.md" 2>/dev/null ;;
   collect)
+    [ -z "${side_eval:-}" ] || { wait "$side_eval"; side_eval=""; }
     extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
     for a in "${!ABL[@]}"; do extras+=(--extra "abl-$a=$ROOT/abl-$a:$ROOT/abl-$a/eval/report.json"); done
     python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" "${extras[@]}" --budgets "${BUDGETS// /,}" \
