@@ -14,7 +14,7 @@
 #           `generate` reference speed (static cache, compiled) on HF_REF_PROMPTS prompts per cell
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
 #   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
-#           background on the side GPU; the train phase waits for them before it uses that GPU. PROFILE_COMPILE="ARGS"
+#           background on the side GPU; the side runs of the train phase wait for them, the main run does not. PROFILE_COMPILE="ARGS"
 #           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving)
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
@@ -77,12 +77,14 @@ for ph in $PHASES; do case $ph in
   train)
     link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
     side_pids=()
-    [ -n "$PROFILE_PID" ] && [ -n "$SIDE_GPU" ] && { wait "$PROFILE_PID"; PROFILE_PID=""; }  # the side GPU is free now
-    on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 "${TRAIN[@]}" \
-      train.max_steps=$STEPS train.save_every=$STEPS & side_pids+=($!)
+    # the side runs wait for the profiles on the side GPU (timings alone there); the main run starts at once
+    side_wait() { [ -n "$PROFILE_PID" ] && [ -n "$SIDE_GPU" ] || return 0
+      while kill -0 "$PROFILE_PID" 2>/dev/null; do sleep 5; done; }
+    ( side_wait; on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 \
+      "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$STEPS ) & side_pids+=($!)
     for a in "${!ABL[@]}"; do
-      on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
-        train.save_every=$ABL_STEPS ${ABL[$a]} & side_pids+=($!)
+      ( side_wait; on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
+        train.save_every=$ABL_STEPS ${ABL[$a]} ) & side_pids+=($!)
     done
     on_main run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000
