@@ -4,8 +4,10 @@ Compiling the step functions fuses the many small kernels of a launch-bound step
 the SmolLM2-135M shape at batch 16: AR step 3.88 -> 1.93 ms, drafted step 9.54 -> 5.18 ms), but costs
 compilation once per engine size, mode and sampling setting (about 200 s for the three step functions of
 that profile, cold cache). `auto` compiles only on CUDA and only when the decode work ahead is long enough
-to earn that back: at least `min_steps` estimated engine steps. The default threshold is the H100 point
-above (200 s / about 4 ms saved per step = 50K steps); measure yours with
+to earn that back: at least `min_steps` estimated engine steps. The default threshold rests on two points:
+the H100 one above (200 s / about 4 ms saved per step = 50K steps) and an H200 one (2026-11-30, SmolLM2
+shape, batch 1: AR 2.59 -> 1.63 ms after 62.8 s of compilation, break-even ~65K steps; drafted ~6.8 ->
+4.34 ms after 99.0 s, break-even ~40K steps; docs/benchmarks.md); measure yours with
 `scripts/profile_decode_step.py --compile` (it records the setup seconds and the per-step times with
 and without compilation) and set `eval.compile_min_steps` / `data.compile_min_steps`.
 
