@@ -410,6 +410,138 @@ class DecodeEngine:
         if eos:
             st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
 
+    # ------------------------------------------------------------------------------- continuous batching
+    def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
+        """Arm `rows` with new prompts while the other rows keep their state: each prompt minus its last token
+        is prefilled (one padded eager pass for the group, into a scratch cache) and copied into its row's
+        slots; the row's counters, flags and last hidden state are reset. Rows not named are untouched."""
+        st, dev = self._st, self.device
+        n = len(rows)
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        L = int(lens.max()) - 1
+        last_hidden = torch.zeros(n, st.last_hidden.shape[1], device=dev, dtype=st.last_hidden.dtype)
+        if L > 0:
+            ids = torch.zeros(n, L, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
+            tmp = self.model.new_cache(n, L, device=dev, dtype=self.dtype)
+            h = self.model.ar_cached(ids.to(dev), tmp)  # (n, L, H)
+            for k, v, tk, tv in zip(st.cache.k, st.cache.v, tmp.k, tmp.v):
+                k[idx, :, :L] = tk
+                v[idx, :, :L] = tv
+            last_h = h[torch.arange(n, device=dev), (lens - 2).clamp(min=0).to(dev)]
+            last_hidden = torch.where((lens >= 2).to(dev)[:, None], last_h.to(last_hidden.dtype), last_hidden)
+        st.last_hidden[idx] = last_hidden
+        st.cache.lengths[idx] = (lens - 1).to(dev)
+        st.last_token[idx] = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=dev)
+        sd = torch.tensor(seeds, dtype=torch.long, device=dev)
+        st.seeds[idx] = sd
+        st.seed_h[idx] = seed_hash(sd)
+        st.max_new[idx] = max_new_tokens
+        st.n_out[idx] = 0
+        st.n_verify[idx] = 0
+        st.finish[idx] = 0
+        st.acc[idx] = -1
+        st.drafts[idx] = 0
+        st.active[idx] = True
+        st.any_active.fill_(True)
+
+    @torch.no_grad()
+    def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
+                      eos_token_ids: Sequence[int] = (), mode: str = "spec", refill_min: int | None = None,
+                      on_rows: Callable[[list[RowRecord]], None] | None = None) -> GenerateResult:
+        """Decode any number of prompts with continuous batching: every `sync_every` steps the host harvests
+        the rows that ended (end-of-sequence or `max_new_tokens`) and refills them with the next prompts, so a
+        batch never waits for its longest row. Rows come back in the prompts' order; each row's tokens and
+        records equal `generate`'s (per-row uniforms keyed by seed and verify pass; the same passes).
+
+        refill_min: refill once this many rows are free (default max(1, B // 8); always when the batch is idle).
+        on_rows: called with each harvested group of records (progress display).
+        prefill_s counts every prefill (the refills too, host-synchronized); decode_s the rest of the loop."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        n = len(prompts)
+        if n < 1:
+            raise ValueError("no prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if any(len(p) < 1 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if self.required_slots(longest, max_new_tokens) > self.S:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + K={self.K} + 1 "
+                             f"needs {self.required_slots(longest, max_new_tokens)} cache slots; the engine has "
+                             f"max_len={self.S}")
+        eos = sorted({int(e) for e in eos_token_ids})
+        if len(eos) > self._st.eos.numel():
+            raise ValueError(f"at most {self._st.eos.numel()} end-of-sequence ids, got {eos}")
+        seeds = list(range(n)) if seeds is None else [int(x) for x in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        refill_min = max(1, self.B // 8) if refill_min is None else max(1, int(refill_min))
+        self._mode = mode
+        self._sampling = sampling or SamplingParams()
+        st, dev = self._st, self.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        steps_fns = self._steps()  # may capture graphs (before the clock starts)
+        per_pass = self.model.draft_passes_per_step if mode == "spec" else 0
+        K_out = self.K if mode == "spec" else 1
+
+        sync()
+        t0 = time.perf_counter()
+        prefill_s = 0.0
+        st.active.zero_()
+        st.eos.fill_(-1)
+        if eos:
+            st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        owner: list[int | None] = [None] * self.B
+        nxt, done = 0, 0
+        records: list[RowRecord | None] = [None] * n
+        steps = 0
+        while done < n:
+            free = [b for b in range(self.B) if owner[b] is None]
+            if nxt < n and free and (len(free) >= refill_min or len(free) == self.B):
+                rows = free[: n - nxt]
+                take = list(range(nxt, nxt + len(rows)))
+                ta = time.perf_counter()
+                self._refill(rows, [prompts[i] for i in take], [seeds[i] for i in take], max_new_tokens)
+                sync()
+                prefill_s += time.perf_counter() - ta
+                for b, i in zip(rows, take):
+                    owner[b] = i
+                nxt += len(rows)
+            for _ in range(self.sync_every):
+                for f in steps_fns:
+                    f()
+            steps += self.sync_every
+            still = st.active.tolist()  # the host's one look per window (synchronizes)
+            ended = [b for b in range(self.B) if owner[b] is not None and not still[b]]
+            if not ended:
+                continue
+            ix = torch.tensor(ended, dtype=torch.long, device=dev)
+            out, n_out, n_ver, acc, fin = (x[ix].cpu() for x in (st.out, st.n_out, st.n_verify, st.acc, st.finish))
+            group = []
+            for j, b in enumerate(ended):
+                i, nv = owner[b], int(n_ver[j])
+                rec = RowRecord(tokens=out[j, : int(n_out[j])].tolist(), prompt_len=len(prompts[i]),
+                                verify_passes=nv, draft_passes=nv * per_pass, accepted=acc[j, :nv].tolist(),
+                                finish_reason=FINISH[int(fin[j])], seed=seeds[i], block_size=K_out)
+                if rec.finish_reason == "running":
+                    raise RuntimeError(f"prompt {i} ended without a finish reason (engine bug)")
+                records[i] = rec
+                group.append(rec)
+                owner[b] = None
+            done += len(ended)
+            if on_rows is not None:
+                on_rows(group)
+            if steps > (n + self.B) * (max_new_tokens + self.sync_every):
+                raise RuntimeError("continuous batching did not finish its prompts (engine bug)")
+        sync()
+        total = time.perf_counter() - t0
+        return GenerateResult(list(records), mode, prefill_s, total - prefill_s, steps, self.B, self.cuda_graphs)
+
     def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
                      eos_token_ids: Sequence[int] = (), mode: str = "spec") -> list[GenerateResult]:

@@ -104,6 +104,11 @@ class EvalConfig:
     # Steps between host reads of the engine's "all rows done" flag: the only host syncs of the decode loop;
     # a batch runs at most sync_every-1 idle steps after its last row finished.
     sync_every: int = 4
+    # Continuous batching: the engine refills a row whose answer ended with the next prompt (checked every
+    # sync_every steps), so a batch never waits for its longest row; each row's tokens and acceptance records
+    # are the same either way, only the speed columns change. false: fixed batches of batch_size prompts,
+    # each running until its longest row ends (the reports before 2026-11-30 session 5).
+    continuous_batching: bool = True
     # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
     verify_backend: str = "auto"
     # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).

@@ -80,6 +80,7 @@ class _Run:
     tokens: list[list[list[int]]] = field(default_factory=list)  # emitted tokens per prompt per turn
     seconds: float = 0.0
     decode_seconds: float = 0.0
+    engine_steps: int = 0  # batch steps the engine ran (all batches / the continuous batch)
 
     def merged(self) -> list[dict[str, Any]]:
         """One record per prompt (turns summed), for per-prompt spread."""
@@ -105,9 +106,10 @@ def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
     for turn in range(max(len(p.turns) for p in prompts)):
         idx = [i for i, p in enumerate(prompts) if len(p.turns) > turn]
         ids = [renderer.encode(prompts[i].turns, answers[i]) for i in idx]
-        recs, secs, dsecs = gen(ids, [seed_of(prompts[i], turn) for i in idx])
+        recs, secs, dsecs, *steps = gen(ids, [seed_of(prompts[i], turn) for i in idx])
         run.seconds += secs
         run.decode_seconds += dsecs
+        run.engine_steps += steps[0] if steps else 0
         for i, p_ids, rec in zip(idx, ids, recs):
             toks = rec.tokens if isinstance(rec, RowRecord) else rec
             if isinstance(rec, RowRecord):
@@ -122,13 +124,18 @@ def _engine_gen(engines: _Engines, max_new: int, sp: SamplingParams, eos: list[i
                 progress: Progress | None = None):
     def gen(ids, seeds):
         eng = engines.get(eng_slots(engines, ids, max_new))
+        if engines.cfg.continuous_batching:
+            on_rows = None if progress is None else (
+                lambda rows: progress.update(len(rows), sum(len(r.tokens) for r in rows)))
+            r = eng.generate_many(ids, max_new, sp, seeds, eos, mode, on_rows=on_rows)
+            return r.rows, r.total_s, r.decode_s, r.steps
         res = []
         for i in range(0, len(ids), eng.B):
             res.append(eng.generate(ids[i:i + eng.B], max_new, sp, seeds[i:i + eng.B], eos, mode))
             if progress is not None:
                 progress.update(len(res[-1].rows), sum(len(r.tokens) for r in res[-1].rows))
         recs = [r for x in res for r in x.rows]
-        return recs, sum(x.total_s for x in res), sum(x.decode_s for x in res)
+        return recs, sum(x.total_s for x in res), sum(x.decode_s for x in res), sum(x.steps for x in res)
     return gen
 
 
@@ -281,6 +288,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     cell[mode] = metrics.summarize(run.merged(), run.seconds, run.decode_seconds, label)
+                cell[mode]["engine_steps"] = run.engine_steps
                 for p, recs in zip(b.prompts, run.per_prompt):
                     samples_f.write(json.dumps({"benchmark": name, "uid": p.uid, "temperature": T, "method": mode,
                                                 "turns": [r.to_json() for r in recs]}) + "\n")
@@ -590,7 +598,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{m['dtype']} on {m['device']}.  ",
             f"Settings: {s['num_prompts']} prompts per benchmark, max {s['max_new_tokens']} new tokens, temperatures "
             f"{samp['temperatures']}, batch {s['batch_size']}, seed {s['seed']}, "
-            f"CUDA graphs requested: {s['use_cuda_graphs']}.  ",
+            f"CUDA graphs requested: {s['use_cuda_graphs']}, "
+            f"batching: {'continuous (ended rows refilled)' if s.get('continuous_batching', False) else 'fixed'}.  ",
             *([f"Compiled steps: {'yes' if report['compile']['used'] else 'no'} ({report['compile']['reason']}); "
                f"warm-up (compilation + capture) {report['compile']['setup_s']:.1f} s in all.  "]
               if "compile" in report else []),

@@ -256,3 +256,66 @@ def test_min_p_filter_matches_transformers_and_keeps_the_rule_exact():
     assert all(torch.equal(x_, y_) for x_, y_ in zip(a, b))
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(1.0, min_p=1.0)
+
+
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_equals_fixed_batches(qwen3_model, mode, temperature):
+    """generate_many refills ended rows with the next prompts: every row's tokens and records equal the
+    fixed-batch decode's, in the prompts' order."""
+    prompts = random_prompts(9, (1, 14), seed=21)
+    free = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch").generate(
+        prompts[:3], 30, mode="ar").rows
+    # end-of-sequence ids that end some rows early and leave others to run to the length limit
+    eos = sorted({free[0].tokens[4], free[1].tokens[17]})
+    sp = SamplingParams(temperature)
+    seeds = [100 + 7 * i for i in range(len(prompts))]
+    eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
+    fixed = eng.generate_all(prompts, 30, sp, seeds, eos, mode)
+    got_groups = []
+    many = eng.generate_many(prompts, 30, sp, seeds, eos, mode, refill_min=1, on_rows=got_groups.append)
+    want = rows_of(fixed)
+    assert len(many.rows) == len(prompts) == sum(len(g) for g in got_groups)
+    for i, (w, g) in enumerate(zip(want, many.rows)):
+        assert g == w, f"prompt {i}: continuous batching changed the row ({g.tokens} vs {w.tokens})"
+    lengths = [len(r.tokens) for r in want]
+    assert min(lengths) < 30 and max(lengths) == 30, "the test needs rows that end early and rows that run long"
+    # the engine's state is whole again: a fixed-batch call after it gives the same rows
+    assert rows_of(eng.generate_all(prompts, 30, sp, seeds, eos, mode)) == want
+
+
+def test_continuous_batching_refuses_bad_input(qwen3_model):
+    eng = DecodeEngine(qwen3_model, batch_size=2, max_len=40, verify_backend="torch")
+    with pytest.raises(ValueError, match="no prompts"):
+        eng.generate_many([], 8)
+    with pytest.raises(ValueError, match="cache slots"):
+        eng.generate_many([[1] * 30], 8)
+    with pytest.raises(ValueError, match="seeds"):
+        eng.generate_many([[1, 2], [3]], 8, seeds=[1])
+
+
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+def test_continuous_batching_does_not_wait_for_the_longest_row(qwen3_model, mode):
+    """One long row per fixed batch of 3: fixed batches run 3 x 30 steps; with refills the long rows run side by
+    side and the short ones pass through the third row."""
+    pool = random_prompts(12, (2, 10), seed=8)
+    eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
+    free = rows_of(eng.generate_all(pool, 30, mode="ar"))
+    # long rows: the three with the fewest distinct tokens; short rows end at a token no long row emits
+    order = sorted(range(len(pool)), key=lambda i: len(set(free[i].tokens)))
+    long_ids = order[:3]
+    seen = {t for i in long_ids for t in free[i].tokens}
+    short = [(i, next((t for t in free[i].tokens[1:6] if t not in seen), None)) for i in order[3:]]
+    short = [(i, t) for i, t in short if t is not None][:6]
+    assert len(short) == 6, "the prompt pool has too few rows that can end early"
+    prompts = []
+    for k in range(3):  # each fixed batch: two short rows, then one long row
+        prompts += [pool[short[2 * k][0]], pool[short[2 * k + 1][0]], pool[long_ids[k]]]
+    eos = sorted({t for _, t in short})
+    fixed = eng.generate_all(prompts, 30, eos_token_ids=eos, mode=mode)
+    many = eng.generate_many(prompts, 30, eos_token_ids=eos, mode=mode, refill_min=1)
+    assert [r.tokens for r in many.rows] == [r.tokens for r in rows_of(fixed)]
+    assert all(len(many.rows[i].tokens) == 30 for i in (2, 5, 8))
+    assert all(len(r.tokens) <= 6 for i, r in enumerate(many.rows) if i not in (2, 5, 8))
+    fixed_steps = sum(r.steps for r in fixed)
+    assert many.steps <= 0.7 * fixed_steps, (many.steps, fixed_steps)

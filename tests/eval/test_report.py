@@ -322,3 +322,41 @@ def test_compile_policy_decides_by_estimated_decode_steps():
     # 2 benchmarks of 10 and 3 prompt-turns, 2 temperatures, batch 4, 100 new tokens, drafted + AR
     assert cp.eval_steps([10, 3], 2, 4, 100, 8, True) == 2 * (150 + 300) + 2 * (50 + 100)
     assert cp.eval_steps([10], 1, 4, 100, None, False) == 300
+
+
+def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3_model, tmp_path, monkeypatch):
+    """eval.continuous_batching: true decodes each benchmark's turn through the engine's refilling loop, false
+    in fixed batches; the per-prompt records (tokens, passes, acceptances) are the same, the report says which
+    batching ran and how many engine steps each method took."""
+    import orthrus_train.eval.report as report_mod
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=5)
+    base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+                num_prompts=5, max_new_tokens=10, temperatures=[0.0, 1.0], batch_size=2, verify_backend="torch",
+                plots=False, lossless=dict(enabled=False))
+    calls = []
+    real = report_mod.DecodeEngine.generate_many
+
+    def spy(self, *a, **k):
+        calls.append(len(a[0]))
+        return real(self, *a, **k)
+    monkeypatch.setattr(report_mod.DecodeEngine, "generate_many", spy)
+    reps, samples = {}, {}
+    for on in (True, False):
+        d = tmp_path / f"cb-{on}"
+        reps[on] = run_eval(qwen3_model, tok, {**base, "continuous_batching": on}, d)
+        samples[on] = [json.loads(line) for line in (d / "eval" / "samples.jsonl").read_text().splitlines()]
+        md = (d / "eval" / "report.md").read_text()
+        assert ("batching: continuous" in md) == on and ("batching: fixed" in md) != on
+        if on:
+            assert calls and max(calls) == 5, "all five prompts of a turn go to one refilling call"
+            calls.clear()
+        else:
+            assert not calls, "fixed batches must not use the refilling loop"
+    assert samples[True] == samples[False]
+    for on in (True, False):
+        for T in ("T=0", "T=1"):
+            cell = reps[on]["benchmarks"]["chat"]["results"][T]
+            assert cell["spec"]["engine_steps"] > 0 and cell["ar"]["engine_steps"] > 0
+    assert reps[True]["settings"]["continuous_batching"] is True
