@@ -80,6 +80,7 @@ def run_stages(cfg, run_root: Path) -> int:
     if dist.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, to_yaml(cfg))
+    ran = []
     for name in stages:
         t0 = time.perf_counter()
         finished = FINISHED.get(name)
@@ -91,12 +92,14 @@ def run_stages(cfg, run_root: Path) -> int:
         if dist.rank == 0:
             print(f"\n=== stage {name} === ({run.root})", flush=True)
         STAGES[name](cfg, run, dist)
+        ran.append(name)
         _barrier(dist)
         if dist.rank == 0:
             print(f"=== stage {name} done in {time.perf_counter() - t0:.1f}s ===", flush=True)
     if dist.rank == 0 and cfg.recipe == "tiny" and "eval" in stages:
+        where = "above" if "eval" in ran else "in the report below"  # a re-run skips the eval and prints no table
         print("\nNote: the tiny recipe runs a 2-layer demo backbone on the CPU; its numbers show that the "
-              "machinery works and that training helps (untrained vs trained heads above), not real acceptance "
+              f"machinery works and that training helps (untrained vs trained heads {where}), not real acceptance "
               "or speed.")
     if dist.rank == 0 and "eval" in stages and run.eval_report_md.exists():
         print(f"report: {run.eval_report_md}", flush=True)

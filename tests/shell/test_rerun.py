@@ -69,6 +69,9 @@ def test_same_command_twice_skips_finished_stages(tmp_path):
     assert f"export: complete from step-00000004 ({run / 'export'}), skipped" in out
     assert "=== stage" not in out
     assert f"report: {run / 'eval' / 'report.md'}" == out.strip().splitlines()[-1]
+    # the demo's closing note points at the table only where this run printed one
+    assert "untrained vs trained heads above" in first.stdout
+    assert "untrained vs trained heads in the report below" in out and "heads above" not in out
     assert mtimes(run) == before, "a skipped stage rewrote its outputs"
 
     # other eval settings: eval runs again, and so does the export (its card shows the eval report)
