@@ -88,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--attn", nargs="+", default=["auto", "sdpa", "fold", "math"],
                     help="decode attention implementations to compare (orthrus_train.model.layers)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of one eager step")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -127,10 +129,14 @@ def profile_shape(a, shape, dev, gbps, out):
     for impl, B, P in [(i, b, p) for i in a.attn for b in a.batch for p in a.prompt_len]:
         layers.set_decode_attention(impl)
         S = -(-(P + a.steps * a.block_size + a.block_size + 2) // 256) * 256
-        eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda", compile_steps=a.compile)
+        eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda", compile_steps=a.compile,
+                           fuse_projections=not a.no_fuse)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
-        row = {"attn": impl, "compile": a.compile, "batch": B, "prompt_len": P, "slots": S}
+        row = {"attn": impl, "compile": a.compile, "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P,
+               "slots": S}
+        fusion = eng._fused()  # the fused decode projections, attached as during the engine's own calls
+        fusion.__enter__()
         for mode in ("ar", "spec"):
             eng._mode, eng._sampling = mode, SamplingParams(0.0)
             t_c = time.perf_counter()
@@ -175,6 +181,7 @@ def profile_shape(a, shape, dev, gbps, out):
                                              if getattr(e, "self_device_time_total", 0) > 0)
                 row[f"{mode}_gpu_us_eager"] = sum(getattr(e, "self_device_time_total", 0)
                                                   for e in prof.key_averages())
+        fusion.__exit__(None, None, None)
         row["spec_over_ar"] = row["spec_ms_per_step"] / row["ar_ms_per_step"]
         # the roofline of an AR step: its weights read once at the device's copy bandwidth (KV cache reads and
         # the logits' write come on top: kv_read_mb)

@@ -10,12 +10,14 @@
 #   eval    each budget in BUDGETS (steps of the main run) evaluated as its own run folder
 #           (ROOT/curve/step-N with links to the main run's tokenizer, data and checkpoint), then Medusa
 #           and the ablations; the engine's numbers only (no lossless checks, no transformers reference)
+#           FIXED_BATCH_COMPARE=1: the largest budget once more with eval.continuous_batching=false
 #   final   the lossless checks on the largest budget (ROOT/final); HF_REF=true adds the transformers
 #           `generate` reference speed (static cache, compiled) on HF_REF_PROMPTS prompts per cell
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
 #   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
 #           background on the side GPU; the side runs of the train phase wait for them, the main run does not. PROFILE_COMPILE="ARGS"
-#           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving)
+#           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving);
+#           PROFILE_NOFUSE=1 profiles each shape once more with --no-fuse (<shape>_nofuse.json)
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
 # evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0).
@@ -46,7 +48,8 @@ run() { local name=$1; shift; local t0=$(date +%s)
 link_run() {  # a run folder that shares the main run's tokenizer and data (no copies)
   mkdir -p "$1"; for x in tokenizer data; do [ -e "$1/$x" ] || ln -s "$ROOT/main/$x" "$1/$x"; done; }
 # name -> extra overrides of each ablation (each trains ABL_STEPS steps with its own schedule)
-declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [decay0.3]="train.offset_decay=0.3" [k32]="heads.block_size=32")
+declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [decay0.3]="train.offset_decay=0.3" [k32]="heads.block_size=32"
+                [lr3e-3_decay0.3]="train.lr=3e-3 train.offset_decay=0.3")
 if [ -n "${ABLATIONS:-}" ]; then  # e.g. ABLATIONS="base lr3e-3": keep only these
   declare -A KEEP=(); for a in $ABLATIONS; do KEEP[$a]=1; done
   for a in "${!ABL[@]}"; do [ -n "${KEEP[$a]:-}" ] || unset "ABL[$a]"; done
@@ -65,6 +68,12 @@ for ph in $PHASES; do case $ph in
         on_side python "$HERE/profile_decode_step.py" --shape "$sh" ${PROFILE_ARGS:-} --out "$RES/decode/$sh.json" \
           > "$RES/decode/$sh.log" 2>&1
         echo "[profile $sh] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
+        if [ -n "${PROFILE_NOFUSE:-}" ]; then  # the same without fused projections: what the fusion earns
+          t0=$(date +%s)
+          on_side python "$HERE/profile_decode_step.py" --shape "$sh" ${PROFILE_ARGS:-} --no-fuse \
+            --out "$RES/decode/${sh}_nofuse.json" > "$RES/decode/${sh}_nofuse.log" 2>&1
+          echo "[profile $sh no-fuse] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
+        fi
       done
       if [ -n "${PROFILE_COMPILE:-}" ]; then  # compile cost and per-step saving: the compile_min_steps threshold
         t0=$(date +%s)
@@ -87,7 +96,7 @@ for ph in $PHASES; do case $ph in
         train.save_every=$ABL_STEPS ${ABL[$a]} ) & side_pids+=($!)
     done
     on_main run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
-      train.keep_checkpoints=1000
+      train.keep_checkpoints=1000 ${MAIN_EXTRA:-}  # MAIN_EXTRA: more overrides of the main run (training keys)
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
     cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
   eval)
@@ -111,7 +120,15 @@ for ph in $PHASES; do case $ph in
       cp "$d/eval/report.json" "$RES/curve_step${n}_report.json" 2>/dev/null
       python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect.log" 2>&1  # partial curve
       pack
-    done ;;  # the side GPU's evals go on during `final`; `collect` waits for them
+    done
+    if [ -n "${FIXED_BATCH_COMPARE:-}" ]; then  # the largest budget again with fixed batches: what refills earn
+      n=${BUDGETS##* }; d=$ROOT/fixed-step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
+      src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
+      [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
+      [ -f "$d/eval/report.json" ] || on_main run eval_fixed_step$n run_dir=$d stage=eval "${EVAL[@]}" \
+        eval.continuous_batching=false
+      cp "$d/eval/report.json" "$RES/fixed_step${n}_report.json" 2>/dev/null; pack
+    fi ;;  # the side GPU's evals go on during `final`; `collect` waits for them
   final)
     n=${BUDGETS##* }; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
     src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")

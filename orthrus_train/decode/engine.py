@@ -26,6 +26,7 @@ run eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model.cache import StaticKVCache
+from ..model.layers import DecodeFusion
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
@@ -144,11 +146,14 @@ class DecodeEngine:
       deliberately broken rules here.
     compile_steps: torch.compile the step functions (before any graph capture): fewer, fused kernels for
       launch-bound models; costs compilation time once per mode and sampling setting.
+    fuse_projections: one q/k/v matmul per attention view and one gate/up matmul per dense MLP in the decode
+      passes (`layers.DecodeFusion`: the parameters become slices of the fused weights, no copy; attached to the
+      modules only during the engine's calls).
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
                  sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None,
-                 compile_steps: bool = False):
+                 compile_steps: bool = False, fuse_projections: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sync_every < 1:
@@ -170,12 +175,23 @@ class DecodeEngine:
         self.graph_error: str | None = None
         self._graphs: dict = {}
         self._pool = None
+        self._fusion = DecodeFusion(model) if fuse_projections else None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._mode = "spec"
         self._sampling = SamplingParams()
         # the slot part of the counter-based uniforms (fixed per engine: rng.counter_uniforms in three parts)
         self._slot_h = {"draft": slot_hash(0, self.K - 1, self.device),
                         "spec": slot_hash(self.K - 1, self.K, self.device), "ar": slot_hash(self.K - 1, 1, self.device)}
+
+    def _fused(self):
+        """Context of one call: the fused decode projections (re)made if the parameters moved since the last call
+        (graphs and compiled steps over the old weights dropped then) and attached for the call's duration."""
+        if self._fusion is None:
+            return contextlib.nullcontext()
+        if self._fusion.refresh():
+            self._graphs.clear()
+            self._compiled.clear()
+        return self._fusion
 
     # ------------------------------------------------------------------------------- step functions
     def _uniforms(self, slots: str) -> torch.Tensor:
@@ -316,17 +332,15 @@ class DecodeEngine:
     def required_slots(self, prompt_len: int, max_new_tokens: int) -> int:
         return prompt_len + max_new_tokens + self.K + 1
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
-                 seeds: Sequence[int] | None = None, eos_token_ids: Sequence[int] = (), mode: str = "spec"
-                 ) -> GenerateResult:
-        """Decode up to `batch_size` prompts (lists of token ids). mode "spec": propose + verify;
-        "ar": the AR baseline (verify with no drafts). seeds: one per prompt (default 0..n-1)."""
+    def _check_call(self, prompts, max_new_tokens: int, seeds, eos_token_ids, mode: str, most: int | None):
+        """Validate one call's arguments; returns (sorted end-of-sequence ids, seeds as a list)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         n = len(prompts)
-        if not 1 <= n <= self.B:
-            raise ValueError(f"got {n} prompts; this engine decodes 1..{self.B} per call (batch_size)")
+        if n < 1:
+            raise ValueError("no prompts")
+        if most is not None and n > most:
+            raise ValueError(f"got {n} prompts; this engine decodes 1..{most} per call (batch_size)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if any(len(p) < 1 for p in prompts):
@@ -339,9 +353,23 @@ class DecodeEngine:
         eos = sorted({int(e) for e in eos_token_ids})
         if len(eos) > self._st.eos.numel():
             raise ValueError(f"at most {self._st.eos.numel()} end-of-sequence ids, got {eos}")
-        seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+        seeds = list(range(n)) if seeds is None else [int(x) for x in seeds]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        return eos, seeds
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
+                 seeds: Sequence[int] | None = None, eos_token_ids: Sequence[int] = (), mode: str = "spec"
+                 ) -> GenerateResult:
+        """Decode up to `batch_size` prompts (lists of token ids) as one fixed batch. mode "spec": propose +
+        verify; "ar": the AR baseline (verify with no drafts). seeds: one per prompt (default 0..n-1)."""
+        eos, seeds = self._check_call(prompts, max_new_tokens, seeds, eos_token_ids, mode, self.B)
+        with self._fused():
+            return self._generate(prompts, max_new_tokens, sampling, seeds, eos, mode)
+
+    @torch.no_grad()
+    def _generate(self, prompts, max_new_tokens, sampling, seeds, eos, mode) -> GenerateResult:
+        n = len(prompts)
         self._mode = mode
         self._sampling = sampling or SamplingParams()
         st, dev = self._st, self.device
@@ -447,7 +475,6 @@ class DecodeEngine:
         st.active[idx] = True
         st.any_active.fill_(True)
 
-    @torch.no_grad()
     def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
                       eos_token_ids: Sequence[int] = (), mode: str = "spec", refill_min: int | None = None,
@@ -460,26 +487,13 @@ class DecodeEngine:
         refill_min: refill once this many rows are free (default max(1, B // 8); always when the batch is idle).
         on_rows: called with each harvested group of records (progress display).
         prefill_s counts every prefill (the refills too, host-synchronized); decode_s the rest of the loop."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        eos, seeds = self._check_call(prompts, max_new_tokens, seeds, eos_token_ids, mode, None)
+        with self._fused():
+            return self._generate_many(prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows)
+
+    @torch.no_grad()
+    def _generate_many(self, prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows):
         n = len(prompts)
-        if n < 1:
-            raise ValueError("no prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if any(len(p) < 1 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        if self.required_slots(longest, max_new_tokens) > self.S:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + K={self.K} + 1 "
-                             f"needs {self.required_slots(longest, max_new_tokens)} cache slots; the engine has "
-                             f"max_len={self.S}")
-        eos = sorted({int(e) for e in eos_token_ids})
-        if len(eos) > self._st.eos.numel():
-            raise ValueError(f"at most {self._st.eos.numel()} end-of-sequence ids, got {eos}")
-        seeds = list(range(n)) if seeds is None else [int(x) for x in seeds]
-        if len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
         refill_min = max(1, self.B // 8) if refill_min is None else max(1, int(refill_min))
         self._mode = mode
         self._sampling = sampling or SamplingParams()
@@ -683,11 +697,12 @@ class GenerationEngine:
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
-                 prefill_tokens: int = 16384, compile_step: bool = False):
+                 prefill_tokens: int = 16384, compile_step: bool = False, fuse_projections: bool = True):
         if batch_size < 1 or sync_every < 1 or width_step < 1:
             raise ValueError("batch_size, sync_every and width_step must be >= 1")
         # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
         self.model = DraftModel(backbone, block_size=2, mask_token_id=0, force_mask_token_id=True)
+        self._fusion = DecodeFusion(self.model) if fuse_projections else None
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.B, self.S = batch_size, max_len
@@ -835,6 +850,22 @@ class GenerationEngine:
         if len(eos) > self.eos.numel():
             raise ValueError(f"at most {self.eos.numel()} end-of-sequence ids, got {eos}")
         self._settings = tuple(settings)
+        if self._fusion is not None and self._fusion.refresh():  # parameters moved since: refuse, recapture
+            self._graphs.clear()
+        with self._fusion or contextlib.nullcontext():
+            yield from self._stream(requests, max_new_tokens, eos)
+
+    @contextlib.contextmanager
+    def _detached(self):
+        if self._fusion is not None:
+            self._fusion.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            if self._fusion is not None:
+                self._fusion.__enter__()
+
+    def _stream(self, requests, max_new_tokens: int, eos: list[int]):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # graphs, streams and events of this engine live on its device
         self.eos.fill_(-1)
@@ -907,7 +938,8 @@ class GenerationEngine:
                     r = owner[b]
                     if r is not None and since[b] <= prev.window and not still[b]:
                         owner[b] = None
-                        yield r.key, prev.out[b, : n_out[b]].tolist()
+                        with self._detached():  # the fused weights are attached only while this engine works
+                            yield r.key, prev.out[b, : n_out[b]].tolist()
             prev = snap
             if snap is None and all(o is None for o in owner):
                 if take(1):

@@ -54,6 +54,104 @@ def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     return module(x)
 
 
+# ------------------------------------------------------------------------------- decode-only fused projections
+# `DecodeFusion(model)` concatenates, per layer, the q/k/v projections of each attention view into one weight,
+# and the gate/up projections of a dense MLP into another, and re-points the modules' parameters at row slices
+# of it: the same numbers in the same memory (nothing is kept twice), one matmul where there were three (two),
+# and q and k land side by side for the joint q/k norm and RoPE without a cat. A write into a parameter
+# (load_state_dict) is a write into the fused weight. The fused weights are attached to the modules only
+# inside `with fusion:` (an engine's call), and only the decode passes (`decode=True`) read them, so no other
+# use of the model (training, the backbone's forward, a deepcopy, `.to()`) can meet a stale fused weight;
+# `refresh()` (each engine call, before attaching) redoes a fusion whose parameters were moved or replaced.
+_FUSED = {"ar": "_orthrus_qkv", "diff": "_orthrus_qkv_diff", "mlp": "_orthrus_gate_up"}
+
+
+def _linears(owner, names) -> list | None:
+    mods = [getattr(owner, n, None) for n in names]
+    if not all(isinstance(m, torch.nn.Linear) for m in mods):
+        return None
+    if len({(m.in_features, m.weight.dtype, m.weight.device) for m in mods}) != 1:
+        return None
+    if len({m.bias is None for m in mods}) != 1:
+        return None
+    return mods
+
+
+def _fusable(model):
+    """(owner module, attribute, [Linear, ...]) of every fusable group of the model's decoder layers."""
+    for layer in model.decoder.layers:
+        attn = layer.self_attn
+        for view, sfx in (("ar", ""), ("diff", "_diff")):
+            mods = _linears(attn, [f"q_proj{sfx}", f"k_proj{sfx}", f"v_proj{sfx}"])
+            if mods is not None:
+                yield attn, _FUSED[view], mods
+        mlp = layer.mlp
+        if callable(getattr(mlp, "act_fn", None)) and isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear):
+            mods = _linears(mlp, ["gate_proj", "up_proj"])
+            if mods is not None:
+                yield mlp, _FUSED["mlp"], mods
+
+
+def _fused_ok(fused, mods) -> bool:
+    W, b, sizes = fused
+    off = 0
+    if len(mods) != len(sizes):
+        return False
+    for m, n in zip(mods, sizes):
+        if m.out_features != n or m.weight.data_ptr() != W[off:off + n].data_ptr() or m.weight.shape != W[off:off + n].shape:
+            return False
+        if b is not None and (m.bias is None or m.bias.data_ptr() != b[off:off + n].data_ptr()):
+            return False
+        off += n
+    return True
+
+
+def _fuse(mods) -> tuple:
+    """One weight (and bias) for `mods` (Linear, same input); their parameters become its row slices."""
+    with torch.no_grad():
+        W = torch.cat([m.weight.detach() for m in mods])
+        b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        off = 0
+        for m in mods:
+            n = m.out_features
+            m.weight.data = W[off:off + n]
+            if b is not None:
+                m.bias.data = b[off:off + n]
+            off += n
+    return W, b, tuple(m.out_features for m in mods)
+
+
+class DecodeFusion:
+    """The fused decode projections of one model (a DraftModel, or anything with `.decoder.layers`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.entries: list = []  # (owner, attribute, fused)
+
+    def refresh(self) -> bool:
+        """Fuse what is not fused yet or no longer (parameters moved or replaced). True if anything was
+        (re)fused now: CUDA graphs or compiled steps made before read the old weights."""
+        old = {(id(o), a): f for o, a, f in self.entries}
+        new, changed = [], False
+        for owner, attr, mods in _fusable(self.model):
+            fused = old.get((id(owner), attr))
+            if fused is None or not _fused_ok(fused, mods):
+                fused, changed = _fuse(mods), True
+            new.append((owner, attr, fused))
+        self.entries = new
+        return changed
+
+    def __enter__(self):
+        for owner, attr, fused in self.entries:
+            owner.__dict__[attr] = fused
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, _ in self.entries:
+            owner.__dict__.pop(attr, None)
+        return False
+
+
 def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False):
     """q (B, Hq, T, D), k and v (B, Hkv, T, D): post-norm, post-RoPE, exactly as the backbone does.
     cos, sin: `rope_tables`. joint (decode passes): q and k heads side by side in one tensor get the q/k norms
@@ -63,13 +161,21 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
     sfx = "" if view == "ar" else "_diff"
     B, T, _ = h.shape
     D = attn.head_dim
-    q = getattr(attn, "q_proj" + sfx)(h).view(B, T, -1, D)
-    k = getattr(attn, "k_proj" + sfx)(h).view(B, T, -1, D)
-    v = getattr(attn, "v_proj" + sfx)(h).view(B, T, -1, D)
+    fused = attn.__dict__.get(_FUSED[view]) if joint else None
+    if fused is not None:  # one matmul; q, k, v are views of its output
+        qkv = F.linear(h, fused[0], fused[1])
+        nq, nk, _ = fused[2]
+        q, k, v = (qkv[..., :nq].view(B, T, -1, D), qkv[..., nq:nq + nk].view(B, T, -1, D),
+                   qkv[..., nq + nk:].view(B, T, -1, D))
+    else:
+        q = getattr(attn, "q_proj" + sfx)(h).view(B, T, -1, D)
+        k = getattr(attn, "k_proj" + sfx)(h).view(B, T, -1, D)
+        v = getattr(attn, "v_proj" + sfx)(h).view(B, T, -1, D)
     qn, kn = getattr(attn, "q_norm" + sfx, None), getattr(attn, "k_norm" + sfx, None)
     if joint and (qn is None or (is_rms_norm(qn) and is_rms_norm(kn) and qn.variance_epsilon == kn.variance_epsilon)):
         Hq, Hkv = q.shape[2], k.shape[2]
-        qk = torch.cat([q, k], 2)  # (B, T, Hq + Hkv, D)
+        # (B, T, Hq + Hkv, D): q heads then k heads, a view of the fused output (no cat)
+        qk = qkv[..., :nq + nk].view(B, T, Hq + Hkv, D) if fused is not None else torch.cat([q, k], 2)
         if qn is not None:
             w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
             qk = rms_norm(qk, w, qn.variance_epsilon)
@@ -174,8 +280,14 @@ def flex(q, k, v, block_mask, scale: float):
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def mlp_out(layer, h: torch.Tensor) -> torch.Tensor:
-    out = layer.mlp(h)
+def mlp_out(layer, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
+    mlp = layer.mlp
+    fused = mlp.__dict__.get(_FUSED["mlp"]) if decode else None
+    if fused is not None:  # down(act(gate(h)) * up(h)) with gate and up in one matmul
+        gu = F.linear(h, fused[0], fused[1])
+        n = fused[2][0]
+        return mlp.down_proj(mlp.act_fn(gu[..., :n]) * gu[..., n:])
+    out = mlp(h)
     return out[0] if isinstance(out, tuple) else out  # older MoE blocks also return router logits
 
 
@@ -192,4 +304,4 @@ def layer_step(layer, h: torch.Tensor, cos, sin, view: str,
     B, T = h.shape[:2]
     o = o.transpose(1, 2).reshape(B, T, -1)
     h = h + getattr(attn, "o_proj" + ("" if view == "ar" else "_diff"))(o)
-    return h + mlp_out(layer, norm(layer.post_attention_layernorm, h, decode))
+    return h + mlp_out(layer, norm(layer.post_attention_layernorm, h, decode), decode)

@@ -319,3 +319,22 @@ def test_continuous_batching_does_not_wait_for_the_longest_row(qwen3_model, mode
     assert all(len(r.tokens) <= 6 for i, r in enumerate(many.rows) if i not in (2, 5, 8))
     fixed_steps = sum(r.steps for r in fixed)
     assert many.steps <= 0.7 * fixed_steps, (many.steps, fixed_steps)
+
+
+def test_engine_fuses_again_when_a_parameter_is_replaced(qwen3_model):
+    """The engine's fused decode projections follow the model: a parameter replaced after the engine was built
+    is noticed at the next call (fused again, graphs dropped), and the rows equal an unfused engine's."""
+    m = copy.deepcopy(qwen3_model)
+    prompts = random_prompts(2, (3, 6), seed=1)
+    eng = DecodeEngine(m, batch_size=2, max_len=64, verify_backend="torch")
+    plain = DecodeEngine(m, batch_size=2, max_len=64, verify_backend="torch", fuse_projections=False)
+    a = eng.generate(prompts, 12).rows
+    assert a == plain.generate(prompts, 12).rows
+    attn = m.decoder.layers[0].self_attn
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach() * 3)  # (q and k are normed)
+    b = eng.generate(prompts, 12).rows
+    assert b == plain.generate(prompts, 12).rows and b != a
+    # outside the engine's calls the modules carry no fused weight (a copy or .to() of the model meets none)
+    assert not any(k.startswith("_orthrus_") for mod in m.modules() for k in mod.__dict__)
+    many = eng.generate_many(prompts, 12)
+    assert many.rows == b and not any(k.startswith("_orthrus_") for mod in m.modules() for k in mod.__dict__)

@@ -14,11 +14,13 @@ from orthrus_train.model import build_random, layers, tiny_config
 # If a change lowers a count, lower the budget to the new count (print it with
 # `python scripts/count_decode_ops.py --shape tiny-qwen3 tiny-llama` or the loop below); if a change must add
 # ops to a decode step, raise it only with a reason in the commit message (every op is ~1-2 us per step on a GPU).
+# Session 5 fused the decode projections (one q/k/v matmul per view, one gate/up matmul: 4 ops fewer per layer
+# and pass): from (136, 271), (275, 513), (136, 280), (275, 522), (120, 239), (259, 481), (120, 248), (259, 490).
 BUDGET = {  # (shape, batch, sampled): (AR step, drafted step)
-    ("tiny-qwen3", 1, False): (136, 271), ("tiny-qwen3", 1, True): (275, 513),
-    ("tiny-qwen3", 2, False): (136, 280), ("tiny-qwen3", 2, True): (275, 522),
-    ("tiny-llama", 1, False): (120, 239), ("tiny-llama", 1, True): (259, 481),
-    ("tiny-llama", 2, False): (120, 248), ("tiny-llama", 2, True): (259, 490),
+    ("tiny-qwen3", 1, False): (128, 255), ("tiny-qwen3", 1, True): (267, 497),
+    ("tiny-qwen3", 2, False): (128, 264), ("tiny-qwen3", 2, True): (267, 506),
+    ("tiny-llama", 1, False): (112, 223), ("tiny-llama", 1, True): (251, 465),
+    ("tiny-llama", 2, False): (112, 232), ("tiny-llama", 2, True): (251, 474),
 }
 
 
@@ -71,6 +73,61 @@ def test_lean_decode_layer_is_bit_identical(family, dtype):
         # RMSNorm as the module computes it
         n = layer.input_layernorm
         assert torch.equal(layers.rms_norm(h, n.weight, n.variance_epsilon), n(h))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_projections_are_bit_identical_and_stay_in_sync(family, dtype):
+    """DecodeFusion: the decode layer with one q/k/v matmul per view and one gate/up matmul == the backbone's
+    modules bit for bit (qwen2: with q/k/v biases); the parameters become slices of the fused weights (same
+    values, nothing kept twice); the fused weights are attached only inside `with fusion:`; writes into the
+    parameters (load_state_dict) reach the fused weights; a replaced parameter is noticed and fused again."""
+    from types import SimpleNamespace
+
+    bb = build_random(tiny_config(family, vocab_size=64, layers=1), seed=0).to(dtype)
+    layer, dec = bb.model.layers[0], bb.model
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 5, bb.config.hidden_size, generator=g).to(dtype)
+    pos = torch.arange(5)[None].expand(3, 5) + torch.tensor([[0], [7], [30]])
+    tables = layers.rope_tables(*dec.rotary_emb(h, pos))
+
+    def step(decode):
+        with torch.no_grad():
+            return layers.layer_step(layer, h, *tables, "ar",
+                                     lambda q, k, v: layers.sdpa(q, k, v, None, layer.self_attn.scaling, causal=True),
+                                     decode=decode)
+    ref = step(False)
+    fusion = layers.DecodeFusion(SimpleNamespace(decoder=dec))
+    assert fusion.refresh() is True
+    assert fusion.refresh() is False  # already fused: nothing to redo
+    attn, mlp = layer.self_attn, layer.mlp
+    assert "_orthrus_qkv" not in attn.__dict__  # attached only inside `with fusion:`
+    with fusion:
+        W = attn.__dict__["_orthrus_qkv"][0]
+        assert attn.q_proj.weight.data_ptr() == W.data_ptr() and mlp.__dict__["_orthrus_gate_up"] is not None
+        if family == "qwen2":
+            assert attn.__dict__["_orthrus_qkv"][1] is not None  # the biases are fused too
+        fused_out = step(True)
+    assert "_orthrus_qkv" not in attn.__dict__ and "_orthrus_gate_up" not in mlp.__dict__
+    after = bb.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(fused_out, ref) and torch.equal(step(True), ref) and torch.equal(step(False), ref)
+    # a write into a parameter (what load_state_dict does) is a write into the fused weight
+    changed = {k: v + 1 if k.endswith("k_proj.weight") else v for k, v in before.items()}
+    bb.load_state_dict(changed)
+    ref2 = step(False)
+    assert fusion.refresh() is False
+    with fusion:
+        assert not torch.equal(ref2, ref) and torch.equal(step(True), ref2)
+    # a replaced parameter is not in the fused weight any more: the next refresh fuses again
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach().clone() * 2)
+    assert fusion.refresh() is True
+    with fusion:
+        assert torch.equal(step(True), step(False))
 
 
 def test_prepared_decode_mask_is_bit_identical():
