@@ -103,6 +103,38 @@ def draft_probs(logits: torch.Tensor, sp: "SamplingParams") -> torch.Tensor:
     return torch.softmax(verify.processed_logits(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p), dim=-1)
 
 
+def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
+                 chunk_tokens: int | None = None, to_dev: Callable | None = None) -> torch.Tensor:
+    """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
+    theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
+    cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
+    (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. to_dev: host tensor -> device
+    (default `.to(device)`; an engine that must not stall the stream passes a pinned, non-blocking copy)."""
+    dev = cache.lengths.device
+    to_dev = to_dev or (lambda t: t.to(dev))
+    lens = [len(p) for p in prompts]
+    L = max(lens) - 1
+    last = torch.zeros(len(rows), model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
+    if L <= 0:
+        return last
+    step = max(1, chunk_tokens // L) if chunk_tokens else len(rows)
+    for lo in range(0, len(rows), step):
+        part = prompts[lo:lo + step]
+        ids = torch.zeros(len(part), L, dtype=torch.long)
+        for i, p in enumerate(part):
+            ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
+        tmp = model.new_cache(len(part), L, device=dev, dtype=cache.k[0].dtype)
+        h = model.ar_cached(to_dev(ids), tmp)  # (m, L, H)
+        idx = to_dev(torch.tensor(rows[lo:lo + step], dtype=torch.long))
+        for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
+            k[idx, :, :L] = tk
+            v[idx, :, :L] = tv
+        pl = to_dev(torch.tensor(lens[lo:lo + step], dtype=torch.long))
+        h_last = h[torch.arange(len(part), device=dev), (pl - 2).clamp(min=0)]
+        last[lo:lo + len(part)] = torch.where((pl >= 2)[:, None], h_last.to(last.dtype), 0)
+    return last
+
+
 class _State:
     """Static per-step buffers of one engine (fixed shapes: batch B, block K, slots S)."""
 
@@ -390,78 +422,30 @@ class DecodeEngine:
         sync()
         t2 = time.perf_counter()
 
-        out, n_out, n_ver, acc, fin = (x.cpu() for x in (st.out, st.n_out, st.n_verify, st.acc, st.finish))
-        per_pass = self.model.draft_passes_per_step if mode == "spec" else 0
-        rows = []
-        for b in range(n):
-            nv = int(n_ver[b])
-            rows.append(RowRecord(tokens=out[b, : int(n_out[b])].tolist(), prompt_len=len(prompts[b]),
-                                  verify_passes=nv, draft_passes=nv * per_pass, accepted=acc[b, :nv].tolist(),
-                                  finish_reason=FINISH[int(fin[b])], seed=seeds[b],
-                                  block_size=self.K if mode == "spec" else 1))
-            if rows[-1].finish_reason == "running":
-                raise RuntimeError(f"row {b} did not finish within {max_new_tokens} steps (engine bug)")
+        rows = self._records(list(range(n)), prompts, seeds, list(range(n)), mode)
         return GenerateResult(rows, mode, t1 - t0, t2 - t1, steps, self.B, self.cuda_graphs)
 
     def _prefill(self, prompts, max_new_tokens, seeds, eos):
-        """Cache the prompts minus their last token (right-padded batch), set every static buffer."""
-        st, dev, B = self._st, self.device, self.B
-        n = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts] + [1] * (B - n), dtype=torch.long)
-        L = int(lens.max()) - 1
-        st.cache.lengths.zero_()
-        if L > 0:
-            ids = torch.zeros(B, L, dtype=torch.long)
-            for b, p in enumerate(prompts):
-                ids[b, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-            h = self.model.ar_cached(ids.to(dev), st.cache)  # (B, L, H)
-            idx = (lens - 2).clamp(min=0).to(dev)
-            last_h = h[torch.arange(B, device=dev), idx]
-            st.last_hidden.copy_(torch.where((lens >= 2).to(dev)[:, None], last_h.to(st.last_hidden.dtype), 0))
-        else:
-            st.last_hidden.zero_()
-        st.cache.lengths.copy_((lens - 1).to(dev))
-        st.last_token.copy_(torch.tensor([p[-1] for p in prompts] + [0] * (B - n), dtype=torch.long))
-        st.seeds.copy_(torch.tensor(list(seeds) + [0] * (B - n), dtype=torch.long))
-        st.seed_h.copy_(seed_hash(st.seeds))
-        st.max_new.fill_(max_new_tokens)
-        active = torch.zeros(B, dtype=torch.bool)
-        active[:n] = True
-        st.active.copy_(active)
-        st.any_active.fill_(True)
-        st.n_out.zero_()
-        st.n_verify.zero_()
-        st.finish.zero_()
-        st.acc.fill_(-1)
-        st.drafts.zero_()
+        """A fixed batch: every row disarmed, then rows 0..n-1 armed with the prompts."""
+        self._reset(eos)
+        self._refill(list(range(len(prompts))), prompts, seeds, max_new_tokens)
+
+    def _reset(self, eos) -> None:
+        """No row active; the call's end-of-sequence ids."""
+        st = self._st
+        st.active.zero_()
         st.eos.fill_(-1)
         if eos:
             st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
 
     # ------------------------------------------------------------------------------- continuous batching
     def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
-        """Arm `rows` with new prompts while the other rows keep their state: each prompt minus its last token
-        is prefilled (one padded eager pass for the group, into a scratch cache) and copied into its row's
-        slots; the row's counters, flags and last hidden state are reset. Rows not named are untouched."""
+        """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into
+        the rows' slots (`prefill_rows`) and the rows' counters, flags and last hidden state are reset."""
         st, dev = self._st, self.device
-        n = len(rows)
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        L = int(lens.max()) - 1
-        last_hidden = torch.zeros(n, st.last_hidden.shape[1], device=dev, dtype=st.last_hidden.dtype)
-        if L > 0:
-            ids = torch.zeros(n, L, dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-            tmp = self.model.new_cache(n, L, device=dev, dtype=self.dtype)
-            h = self.model.ar_cached(ids.to(dev), tmp)  # (n, L, H)
-            for k, v, tk, tv in zip(st.cache.k, st.cache.v, tmp.k, tmp.v):
-                k[idx, :, :L] = tk
-                v[idx, :, :L] = tv
-            last_h = h[torch.arange(n, device=dev), (lens - 2).clamp(min=0).to(dev)]
-            last_hidden = torch.where((lens >= 2).to(dev)[:, None], last_h.to(last_hidden.dtype), last_hidden)
-        st.last_hidden[idx] = last_hidden
-        st.cache.lengths[idx] = (lens - 1).to(dev)
+        st.last_hidden[idx] = prefill_rows(self.model, st.cache, rows, prompts)
+        st.cache.lengths[idx] = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=dev)
         st.last_token[idx] = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=dev)
         sd = torch.tensor(seeds, dtype=torch.long, device=dev)
         st.seeds[idx] = sd
@@ -474,6 +458,24 @@ class DecodeEngine:
         st.drafts[idx] = 0
         st.active[idx] = True
         st.any_active.fill_(True)
+
+    def _records(self, rows: list[int], prompts, seeds, which: list[int], mode: str) -> list[RowRecord]:
+        """The records of engine rows `rows`, which hold prompts number `which` (one host copy of their rows)."""
+        st = self._st
+        ix = torch.tensor(rows, dtype=torch.long, device=self.device)
+        out, n_out, n_ver, acc, fin = (x[ix].cpu() for x in (st.out, st.n_out, st.n_verify, st.acc, st.finish))
+        per_pass = self.model.draft_passes_per_step if mode == "spec" else 0
+        recs = []
+        for j, (b, i) in enumerate(zip(rows, which)):
+            nv = int(n_ver[j])
+            rec = RowRecord(tokens=out[j, : int(n_out[j])].tolist(), prompt_len=len(prompts[i]), verify_passes=nv,
+                            draft_passes=nv * per_pass, accepted=acc[j, :nv].tolist(),
+                            finish_reason=FINISH[int(fin[j])], seed=seeds[i],
+                            block_size=self.K if mode == "spec" else 1)
+            if rec.finish_reason == "running":
+                raise RuntimeError(f"row {b} (prompt {i}) ended without a finish reason (engine bug)")
+            recs.append(rec)
+        return recs
 
     def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
@@ -500,16 +502,11 @@ class DecodeEngine:
         st, dev = self._st, self.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         steps_fns = self._steps()  # may capture graphs (before the clock starts)
-        per_pass = self.model.draft_passes_per_step if mode == "spec" else 0
-        K_out = self.K if mode == "spec" else 1
 
         sync()
         t0 = time.perf_counter()
         prefill_s = 0.0
-        st.active.zero_()
-        st.eos.fill_(-1)
-        if eos:
-            st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        self._reset(eos)
         owner: list[int | None] = [None] * self.B
         nxt, done = 0, 0
         records: list[RowRecord | None] = [None] * n
@@ -534,18 +531,10 @@ class DecodeEngine:
             ended = [b for b in range(self.B) if owner[b] is not None and not still[b]]
             if not ended:
                 continue
-            ix = torch.tensor(ended, dtype=torch.long, device=dev)
-            out, n_out, n_ver, acc, fin = (x[ix].cpu() for x in (st.out, st.n_out, st.n_verify, st.acc, st.finish))
-            group = []
-            for j, b in enumerate(ended):
-                i, nv = owner[b], int(n_ver[j])
-                rec = RowRecord(tokens=out[j, : int(n_out[j])].tolist(), prompt_len=len(prompts[i]),
-                                verify_passes=nv, draft_passes=nv * per_pass, accepted=acc[j, :nv].tolist(),
-                                finish_reason=FINISH[int(fin[j])], seed=seeds[i], block_size=K_out)
-                if rec.finish_reason == "running":
-                    raise RuntimeError(f"prompt {i} ended without a finish reason (engine bug)")
+            which = [owner[b] for b in ended]
+            group = self._records(ended, prompts, seeds, which, mode)
+            for b, i, rec in zip(ended, which, group):
                 records[i] = rec
-                group.append(rec)
                 owner[b] = None
             done += len(ended)
             if on_rows is not None:
@@ -808,22 +797,8 @@ class GenerationEngine:
     def _prefill(self, rows: list[int], reqs: list[GenRequest], max_new_tokens: int) -> None:
         """Cache each prompt minus its last token in its row (slots 0..P-2); arm the row."""
         t0 = time.perf_counter()
-        dev = self.device
         lens = [len(r.prompt) for r in reqs]
-        L = max(lens) - 1
-        if L > 0:
-            step = max(1, self.prefill_tokens // L)
-            for lo in range(0, len(rows), step):
-                chunk, part = rows[lo:lo + step], reqs[lo:lo + step]
-                ids = torch.zeros(len(chunk), L, dtype=torch.long)
-                for b, r in enumerate(part):
-                    ids[b, : len(r.prompt) - 1] = torch.as_tensor(list(r.prompt[:-1]), dtype=torch.long)
-                tmp = self.model.new_cache(len(chunk), L, device=dev, dtype=self.dtype)
-                self.model.ar_cached(self._to_dev(ids), tmp)
-                idx = self._to_dev(chunk)
-                for k, v, tk, tv in zip(self.cache.k, self.cache.v, tmp.k, tmp.v):
-                    k[idx, :, :L] = tk
-                    v[idx, :, :L] = tv
+        prefill_rows(self.model, self.cache, rows, [r.prompt for r in reqs], self.prefill_tokens, self._to_dev)
         idx = self._to_dev(rows)
 
         def put(t, values, dtype=torch.long):

@@ -98,7 +98,7 @@ class _Run:
 
 
 def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
-               gen: Callable[[list[list[int]], list[int]], tuple[list, float, float]],
+               gen: Callable[[list[list[int]], list[int]], tuple[list, float, float, int]],
                seed_of: Callable[[EvalPrompt, int], int]) -> _Run:
     """Ask every prompt's turns in order, each after the model's own previous answers."""
     run = _Run(per_prompt=[[] for _ in prompts], prompt_ids=[[] for _ in prompts], tokens=[[] for _ in prompts])
@@ -106,10 +106,10 @@ def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
     for turn in range(max(len(p.turns) for p in prompts)):
         idx = [i for i, p in enumerate(prompts) if len(p.turns) > turn]
         ids = [renderer.encode(prompts[i].turns, answers[i]) for i in idx]
-        recs, secs, dsecs, *steps = gen(ids, [seed_of(prompts[i], turn) for i in idx])
+        recs, secs, dsecs, steps = gen(ids, [seed_of(prompts[i], turn) for i in idx])
         run.seconds += secs
         run.decode_seconds += dsecs
-        run.engine_steps += steps[0] if steps else 0
+        run.engine_steps += steps
         for i, p_ids, rec in zip(idx, ids, recs):
             toks = rec.tokens if isinstance(rec, RowRecord) else rec
             if isinstance(rec, RowRecord):
@@ -149,7 +149,7 @@ def _hf_gen(model, cfg: EvalConfig, max_new: int, sampling: SamplingParams, eos:
                         static_cache=True, seed=seeds[0] if seeds else 0)
         if r.note and r.note not in notes:
             notes.append(r.note)
-        return r.tokens, r.seconds, r.seconds
+        return r.tokens, r.seconds, r.seconds, 0  # (no engine steps)
     return gen
 
 
