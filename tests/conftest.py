@@ -59,3 +59,19 @@ def tiny_run(tiny_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_data, run)
     return run
+
+
+@pytest.fixture
+def record_engine_flag(monkeypatch):
+    """install(module, name, flag) -> list: module.<name> (an engine class) is replaced by a builder that
+    records the keyword `flag` of every build and builds with it False: the wiring of a compile setting is
+    under test, not inductor on the CPU."""
+    def install(module, name: str, flag: str) -> list:
+        seen, real = [], getattr(module, name)
+
+        def building(*a, **k):
+            seen.append(k.pop(flag, False))
+            return real(*a, **{flag: False}, **k)
+        monkeypatch.setattr(module, name, building)
+        return seen
+    return install

@@ -198,7 +198,7 @@ def test_first_response_sampled_with_the_generation_config_filters(byte_tok, lla
     assert load_responses(tmp_path / "all", len(prompts), 3)[0] != greedy
 
 
-def test_compile_policy_of_the_engine_backend(byte_tok, llama, prompts, monkeypatch, tmp_path):
+def test_compile_policy_of_the_engine_backend(byte_tok, llama, prompts, monkeypatch, tmp_path, record_engine_flag):
     """data.compile_steps: auto decodes uncompiled on the CPU and says why; true builds the engine with a
     compiled step and points the inductor cache at the folder given (the stage gives RUN/cache/torchinductor)."""
     import orthrus_train.decode.engine as engine_mod
@@ -207,13 +207,7 @@ def test_compile_policy_of_the_engine_backend(byte_tok, llama, prompts, monkeypa
     want = gen.generate(prompts, 6)
     assert gen.compile_info["used"] is False and "not on a CUDA device" in gen.compile_info["reason"]
     assert gen.compile_info["estimated_steps"] == 3 * 6  # 10 requests in rows of 4, 6 new tokens each
-    built = []
-    real = engine_mod.GenerationEngine
-
-    def recording(*a, compile_step=False, **k):
-        built.append(compile_step)
-        return real(*a, compile_step=False, **k)  # the wiring is under test here, not inductor on the CPU
-    monkeypatch.setattr(engine_mod, "GenerationEngine", recording)
+    built = record_engine_flag(engine_mod, "GenerationEngine", "compile_step")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     forced = EngineGenerator(llama, [byte_tok.eos_token_id], batch_size=4, compile_steps=True,
                              compile_cache=tmp_path / "cache" / "torchinductor")

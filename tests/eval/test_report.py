@@ -276,7 +276,8 @@ def test_progress_bar_on_stderr_only_when_asked_or_a_tty(qwen3_model, tmp_path, 
     assert "tok/s" not in capsys.readouterr().err
 
 
-def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp_path, monkeypatch):
+def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp_path, monkeypatch,
+                                                                record_engine_flag):
     """eval.compile_steps: auto does not compile on the CPU and says why; true hands compile_steps=True to
     every engine of the benchmark runs; the report and report.md say what was used and the warm-up time."""
     import orthrus_train.eval.report as report_mod
@@ -286,13 +287,7 @@ def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp
     base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
                 num_prompts=3, max_new_tokens=6, temperatures=[0.0], batch_size=2, verify_backend="torch",
                 plots=False, lossless=dict(enabled=False))
-    seen = []
-    real = report_mod.DecodeEngine
-
-    def recording(*a, compile_steps=False, **k):
-        seen.append(compile_steps)
-        return real(*a, compile_steps=False, **k)  # the wiring is under test here, not inductor on the CPU
-    monkeypatch.setattr(report_mod, "DecodeEngine", recording)
+    seen = record_engine_flag(report_mod, "DecodeEngine", "compile_steps")
     rep = run_eval(qwen3_model, tok, base, tmp_path / "auto")
     c = rep["compile"]
     assert c["setting"] == "auto" and c["used"] is False and "not on a CUDA device" in c["reason"]
