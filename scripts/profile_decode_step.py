@@ -86,7 +86,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--attn", nargs="+", default=["auto", "sdpa", "fold", "math"],
-                    help="decode attention implementations to compare (orthrus_train.model.layers)")
+                    help="decode attention implementations to compare (orthrus_train.model.layers."
+                         "DECODE_ATTN_CHOICES; 'live', the Triton kernel reading only each row's live cache "
+                         "length, is opt-in: CUDA, or TRITON_INTERPRET=1 for a CPU smoke run)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")

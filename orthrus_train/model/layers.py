@@ -199,11 +199,18 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False)
 #   "fold"  the query groups folded into the query axis ((B, Hkv, g*T, D): no grouped-query handling needed),
 #           then the same SDPA call;
 #   "math"  folded, then two batched matmuls and a float32 softmax (few, simple kernels);
+#   "live"  a Triton kernel (orthrus_kernels.decode_attn) that reads, per row b, only the cache slots below
+#           kv_len[b] = 1 + the last slot any query of the row attends (computed on the device once per pass:
+#           no host sync, CUDA-graph safe) instead of all S, the query groups of a kv head folded into one
+#           query tile; SDPA's result up to float rounding (float32 online softmax). Opt-in (never "auto")
+#           until timed on a GPU. Needs Triton on a CUDA device, or TRITON_INTERPRET=1 (set before
+#           orthrus_kernels is imported; CPU tests); elsewhere the pass raises, it does not fall back. Head
+#           dims 64 and 128 (others raise), float32/bfloat16/float16;
 #   "auto"  "fold" for batched blocks (batch > 1, 2..DECODE_MAX_QUERIES queries: draft, verify), else "sdpa":
 #           what measured fastest on an H100 for a SmolLM2-shaped model (docs/benchmarks.md, session 2).
 # Prefill (more than DECODE_MAX_QUERIES queries) always uses "sdpa". Set with ORTHRUS_DECODE_ATTN or
 # `set_decode_attention`; an engine captures its CUDA graphs with the setting current at capture time.
-DECODE_ATTN_CHOICES = ("auto", "sdpa", "fold", "math")
+DECODE_ATTN_CHOICES = ("auto", "sdpa", "fold", "math", "live")
 DECODE_MAX_QUERIES = 64
 _decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
 
@@ -221,11 +228,26 @@ def decode_attention() -> str:
     return _decode_attn
 
 
+def _live_kernels(mask: torch.Tensor):
+    """orthrus_kernels.decode_attn, where its kernel can run on `mask`'s device; else a one-line error."""
+    try:
+        from orthrus_kernels import decode_attn
+    except ImportError as e:
+        reason = f"orthrus_kernels is not importable ({e})"
+    else:
+        reason = decode_attn.live_unusable_reason(mask)
+        if reason is None:
+            return decode_attn
+    raise RuntimeError(f"decode attention 'live' cannot run here: {reason}; use a CUDA device, or set "
+                       "TRITON_INTERPRET=1 before orthrus_kernels is imported, or ORTHRUS_DECODE_ATTN=sdpa")
+
+
 class DecodeMask:
     """A cached pass's boolean mask (B, 1, T, S), prepared once per pass for `cached_attention` (not once per
     layer): the implementation chosen, and the mask in the form it takes, i.e. additive (0 / -inf in the query
     dtype: what SDPA converts a boolean mask into, so results are bit-identical) and, for "fold" / "math", with
-    the query groups folded into the query axis."""
+    the query groups folded into the query axis. "live" keeps the boolean mask (the kernel folds the groups by
+    index) and adds `kv_len` (B,) int32, each row's live length, reduced from the mask on the device."""
 
     def __init__(self, mask: torch.Tensor, q_heads: int, kv_heads: int, dtype):
         B, _, T, S = mask.shape
@@ -233,6 +255,10 @@ class DecodeMask:
         if impl == "auto":
             impl = "fold" if T > 1 and B > 1 else "sdpa"
         self.impl = impl
+        if impl == "live":
+            self.kernels = _live_kernels(mask)
+            self.mask, self.kv_len = mask, self.kernels.live_lengths(mask)
+            return
         g = q_heads // kv_heads
         if impl != "sdpa" and g > 1:
             mask = mask[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
@@ -251,6 +277,8 @@ def cached_attention(q, k, v, mask, scale: float):
     if not isinstance(mask, DecodeMask):
         mask = DecodeMask(mask, Hq, Hkv, q.dtype)
     impl = mask.impl
+    if impl == "live":
+        return mask.kernels.live_attention(q, k, v, mask.mask, mask.kv_len, scale)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, scale=scale, enable_gqa=Hq != Hkv)
     g = Hq // Hkv

@@ -1,0 +1,159 @@
+"""Decode attention "live" (orthrus_kernels.decode_attn): SDPA's result while reading only each row's live
+cache length, and the engine's greedy tokens unchanged with it.
+
+On a CPU the kernel runs in the Triton interpreter: the root conftest builds orthrus_kernels' kernels for it,
+and the fixture below sets TRITON_INTERPRET for each test of this module (as tests/kernels/conftest.py does for
+its folder). With CUDA present the kernel is compiled for the GPU and the inputs move there. Skipped where
+Triton is not importable (or TRITON_INTERPRET=0 on a CPU box).
+"""
+import pytest
+import torch
+
+from orthrus_train.model import layers, masks
+
+kernels = pytest.importorskip("orthrus_kernels")
+from orthrus_kernels import decode_attn  # noqa: E402
+from orthrus_kernels._backend import HAS_TRITON, interpreting  # noqa: E402
+
+TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
+DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
+pytestmark = pytest.mark.skipif(not TRITON_OK, reason="needs triton on CUDA or kernels built for TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_and_restored_setting(monkeypatch):
+    if interpreting():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    prev = layers.decode_attention()
+    yield
+    layers.set_decode_attention(prev)
+
+
+def attend(impl, q, k, v, mask, scale):
+    layers.set_decode_attention(impl)
+    dm = layers.DecodeMask(mask, q.shape[1], k.shape[1], q.dtype)
+    assert dm.impl == impl
+    return layers.cached_attention(q, k, v, dm, scale), dm
+
+
+def qkv(B, hq, hkv, T, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, hq, T, D, generator=g)
+    k, v = torch.randn(B, hkv, S, D, generator=g), torch.randn(B, hkv, S, D, generator=g)
+    return (x.to(DEV, dtype) for x in (q, k, v))
+
+
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+def test_live_matches_sdpa(hq, hkv, T, dtype):
+    """The real mask builders, ragged rows: an empty prefix (only the T new slots), a middle length, and a row
+    whose length fills the cache (its last query sees slot S-1); D = 64, plain and grouped heads."""
+    B, S, D = 3, 150, 64
+    q, k, v = qkv(B, hq, hkv, T, S, D, dtype)
+    lengths = torch.tensor([0, 70, S - T], device=DEV)
+    for mask in (masks.cached_causal_mask(lengths, S, T), masks.draft_cached_mask(lengths, S, T)):
+        ref, _ = attend("sdpa", q, k, v, mask, 0.125)
+        out, dm = attend("live", q, k, v, mask, 0.125)
+        assert dm.kv_len.tolist() == (lengths + T).tolist()
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_live_head_dim_128_float16_and_prefill_bound():
+    """D = 128 in float16, g*T over one query tile (g = 8, T = 17: 136 folded rows, two tiles); T = 64 is the
+    largest "live" pass, more queries (prefill) go to SDPA."""
+    B, S, D, hq, hkv, T = 2, 100, 128, 16, 2, 17
+    q, k, v = qkv(B, hq, hkv, T, S, D, torch.float16, seed=1)
+    mask = masks.cached_causal_mask(torch.tensor([5, 60], device=DEV), S, T)
+    ref, _ = attend("sdpa", q, k, v, mask, D ** -0.5)
+    out, _ = attend("live", q, k, v, mask, D ** -0.5)
+    torch.testing.assert_close(out, ref, **TOL[torch.float16])
+    layers.set_decode_attention("live")
+    long_mask = masks.cached_causal_mask(torch.tensor([0, 0], device=DEV), S, layers.DECODE_MAX_QUERIES + 1)
+    assert layers.DecodeMask(long_mask, hq, hkv, torch.float16).impl == "sdpa"
+
+
+@pytest.mark.parametrize("hq,hkv,T", [(4, 4, 1), (6, 2, 17)])
+def test_live_never_reads_past_kv_len(hq, hkv, T):
+    """Cache slots at or past a row's live length hold NaN: the output is finite and equals SDPA's on clean K/V
+    (a masked-out NaN key would still poison a dot product, so this fails if the kernel loaded one)."""
+    B, S, D = 3, 150, 64
+    q, k, v = qkv(B, hq, hkv, T, S, D, torch.float32, seed=2)
+    lengths = torch.tensor([0, 70, S - T], device=DEV)
+    for mask in (masks.cached_causal_mask(lengths, S, T), masks.draft_cached_mask(lengths, S, T)):
+        ref, _ = attend("sdpa", q, k, v, mask, 0.125)
+        kv_len = decode_attn.live_lengths(mask)
+        past = torch.arange(S, device=DEV)[None, None, :, None] >= kv_len[:, None, None, None]
+        kn, vn = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
+        assert kn[0].isnan().any() and kn[1].isnan().any() and not kn[2].isnan().any()
+        out, _ = attend("live", q, kn, vn, mask, 0.125)
+        assert out.isfinite().all()
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_live_fully_masked_queries_and_holes_match_sdpa():
+    """Masks the engine never builds: a row attending nothing (kv_len 0), a query attending nothing next to
+    one that does, holes inside the live range. SDPA returns 0 for a fully masked query; so does "live"."""
+    B, hq, hkv, T, S, D = 3, 4, 2, 3, 90, 64
+    q, k, v = qkv(B, hq, hkv, T, S, D, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(B, 1, T, S, generator=g) < 0.3).to(DEV)
+    mask[0] = False
+    mask[1, :, 0] = False
+    mask[2, :, :, 70:] = False
+    ref, _ = attend("sdpa", q, k, v, mask, 0.125)
+    out, dm = attend("live", q, k, v, mask, 0.125)
+    assert dm.kv_len[0].item() == 0 and dm.kv_len[2].item() <= 70
+    assert (ref[0] == 0).all() and (ref[1, :, 0] == 0).all()  # the reference's convention, checked
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_live_refusals(monkeypatch):
+    """Head dims other than 64 and 128 are refused with a clear error; "auto" never picks "live"; where the
+    kernel cannot run (CPU tensors without TRITON_INTERPRET) requesting it raises, one line, no fallback."""
+    q, k, v = qkv(1, 2, 1, 2, 40, 96, torch.float32)
+    mask = masks.cached_causal_mask(torch.tensor([3], device=DEV), 40, 2)
+    with pytest.raises(ValueError, match="head_dim"):
+        attend("live", q, k, v, mask, 0.1)
+    layers.set_decode_attention("auto")
+    assert layers.DecodeMask(mask, 2, 1, torch.float32).impl != "live"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layers.set_decode_attention("live")
+    with pytest.raises(RuntimeError, match="'live' cannot run here: .*TRITON_INTERPRET=1") as e:
+        layers.DecodeMask(mask.cpu(), 2, 1, torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_engine_greedy_tokens_unchanged_with_live(monkeypatch):
+    """The engine's greedy drafted (and AR) decode of a tiny model with D = 64 and grouped heads gives the same
+    tokens with "live" as with "sdpa", and the kernel really served its passes."""
+    from orthrus_train.decode.engine import DecodeEngine
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
+    assert m.decoder.layers[0].self_attn.head_dim == 64
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    calls = []
+    real = decode_attn.live_attention
+    monkeypatch.setattr(decode_attn, "live_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch")
+    out, accepted = {}, []
+    for impl in ("sdpa", "live"):
+        layers.set_decode_attention(impl)
+        out[impl] = []
+        for mode in ("spec", "ar"):
+            rows = eng.generate(prompts, 16, mode=mode).rows
+            out[impl].append([r.tokens for r in rows])
+            accepted += [a for r in rows for a in r.accepted] if mode == "spec" else []
+    assert out["live"] == out["sdpa"]
+    assert all(len(t) == 16 for t in out["live"][0])
+    assert max(accepted) > 0  # some drafts accepted: multi-token steps (cache lengths jump) are exercised
+    assert 4 in calls and 1 in calls  # draft / verify blocks of K = 4, AR steps of 1 query
