@@ -77,8 +77,9 @@ def efficiency(n: int, table: dict) -> tuple[float, str]:
 
 def _pick(entries: list[dict], shape: str | None, gpu: str, zero: int | None, gpus: int, cost) -> dict:
     """The measurement closest to what is planned: the same shape, then the same device, then the same ZeRO
-    stage, then the nearest cost (FLOPs or parameters), then the nearest GPU count (both in log ratio)."""
-    return min(entries, key=lambda e: (e["shape"] != shape, e["gpu"] != gpu, e.get("zero", zero) != zero,
+    stage, then the nearest cost (FLOPs or parameters), then the nearest GPU count (both in log ratio); among
+    equals the newest (the last appended: a re-measurement replaces the number it repeats)."""
+    return min(reversed(entries), key=lambda e: (e["shape"] != shape, e["gpu"] != gpu, e.get("zero", zero) != zero,
                                        abs(math.log(cost(e))), abs(math.log(e.get("world", 1) / gpus))))
 
 
