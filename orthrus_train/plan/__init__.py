@@ -34,12 +34,20 @@ def backbone_config(cfg):
 
     m = cfg.model
     if m.shape and m.shape != "tiny":
-        return qwen3_shape(m.shape)
-    if m.path and (Path(m.path).expanduser() / "config.json").exists():
+        try:
+            return qwen3_shape(m.shape)
+        except KeyError as e:
+            raise ConfigError(f"model.shape: {e.args[0]}; or leave model.shape unset and point model.path at the "
+                              "model") from None
+    path = Path(m.path).expanduser() if m.path else None
+    if path is not None and (path / "config.json").exists():
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(str(Path(m.path).expanduser()))
+        return AutoConfig.from_pretrained(str(path))
+    if path is not None and path.suffix == ".gguf" and path.is_file():  # the header only (no tensors are read)
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     raise ConfigError("stage=plan needs the backbone's shape: set model.shape (e.g. qwen3-8b) or point model.path at "
-                      "a folder holding its config.json")
+                      "a folder holding its config.json, or at a .gguf file")
 
 
 def _config_of(entry: dict):
@@ -101,6 +109,24 @@ def _scaled(entries, kind: str, shape, gpu, zero, gpus, cost_of, target_cost, de
     return rate, ref, how
 
 
+def _count_local_prompts(d) -> tuple[int, str]:
+    """(records in the data sources, how counted) for `data.num_samples=all`: local files are read (records
+    only: rejects, duplicates and the hold-out are not taken off); a Hub source cannot be counted offline."""
+    from ..data.sources import _is_hub_id, iter_raw
+
+    srcs = list(d.sources or [])
+    hub = [s.path_or_id for s in srcs if _is_hub_id(s.path_or_id)]
+    if not srcs or hub:
+        raise ConfigError("stage=plan needs the number of prompts: set data.num_samples or plan.prompts"
+                          + (f" (the Hub source {hub[0]!r} is not counted offline)" if hub else ""))
+    try:
+        n = sum(sum(1 for _ in iter_raw(s)) for s in srcs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"stage=plan could not count the prompts of the data sources ({e}); "
+                          "set plan.prompts") from None
+    return n, f"counted in {len(srcs)} local source(s) (records, before rejects and duplicates)"
+
+
 def make(cfg) -> dict:
     """The plan as a dict (see `format_text`)."""
     from ..train.engine import make_plan
@@ -115,8 +141,9 @@ def make(cfg) -> dict:
     if gpus < 1:
         raise ConfigError(f"plan.gpus must be >= 1, got {gpus}")
     prompts = p.prompts if p.prompts is not None else d.num_samples
-    if not prompts:
-        raise ConfigError("stage=plan needs the number of prompts: set data.num_samples or plan.prompts")
+    prompts_from = "plan.prompts" if p.prompts is not None else "data.num_samples"
+    if not prompts:  # every prompt of the sources: count them where they are local files
+        prompts, prompts_from = _count_local_prompts(d)
     config = backbone_config(cfg)
     shape = cfg.model.shape
     lengths = rec["tokens_per_prompt"]
@@ -162,7 +189,7 @@ def make(cfg) -> dict:
 
     return {
         "recipe": cfg.recipe, "gpus": gpus, "gpu": p.gpu, "shape": shape or config.model_type,
-        "prompts": prompts, "holdout": holdout, "samples_per_prompt": per_prompt, "documents": documents,
+        "prompts": prompts, "prompts_from": prompts_from, "holdout": holdout, "samples_per_prompt": per_prompt, "documents": documents,
         "prompt_tokens": prompt_tok, "response_tokens": response_tok, "data_tokens": data_tokens,
         "regenerated_tokens": regen_tokens, "rows": rows, "seq_len": t.seq_len,
         "steps_per_epoch": steps.steps_per_epoch, "steps": steps.total_steps, "epochs": t.epochs,
@@ -185,7 +212,7 @@ def format_text(pl: dict) -> str:
         f"response(s) = {pl['documents']:,} documents x ~{pl['prompt_tokens'] + pl['response_tokens']:,.0f} tokens "
         f"({pl['prompt_tokens']:,.0f} prompt + {pl['response_tokens']:,.0f} response) = {pl['data_tokens'] / 1e9:.3f}B "
         f"tokens -> {pl['rows']:,} rows of {pl['seq_len']}",
-        f"                lengths: {pl['lengths_source']}",
+        f"                prompts: {pl['prompts_from']}; lengths: {pl['lengths_source']}",
         f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} "
         f"epochs, {pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
         f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens at {r['tokens_per_s_per_gpu']:,.0f} "

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from orthrus_train.plan import THROUGHPUT
-from tests.conftest import orthrus
+from tests.conftest import SHARED, orthrus
 
 REC = json.loads(THROUGHPUT.read_text())
 
@@ -93,9 +93,38 @@ def test_shape_from_config_json_and_prompts_from_plan():
 
 @pytest.mark.parametrize("args,needle", [
     (["recipe=qwen3-8b", "plan.gpu=tpu"], "plan.gpu='tpu'"),
-    (["recipe=tiny"], "set data.num_samples or plan.prompts"),
+    (["recipe=qwen3-8b", "data.num_samples=all"], "the Hub source 'nvidia/"),  # cannot be counted offline
+    (["recipe=qwen3-8b", "model.shape=smollm2"], "model.shape: unknown Qwen3 shape 'smollm2'"),
     (["recipe=qwen3-8b", "plan.gpus=3"], "split evenly over 3 processes"),
 ])
 def test_bad_plan_input_is_one_line(args, needle):
     p = _plan(*args, check=False)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_every_prompt_of_local_sources_is_counted(tmp_path):
+    """data.num_samples unset ("all"): the plan counts the records of the local source files, says so, and a
+    user's own file counts as it is."""
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps({"q": f"question {i}?"}) + "\n" for i in range(37)))
+    pl = _json("recipe=tiny", "plan.gpus=1", "plan.gpu=h100",
+               f"data.sources=[{{path_or_id: {own}, format: prompt, field: q}}]")
+    assert pl["prompts"] == 37 and pl["documents"] == 37 - 8  # tiny's hold-out: 8
+    assert pl["prompts_from"].startswith("counted in 1 local source")
+    missing = _plan("recipe=tiny", "plan.gpus=1", f"data.sources=[{{path_or_id: {tmp_path / 'nope.jsonl'}, "
+                    "format: prompt, field: q}]", check=False)
+    assert missing.returncode == 2 and "set plan.prompts" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "smollm2-135m-instruct").is_dir(), reason="no ../shared beside the checkout")
+def test_smollm2_recipe_plans_from_its_gguf_with_its_own_measurements(tmp_path):
+    """The SmolLM2 recipe as shipped (a GGUF, every prompt of the shared mix, 2 samples each) plans from the GGUF's
+    header and the SmolLM2 / H200 measurements recorded for it (training and regeneration), not extrapolations."""
+    gguf = tmp_path / "smol.gguf"
+    with open(gguf, "wb") as out:
+        for part in sorted((SHARED / "models" / "smollm2-135m-instruct").glob("*.gguf.part*")):
+            out.write(part.read_bytes())
+    pl = _json("recipe=smollm2-135m", "plan.gpus=1", "plan.gpu=h200", f"model.path={gguf}")
+    assert pl["shape"] == "llama" and pl["samples_per_prompt"] == 2 and pl["prompts"] > 10_000
+    for part in ("training", "regeneration"):
+        assert not pl[part]["extrapolated"] and "from smollm2-135m on 1 x h200" in pl[part]["basis"], pl[part]
