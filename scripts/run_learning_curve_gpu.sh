@@ -20,14 +20,15 @@
 #           PROFILE_NOFUSE=1 profiles each shape once more with --no-fuse (<shape>_nofuse.json)
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
-# evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0).
+# evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0). MAIN_NPROC=2: the data
+# stage and the main training on both GPUs instead (see on_all below).
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 ORTHRUS_NO_PROGRESS=1 WANDB_MODE=disabled
 HERE=$(cd "$(dirname "$0")" && pwd)
 SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-256}; MB=${MB:-16}
-STEPS=${STEPS:-960}; SAVE=${SAVE:-30}; GB=${GB:-32}; LR=${LR:-1e-3}
+STEPS=${STEPS:-960}; SAVE=${SAVE:-30}; GB=${GB:-32}; LR=${LR:-}  # LR unset: the recipe's (smollm2-135m: 3e-3)
 BUDGETS=${BUDGETS:-30 120 360 960}
 ABL_STEPS=${ABL_STEPS:-240}
 EVAL_N=${EVAL_N:-100}; EVAL_NEW=${EVAL_NEW:-256}; EVAL_BS=${EVAL_BS:-16}
@@ -38,25 +39,35 @@ pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the f
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine)
-TRAIN=(train.micro_batch=$MB train.global_batch=$GB train.lr=$LR train.min_lr_ratio=0.1 train.epochs=100)
+TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.min_lr_ratio=0.1 train.epochs=100)
+# Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
+MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)
 EVAL=(eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW eval.batch_size=$EVAL_BS eval.lossless.enabled=false
       eval.hf_generate_reference=false eval.plots=false)
 run() { local name=$1; shift; local t0=$(date +%s)
-  python -m orthrus_train "${BASE[@]}" "${DATA[@]}" "$@" > "$RES/$name.log" 2>&1
+  ${LAUNCH:-python -m orthrus_train} "${BASE[@]}" "${DATA[@]}" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
   echo "[$name] rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$RES/phases.txt"; tail -4 "$RES/$name.log"; return $rc; }
 link_run() {  # a run folder that shares the main run's tokenizer and data (no copies)
   mkdir -p "$1"; for x in tokenizer data; do [ -e "$1/$x" ] || ln -s "$ROOT/main/$x" "$1/$x"; done; }
 # name -> extra overrides of each ablation (each trains ABL_STEPS steps with its own schedule)
-declare -A ABL=([base]="" [lr3e-3]="train.lr=3e-3" [decay0.3]="train.offset_decay=0.3" [k32]="heads.block_size=32"
-                [lr3e-3_decay0.3]="train.lr=3e-3 train.offset_decay=0.3")
-if [ -n "${ABLATIONS:-}" ]; then  # e.g. ABLATIONS="base lr3e-3": keep only these
+# (base = the recipe's settings; since session 6 the smollm2-135m recipe sets lr 3e-3 and offset decay 0.3, so
+# "lr1e-3_uniform" is sessions 5 and 6's old base)
+declare -A ABL=([base]="" [lr1e-3]="train.lr=1e-3" [uniform]="train.offset_decay=0" [k32]="heads.block_size=32"
+                [lr1e-3_uniform]="train.lr=1e-3 train.offset_decay=0" [lr1e-2]="train.lr=1e-2")
+if [ -n "${ABLATIONS:-}" ]; then  # e.g. ABLATIONS="base k32": keep only these
   declare -A KEEP=(); for a in $ABLATIONS; do KEEP[$a]=1; done
   for a in "${!ABL[@]}"; do [ -n "${KEEP[$a]:-}" ] || unset "ABL[$a]"; done
 fi
 MAIN_GPU=${MAIN_GPU:-0}; SIDE_GPU=${SIDE_GPU:-}
 on_main() { if [ -n "$SIDE_GPU" ]; then CUDA_VISIBLE_DEVICES=$MAIN_GPU "$@"; else "$@"; fi; }
 on_side() { if [ -n "$SIDE_GPU" ]; then CUDA_VISIBLE_DEVICES=$SIDE_GPU "$@"; else "$@"; fi; }
+# MAIN_NPROC=N (> 1): the data stage and the main run's training on N processes (torchrun, one GPU each:
+# regeneration sharded over the ranks, data-parallel training); the evals stay on MAIN_GPU. Leave SIDE_GPU
+# unset then (the side runs would share a training GPU) and set ABLATIONS to what fits.
+MAIN_NPROC=${MAIN_NPROC:-1}
+on_all() { if [ "$MAIN_NPROC" -gt 1 ]; then
+    LAUNCH="torchrun --standalone --nproc_per_node $MAIN_NPROC -m orthrus_train" "$@"; else on_main "$@"; fi; }
 PROFILE_PID=""; side_pids=()
 PROFILE_SHAPES=${PROFILE_SHAPES:-smollm2-135m qwen3-4b qwen3-8b}
 
@@ -82,7 +93,7 @@ for ph in $PHASES; do case $ph in
         echo "[profile smollm2-135m compiled] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
       fi ) &
     PROFILE_PID=$! ;;
-  data) on_main run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
+  data) on_all run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
   train)
     link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
     side_pids=()
@@ -90,12 +101,12 @@ for ph in $PHASES; do case $ph in
     side_wait() { [ -n "$PROFILE_PID" ] && [ -n "$SIDE_GPU" ] || return 0
       while kill -0 "$PROFILE_PID" 2>/dev/null; do sleep 5; done; }
     ( side_wait; on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 \
-      "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$STEPS ) & side_pids+=($!)
+      "${TRAIN[@]}" "${MEDUSA[@]}" train.max_steps=$STEPS train.save_every=$STEPS ) & side_pids+=($!)
     for a in "${!ABL[@]}"; do
       ( side_wait; on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
         train.save_every=$ABL_STEPS ${ABL[$a]} ) & side_pids+=($!)
     done
-    on_main run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
+    on_all run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000 ${MAIN_EXTRA:-}  # MAIN_EXTRA: more overrides of the main run (training keys)
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
     cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
