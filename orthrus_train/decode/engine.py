@@ -92,6 +92,7 @@ class GenerateResult:
     steps: int  # batch steps run (includes up to sync_every-1 steps after the last row finished)
     batch_size: int  # engine batch (rows beyond len(prompts) are idle padding)
     cuda_graphs: bool
+    refills: int = 0  # generate_many: prefill passes after the first fill (each a host-synchronized eager pass)
 
     @property
     def total_s(self) -> float:
@@ -104,12 +105,15 @@ def draft_probs(logits: torch.Tensor, sp: "SamplingParams") -> torch.Tensor:
 
 
 def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
-                 chunk_tokens: int | None = None, to_dev: Callable | None = None) -> torch.Tensor:
+                 chunk_tokens: int | None = None, to_dev: Callable | None = None,
+                 scratch: "ScratchCache | None" = None) -> torch.Tensor:
     """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
     theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
     cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
     (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. to_dev: host tensor -> device
-    (default `.to(device)`; an engine that must not stall the stream passes a pinned, non-blocking copy)."""
+    (default `.to(device)`; an engine that must not stall the stream passes a pinned, non-blocking copy).
+    scratch: where the scratch caches come from (default: a new one per chunk, `model.new_cache`); a
+    `ScratchCache` hands out the same shapes without allocating or zero-filling (bit-identical results)."""
     dev = cache.lengths.device
     to_dev = to_dev or (lambda t: t.to(dev))
     lens = [len(p) for p in prompts]
@@ -123,7 +127,8 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
         ids = torch.zeros(len(part), L, dtype=torch.long)
         for i, p in enumerate(part):
             ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-        tmp = model.new_cache(len(part), L, device=dev, dtype=cache.k[0].dtype)
+        tmp = (scratch.get(len(part), L) if scratch is not None
+               else model.new_cache(len(part), L, device=dev, dtype=cache.k[0].dtype))
         h = model.ar_cached(to_dev(ids), tmp)  # (m, L, H)
         idx = to_dev(torch.tensor(rows[lo:lo + step], dtype=torch.long))
         for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
@@ -135,6 +140,85 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
     return last
 
 
+class ScratchCache:
+    """Scratch caches for `prefill_rows`, reused from call to call: `get(m, L)` is a cache of exactly m rows and L
+    slots (the shapes, strides and zero lengths of `model.new_cache(m, L)`), carved from per-layer storage that
+    only grows, so a refill allocates and zero-fills nothing (61 fewer launches on a 30-layer model). Its K/V
+    slots hold stale values, which no prefill reads: a pass over L tokens at lengths 0 writes every slot 0..L-1
+    of a layer before that layer attends (`DraftModel._cached_pass`). Not for a caller that reads slots it did
+    not write. `ar_cached` does not advance `lengths`, which stay zero."""
+
+    def __init__(self, model: DraftModel, device, dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._lengths = torch.zeros(0, dtype=torch.long, device=device)
+        self._tokens = 0  # row-slots the storage holds
+        self._shape = (0, 0)  # (kv heads, head dim)
+
+    def get(self, m: int, L: int) -> StaticKVCache:
+        if m * L > self._tokens:
+            self._k, self._v = [], []  # drop the old storage before taking the new
+            like = self.model.new_cache(1, 1, device=self.device, dtype=self.dtype)
+            per_token = like.k[0][0, :, 0].numel()  # kv heads x head dim
+            self._tokens = m * L
+            n = self._tokens * per_token
+            self._k = [torch.empty(n, device=self.device, dtype=self.dtype) for _ in like.k]
+            self._v = [torch.empty(n, device=self.device, dtype=self.dtype) for _ in like.v]
+            self._shape = like.k[0].shape[1], like.k[0].shape[3]
+        if m > self._lengths.numel():
+            self._lengths = torch.zeros(m, dtype=torch.long, device=self.device)
+        H, D = self._shape
+        size = m * H * L * D
+        return StaticKVCache([t[:size].view(m, H, L, D) for t in self._k], [t[:size].view(m, H, L, D) for t in self._v],
+                             self._lengths[:m])
+
+
+def should_refill(free: int, batch: int, idle_row_steps: float, step_s: float, refill_s: float,
+                  remaining: int) -> bool:
+    """The adaptive refill rule of `DecodeEngine.generate_many`, the classic 2-competitive ski-rental rule (rent
+    until the rent paid equals the price, then buy: at most twice what the best choice in hindsight would have
+    cost for that one wait-or-refill decision).
+
+    A decode step costs `step_s` whatever the number of busy rows (fixed shapes), so a row-step spent idle loses
+    step_s / batch seconds of throughput; a refill costs `refill_s` (one eager prefill pass, launch-bound: about
+    the same for 1 row as for B). Refill once the throughput lost to idle rows since the last refill,
+    idle_row_steps / batch * step_s, reaches the price of one refill. Refill at once when the batch is idle
+    (nothing else to run), or when the free rows take every remaining prompt (a last refill is due anyway and
+    waiting only delays the tail). Nothing to refill: never (free rows or remaining prompts 0)."""
+    if free < 1 or remaining < 1:
+        return False
+    if free >= batch or free >= remaining:
+        return True
+    return idle_row_steps / batch * step_s >= refill_s
+
+
+@dataclass
+class RefillCost:
+    """Running estimate of the seconds of one refill for the adaptive rule (kept by the engine across calls).
+    Before a refill was measured: `prior_steps` decode steps. Measurements (host-synchronized refills after a
+    call's first fill) enter a decayed mean (weight `decay` per newer one), so the estimate follows the prompt
+    lengths of the current benchmark. learn=False: always the prior (tests: decisions in step units)."""
+    prior_steps: float = 8.0
+    learn: bool = True
+    decay: float = 0.8
+    _sum: float = 0.0
+    _weight: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        if self.learn:
+            self._sum = self._sum * self.decay + seconds
+            self._weight = self._weight * self.decay + 1.0
+
+    def seconds(self, step_s: float) -> float:
+        return self._sum / self._weight if self._weight > 0 else self.prior_steps * step_s
+
+
+# _State.row_vars, in order: cache length, newest token x_a, seed, rng.seed_hash(seed), max new tokens, tokens out,
+# verify passes, finish code (FINISH)
+ROW_VARS = ("lengths", "last_token", "seeds", "seed_h", "max_new", "n_out", "n_verify", "finish")
+
+
 class _State:
     """Static per-step buffers of one engine (fixed shapes: batch B, block K, slots S)."""
 
@@ -143,16 +227,15 @@ class _State:
         V = model.backbone.get_output_embeddings().weight.shape[0]
         self.cache = model.new_cache(B, S, device=device, dtype=dtype)
         z = dict(device=device, dtype=torch.long)
-        self.last_token = torch.zeros(B, **z)
+        # the per-row integers a refill sets, one (B,) row each of one (F, B) tensor (contiguous views), so that
+        # arming rows is one indexed write (`DecodeEngine._refill`); cache.lengths is the first of them
+        self.row_vars = torch.zeros(len(ROW_VARS), B, **z)
+        for name, t in zip(ROW_VARS, self.row_vars):
+            setattr(self, name, t)
+        self.cache.lengths = self.lengths
         self.last_hidden = torch.zeros(B, H, device=device, dtype=dtype)
-        self.seeds = torch.zeros(B, **z)
-        self.seed_h = torch.zeros(B, **z)  # rng.seed_hash(seeds), set with the seeds
-        self.max_new = torch.zeros(B, **z)
         self.active = torch.zeros(B, device=device, dtype=torch.bool)
         self.any_active = torch.zeros((), device=device, dtype=torch.bool)
-        self.n_out = torch.zeros(B, **z)
-        self.n_verify = torch.zeros(B, **z)
-        self.finish = torch.zeros(B, **z)
         self.out = torch.zeros(B, out_width, **z)  # last column: sink for masked writes
         self.acc = torch.full((B, out_width), -1, **z)
         self.drafts = torch.zeros(B, K - 1, **z)
@@ -209,6 +292,9 @@ class DecodeEngine:
         self._pool = None
         self._fusion = DecodeFusion(model) if fuse_projections else None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
+        self._scratch: ScratchCache | None = None  # prefill scratch caches of the refills (made on first use)
+        # the adaptive refill rule's estimate of one refill's seconds (generate_many; kept across calls)
+        self.refill_cost = RefillCost()
         self._mode = "spec"
         self._sampling = SamplingParams()
         # the slot part of the counter-based uniforms (fixed per engine: rng.counter_uniforms in three parts)
@@ -439,21 +525,37 @@ class DecodeEngine:
             st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
 
     # ------------------------------------------------------------------------------- continuous batching
+    def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor to the device without a stream sync (pinned staging on CUDA; the caching host allocator
+        keeps the staging buffer until the copy is done)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
         """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into
-        the rows' slots (`prefill_rows`) and the rows' counters, flags and last hidden state are reset."""
-        st, dev = self._st, self.device
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        st.last_hidden[idx] = prefill_rows(self.model, st.cache, rows, prompts)
-        st.cache.lengths[idx] = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=dev)
-        st.last_token[idx] = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=dev)
-        sd = torch.tensor(seeds, dtype=torch.long, device=dev)
-        st.seeds[idx] = sd
-        st.seed_h[idx] = seed_hash(sd)
-        st.max_new[idx] = max_new_tokens
-        st.n_out[idx] = 0
-        st.n_verify[idx] = 0
-        st.finish[idx] = 0
+        the rows' slots (`prefill_rows`, scratch caches reused) and the rows' counters, flags and last hidden
+        state are reset. No host sync: the row indices and per-row integers (`ROW_VARS`, seed hashes computed on
+        the host: the same integer arithmetic) travel in one pinned, non-blocking copy and land in one write."""
+        st = self._st
+        if self._scratch is None:
+            self._scratch = ScratchCache(self.model, self.device, self.dtype)
+        n = len(rows)
+        sd = torch.tensor(seeds, dtype=torch.long)
+        vals = {"lengths": [len(p) - 1 for p in prompts], "last_token": [int(p[-1]) for p in prompts],
+                "max_new": [max_new_tokens] * n}
+        host = torch.zeros(1 + len(ROW_VARS), n, dtype=torch.long)  # row 0: the engine rows; then ROW_VARS
+        host[0] = torch.tensor(rows, dtype=torch.long)
+        for j, name in enumerate(ROW_VARS):
+            if name in vals:
+                host[1 + j] = torch.tensor(vals[name], dtype=torch.long)
+        host[1 + ROW_VARS.index("seeds")] = sd
+        host[1 + ROW_VARS.index("seed_h")] = seed_hash(sd)
+        dev = self._to_dev(host)
+        idx = dev[0]
+        last = prefill_rows(self.model, st.cache, rows, prompts, to_dev=self._to_dev, scratch=self._scratch)
+        st.row_vars[:, idx] = dev[1:]
+        st.last_hidden[idx] = last
         st.acc[idx] = -1
         st.drafts[idx] = 0
         st.active[idx] = True
@@ -482,13 +584,18 @@ class DecodeEngine:
                       eos_token_ids: Sequence[int] = (), mode: str = "spec", refill_min: int | None = None,
                       on_rows: Callable[[list[RowRecord]], None] | None = None) -> GenerateResult:
         """Decode any number of prompts with continuous batching: every `sync_every` steps the host harvests
-        the rows that ended (end-of-sequence or `max_new_tokens`) and refills them with the next prompts, so a
-        batch never waits for its longest row. Rows come back in the prompts' order; each row's tokens and
-        records equal `generate`'s (per-row uniforms keyed by seed and verify pass; the same passes).
+        the rows that ended (end-of-sequence or `max_new_tokens`) and refills free rows with the next prompts, so
+        a batch never waits for its longest row. Rows come back in the prompts' order; each row's tokens and
+        records equal `generate`'s (per-row uniforms keyed by seed and verify pass; the same passes), whichever
+        rows are refilled when.
 
-        refill_min: refill once this many rows are free (default max(1, B // 8); always when the batch is idle).
+        refill_min: None (default): the adaptive rule `should_refill`: a refill (one eager prefill pass, costing
+          about the same for 1 row as for B) waits until the throughput lost to idle rows since the last refill
+          reaches its measured cost (`self.refill_cost`, seconds; decode step seconds measured per call). An int:
+          refill once that many rows are free (the fixed count rule). Both refill an idle batch at once.
         on_rows: called with each harvested group of records (progress display).
-        prefill_s counts every prefill (the refills too, host-synchronized); decode_s the rest of the loop."""
+        prefill_s counts every prefill (the refills too, host-synchronized); decode_s the rest of the loop;
+        refills the prefill passes after the first fill."""
         eos, seeds = self._check_call(prompts, max_new_tokens, seeds, eos_token_ids, mode, None)
         with self._fused():
             return self._generate_many(prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows)
@@ -496,7 +603,7 @@ class DecodeEngine:
     @torch.no_grad()
     def _generate_many(self, prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows):
         n = len(prompts)
-        refill_min = max(1, self.B // 8) if refill_min is None else max(1, int(refill_min))
+        fixed_min = None if refill_min is None else max(1, int(refill_min))
         self._mode = mode
         self._sampling = sampling or SamplingParams()
         st, dev = self._st, self.device
@@ -510,24 +617,40 @@ class DecodeEngine:
         owner: list[int | None] = [None] * self.B
         nxt, done = 0, 0
         records: list[RowRecord | None] = [None] * n
-        steps = 0
+        steps = refills = 0
+        idle = 0  # row-steps spent idle since the last refill (free rows x steps of each window)
+        window_s = 0.0  # seconds of the decode windows (host-synchronized), for the step time
         while done < n:
             free = [b for b in range(self.B) if owner[b] is None]
-            if nxt < n and free and (len(free) >= refill_min or len(free) == self.B):
+            if fixed_min is not None:
+                go = nxt < n and bool(free) and (len(free) >= fixed_min or len(free) == self.B)
+            else:
+                step_s = window_s / steps if steps else 0.0
+                go = should_refill(len(free), self.B, idle, step_s, self.refill_cost.seconds(step_s), n - nxt)
+            if go:
                 rows = free[: n - nxt]
                 take = list(range(nxt, nxt + len(rows)))
                 ta = time.perf_counter()
                 self._refill(rows, [prompts[i] for i in take], [seeds[i] for i in take], max_new_tokens)
                 sync()
-                prefill_s += time.perf_counter() - ta
+                dt = time.perf_counter() - ta
+                prefill_s += dt
+                if nxt > 0:  # (the first fill of a call is not a refill the rule could have saved)
+                    refills += 1
+                    self.refill_cost.observe(dt)
                 for b, i in zip(rows, take):
                     owner[b] = i
                 nxt += len(rows)
+                idle = 0
+            n_free = sum(o is None for o in owner)
+            tw = time.perf_counter()
             for _ in range(self.sync_every):
                 for f in steps_fns:
                     f()
             steps += self.sync_every
             still = st.active.tolist()  # the host's one look per window (synchronizes)
+            window_s += time.perf_counter() - tw
+            idle += n_free * self.sync_every
             ended = [b for b in range(self.B) if owner[b] is not None and not still[b]]
             if not ended:
                 continue
@@ -543,7 +666,8 @@ class DecodeEngine:
                 raise RuntimeError("continuous batching did not finish its prompts (engine bug)")
         sync()
         total = time.perf_counter() - t0
-        return GenerateResult(list(records), mode, prefill_s, total - prefill_s, steps, self.B, self.cuda_graphs)
+        return GenerateResult(list(records), mode, prefill_s, total - prefill_s, steps, self.B, self.cuda_graphs,
+                              refills)
 
     def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,

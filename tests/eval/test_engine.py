@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eval_testlib import VOCAB_LEN, random_prompts, trained_model
-from orthrus_train.decode.engine import DecodeEngine, SamplingParams, hf_generate
+from orthrus_train.decode.engine import DecodeEngine, RefillCost, SamplingParams, hf_generate, should_refill
 from orthrus_train.decode.rng import counter_uniforms, row_seed
 from orthrus_train.eval import metrics
 from orthrus_train.eval.benchmarks import stop_token_ids
@@ -258,11 +258,13 @@ def test_min_p_filter_matches_transformers_and_keeps_the_rule_exact():
         SamplingParams(1.0, min_p=1.0)
 
 
+@pytest.mark.parametrize("policy", ["refill_min=1", "adaptive"])
 @pytest.mark.parametrize("mode", ["spec", "ar"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_continuous_batching_equals_fixed_batches(qwen3_model, mode, temperature):
+def test_continuous_batching_equals_fixed_batches(qwen3_model, mode, temperature, policy):
     """generate_many refills ended rows with the next prompts: every row's tokens and records equal the
-    fixed-batch decode's, in the prompts' order."""
+    fixed-batch decode's, in the prompts' order, whichever refill rule groups the refills (adaptive: a refill
+    priced at 3 steps, so rows wait for company and refills take several rows; the clock does not decide)."""
     prompts = random_prompts(9, (1, 14), seed=21)
     free = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch").generate(
         prompts[:3], 30, mode="ar").rows
@@ -271,9 +273,12 @@ def test_continuous_batching_equals_fixed_batches(qwen3_model, mode, temperature
     sp = SamplingParams(temperature)
     seeds = [100 + 7 * i for i in range(len(prompts))]
     eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
+    eng.refill_cost = RefillCost(prior_steps=3, learn=False)
     fixed = eng.generate_all(prompts, 30, sp, seeds, eos, mode)
     got_groups = []
-    many = eng.generate_many(prompts, 30, sp, seeds, eos, mode, refill_min=1, on_rows=got_groups.append)
+    refill_min = 1 if policy == "refill_min=1" else None
+    many = eng.generate_many(prompts, 30, sp, seeds, eos, mode, refill_min=refill_min, on_rows=got_groups.append)
+    assert all(r.refills == 0 for r in fixed) and many.refills >= 2  # 9 prompts, 3 rows: at least 2 refills
     want = rows_of(fixed)
     assert len(many.rows) == len(prompts) == sum(len(g) for g in got_groups)
     for i, (w, g) in enumerate(zip(want, many.rows)):
@@ -282,6 +287,77 @@ def test_continuous_batching_equals_fixed_batches(qwen3_model, mode, temperature
     assert min(lengths) < 30 and max(lengths) == 30, "the test needs rows that end early and rows that run long"
     # the engine's state is whole again: a fixed-batch call after it gives the same rows
     assert rows_of(eng.generate_all(prompts, 30, sp, seeds, eos, mode)) == want
+
+
+def test_refill_rule_is_ski_rental():
+    """should_refill: wait while the throughput lost to idle rows (idle row-steps / B x step seconds) is below the
+    price of one refill; an expensive refill waits for more free rows, a cheap one goes at once; an idle batch
+    and a last refill that takes every remaining prompt never wait; nothing to refill never refills."""
+    B, step = 16, 0.0068  # SmolLM2-135M drafted step at batch 16 on an H200
+    dear, cheap = 0.055, 0.001  # one refill: ~8 steps (measured), or far less than a step
+    # two rows free for one window of 4 steps: 8 idle row-steps = 0.5 step lost
+    assert should_refill(2, B, 8, step, cheap, remaining=40)
+    assert not should_refill(2, B, 8, step, dear, remaining=40)
+    # the dear refill waits until the idle rows have cost it: 8 steps x 16 rows = 128 idle row-steps
+    idle, windows, free = 0, 0, 2
+    while not should_refill(free, B, idle, step, dear, remaining=40):
+        idle += free * 4
+        free += 1 if windows % 2 else 0  # a row ends every other window
+        windows += 1
+    assert idle * step / B >= dear and free > 2 and windows > 4
+    # batch idle: refill whatever the price; all remaining prompts fit in the free rows: refill now
+    assert should_refill(B, B, 0, step, 1e9, remaining=40)
+    assert should_refill(3, B, 0, step, 1e9, remaining=3) and not should_refill(3, B, 0, step, 1e9, remaining=4)
+    # nothing to refill: no free row or no prompt left
+    assert not should_refill(0, B, 10 ** 6, step, cheap, remaining=40)
+    assert not should_refill(5, B, 10 ** 6, step, cheap, remaining=0)
+
+
+def test_refill_cost_estimate():
+    """RefillCost: the prior (in decode steps) until a refill was measured, then a decayed mean of the measured
+    seconds; learn=False keeps the prior."""
+    c = RefillCost(prior_steps=8)
+    assert c.seconds(0.01) == pytest.approx(0.08)
+    c.observe(0.05)
+    assert c.seconds(0.01) == pytest.approx(0.05) and c.seconds(1.0) == pytest.approx(0.05)
+    for _ in range(30):
+        c.observe(0.02)
+    assert 0.02 < c.seconds(0.01) < 0.0201  # the old measurement has faded
+    frozen = RefillCost(prior_steps=3, learn=False)
+    frozen.observe(100.0)
+    assert frozen.seconds(0.01) == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+def test_adaptive_refills_fewer_times_than_refill_min_one(qwen3_model, mode):
+    """Short and long rows at batch 4: refilling every free row at once (refill_min=1) runs many one-row refills;
+    the adaptive rule with a refill priced like the GPU's (8 decode steps; the CPU clock does not decide) lets
+    free rows gather and refills fewer times, with the same rows; the real clock gives the same rows too."""
+    pool = random_prompts(24, (2, 10), seed=8)
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
+    free = rows_of(eng.generate_all(pool, 30, mode="ar"))
+    # long rows: the four with the fewest distinct tokens; short rows end at a token no long row emits
+    order = sorted(range(len(pool)), key=lambda i: len(set(free[i].tokens)))
+    long_ids = order[:4]
+    seen = {t for i in long_ids for t in free[i].tokens}
+    short = [(i, next((t for t in free[i].tokens[1:8] if t not in seen), None)) for i in order[4:]]
+    short = [(i, t) for i, t in short if t is not None][:12]
+    assert len(short) == 12, "the prompt pool has too few rows that can end early"
+    prompts = []
+    for k in range(4):  # three short rows, then a long one
+        prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
+    eos = sorted({t for _, t in short})
+    want = rows_of(eng.generate_all(prompts, 30, eos_token_ids=eos, mode=mode))
+    lengths = [len(r.tokens) for r in want]
+    assert sum(n <= 8 for n in lengths) == 12 and sum(n == 30 for n in lengths) == 4, lengths
+    pool = prompts
+    one = eng.generate_many(pool, 30, eos_token_ids=eos, mode=mode, refill_min=1)
+    eng.refill_cost = RefillCost(prior_steps=8, learn=False)
+    ada = eng.generate_many(pool, 30, eos_token_ids=eos, mode=mode)
+    assert one.rows == want and ada.rows == want
+    assert 1 <= ada.refills < one.refills, (ada.refills, one.refills)
+    eng.refill_cost = RefillCost()  # measured on this CPU: only the rows are checked
+    assert eng.generate_many(pool, 30, eos_token_ids=eos, mode=mode).rows == want
 
 
 def test_continuous_batching_refuses_bad_input(qwen3_model):

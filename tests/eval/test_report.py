@@ -322,7 +322,7 @@ def test_compile_policy_decides_by_estimated_decode_steps():
 def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3_model, tmp_path, monkeypatch):
     """eval.continuous_batching: true decodes each benchmark's turn through the engine's refilling loop, false
     in fixed batches; the per-prompt records (tokens, passes, acceptances) are the same, the report says which
-    batching ran and how many engine steps each method took."""
+    batching ran, how many engine steps each method took and how many refills the continuous batch made."""
     import orthrus_train.eval.report as report_mod
 
     tok = word_tokenizer()
@@ -354,4 +354,7 @@ def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3
         for T in ("T=0", "T=1"):
             cell = reps[on]["benchmarks"]["chat"]["results"][T]
             assert cell["spec"]["engine_steps"] > 0 and cell["ar"]["engine_steps"] > 0
+            # refills: prefill passes after each call's first fill (5 prompts in rows of 2: at least 2; fixed: 0)
+            for mode in ("spec", "ar"):
+                assert cell[mode]["refills"] >= 2 if on else cell[mode]["refills"] == 0, (on, T, cell[mode])
     assert reps[True]["settings"]["continuous_batching"] is True
