@@ -328,6 +328,20 @@ def test_refill_cost_estimate():
     assert frozen.seconds(0.01) == pytest.approx(0.03)
 
 
+def _long_and_short_rows(eng, pool, n_long: int, n_short: int, within: int):
+    """Rows of `pool` (greedy AR, 30 tokens) to build batches of long and short rows: the n_long prompts with the
+    fewest distinct tokens (they run to the limit), and n_short others, each with a token among its first
+    `within` that no long row emits (used as an end-of-sequence id, it ends that row early and no long one)."""
+    free = rows_of(eng.generate_all(pool, 30, mode="ar"))
+    order = sorted(range(len(pool)), key=lambda i: len(set(free[i].tokens)))
+    long_ids = order[:n_long]
+    seen = {t for i in long_ids for t in free[i].tokens}
+    short = [(i, next((t for t in free[i].tokens[1:within] if t not in seen), None)) for i in order[n_long:]]
+    short = [(i, t) for i, t in short if t is not None][:n_short]
+    assert len(short) == n_short, "the prompt pool has too few rows that can end early"
+    return long_ids, short
+
+
 @pytest.mark.parametrize("mode", ["spec", "ar"])
 def test_adaptive_refills_fewer_times_than_refill_min_one(qwen3_model, mode):
     """Short and long rows at batch 4: refilling every free row at once (refill_min=1) runs many one-row refills;
@@ -335,14 +349,7 @@ def test_adaptive_refills_fewer_times_than_refill_min_one(qwen3_model, mode):
     free rows gather and refills fewer times, with the same rows; the real clock gives the same rows too."""
     pool = random_prompts(24, (2, 10), seed=8)
     eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
-    free = rows_of(eng.generate_all(pool, 30, mode="ar"))
-    # long rows: the four with the fewest distinct tokens; short rows end at a token no long row emits
-    order = sorted(range(len(pool)), key=lambda i: len(set(free[i].tokens)))
-    long_ids = order[:4]
-    seen = {t for i in long_ids for t in free[i].tokens}
-    short = [(i, next((t for t in free[i].tokens[1:8] if t not in seen), None)) for i in order[4:]]
-    short = [(i, t) for i, t in short if t is not None][:12]
-    assert len(short) == 12, "the prompt pool has too few rows that can end early"
+    long_ids, short = _long_and_short_rows(eng, pool, 4, 12, 8)
     prompts = []
     for k in range(4):  # three short rows, then a long one
         prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
@@ -376,14 +383,7 @@ def test_continuous_batching_does_not_wait_for_the_longest_row(qwen3_model, mode
     side and the short ones pass through the third row."""
     pool = random_prompts(12, (2, 10), seed=8)
     eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch")
-    free = rows_of(eng.generate_all(pool, 30, mode="ar"))
-    # long rows: the three with the fewest distinct tokens; short rows end at a token no long row emits
-    order = sorted(range(len(pool)), key=lambda i: len(set(free[i].tokens)))
-    long_ids = order[:3]
-    seen = {t for i in long_ids for t in free[i].tokens}
-    short = [(i, next((t for t in free[i].tokens[1:6] if t not in seen), None)) for i in order[3:]]
-    short = [(i, t) for i, t in short if t is not None][:6]
-    assert len(short) == 6, "the prompt pool has too few rows that can end early"
+    long_ids, short = _long_and_short_rows(eng, pool, 3, 6, 6)
     prompts = []
     for k in range(3):  # each fixed batch: two short rows, then one long row
         prompts += [pool[short[2 * k][0]], pool[short[2 * k + 1][0]], pool[long_ids[k]]]
