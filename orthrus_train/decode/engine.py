@@ -485,16 +485,21 @@ class DecodeEngine:
         with self._fused():
             return self._generate(prompts, max_new_tokens, sampling, seeds, eos, mode)
 
+    def _begin(self, mode: str, sampling):
+        """A call's setup, before its clock starts: the mode and sampling its steps run with, the device sync,
+        and the step functions (which may capture graphs). Returns (sync, step functions)."""
+        self._mode = mode
+        self._sampling = sampling or SamplingParams()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        steps_fns = self._steps()
+        sync()
+        return sync, steps_fns
+
     @torch.no_grad()
     def _generate(self, prompts, max_new_tokens, sampling, seeds, eos, mode) -> GenerateResult:
         n = len(prompts)
-        self._mode = mode
-        self._sampling = sampling or SamplingParams()
-        st, dev = self._st, self.device
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        steps_fns = self._steps()  # may capture graphs (before the clock starts)
-
-        sync()
+        st = self._st
+        sync, steps_fns = self._begin(mode, sampling)
         t0 = time.perf_counter()
         self._prefill(prompts, max_new_tokens, seeds, eos)
         sync()
@@ -604,13 +609,8 @@ class DecodeEngine:
     def _generate_many(self, prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows):
         n = len(prompts)
         fixed_min = None if refill_min is None else max(1, int(refill_min))
-        self._mode = mode
-        self._sampling = sampling or SamplingParams()
-        st, dev = self._st, self.device
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        steps_fns = self._steps()  # may capture graphs (before the clock starts)
-
-        sync()
+        st = self._st
+        sync, steps_fns = self._begin(mode, sampling)
         t0 = time.perf_counter()
         prefill_s = 0.0
         self._reset(eos)
