@@ -148,6 +148,12 @@ def _finish_counts(records: Iterable) -> dict[str, int]:
     return out
 
 
+# A speedup timed over less than this many seconds per method gets a warning in the report: on an H200 two runs of
+# the same 64-prompt, ~3 s cells differed by up to 0.3 in wall-clock speedup (eager prefills on a busy host) while
+# their decode-only speeds agreed to ~1% (docs/benchmarks.md, 2026-11-30 session 6).
+MIN_TIMED_SECONDS = 10.0
+
+
 def headline_warnings(n_prompts: int, label: str = "") -> list[str]:
     if n_prompts < MIN_PROMPTS_FOR_HEADLINE:
         msg = (f"{label + ': ' if label else ''}only {n_prompts} prompts back this number "

@@ -266,6 +266,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
     samples_f = open(out_dir / "samples.jsonl", "w")
     hf_notes: list[str] = []
     hf_jobs: list = []
+    short_cells: list[str] = []  # cells whose speedup was timed over few seconds (a warning below)
     ls = cfg.lossless
     for name, b in benches.items():
         entry = {**b.summary(), "multi_turn": any(len(p.turns) > 1 for p in b.prompts), "results": {}}
@@ -303,6 +304,9 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                     cell["cuda_graph_error"] = engines.engine.graph_error
             if "ar" in runs:
                 cell["speedup"] = metrics.speedup(cell["spec"]["tokens_per_s"], cell["ar"]["tokens_per_s"])
+                timed = min(cell[m]["seconds"] for m in ("spec", "ar"))
+                if timed < metrics.MIN_TIMED_SECONDS:
+                    short_cells.append(f"{name} {_tkey(T)} {timed:.1f} s")
             if cfg.hf_generate_reference:
                 # run after every engine measurement: transformers may torch.compile its static-cache
                 # step with CUDA graph trees, which must not interleave with the engine's own graphs
@@ -315,6 +319,11 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
         if len(b.prompts) < metrics.MIN_PROMPTS_FOR_HEADLINE:
             report["warnings"].append(f"{name}: only {len(b.prompts)} prompts (< {metrics.MIN_PROMPTS_FOR_HEADLINE})"
                                       "; its numbers are indicative")
+    if short_cells:
+        report["warnings"].append(
+            f"wall-clock speedups timed over less than {metrics.MIN_TIMED_SECONDS:g} s per method ("
+            + ", ".join(short_cells) + "): prefill time moves with host load, so compare the decode-only speeds "
+            "(decode_tokens_per_s) too, or raise eval.num_prompts")
     samples_f.close()
     if cfg.compare_untrained:  # the same prompts and seeds, heads at their step-0 state (eval/baseline.py)
         def decode_spec(b, T):

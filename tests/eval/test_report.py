@@ -73,6 +73,10 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
 
     md = (out / "report.md").read_text()
     assert "| benchmark | temp | prompts | acceptance length | TPF |" in md and "Lossless checks: **PASS**" in md
+    # every cell here decodes for well under 10 s: its speedup is flagged, naming the cells, in the json and the md
+    short = [w for w in on_disk["warnings"] if w.startswith("wall-clock speedups timed over less than 10 s")]
+    assert len(short) == 1 and all(f"{b} {t} " in short[0] for b in ("holdout", "chat") for t in ("T=0", "T=1"))
+    assert "decode_tokens_per_s" in short[0] and short[0] in md
     assert "tiny model" in md and "![speed.png](speed.png)" in md
     printed = capsys.readouterr().out
     assert "acc.len" in printed and "holdout" in printed and "only show that the machinery works" in printed
@@ -358,3 +362,17 @@ def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3
             for mode in ("spec", "ar"):
                 assert cell[mode]["refills"] >= 2 if on else cell[mode]["refills"] == 0, (on, T, cell[mode])
     assert reps[True]["settings"]["continuous_batching"] is True
+
+
+def test_speedups_timed_long_enough_get_no_timing_warning(qwen3_model, tmp_path, monkeypatch):
+    """The short-timing warning follows metrics.MIN_TIMED_SECONDS: with the bar at 0 s no cell is short."""
+    import orthrus_train.eval.metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "MIN_TIMED_SECONDS", 0.0)
+    _, chat = write_prompt_files(tmp_path, n=3)
+    cfg = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+               num_prompts=3, max_new_tokens=6, temperatures=[0.0], batch_size=2, verify_backend="torch",
+               plots=False, lossless=dict(enabled=False))
+    rep = run_eval(qwen3_model, word_tokenizer(), cfg, tmp_path / "run")
+    assert rep["benchmarks"]["chat"]["results"]["T=0"]["speedup"] > 0
+    assert not [w for w in rep["warnings"] if "wall-clock speedups timed" in w], rep["warnings"]
