@@ -47,10 +47,57 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y
 
 
+# RMSNorm of the decode passes (`norm(fast=True)`, the joint q/k norm of `project_qkv`; training never changes):
+#   "torch"   `rms_norm` above (7 eager kernels per norm);
+#   "triton"  orthrus_kernels.rmsnorm: the same arithmetic in one kernel (one program per row). Bit-identical up
+#             to the order of the float32 sum of squares. Opt-in until timed on a GPU
+#             (scripts/profile_decode_step.py --norm torch triton). Needs Triton on a CUDA device, or
+#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere the pass raises,
+#             it does not fall back.
+# Set with ORTHRUS_DECODE_NORM or `set_decode_norm`; an engine captures its CUDA graphs with the setting current at
+# capture time.
+DECODE_NORM_CHOICES = ("torch", "triton")
+_decode_norm = os.environ.get("ORTHRUS_DECODE_NORM", "torch")
+
+
+def set_decode_norm(impl: str) -> None:
+    global _decode_norm
+    if impl not in DECODE_NORM_CHOICES:
+        raise ValueError(f"decode norm must be one of {DECODE_NORM_CHOICES}, got {impl!r}")
+    _decode_norm = impl
+
+
+def decode_norm() -> str:
+    if _decode_norm not in DECODE_NORM_CHOICES:
+        raise ValueError(f"ORTHRUS_DECODE_NORM must be one of {DECODE_NORM_CHOICES}, got {_decode_norm!r}")
+    return _decode_norm
+
+
+def _norm_kernels(x: torch.Tensor):
+    """orthrus_kernels.rmsnorm, where its kernel can run on `x`'s device; else a one-line error."""
+    try:
+        from orthrus_kernels import decode_attn, rmsnorm
+    except ImportError as e:
+        reason = f"orthrus_kernels is not importable ({e})"
+    else:
+        reason = decode_attn.live_unusable_reason(x)  # the same conditions: triton, CUDA or the interpreter
+        if reason is None:
+            return rmsnorm
+    raise RuntimeError(f"decode norm 'triton' cannot run here: {reason}; use a CUDA device, or set "
+                       "TRITON_INTERPRET=1 before orthrus_kernels is imported, or ORTHRUS_DECODE_NORM=torch")
+
+
+def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` of a decode pass, by the implementation `decode_norm()` names."""
+    if decode_norm() == "triton":
+        return _norm_kernels(x).rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-    """module(x); fast: `rms_norm` where it applies (decode passes)."""
+    """module(x); fast: `rms_norm` where it applies (decode passes; `decode_rms_norm`)."""
     if fast and is_rms_norm(module):
-        return rms_norm(x, module.weight, module.variance_epsilon)
+        return decode_rms_norm(x, module.weight, module.variance_epsilon)
     return module(x)
 
 
@@ -178,7 +225,7 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
         qk = qkv[..., :nq + nk].view(B, T, Hq + Hkv, D) if fused is not None else torch.cat([q, k], 2)
         if qn is not None:
             w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
-            qk = rms_norm(qk, w, qn.variance_epsilon)
+            qk = decode_rms_norm(qk, w, qn.variance_epsilon)
         qk = apply_rope(qk.transpose(1, 2), cos, sin)
         return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
     if qn is not None:

@@ -1,0 +1,110 @@
+"""Decode RMSNorm "triton" (orthrus_kernels.rmsnorm): `layers.rms_norm`'s result in one kernel, and the engine's
+greedy tokens unchanged with it.
+
+On a CPU the kernel runs in the Triton interpreter (the root conftest builds orthrus_kernels' kernels for it; the
+fixture below sets TRITON_INTERPRET for each test, as tests/model/test_decode_attn.py does). With CUDA present
+the kernel is compiled for the GPU and the inputs move there. Skipped where Triton is not importable.
+"""
+import pytest
+import torch
+
+from orthrus_train.model import layers
+
+kernels = pytest.importorskip("orthrus_kernels")
+from orthrus_kernels import rmsnorm  # noqa: E402
+from orthrus_kernels._backend import HAS_TRITON, interpreting  # noqa: E402
+
+TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
+DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
+pytestmark = pytest.mark.skipif(not TRITON_OK, reason="needs triton on CUDA or kernels built for TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_and_restored_setting(monkeypatch):
+    if interpreting():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    prev = layers.decode_norm()
+    yield
+    layers.set_decode_norm(prev)
+
+
+def inputs(x_shape, w_shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=g) * 3
+    w = 1 + 0.3 * torch.randn(w_shape, generator=g)
+    return x.to(DEV, dtype), w.to(DEV, dtype)
+
+
+CASES = [((3, 576), (576,)), ((2, 5, 64), (5, 64)), ((2, 5, 64), (64,)), ((3, 30, 64), (30, 64)), ((2, 4096), (4096,))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_shape,w_shape", CASES)
+def test_kernel_matches_rms_norm(x_shape, w_shape, dtype):
+    """Plain (N,) weights and per-head (H, N) rows (the joint q/k norm), N = 64, 576, 4096. float32: the same up to
+    the order of the float32 sum of squares (an ulp of the row's rsqrt); 16-bit: within one rounding."""
+    x, w = inputs(x_shape, w_shape, dtype)
+    out, ref = rmsnorm.rms_norm(x, w, 1e-6), layers.rms_norm(x, w, 1e-6)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=4e-7)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-5, rtol=1e-2)
+
+
+def test_kernel_joint_qk_view_of_fused_projection():
+    """The joint q/k norm's input: (B, T, Hq + Hkv, D), a view of the fused q/k/v output (rows not uniformly
+    strided), with the per-head weight `project_qkv` builds (q_norm rows then k_norm rows)."""
+    B, T, Hq, Hkv, D = 2, 3, 4, 2, 64
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(DEV, torch.bfloat16)
+    qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
+    wq, wk = (torch.randn(D, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    w = torch.cat([wq.expand(Hq, D), wk.expand(Hkv, D)])
+    out, ref = rmsnorm.rms_norm(qk, w, 1e-6), layers.rms_norm(qk, w, 1e-6)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-5, rtol=1e-2)
+
+
+def test_switch_and_refusals(monkeypatch):
+    """Unknown names are refused; where the kernel cannot run (CPU tensors without TRITON_INTERPRET) requesting
+    "triton" raises one line, no fallback; "torch" never touches the kernel."""
+    with pytest.raises(ValueError, match="decode norm must be one of"):
+        layers.set_decode_norm("fused")
+    x, w = inputs((2, 64), (64,), torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layers.set_decode_norm("torch")
+    torch.testing.assert_close(layers.decode_rms_norm(x.cpu(), w.cpu(), 1e-6), layers.rms_norm(x.cpu(), w.cpu(), 1e-6))
+    layers.set_decode_norm("triton")
+    with pytest.raises(RuntimeError, match="'triton' cannot run here: .*TRITON_INTERPRET=1") as e:
+        layers.decode_rms_norm(x.cpu(), w.cpu(), 1e-6)
+    assert "\n" not in str(e.value)
+
+
+def test_engine_greedy_tokens_unchanged_with_triton_norm(monkeypatch):
+    """The engine's greedy drafted and AR decode of a tiny Qwen3 (q/k norms: the joint norm is exercised) in float32
+    gives the same tokens with "triton" as with "torch", and the kernel really served the passes' norms."""
+    from orthrus_train.decode.engine import DecodeEngine
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    calls = []
+    real = rmsnorm.rms_norm
+    monkeypatch.setattr(rmsnorm, "rms_norm", lambda x, w, eps: calls.append(tuple(w.shape)) or real(x, w, eps))
+    eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch")
+    out, accepted = {}, []
+    for impl in ("torch", "triton"):
+        layers.set_decode_norm(impl)
+        out[impl] = []
+        for mode in ("spec", "ar"):
+            rows = eng.generate(prompts, 12, mode=mode).rows
+            out[impl].append([r.tokens for r in rows])
+            accepted += [a for r in rows for a in r.accepted] if mode == "spec" else []
+    assert out["triton"] == out["torch"]
+    assert all(len(t) == 12 for t in out["triton"][0])
+    assert max(accepted) > 0  # some drafts accepted: multi-token steps are exercised
+    D = m.decoder.layers[0].self_attn.head_dim
+    assert (256,) in calls and (4 + 2, D) in calls  # layer norms and the joint q/k norm
