@@ -39,6 +39,21 @@ def interpreting() -> bool:
     return KERNELS_INTERPRETED
 
 
+def triton_unusable_reason(*tensors: torch.Tensor) -> str | None:
+    """Why a kernel requested explicitly (not through ``backend="auto"``) cannot run on these tensors here (None:
+    it can): Triton on CUDA tensors, or kernels built for the interpreter while ``TRITON_INTERPRET`` is still set
+    (the interpreter checks it again at every launch)."""
+    if not HAS_TRITON:
+        return "triton is not importable"
+    if KERNELS_INTERPRETED:
+        if not _env_interpret():
+            return "the kernels were built for the Triton interpreter but TRITON_INTERPRET is not set now"
+        return None
+    if not all(t.is_cuda for t in tensors):
+        return "the tensors are not on a CUDA device"
+    return None
+
+
 def triton_usable(*tensors: torch.Tensor) -> bool:
     """Whether backend="triton" can run on these tensors (CUDA, or interpreter-built kernels)."""
     return HAS_TRITON and (KERNELS_INTERPRETED or all(t.is_cuda for t in tensors))

@@ -29,8 +29,6 @@ float32): the interpreter's 16-bit ``tl.dot`` is not trustworthy (see ``fused_kl
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from orthrus_kernels._backend import HAS_TRITON, interpreting
@@ -39,8 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["live_attention", "live_lengths", "live_usable", "live_unusable_reason", "SUPPORTED_DTYPES",
-           "SUPPORTED_HEAD_DIMS"]
+__all__ = ["live_attention", "live_lengths", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (64, 128)  # powers of two (tl.arange / tl.dot tiles over the head dim), the ones tested
@@ -106,25 +103,6 @@ if HAS_TRITON:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)  # nothing seen: 0
         tl.store(o_ptr + b64 * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-def live_unusable_reason(*tensors: torch.Tensor) -> str | None:
-    """Why the "live" kernel cannot run on these tensors here (None: it can). The convention of
-    ``orthrus_kernels._backend`` for ``backend="auto"``: Triton on CUDA tensors, or (kernels built for the
-    interpreter) while ``TRITON_INTERPRET`` is set."""
-    if not HAS_TRITON:
-        return "triton is not importable"
-    if interpreting():
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            return "the kernels were built for the Triton interpreter but TRITON_INTERPRET is not set now"
-        return None
-    if not all(t.is_cuda for t in tensors):
-        return "the tensors are not on a CUDA device"
-    return None
-
-
-def live_usable(*tensors: torch.Tensor) -> bool:
-    return live_unusable_reason(*tensors) is None
 
 
 def live_lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -104,18 +104,25 @@ def draft_probs(logits: torch.Tensor, sp: "SamplingParams") -> torch.Tensor:
     return torch.softmax(verify.processed_logits(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p), dim=-1)
 
 
+def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """Host values (a tensor or a list) on `device` without a stream sync: pinned staging and a non-blocking copy
+    on CUDA (the caching host allocator keeps the staging buffer until the copy is done); as they are elsewhere."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
-                 chunk_tokens: int | None = None, to_dev: Callable | None = None,
-                 scratch: "ScratchCache | None" = None) -> torch.Tensor:
+                 chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None) -> torch.Tensor:
     """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
     theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
     cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
-    (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. to_dev: host tensor -> device
-    (default `.to(device)`; an engine that must not stall the stream passes a pinned, non-blocking copy).
-    scratch: where the scratch caches come from (default: a new one per chunk, `model.new_cache`); a
-    `ScratchCache` hands out the same shapes without allocating or zero-filling (bit-identical results)."""
+    (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. Host values go to the device
+    with `to_device` (no stream stall). scratch: where the scratch caches come from (default: a new one per
+    chunk, `model.new_cache`); a `ScratchCache` hands out the same shapes without allocating or zero-filling
+    (bit-identical results)."""
     dev = cache.lengths.device
-    to_dev = to_dev or (lambda t: t.to(dev))
     lens = [len(p) for p in prompts]
     L = max(lens) - 1
     last = torch.zeros(len(rows), model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
@@ -129,12 +136,12 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
             ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
         tmp = (scratch.get(len(part), L) if scratch is not None
                else model.new_cache(len(part), L, device=dev, dtype=cache.k[0].dtype))
-        h = model.ar_cached(to_dev(ids), tmp)  # (m, L, H)
-        idx = to_dev(torch.tensor(rows[lo:lo + step], dtype=torch.long))
+        h = model.ar_cached(to_device(ids, dev), tmp)  # (m, L, H)
+        idx = to_device(rows[lo:lo + step], dev)
         for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
             k[idx, :, :L] = tk
             v[idx, :, :L] = tv
-        pl = to_dev(torch.tensor(lens[lo:lo + step], dtype=torch.long))
+        pl = to_device(lens[lo:lo + step], dev)
         h_last = h[torch.arange(len(part), device=dev), (pl - 2).clamp(min=0)]
         last[lo:lo + len(part)] = torch.where((pl >= 2)[:, None], h_last.to(last.dtype), 0)
     return last
@@ -530,13 +537,6 @@ class DecodeEngine:
             st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
 
     # ------------------------------------------------------------------------------- continuous batching
-    def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor to the device without a stream sync (pinned staging on CUDA; the caching host allocator
-        keeps the staging buffer until the copy is done)."""
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
         """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into
         the rows' slots (`prefill_rows`, scratch caches reused) and the rows' counters, flags and last hidden
@@ -556,9 +556,9 @@ class DecodeEngine:
                 host[1 + j] = torch.tensor(vals[name], dtype=torch.long)
         host[1 + ROW_VARS.index("seeds")] = sd
         host[1 + ROW_VARS.index("seed_h")] = seed_hash(sd)
-        dev = self._to_dev(host)
+        dev = to_device(host, self.device)
         idx = dev[0]
-        last = prefill_rows(self.model, st.cache, rows, prompts, to_dev=self._to_dev, scratch=self._scratch)
+        last = prefill_rows(self.model, st.cache, rows, prompts, scratch=self._scratch)
         st.row_vars[:, idx] = dev[1:]
         st.last_hidden[idx] = last
         st.acc[idx] = -1
@@ -911,22 +911,15 @@ class GenerationEngine:
         return g
 
     # ------------------------------------------------------------------------------- refill
-    def _to_dev(self, values, dtype=torch.long) -> torch.Tensor:
-        """Host values to the device without a stream sync (pinned staging on CUDA)."""
-        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def _prefill(self, rows: list[int], reqs: list[GenRequest], max_new_tokens: int) -> None:
         """Cache each prompt minus its last token in its row (slots 0..P-2); arm the row."""
         t0 = time.perf_counter()
         lens = [len(r.prompt) for r in reqs]
-        prefill_rows(self.model, self.cache, rows, [r.prompt for r in reqs], self.prefill_tokens, self._to_dev)
-        idx = self._to_dev(rows)
+        prefill_rows(self.model, self.cache, rows, [r.prompt for r in reqs], self.prefill_tokens)
+        idx = to_device(rows, self.device)
 
         def put(t, values, dtype=torch.long):
-            t[idx] = self._to_dev(values, dtype)
+            t[idx] = to_device(values, self.device, dtype)
 
         put(self.cache.lengths, [n - 1 for n in lens])
         put(self.last_token, [int(r.prompt[-1]) for r in reqs])

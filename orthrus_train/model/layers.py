@@ -7,6 +7,7 @@ pass and the two decode passes differ only in which keys they see.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
@@ -73,24 +74,27 @@ def decode_norm() -> str:
     return _decode_norm
 
 
-def _norm_kernels(x: torch.Tensor):
-    """orthrus_kernels.rmsnorm, where its kernel can run on `x`'s device; else a one-line error."""
+def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
+    """The orthrus_kernels module of an opt-in decode kernel, where it can run on `x`'s device; else a one-line
+    error naming `what` was asked for and the setting `instead` that needs no Triton."""
     try:
-        from orthrus_kernels import decode_attn, rmsnorm
+        from orthrus_kernels._backend import triton_unusable_reason
+        kernels = importlib.import_module(f"orthrus_kernels.{module}")
     except ImportError as e:
         reason = f"orthrus_kernels is not importable ({e})"
     else:
-        reason = decode_attn.live_unusable_reason(x)  # the same conditions: triton, CUDA or the interpreter
+        reason = triton_unusable_reason(x)
         if reason is None:
-            return rmsnorm
-    raise RuntimeError(f"decode norm 'triton' cannot run here: {reason}; use a CUDA device, or set "
-                       "TRITON_INTERPRET=1 before orthrus_kernels is imported, or ORTHRUS_DECODE_NORM=torch")
+            return kernels
+    raise RuntimeError(f"{what} cannot run here: {reason}; use a CUDA device, or set "
+                       f"TRITON_INTERPRET=1 before orthrus_kernels is imported, or {instead}")
 
 
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm` of a decode pass, by the implementation `decode_norm()` names."""
     if decode_norm() == "triton":
-        return _norm_kernels(x).rms_norm(x, weight, eps)
+        kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "ORTHRUS_DECODE_NORM=torch", x)
+        return kernels.rms_norm(x, weight, eps)
     return rms_norm(x, weight, eps)
 
 
@@ -275,20 +279,6 @@ def decode_attention() -> str:
     return _decode_attn
 
 
-def _live_kernels(mask: torch.Tensor):
-    """orthrus_kernels.decode_attn, where its kernel can run on `mask`'s device; else a one-line error."""
-    try:
-        from orthrus_kernels import decode_attn
-    except ImportError as e:
-        reason = f"orthrus_kernels is not importable ({e})"
-    else:
-        reason = decode_attn.live_unusable_reason(mask)
-        if reason is None:
-            return decode_attn
-    raise RuntimeError(f"decode attention 'live' cannot run here: {reason}; use a CUDA device, or set "
-                       "TRITON_INTERPRET=1 before orthrus_kernels is imported, or ORTHRUS_DECODE_ATTN=sdpa")
-
-
 class DecodeMask:
     """A cached pass's boolean mask (B, 1, T, S), prepared once per pass for `cached_attention` (not once per
     layer): the implementation chosen, and the mask in the form it takes, i.e. additive (0 / -inf in the query
@@ -303,7 +293,7 @@ class DecodeMask:
             impl = "fold" if T > 1 and B > 1 else "sdpa"
         self.impl = impl
         if impl == "live":
-            self.kernels = _live_kernels(mask)
+            self.kernels = _opt_in_kernels("decode_attn", "decode attention 'live'", "ORTHRUS_DECODE_ATTN=sdpa", mask)
             self.mask, self.kv_len = mask, self.kernels.live_lengths(mask)
             return
         g = q_heads // kv_heads

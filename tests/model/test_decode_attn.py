@@ -1,10 +1,7 @@
 """Decode attention "live" (orthrus_kernels.decode_attn): SDPA's result while reading only each row's live
 cache length, and the engine's greedy tokens unchanged with it.
 
-On a CPU the kernel runs in the Triton interpreter: the root conftest builds orthrus_kernels' kernels for it,
-and the fixture below sets TRITON_INTERPRET for each test of this module (as tests/kernels/conftest.py does for
-its folder). With CUDA present the kernel is compiled for the GPU and the inputs move there. Skipped where
-Triton is not importable (or TRITON_INTERPRET=0 on a CPU box).
+The kernel runs on a GPU, or on a CPU in the Triton interpreter (tests/model/triton_testlib.py).
 """
 import pytest
 import torch
@@ -13,17 +10,14 @@ from orthrus_train.model import layers, masks
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import decode_attn  # noqa: E402
-from orthrus_kernels._backend import HAS_TRITON, interpreting  # noqa: E402
+from tests.model.triton_testlib import DEV, requires_triton, tiny_engine_tokens, use_interpreter  # noqa: E402
 
-TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
-DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason="needs triton on CUDA or kernels built for TRITON_INTERPRET=1")
+pytestmark = requires_triton
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_and_restored_setting(monkeypatch):
-    if interpreting():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(monkeypatch)
     prev = layers.decode_attention()
     yield
     layers.set_decode_attention(prev)
@@ -132,27 +126,11 @@ def test_live_refusals(monkeypatch):
 def test_engine_greedy_tokens_unchanged_with_live(monkeypatch):
     """The engine's greedy drafted (and AR) decode of a tiny model with D = 64 and grouped heads gives the same
     tokens with "live" as with "sdpa", and the kernel really served its passes."""
-    from orthrus_train.decode.engine import DecodeEngine
-    from orthrus_train.model import OrthrusModel, build_random, tiny_config
-
-    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
-                                  initializer_range=0.2), seed=0)
-    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
-    assert m.decoder.layers[0].self_attn.head_dim == 64
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
     calls = []
     real = decode_attn.live_attention
     monkeypatch.setattr(decode_attn, "live_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
-    eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch")
-    out, accepted = {}, []
-    for impl in ("sdpa", "live"):
-        layers.set_decode_attention(impl)
-        out[impl] = []
-        for mode in ("spec", "ar"):
-            rows = eng.generate(prompts, 16, mode=mode).rows
-            out[impl].append([r.tokens for r in rows])
-            accepted += [a for r in rows for a in r.accepted] if mode == "spec" else []
+    out, accepted, m = tiny_engine_tokens(layers.set_decode_attention, ("sdpa", "live"), 16)
+    assert m.decoder.layers[0].self_attn.head_dim == 64
     assert out["live"] == out["sdpa"]
     assert all(len(t) == 16 for t in out["live"][0])
     assert max(accepted) > 0  # some drafts accepted: multi-token steps (cache lengths jump) are exercised

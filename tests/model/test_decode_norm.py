@@ -1,9 +1,7 @@
 """Decode RMSNorm "triton" (orthrus_kernels.rmsnorm): `layers.rms_norm`'s result in one kernel, and the engine's
 greedy tokens unchanged with it.
 
-On a CPU the kernel runs in the Triton interpreter (the root conftest builds orthrus_kernels' kernels for it; the
-fixture below sets TRITON_INTERPRET for each test, as tests/model/test_decode_attn.py does). With CUDA present
-the kernel is compiled for the GPU and the inputs move there. Skipped where Triton is not importable.
+The kernel runs on a GPU, or on a CPU in the Triton interpreter (tests/model/triton_testlib.py).
 """
 import pytest
 import torch
@@ -12,17 +10,14 @@ from orthrus_train.model import layers
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import rmsnorm  # noqa: E402
-from orthrus_kernels._backend import HAS_TRITON, interpreting  # noqa: E402
+from tests.model.triton_testlib import DEV, requires_triton, tiny_engine_tokens, use_interpreter  # noqa: E402
 
-TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
-DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason="needs triton on CUDA or kernels built for TRITON_INTERPRET=1")
+pytestmark = requires_triton
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_and_restored_setting(monkeypatch):
-    if interpreting():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(monkeypatch)
     prev = layers.decode_norm()
     yield
     layers.set_decode_norm(prev)
@@ -83,26 +78,10 @@ def test_switch_and_refusals(monkeypatch):
 def test_engine_greedy_tokens_unchanged_with_triton_norm(monkeypatch):
     """The engine's greedy drafted and AR decode of a tiny Qwen3 (q/k norms: the joint norm is exercised) in float32
     gives the same tokens with "triton" as with "torch", and the kernel really served the passes' norms."""
-    from orthrus_train.decode.engine import DecodeEngine
-    from orthrus_train.model import OrthrusModel, build_random, tiny_config
-
-    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
-                                  initializer_range=0.2), seed=0)
-    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
     calls = []
     real = rmsnorm.rms_norm
     monkeypatch.setattr(rmsnorm, "rms_norm", lambda x, w, eps: calls.append(tuple(w.shape)) or real(x, w, eps))
-    eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch")
-    out, accepted = {}, []
-    for impl in ("torch", "triton"):
-        layers.set_decode_norm(impl)
-        out[impl] = []
-        for mode in ("spec", "ar"):
-            rows = eng.generate(prompts, 12, mode=mode).rows
-            out[impl].append([r.tokens for r in rows])
-            accepted += [a for r in rows for a in r.accepted] if mode == "spec" else []
+    out, accepted, m = tiny_engine_tokens(layers.set_decode_norm, ("torch", "triton"), 12)
     assert out["triton"] == out["torch"]
     assert all(len(t) == 12 for t in out["triton"][0])
     assert max(accepted) > 0  # some drafts accepted: multi-token steps are exercised

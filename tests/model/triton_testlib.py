@@ -1,0 +1,45 @@
+"""What the tests of the opt-in Triton decode kernels share (test_decode_attn.py, test_decode_norm.py).
+
+On a CPU the kernels run in the Triton interpreter (the root conftest builds orthrus_kernels' kernels for it, and
+`use_interpreter` sets TRITON_INTERPRET for each test, as tests/kernels/conftest.py does for its folder). With
+CUDA present they are compiled for the GPU and the inputs move to `DEV`. `requires_triton` skips a module where
+Triton is not importable (or TRITON_INTERPRET=0 on a CPU box).
+"""
+import pytest
+import torch
+
+from orthrus_kernels._backend import HAS_TRITON, interpreting
+
+TRITON_OK = HAS_TRITON and (interpreting() or torch.cuda.is_available())
+DEV = torch.device("cuda" if (TRITON_OK and not interpreting()) else "cpu")
+requires_triton = pytest.mark.skipif(not TRITON_OK,
+                                     reason="needs triton on CUDA or kernels built for TRITON_INTERPRET=1")
+
+
+def use_interpreter(monkeypatch) -> None:
+    if interpreting():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def tiny_engine_tokens(select, impls, max_new: int):
+    """Greedy drafted and AR decode of 3 prompts by a tiny Qwen3 (D = 64, grouped heads, q/k norms) on `DEV`,
+    once per implementation: `select(impl)` switches it before each. Returns ({impl: [spec tokens, AR tokens]}
+    (each a list per prompt), the accepted-draft counts of the drafted rows, the model)."""
+    from orthrus_train.decode.engine import DecodeEngine
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch")
+    out, accepted = {}, []
+    for impl in impls:
+        select(impl)
+        out[impl] = []
+        for mode in ("spec", "ar"):
+            rows = eng.generate(prompts, max_new, mode=mode).rows
+            out[impl].append([r.tokens for r in rows])
+            accepted += [a for r in rows for a in r.accepted] if mode == "spec" else []
+    return out, accepted, m
