@@ -31,6 +31,9 @@ OPTIONAL = {
     "wandb": ["wandb", "sentry-sdk", "gitpython", "gitdb", "smmap", "docker-pycreds", "setproctitle", "platformdirs",
               "protobuf", "click"],
     "datasets": ["datasets", "dill", "multiprocess", "xxhash", "fsspec", "aiohttp", "huggingface-hub", "pandas"],
+    # the GPU-only tests on the cluster (python -m pytest tests/model/test_decode_attn.py ...); packaging is in
+    # every image that has transformers
+    "test": ["pytest", "pluggy", "iniconfig", "pygments", "pytest-timeout"],
 }
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64", "any"]
@@ -45,7 +48,7 @@ def main() -> int:
     ap.add_argument("--out", default="wheelhouse")
     ap.add_argument("--python", default="3.12", help="target Python version, e.g. 3.12")
     ap.add_argument("--with", dest="extras", nargs="*", default=[], choices=sorted(OPTIONAL),
-                    help="optional groups (wandb, datasets)")
+                    help="optional groups (wandb, datasets, test)")
     ap.add_argument("--skip", nargs="*", default=[], help="package names the target image already has")
     args = ap.parse_args()
     out = Path(args.out).resolve()

@@ -14,14 +14,18 @@
 #   final   the lossless checks on the largest budget (ROOT/final); HF_REF=true adds the transformers
 #           `generate` reference speed (static cache, compiled) on HF_REF_PROMPTS prompts per cell
 #   collect curve.json / curve.md / curve.png into ROOT/results, packed into OUT/results.tgz
-#   profile issue 17's decode-step profiles (scripts/profile_decode_step.py, one JSON per shape) started in the
+#   profile issue 17's decode-step profiles (KERNEL_TESTS=1: first the opt-in Triton kernels' tests on that GPU) (scripts/profile_decode_step.py, one JSON per shape) started in the
 #           background on the side GPU; the side runs of the train phase wait for them, the main run does not. PROFILE_COMPILE="ARGS"
 #           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving);
 #           PROFILE_NOFUSE=1 profiles each shape once more with --no-fuse (<shape>_nofuse.json)
 # Results are packed after every phase. Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
 # evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0). MAIN_NPROC=2: the data
-# stage and the main training on both GPUs instead (see on_all below).
+# stage and the main training on both GPUs instead (see on_all below); with SIDE_GPU=1 too, the side GPU then
+# takes the profiles (list `profile` after `train`), KERNEL_EVAL and SIDE_BUDGETS once training is done.
+# MEDUSA_RUN=0 skips the Medusa baseline, ABLATIONS=none every ablation. Budgets are evaluated largest first.
+# KERNEL_EVAL="ORTHRUS_DECODE_ATTN=live ...": the largest budget once more on the side GPU with those settings
+# (ROOT/kernels-step-N). SIDE_BUDGETS="N ...": those budgets are evaluated on the side GPU, the rest on MAIN_GPU.
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
@@ -55,6 +59,7 @@ link_run() {  # a run folder that shares the main run's tokenizer and data (no c
 # "lr1e-3_uniform" is sessions 5 and 6's old base)
 declare -A ABL=([base]="" [lr1e-3]="train.lr=1e-3" [uniform]="train.offset_decay=0" [k32]="heads.block_size=32"
                 [lr1e-3_uniform]="train.lr=1e-3 train.offset_decay=0" [lr1e-2]="train.lr=1e-2")
+MEDUSA_RUN=${MEDUSA_RUN:-1}; SIDE_RUNS=(); [ "$MEDUSA_RUN" = 0 ] || SIDE_RUNS=(medusa)
 if [ -n "${ABLATIONS:-}" ]; then  # e.g. ABLATIONS="base k32": keep only these
   declare -A KEEP=(); for a in $ABLATIONS; do KEEP[$a]=1; done
   for a in "${!ABL[@]}"; do [ -n "${KEEP[$a]:-}" ] || unset "ABL[$a]"; done
@@ -68,13 +73,21 @@ on_side() { if [ -n "$SIDE_GPU" ]; then CUDA_VISIBLE_DEVICES=$SIDE_GPU "$@"; els
 MAIN_NPROC=${MAIN_NPROC:-1}
 on_all() { if [ "$MAIN_NPROC" -gt 1 ]; then
     LAUNCH="torchrun --standalone --nproc_per_node $MAIN_NPROC -m orthrus_train" "$@"; else on_main "$@"; fi; }
+SIDE_RUNS+=("${!ABL[@]}")
+LARGEST=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 PROFILE_PID=""; side_pids=()
 PROFILE_SHAPES=${PROFILE_SHAPES:-smollm2-135m qwen3-4b qwen3-8b}
 
 for ph in $PHASES; do case $ph in
   profile)
     mkdir -p "$RES/decode"
-    ( for sh in $PROFILE_SHAPES; do
+    ( if [ -n "${KERNEL_TESTS:-}" ]; then  # the opt-in decode kernels compiled for this GPU, against the reference
+        t0=$(date +%s)
+        ( cd "$HERE/.." && on_side python -m pytest -q -p no:cacheprovider tests/model/test_decode_attn.py \
+            tests/model/test_decode_norm.py ) > "$RES/decode/kernel_tests.log" 2>&1
+        echo "[kernel tests] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
+      fi
+      for sh in $PROFILE_SHAPES; do
         t0=$(date +%s)
         on_side python "$HERE/profile_decode_step.py" --shape "$sh" ${PROFILE_ARGS:-} --out "$RES/decode/$sh.json" \
           > "$RES/decode/$sh.log" 2>&1
@@ -100,7 +113,7 @@ for ph in $PHASES; do case $ph in
     # the side runs wait for the profiles on the side GPU (timings alone there); the main run starts at once
     side_wait() { [ -n "$PROFILE_PID" ] && [ -n "$SIDE_GPU" ] || return 0
       while kill -0 "$PROFILE_PID" 2>/dev/null; do sleep 5; done; }
-    ( side_wait; on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 \
+    [ "$MEDUSA_RUN" = 0 ] || ( side_wait; on_side run medusa_train run_dir=$ROOT/medusa stage=train heads=medusa heads.block_size=16 \
       "${TRAIN[@]}" "${MEDUSA[@]}" train.max_steps=$STEPS train.save_every=$STEPS ) & side_pids+=($!)
     for a in "${!ABL[@]}"; do
       ( side_wait; on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
@@ -111,37 +124,49 @@ for ph in $PHASES; do case $ph in
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
     cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
   eval)
-    # the side GPU: Medusa and each ablation evaluated as soon as its training ends
+    eval_ckpt() {  # eval_ckpt NAME DIR STEP ON [overrides...]: DIR evaluates the main run's checkpoint STEP
+      local name=$1 d=$2 n=$3 on=$4; shift 4; link_run "$d"; mkdir -p "$d/checkpoints"
+      local src; src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
+      [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
+      [ -f "$d/eval/report.json" ] || $on run "$name" run_dir=$d stage=eval "${EVAL[@]}" "$@"; }
+    curve_point() {  # one budget of the curve, then the partial curve packed (kept even if the lease ends)
+      eval_ckpt eval_step$1 "$ROOT/curve/step-$1" "$1" "$2"
+      cp "$ROOT/curve/step-$1/eval/report.json" "$RES/curve_step${1}_report.json" 2>/dev/null
+      python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect_$1.log" 2>&1; pack; }
+    # the side GPU: Medusa and each ablation evaluated as soon as its training ends; then (after the profiles)
+    # KERNEL_EVAL and SIDE_BUDGETS
     ( for p in "${side_pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done  # not this subshell's children
-      for r in medusa "${!ABL[@]}"; do d=$ROOT/$r; [ "$r" = medusa ] || d=$ROOT/abl-$r
+      for r in "${SIDE_RUNS[@]}"; do d=$ROOT/$r; [ "$r" = medusa ] || d=$ROOT/abl-$r
         cp "$d/metrics.jsonl" "$RES/$(basename "$d")_metrics.jsonl" 2>/dev/null; done
-      [ -f "$ROOT/medusa/eval/report.json" ] || on_side run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
-        heads.block_size=16 "${EVAL[@]}"
-      cp "$ROOT/medusa/eval/report.json" "$RES/medusa_report.json" 2>/dev/null; pack  # kept even if the lease ends
+      if [ "$MEDUSA_RUN" != 0 ]; then
+        [ -f "$ROOT/medusa/eval/report.json" ] || on_side run medusa_eval run_dir=$ROOT/medusa stage=eval heads=medusa \
+          heads.block_size=16 "${EVAL[@]}"
+        cp "$ROOT/medusa/eval/report.json" "$RES/medusa_report.json" 2>/dev/null; pack  # kept even if the lease ends
+      fi
       for a in "${!ABL[@]}"; do
         [ -f "$ROOT/abl-$a/eval/report.json" ] || on_side run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
         cp "$ROOT/abl-$a/eval/report.json" "$RES/abl-${a}_report.json" 2>/dev/null; pack
-      done ) &
+      done
+      if [ -n "${KERNEL_EVAL:-}${SIDE_BUDGETS:-}" ]; then
+        [ -z "$PROFILE_PID" ] || while kill -0 "$PROFILE_PID" 2>/dev/null; do sleep 5; done  # timings alone there
+        if [ -n "${KERNEL_EVAL:-}" ]; then
+          LAUNCH="env $KERNEL_EVAL ${LAUNCH:-python -m orthrus_train}" eval_ckpt kernels_step$LARGEST \
+            "$ROOT/kernels-step-$LARGEST" "$LARGEST" on_side
+          cp "$ROOT/kernels-step-$LARGEST/eval/report.json" "$RES/kernels_step${LARGEST}_report.json" 2>/dev/null; pack
+        fi
+        for n in ${SIDE_BUDGETS:-}; do curve_point "$n" on_side; done
+      fi ) &
     side_eval=$!
-    for n in $BUDGETS; do
-      d=$ROOT/curve/step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
-      src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
-      [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
-      [ -f "$d/eval/report.json" ] || on_main run eval_step$n run_dir=$d stage=eval "${EVAL[@]}"
-      cp "$d/eval/report.json" "$RES/curve_step${n}_report.json" 2>/dev/null
-      python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect.log" 2>&1  # partial curve
-      pack
+    for n in $(printf '%s\n' $BUDGETS | sort -rn); do  # largest first: the headline number before the lease ends
+      case " ${SIDE_BUDGETS:-} " in *" $n "*) continue ;; esac
+      curve_point "$n" on_main
     done
     if [ -n "${FIXED_BATCH_COMPARE:-}" ]; then  # the largest budget again with fixed batches: what refills earn
-      n=${BUDGETS##* }; d=$ROOT/fixed-step-$n; link_run "$d"; mkdir -p "$d/checkpoints"
-      src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
-      [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
-      [ -f "$d/eval/report.json" ] || on_main run eval_fixed_step$n run_dir=$d stage=eval "${EVAL[@]}" \
-        eval.continuous_batching=false
-      cp "$d/eval/report.json" "$RES/fixed_step${n}_report.json" 2>/dev/null; pack
+      eval_ckpt eval_fixed_step$LARGEST "$ROOT/fixed-step-$LARGEST" "$LARGEST" on_main eval.continuous_batching=false
+      cp "$ROOT/fixed-step-$LARGEST/eval/report.json" "$RES/fixed_step${LARGEST}_report.json" 2>/dev/null; pack
     fi ;;  # the side GPU's evals go on during `final`; `collect` waits for them
   final)
-    n=${BUDGETS##* }; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
+    n=$LARGEST; d=$ROOT/final; link_run "$d"; mkdir -p "$d/checkpoints"
     src=$(printf "%s/main/checkpoints/step-%08d" "$ROOT" "$n")
     [ -e "$d/checkpoints/$(basename "$src")" ] || ln -s "$src" "$d/checkpoints/$(basename "$src")"
     on_main run final_eval run_dir=$d stage=eval eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW \
@@ -150,7 +175,7 @@ for ph in $PHASES; do case $ph in
     cp "$d/eval/report.json" "$RES/final_report.json" 2>/dev/null; cp "$d/eval/report.md" "$RES/final_report.md" 2>/dev/null ;;
   collect)
     [ -z "${side_eval:-}" ] || { wait "$side_eval"; side_eval=""; }
-    extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
+    extras=(); [ "$MEDUSA_RUN" = 0 ] || extras=(--extra "medusa=$ROOT/medusa:$ROOT/medusa/eval/report.json")
     for a in "${!ABL[@]}"; do extras+=(--extra "abl-$a=$ROOT/abl-$a:$ROOT/abl-$a/eval/report.json"); done
     python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" "${extras[@]}" --budgets "${BUDGETS// /,}" \
       > "$RES/collect.log" 2>&1

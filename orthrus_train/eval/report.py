@@ -162,8 +162,12 @@ def _environment(device) -> dict[str, Any]:
     import torch
     import transformers
 
+    from orthrus_train.model import layers
+
+    # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / ORTHRUS_DECODE_NORM): they change the speed
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "decode_attention": layers.decode_attention(), "decode_norm": layers.decode_norm()}
 
 
 def _warm_up(gen, ids: list[int]) -> None:

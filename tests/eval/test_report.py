@@ -298,9 +298,14 @@ def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp
     assert c["estimated_steps"] == 9 + 18  # 6 prompt-turns in batches of 2: 3 x 6 AR steps, half that drafted
     assert seen and not any(seen) and c["setup_s"] > 0
     assert "Compiled steps: no (auto: not on a CUDA device" in (tmp_path / "auto" / "eval" / "report.md").read_text()
+    env = rep["environment"]  # the decode kernels the speeds were measured with
+    assert (env["decode_attention"], env["decode_norm"]) == ("auto", "torch")
     seen.clear()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from orthrus_train.model import layers
+    monkeypatch.setattr(layers, "_decode_attn", "sdpa")  # as ORTHRUS_DECODE_ATTN=sdpa would
     rep = run_eval(qwen3_model, tok, {**base, "compile_steps": True}, tmp_path / "forced")
+    assert rep["environment"]["decode_attention"] == "sdpa"
     assert rep["compile"]["used"] is True and rep["compile"]["reason"] == "compile_steps=true"
     assert seen and all(seen)
     assert rep["compile"]["cache_dir"] == str(tmp_path / "forced" / "cache" / "torchinductor")
