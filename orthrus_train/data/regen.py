@@ -156,7 +156,7 @@ class EngineGenerator:
         self.compile_steps = compile_policy.normalize(compile_steps)
         self.compile_min_steps = compile_policy.DEFAULT_MIN_STEPS if compile_min_steps is None else compile_min_steps
         self.compile_cache = compile_cache
-        self.compile_info: dict | None = None
+        self._compile_info: dict | None = None
         self.engine = None
 
     def sampling_defaults(self) -> tuple[float, int, float]:
@@ -167,7 +167,7 @@ class EngineGenerator:
 
         step = self.engine_kw.get("width_step", 128)
         slots = -(-slots // step) * step
-        compile_step = bool(self.compile_info and self.compile_info["used"])
+        compile_step = bool(self._compile_info and self._compile_info["used"])
         if self.engine is None or self.engine.S < slots or (self.engine._compiled is not None) != compile_step:
             self.engine = None  # free the old cache first
             self.engine = GenerationEngine(self.model, self._fit_batch(slots), slots,
@@ -185,9 +185,15 @@ class EngineGenerator:
                                      self.compile_min_steps)
         if info["used"] and self.compile_cache is not None:
             info["cache_dir"] = compile_policy.use_cache_dir(self.compile_cache)
-        if self.compile_info is None or info["used"] != self.compile_info["used"]:
+        if self._compile_info is None or info["used"] != self._compile_info["used"]:
             print(f"[data] compiled decode step: {'yes' if info['used'] else 'no'} ({info['reason']})", flush=True)
-        self.compile_info = info
+        self._compile_info = info
+
+    @property
+    def compile_info(self) -> dict | None:
+        """The last call's compile decision; "error" where compilation failed and the step ran uncompiled."""
+        err = getattr(self.engine, "compile_error", None)
+        return self._compile_info if not (err and self._compile_info) else {**self._compile_info, "error": err}
 
     def _fit_batch(self, slots: int) -> int:
         """batch_size, lowered (with a warning) where its KV cache would take more than half the free memory."""

@@ -255,6 +255,36 @@ class _State:
         self.zeros = torch.zeros(B, 1, **z)
 
 
+def compile_failed(e: BaseException) -> bool:
+    """An error raised by torch.compile itself (Dynamo tracing, Inductor code generation), not by the step."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+class CompiledOrEager:
+    """A torch.compile'd step that runs the eager function instead, from then on, if compilation fails: an
+    Inductor bug on one shape must not end a regeneration or an eval (measured: torch 2.11 fails to generate
+    code for the sampled step's (256, 49152) cumsum). `owner.compile_error` says what failed; a warning too.
+    A failure surfaces before the compiled step changes any state read later (the step's writes to the cache
+    are idempotent until the lengths advance, at its end), so the eager re-run gives the same tokens."""
+
+    def __init__(self, owner, fn: Callable, **compile_kw):
+        self.owner, self.fn = owner, fn
+        self.compiled: Callable | None = torch.compile(fn, **compile_kw)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - only compilation failures are caught (re-raised otherwise)
+                if not compile_failed(e):
+                    raise
+                self.compiled = None
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                self.owner.compile_error = f"{type(e).__name__}: {first}"
+                warnings.warn(f"torch.compile failed ({self.owner.compile_error}); this step runs uncompiled")
+        return self.fn(*args)
+
+
 class DecodeEngine:
     """Batched speculative / AR decoding on one static cache.
 
@@ -294,6 +324,7 @@ class DecodeEngine:
             warnings.warn("use_cuda_graphs=True ignored: the model is not on a CUDA device (running eagerly)")
         self.compile_steps = bool(compile_steps)
         self._compiled: dict = {}
+        self.compile_error: str | None = None  # set where a compiled step fell back to eager (CompiledOrEager)
         self.graph_error: str | None = None
         self._graphs: dict = {}
         self._pool = None
@@ -409,7 +440,7 @@ class DecodeEngine:
         key = (self._mode, self._sampling)
         if self.compile_steps:  # fuse the many small kernels of a step (compiled once per mode + sampling)
             if key not in self._compiled:
-                self._compiled[key] = [torch.compile(f, dynamic=False) for f in fns]
+                self._compiled[key] = [CompiledOrEager(self, f, dynamic=False) for f in fns]
             fns = self._compiled[key]
         if not self.cuda_graphs:
             return fns
@@ -844,7 +875,8 @@ class GenerationEngine:
         self.prefill_s = 0.0
         self._settings: tuple = ()
         # dynamic=None: the first width compiles static, the second makes the width dynamic (two compiles in all)
-        self._compiled = torch.compile(self._step, dynamic=None) if compile_step else None
+        self.compile_error: str | None = None  # set where the compiled step fell back to eager
+        self._compiled = CompiledOrEager(self, self._step, dynamic=None) if compile_step else None
 
     def _step_fn(self, W: int) -> None:
         (self._compiled or self._step)(W)

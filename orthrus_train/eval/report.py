@@ -167,7 +167,7 @@ def _environment(device) -> dict[str, Any]:
     # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / ORTHRUS_DECODE_NORM): they change the speed
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-            "decode_attention": layers.decode_attention(), "decode_norm": layers.decode_norm()}
+            "decode_attention": layers.decode_attention(), "decode_norm": layers.resolved_decode_norm(device)}
 
 
 def _warm_up(gen, ids: list[int]) -> None:
@@ -292,6 +292,8 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                 comp["setup_s"] += time.perf_counter() - t_w
                 bar.start(mode)
                 runs[mode] = run = _run_turns(b.prompts, renderer, gen, seed_of)
+                if engines.engine is not None and engines.engine.compile_error and "error" not in comp:
+                    comp["error"] = engines.engine.compile_error  # those steps ran uncompiled (CompiledOrEager)
                 label = f"{name} {_tkey(T)} {mode}"
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -617,7 +619,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{samp['temperatures']}, batch {s['batch_size']}, seed {s['seed']}, "
             f"CUDA graphs requested: {s['use_cuda_graphs']}, "
             f"batching: {'continuous (ended rows refilled)' if s.get('continuous_batching', False) else 'fixed'}.  ",
-            *([f"Compiled steps: {'yes' if report['compile']['used'] else 'no'} ({report['compile']['reason']}); "
+            *([f"Compiled steps: {'yes' if report['compile']['used'] else 'no'} ({report['compile']['reason']}"
+               + (f"; compilation failed, those steps ran uncompiled: {report['compile']['error']}"
+                  if report['compile'].get('error') else "") + "); "
                f"warm-up (compilation + capture) {report['compile']['setup_s']:.1f} s in all.  "]
               if "compile" in report else []),
             f"Sampling (T > 0): {sampling.describe(samp)}.", ""]

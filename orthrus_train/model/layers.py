@@ -7,6 +7,7 @@ pass and the two decode passes differ only in which keys they see.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable
@@ -49,16 +50,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # RMSNorm of the decode passes (`norm(fast=True)`, the joint q/k norm of `project_qkv`; training never changes):
+#   "auto"    (default) "triton" on a CUDA device where Triton runs, else "torch";
 #   "torch"   `rms_norm` above (7 eager kernels per norm);
 #   "triton"  orthrus_kernels.rmsnorm: the same arithmetic in one kernel (one program per row). Bit-identical up
-#             to the order of the float32 sum of squares. Opt-in until timed on a GPU
-#             (scripts/profile_decode_step.py --norm torch triton). Needs Triton on a CUDA device, or
-#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere the pass raises,
-#             it does not fall back.
+#             to the order of the float32 sum of squares (bf16 / fp16 bit-identical in the CPU tests; greedy
+#             decode token-identical, tests/model/test_decode_norm.py, also run on an H200). Measured on an
+#             H200 (docs/benchmarks.md, session 7): the AR step 33% faster on the SmolLM2 shape at batch 1
+#             (2.19 -> 1.47 ms), 19% on Qwen3-8B (7.13 -> 5.74 ms). Needs Triton on a CUDA device, or
+#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
+#             raises, it does not fall back.
 # Set with ORTHRUS_DECODE_NORM or `set_decode_norm`; an engine captures its CUDA graphs with the setting current at
-# capture time.
-DECODE_NORM_CHOICES = ("torch", "triton")
-_decode_norm = os.environ.get("ORTHRUS_DECODE_NORM", "torch")
+# capture time; `resolved_decode_norm(device)` names what "auto" runs there.
+DECODE_NORM_CHOICES = ("auto", "torch", "triton")
+_decode_norm = os.environ.get("ORTHRUS_DECODE_NORM", "auto")
 
 
 def set_decode_norm(impl: str) -> None:
@@ -90,9 +94,30 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
                        f"TRITON_INTERPRET=1 before orthrus_kernels is imported, or {instead}")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_norm_runs_on(device: torch.device) -> bool:
+    """Whether "auto" takes the Triton norm on `device`: CUDA only (never the CPU interpreter), kernels usable."""
+    if device.type != "cuda":
+        return False
+    try:
+        _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolved_decode_norm(device: torch.device | str) -> str:
+    """The decode norm that runs on `device` under the current setting ("auto" resolved)."""
+    impl = decode_norm()
+    if impl != "auto":
+        return impl
+    return "triton" if _triton_norm_runs_on(torch.device(device)) else "torch"
+
+
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rms_norm` of a decode pass, by the implementation `decode_norm()` names."""
-    if decode_norm() == "triton":
+    """`rms_norm` of a decode pass, by the implementation `decode_norm()` names ("auto": `resolved_decode_norm`)."""
+    impl = decode_norm()
+    if impl == "triton" or (impl == "auto" and _triton_norm_runs_on(x.device)):
         kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "ORTHRUS_DECODE_NORM=torch", x)
         return kernels.rms_norm(x, weight, eps)
     return rms_norm(x, weight, eps)

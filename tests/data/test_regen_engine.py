@@ -217,3 +217,47 @@ def test_compile_policy_of_the_engine_backend(byte_tok, llama, prompts, monkeypa
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     with pytest.raises(ValueError, match="auto, true or false"):
         EngineGenerator(llama, [byte_tok.eos_token_id], compile_steps="fast")
+
+
+class _InductorFailure(RuntimeError):
+    """Stands for torch._inductor.exc.InductorError (its constructor differs between torch versions)."""
+
+
+_InductorFailure.__module__ = "torch._inductor.exc"
+
+
+def _failing_compile(calls):
+    def compile_(fn, **kw):
+        def compiled(*a):
+            calls.append(kw)
+            raise _InductorFailure("TypeError: list indices must be integers or slices, not NoneType\nmore lines")
+        return compiled
+    return compile_
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_step(byte_tok, llama, prompts, monkeypatch):
+    """torch 2.11's Inductor failed to generate code for the sampled step on an H200 (session 7) and ended the
+    data stage: a compilation failure now runs the step uncompiled, with the same tokens, once warned, and the
+    compile report says why; an error of the step itself still propagates."""
+    import orthrus_train.decode.engine as engine_mod
+
+    settings = dict(temperature=1.0, seed=3)
+    want = EngineGenerator(llama, [byte_tok.eos_token_id], batch_size=4).generate(prompts, 6, **settings)
+    calls = []
+    monkeypatch.setattr(engine_mod.torch, "compile", _failing_compile(calls))
+    gen = EngineGenerator(llama, [byte_tok.eos_token_id], batch_size=4, compile_steps=True)
+    with pytest.warns(UserWarning, match="torch.compile failed .*_InductorFailure.*runs uncompiled"):
+        assert gen.generate(prompts, 6, **settings) == want
+    assert len(calls) == 1  # compiled once, then eager for good
+    info = gen.compile_info
+    assert info["used"] is True and info["error"] == ("_InductorFailure: TypeError: list indices must be integers "
+                                                      "or slices, not NoneType")
+    assert gen.generate(prompts, 6, **settings) == want and len(calls) == 1
+
+    def broken(fn, **kw):  # an error raised by the step, not by the compiler
+        def compiled(*a):
+            raise ValueError("not a compile failure")
+        return compiled
+    monkeypatch.setattr(engine_mod.torch, "compile", broken)
+    with pytest.raises(ValueError, match="not a compile failure"):
+        EngineGenerator(llama, [byte_tok.eos_token_id], batch_size=4, compile_steps=True).generate(prompts, 6)

@@ -381,3 +381,36 @@ def test_speedups_timed_long_enough_get_no_timing_warning(qwen3_model, tmp_path,
     rep = run_eval(qwen3_model, word_tokenizer(), cfg, tmp_path / "run")
     assert rep["benchmarks"]["chat"]["results"]["T=0"]["speedup"] > 0
     assert not [w for w in rep["warnings"] if "wall-clock speedups timed" in w], rep["warnings"]
+
+
+def test_a_failed_compilation_is_reported_and_decoding_goes_on(qwen3_model, tmp_path, monkeypatch):
+    """eval.compile_steps=true where torch.compile fails: the eval finishes with the eager steps (the same
+    acceptance as an uncompiled eval) and report.json / report.md say that compilation failed."""
+    import orthrus_train.decode.engine as engine_mod
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=3)
+    base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+                num_prompts=3, max_new_tokens=6, temperatures=[0.0], batch_size=2, verify_backend="torch",
+                plots=False, lossless=dict(enabled=False))
+    plain = run_eval(qwen3_model, tok, base, tmp_path / "plain")
+
+    class Failure(RuntimeError):
+        pass
+    Failure.__module__ = "torch._dynamo.exc"  # as BackendCompilerFailed
+
+    def compile_(fn, **kw):
+        def compiled(*a):
+            raise Failure("backend='inductor' raised: boom")
+        return compiled
+    monkeypatch.setattr(engine_mod.torch, "compile", compile_)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        rep = run_eval(qwen3_model, tok, {**base, "compile_steps": True}, tmp_path / "forced")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert rep["compile"]["used"] is True and rep["compile"]["error"] == "Failure: backend='inductor' raised: boom"
+    got, want = rep["benchmarks"]["chat"]["results"]["T=0"], plain["benchmarks"]["chat"]["results"]["T=0"]
+    assert got["spec"]["acceptance_length"] == want["spec"]["acceptance_length"] > 1.0
+    assert got["spec"]["emitted_tokens"] == want["spec"]["emitted_tokens"]
+    assert "compilation failed, those steps ran uncompiled: Failure" in (tmp_path / "forced" / "eval" /
+                                                                       "report.md").read_text()

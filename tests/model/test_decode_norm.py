@@ -75,6 +75,26 @@ def test_switch_and_refusals(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
+    """The default "auto" runs the one-kernel norm where it was measured faster (a CUDA device with Triton) and
+    the torch norm elsewhere, never the CPU interpreter; the eval report names what ran (resolved_decode_norm)."""
+    assert layers.DECODE_NORM_CHOICES[0] == "auto"
+    calls = []
+    real = rmsnorm.rms_norm
+    monkeypatch.setattr(rmsnorm, "rms_norm", lambda x, w, eps: calls.append(x.device.type) or real(x, w, eps))
+    layers.set_decode_norm("auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = inputs((2, 64), (64,), torch.float32)
+    out = layers.decode_rms_norm(x.cpu(), w.cpu(), 1e-6)
+    assert calls == [] and layers.resolved_decode_norm("cpu") == "torch"
+    torch.testing.assert_close(out, layers.rms_norm(x.cpu(), w.cpu(), 1e-6))
+    if DEV.type == "cuda":
+        layers.decode_rms_norm(x, w, 1e-6)
+        assert calls == ["cuda"] and layers.resolved_decode_norm(DEV) == "triton"
+    layers.set_decode_norm("torch")
+    assert layers.resolved_decode_norm(DEV) == "torch"
+
+
 def test_engine_greedy_tokens_unchanged_with_triton_norm(monkeypatch):
     """The engine's greedy drafted and AR decode of a tiny Qwen3 (q/k norms: the joint norm is exercised) in float32
     gives the same tokens with "triton" as with "torch", and the kernel really served the passes' norms."""
