@@ -7,7 +7,6 @@ pass and the two decode passes differ only in which keys they see.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Callable
@@ -94,16 +93,20 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
                        f"TRITON_INTERPRET=1 before orthrus_kernels is imported, or {instead}")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_NORM_RUNS: dict[torch.device, bool] = {}  # a plain dict, not lru_cache: compiled steps trace this lookup
+
+
 def _triton_norm_runs_on(device: torch.device) -> bool:
     """Whether "auto" takes the Triton norm on `device`: CUDA only (never the CPU interpreter), kernels usable."""
-    if device.type != "cuda":
-        return False
-    try:
-        _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
-    except RuntimeError:
-        return False
-    return True
+    if device not in _TRITON_NORM_RUNS:
+        ok = device.type == "cuda"
+        if ok:
+            try:
+                _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
+            except RuntimeError:
+                ok = False
+        _TRITON_NORM_RUNS[device] = ok
+    return _TRITON_NORM_RUNS[device]
 
 
 def resolved_decode_norm(device: torch.device | str) -> str:
