@@ -76,6 +76,9 @@ on_all() { if [ "$MAIN_NPROC" -gt 1 ]; then
 SIDE_RUNS+=("${!ABL[@]}")
 LARGEST=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 PROFILE_PID=""; side_pids=()
+stop() {  # a phase that every later one needs failed: pack what there is and end (a lease's minutes are few)
+  echo "[stop] $1 failed: the later phases need it (see $RES/$1.log)" | tee -a "$RES/phases.txt"
+  [ -z "$PROFILE_PID" ] || wait "$PROFILE_PID"; pack; exit 1; }
 PROFILE_SHAPES=${PROFILE_SHAPES:-smollm2-135m qwen3-4b qwen3-8b}
 
 for ph in $PHASES; do case $ph in
@@ -106,7 +109,8 @@ for ph in $PHASES; do case $ph in
         echo "[profile smollm2-135m compiled] rc=$? $(( $(date +%s) - t0 ))s" >> "$RES/phases.txt"
       fi ) &
     PROFILE_PID=$! ;;
-  data) on_all run data run_dir=$ROOT/main stage=data; cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
+  data) on_all run data run_dir=$ROOT/main stage=data || stop data
+    cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
   train)
     link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
     side_pids=()
@@ -120,7 +124,7 @@ for ph in $PHASES; do case $ph in
         train.save_every=$ABL_STEPS ${ABL[$a]} ) & side_pids+=($!)
     done
     on_all run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
-      train.keep_checkpoints=1000 ${MAIN_EXTRA:-}  # MAIN_EXTRA: more overrides of the main run (training keys)
+      train.keep_checkpoints=1000 ${MAIN_EXTRA:-} || stop main_train  # MAIN_EXTRA: more main-run overrides
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
     cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
   eval)
