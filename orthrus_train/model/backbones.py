@@ -146,9 +146,7 @@ def load_backbone(path: str, dtype=torch.bfloat16, gguf_file: str | None = None,
         config = AutoConfig.from_pretrained(path, revision=revision, local_files_only=local_files_only,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as e:
-        raise FileNotFoundError(
-            f"could not read a model config from {path!r} ({e.__class__.__name__}: {e}). Set model.path to a local "
-            "Hugging Face folder, a .gguf file, or a Hub id reachable from this machine.") from e
+        raise _unreadable("a model config", "model.path", path, e) from e
     family_of(config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision,
                                                  local_files_only=local_files_only,
@@ -158,11 +156,24 @@ def load_backbone(path: str, dtype=torch.bfloat16, gguf_file: str | None = None,
     return model.eval()
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None):
+def _unreadable(what: str, key: str, path: str, e: OSError) -> FileNotFoundError:
+    """One line for a model or tokenizer that neither a local folder nor the Hub could provide (transformers'
+    own message runs over several lines: its first is kept)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return FileNotFoundError(
+        f"could not read {what} from {path!r} ({e.__class__.__name__}: {first}); set {key} to a local Hugging Face "
+        "folder, a .gguf file, or a Hub id reachable from this machine (HF_HUB_OFFLINE=1: the local cache only)")
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None, key: str = "model.path"):
     from transformers import AutoTokenizer
 
     p = Path(os.path.expanduser(path))
     if gguf_file is None and p.suffix == ".gguf":
         gguf_file, path = p.name, str(p.parent)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=Path(path).exists(), **kw)
+    local = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local, **kw)
+    except OSError as e:
+        raise _unreadable("a tokenizer", key, path, e) from e

@@ -29,7 +29,7 @@ def tokenizer_for(cfg, run_tokenizer_dir: Path | None = None):
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(run_tokenizer_dir))
     if m.tokenizer:
-        tok = load_tokenizer(m.tokenizer)
+        tok = load_tokenizer(m.tokenizer, key="model.tokenizer")
     elif m.init == "random":
         if m.shape != "tiny":
             return None  # a planning run: no tokenizer needed

@@ -220,3 +220,14 @@ def test_bad_compile_and_loss_settings_are_one_line(tmp_path, override, message)
     p = orthrus("recipe=tiny", f"run_dir={run}", override, check=False, timeout=300)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not run.exists()  # nothing written
+
+
+def test_an_unreachable_hub_id_is_one_line(tmp_path, run_cli, monkeypatch):
+    """A model.path that is no local path is taken for a Hub id; where the Hub cannot provide it (offline, here
+    HF_HUB_OFFLINE=1; a typo) transformers raised a several-line OSError from the tokenizer load as a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = run_cli("recipe=tiny", "model.path=no-such-org/no-such-model", "stage=data", f"run_dir={tmp_path / 'run'}")
+    assert p.returncode != 0
+    line = _error_line(p)
+    assert "could not read a tokenizer from 'no-such-org/no-such-model'" in line and "set model.path to" in line
+    assert "HF_HUB_OFFLINE=1" in line
