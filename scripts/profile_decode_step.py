@@ -20,7 +20,7 @@ here with a large device-to-device copy: "copy_gbps"), "ar_over_floor" = ar_ms /
 CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several shapes; --out may then hold
 "{shape}" or name a directory (then <dir>/<shape>.json). --tiny: reduced width (CPU smoke runs).
 --norm torch triton: also time the decode passes' RMSNorm as one Triton kernel (layers.set_decode_norm); each
-row records its "norm".
+row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
 """
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ def main(argv=None):
                     help="decode RMSNorm implementations to compare (orthrus_train.model.layers.DECODE_NORM_CHOICES: "
                          "'torch', 7 eager kernels per norm; 'triton', one kernel, opt-in: CUDA, or "
                          "TRITON_INTERPRET=1 for a CPU smoke run)")
+    ap.add_argument("--rope", nargs="+", default=["torch"],
+                    help="decode RoPE implementations to compare (orthrus_train.model.layers.DECODE_ROPE_CHOICES: "
+                         "'torch', 4 eager kernels per RoPE; 'triton', one kernel, opt-in: CUDA, or "
+                         "TRITON_INTERPRET=1 for a CPU smoke run)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
@@ -134,7 +138,9 @@ def profile_shape(a, shape, dev, gbps, out):
     floor_ms = wbytes / (gbps * 1e9) * 1e3 if gbps else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
-    for nrm, impl, B, P in [(n, i, b, p) for n in a.norm for i in a.attn for b in a.batch for p in a.prompt_len]:
+    for rp, nrm, impl, B, P in [(r, n, i, b, p) for r in a.rope for n in a.norm for i in a.attn for b in a.batch
+                                for p in a.prompt_len]:
+        layers.set_decode_rope(rp)
         layers.set_decode_norm(nrm)
         layers.set_decode_attention(impl)
         S = -(-(P + a.steps * a.block_size + a.block_size + 2) // 256) * 256
@@ -142,9 +148,8 @@ def profile_shape(a, shape, dev, gbps, out):
                            fuse_projections=not a.no_fuse)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
-        row = {"attn": impl, "norm": nrm, "compile": a.compile, "fused_projections": not a.no_fuse, "batch": B,
-               "prompt_len": P,
-               "slots": S}
+        row = {"attn": impl, "norm": nrm, "rope": rp, "compile": a.compile, "fused_projections": not a.no_fuse,
+               "batch": B, "prompt_len": P, "slots": S}
         fusion = eng._fused()  # the fused decode projections, attached as during the engine's own calls
         fusion.__enter__()
         for mode in ("ar", "spec"):

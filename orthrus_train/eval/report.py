@@ -164,10 +164,11 @@ def _environment(device) -> dict[str, Any]:
 
     from orthrus_train.model import layers
 
-    # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / ORTHRUS_DECODE_NORM): they change the speed
+    # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / _NORM / _ROPE): they change the speed
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-            "decode_attention": layers.decode_attention(), "decode_norm": layers.resolved_decode_norm(device)}
+            "decode_attention": layers.decode_attention(), "decode_norm": layers.resolved_decode_norm(device),
+            "decode_rope": layers.decode_rope()}
 
 
 def _warm_up(gen, ids: list[int]) -> None:

@@ -126,6 +126,41 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return rms_norm(x, weight, eps)
 
 
+# RoPE of the decode passes (the joint q/k RoPE of `project_qkv`; training never changes):
+#   "torch"   (default) `apply_rope` above (4 eager kernels: mul, roll, mul, add);
+#   "triton"  orthrus_kernels.rope: the same arithmetic in one kernel (bit-identical in float32, bfloat16 and
+#             float16: each product rounded to x's dtype, then the sum, as eager torch rounds; no fused
+#             multiply-add; tests/model/test_decode_rope.py). Opt-in until timed on a GPU
+#             (scripts/profile_decode_step.py --rope torch triton). Needs Triton on a CUDA device, or
+#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
+#             raises, it does not fall back.
+# Set with ORTHRUS_DECODE_ROPE or `set_decode_rope`; an engine captures its CUDA graphs with the setting current at
+# capture time.
+DECODE_ROPE_CHOICES = ("torch", "triton")
+_decode_rope = os.environ.get("ORTHRUS_DECODE_ROPE", "torch")
+
+
+def set_decode_rope(impl: str) -> None:
+    global _decode_rope
+    if impl not in DECODE_ROPE_CHOICES:
+        raise ValueError(f"decode rope must be one of {DECODE_ROPE_CHOICES}, got {impl!r}")
+    _decode_rope = impl
+
+
+def decode_rope() -> str:
+    if _decode_rope not in DECODE_ROPE_CHOICES:
+        raise ValueError(f"ORTHRUS_DECODE_ROPE must be one of {DECODE_ROPE_CHOICES}, got {_decode_rope!r}")
+    return _decode_rope
+
+
+def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` of a decode pass, by the implementation `decode_rope()` names."""
+    if decode_rope() == "triton":
+        kernels = _opt_in_kernels("rope", "decode rope 'triton'", "ORTHRUS_DECODE_ROPE=torch", x)
+        return kernels.apply_rope(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     """module(x); fast: `rms_norm` where it applies (decode passes; `decode_rms_norm`)."""
     if fast and is_rms_norm(module):
@@ -234,9 +269,9 @@ class DecodeFusion:
 def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False):
     """q (B, Hq, T, D), k and v (B, Hkv, T, D): post-norm, post-RoPE, exactly as the backbone does.
     cos, sin: `rope_tables`. joint (decode passes): q and k heads side by side in one tensor get the q/k norms
-    (one RMSNorm over Hq + Hkv rows, per-row weights) and RoPE once instead of twice: about half the ops of
-    that part. Row for row the same arithmetic (bit-identical on the CPU; a device whose reduction kernel picks
-    its strategy by the number of rows could round a row's mean differently, by an ulp)."""
+    (one RMSNorm over Hq + Hkv rows, per-row weights) and RoPE once instead of twice (`decode_apply_rope`):
+    about half the ops of that part. Row for row the same arithmetic (bit-identical on the CPU; a device whose
+    reduction kernel picks its strategy by the number of rows could round a row's mean differently, by an ulp)."""
     sfx = "" if view == "ar" else "_diff"
     B, T, _ = h.shape
     D = attn.head_dim
@@ -258,12 +293,13 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
         if qn is not None:
             w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
-        qk = apply_rope(qk.transpose(1, 2), cos, sin)
+        qk = decode_apply_rope(qk.transpose(1, 2), cos, sin)
         return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
     if qn is not None:
         q, k = qn(q), kn(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    rope = decode_apply_rope if joint else apply_rope  # decode passes whose q/k norms cannot be joint: still decode
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False):
