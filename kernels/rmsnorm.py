@@ -14,6 +14,12 @@ the fused projection output); weight (N,), or (H, N) with H = x.shape[-2] (per-h
 of ``layers.project_qkv``). weight has x's dtype. BLOCK = next power of two of N; a program normalizes
 ROWS rows (ROWS * BLOCK <= MAX_TILE: several short rows, e.g. the q/k heads of D = 64, or one long one).
 
+:func:`add_rms_norm` fuses the residual add before the norm (the decode passes' ``h + attn_out`` then
+``post_attention_layernorm``, ``h + mlp_out`` then the next layer's ``input_layernorm``): the same kernel with
+``HAS_RES`` set loads x and r, adds them in float32 and rounds the sum to x's dtype once (eager torch's 16-bit
+add: both widened, one rounding; float32: the plain add), stores that sum s and normalizes the ROUNDED s with
+the arithmetic above. One launch instead of the add's and the norm's.
+
 Under the Triton interpreter (CPU tests) the float32 -> bfloat16 casts are rounded to nearest even by hand
 (:func:`_to_bf16_rne`): the interpreter's cast truncates.
 """
@@ -28,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["rms_norm", "SUPPORTED_DTYPES"]
+__all__ = ["rms_norm", "add_rms_norm", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TILE = 4096  # elements per program: rows of N <= 2048 are batched, ROWS * BLOCK <= MAX_TILE (untuned)
@@ -46,9 +52,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, w_ptr, o_ptr, eps, inv_n, N, H, R, sx_g, sx_h, sw_h,
+        x_ptr, w_ptr, o_ptr, r_ptr, s_ptr, eps, inv_n, N, H, R, sx_g, sx_h, sr_g, sr_h, sw_h,
         ROWS: tl.constexpr, BLOCK: tl.constexpr, BY_RECIPROCAL: tl.constexpr, ROUND: tl.constexpr,
-        BF16_RNE: tl.constexpr,
+        BF16_RNE: tl.constexpr, HAS_RES: tl.constexpr,
     ):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = group * H + h: the leading dims as (groups, H)
         row_ok = rows < R
@@ -57,6 +63,18 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK)
         ok = row_ok[:, None] & (cols < N)[None, :]
         x = tl.load(x_ptr + g[:, None] * sx_g + h[:, None] * sx_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:  # s = x + r as eager torch adds (float32 add, one rounding to x's dtype), stored; normed below
+            x = x + tl.load(r_ptr + g[:, None] * sr_g + h[:, None] * sr_h + cols[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+            if ROUND:
+                if BF16_RNE:
+                    s = _to_bf16_rne(x)
+                else:
+                    s = x.to(s_ptr.dtype.element_ty)
+                x = s.to(tl.float32)
+            else:
+                s = x
+            tl.store(s_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], s, mask=ok)
         ss = tl.sum(x * x, axis=1)
         if BY_RECIPROCAL:
             ms = ss * inv_n
@@ -79,6 +97,30 @@ if HAS_TRITON:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``layers.rms_norm(x, weight, eps)`` in one Triton kernel (see the module docstring for the shapes)."""
+    return _launch(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``s = x + r; (s, layers.rms_norm(s, weight, eps))`` in one Triton kernel. r: x's shape and dtype; s and the
+    norm are new contiguous tensors of x's shape and dtype (shapes as :func:`rms_norm`'s)."""
+    if r.shape != x.shape:
+        raise ValueError(f"add_rms_norm kernel: r {tuple(r.shape)} must have x's shape {tuple(x.shape)}")
+    if r.dtype != x.dtype:
+        raise TypeError(f"add_rms_norm kernel: r dtype {r.dtype} must be x's dtype {x.dtype}")
+    return _launch(x, r, weight, eps)
+
+
+def _rows3(t: torch.Tensor, H: int, N: int) -> torch.Tensor:
+    """t (..., N) as (groups, H, N) with a contiguous last dim: a view where its strides allow it."""
+    t = t.reshape(1, N) if t.dim() == 1 else t
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    t3 = t.reshape(-1, H, N)
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()
+
+
+def _launch(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(s, norm): the kernel over x (r None: the plain norm, s None) or over s = x + r."""
     if not HAS_TRITON:
         raise RuntimeError("orthrus_kernels.rmsnorm needs triton")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -86,8 +128,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dtype != x.dtype:
         raise TypeError(f"rms_norm kernel: weight dtype {weight.dtype} must be x's dtype {x.dtype}")
     N = x.shape[-1]
-    xs = x.reshape(1, N) if x.dim() == 1 else x
-    H = xs.shape[-2]
+    H = 1 if x.dim() == 1 else x.shape[-2]
     if weight.shape == (N,):
         sw_h = 0
     elif weight.shape == (H, N):
@@ -98,22 +139,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
         sw_h = weight.stride(0) if weight.dim() == 2 else 0
-    if xs.stride(-1) != 1:
-        xs = xs.contiguous()
     # leading dims as (groups, H): a view where their strides allow it (e.g. (B, T) of the fused q/k/v output)
-    x3 = xs.reshape(-1, H, N)
-    if x3.stride(-1) != 1:
-        x3 = x3.contiguous()
+    x3 = _rows3(x, H, N)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if r is None:
+        r3, s = x3, None
+    else:
+        r3, s = _rows3(r, H, N), torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x3.shape[0] * H
     if rows == 0:
-        return out
+        return s, out
     block = triton.next_power_of_2(N)
     per = min(triton.next_power_of_2(rows), max(1, MAX_TILE // block))  # rows per program
     _rms_norm_kernel[(triton.cdiv(rows, per),)](
-        x3, weight, out, float(eps), 1.0 / N, N, H, rows, x3.stride(0), x3.stride(1), sw_h,
+        x3, weight, out, r3, out if s is None else s, float(eps), 1.0 / N, N, H, rows,
+        x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1), sw_h,
         ROWS=per, BLOCK=block, BY_RECIPROCAL=x.is_cuda, ROUND=x.dtype != torch.float32,
-        BF16_RNE=interpreting() and x.dtype == torch.bfloat16,
+        BF16_RNE=interpreting() and x.dtype == torch.bfloat16, HAS_RES=r is not None,
         num_warps=4 if per * block <= 2048 else 8,
     )
-    return out
+    return s, out

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model.cache import StaticKVCache
-from ..model.layers import DecodeFusion
+from ..model.layers import DecodeFusion, resolved_decode_norm
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
@@ -316,6 +316,7 @@ class DecodeEngine:
         self.S = max_len
         p = next(model.backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
+        resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
         self.sync_every = sync_every
         self.verify_fn = verify_fn or verify.verify
         self.verify_backend = verify_backend
@@ -849,6 +850,7 @@ class GenerationEngine:
         self._fusion = DecodeFusion(self.model) if fuse_projections else None
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
+        resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
         self.B, self.S = batch_size, max_len
         self.sync_every, self.width_step = sync_every, width_step
         # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -57,7 +58,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 #             H200 (docs/benchmarks.md, session 7): the AR step 33% faster on the SmolLM2 shape at batch 1
 #             (2.19 -> 1.47 ms), 19% on Qwen3-8B (7.13 -> 5.74 ms). Needs Triton on a CUDA device, or
 #             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
-#             raises, it does not fall back.
+#             raises, it does not fall back. With it the decode passes also fuse each residual add into the norm
+#             after it (`decode_add_rms_norm`, `decode_layer_step`: the post-attention norm, the next layer's
+#             input norm, the final norm; add_rms_norm rounds the sum exactly as torch's add): 2 kernels fewer
+#             per layer and pass. "torch" keeps the eager add, then the norm (unchanged ops and bits).
 # Set with ORTHRUS_DECODE_NORM or `set_decode_norm`; an engine captures its CUDA graphs with the setting current at
 # capture time; `resolved_decode_norm(device)` names what "auto" runs there.
 DECODE_NORM_CHOICES = ("auto", "torch", "triton")
@@ -96,14 +100,30 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
 _TRITON_NORM_RUNS: dict[torch.device, bool] = {}  # a plain dict, not lru_cache: compiled steps trace this lookup
 
 
+def _probe_norm_kernels(device: torch.device) -> None:
+    """Both norm kernels compiled and run on `device` in float32 and bfloat16 (tiny inputs); raises if not."""
+    kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
+    for dt in (torch.float32, torch.bfloat16):
+        x, w = torch.ones(2, 64, device=device, dtype=dt), torch.ones(64, device=device, dtype=dt)
+        kernels.rms_norm(x, w, 1e-6)
+        kernels.add_rms_norm(x, x, w, 1e-6)
+    torch.cuda.synchronize(device)
+
+
 def _triton_norm_runs_on(device: torch.device) -> bool:
-    """Whether "auto" takes the Triton norm on `device`: CUDA only (never the CPU interpreter), kernels usable."""
+    """Whether "auto" takes the Triton norm on `device`: CUDA only (never the CPU interpreter), the kernels
+    importable, and both (`rms_norm`, `add_rms_norm`) compiling and running there in float32 and bfloat16 on a
+    tiny input (a compiler or driver problem then means the torch norm, with a warning, not a failed decode).
+    Engines resolve this when they are built (`resolved_decode_norm`), outside compiled or captured steps."""
     if device not in _TRITON_NORM_RUNS:
         ok = device.type == "cuda"
         if ok:
             try:
-                _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
-            except RuntimeError:
+                _probe_norm_kernels(device)
+            except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch norm
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"decode norm 'auto': the Triton norm kernels cannot run on {device} "
+                              f"({type(e).__name__}: {first}); using the torch norm")
                 ok = False
         _TRITON_NORM_RUNS[device] = ok
     return _TRITON_NORM_RUNS[device]
@@ -117,12 +137,20 @@ def resolved_decode_norm(device: torch.device | str) -> str:
     return "triton" if _triton_norm_runs_on(torch.device(device)) else "torch"
 
 
+def _triton_norm_selected(x: torch.Tensor) -> bool:
+    """Whether a decode pass's norm of `x` takes the kernel ("triton", or "auto" where `_triton_norm_runs_on`)."""
+    impl = decode_norm()
+    return impl == "triton" or (impl == "auto" and _triton_norm_runs_on(x.device))
+
+
+def _norm_kernels(x: torch.Tensor):
+    return _opt_in_kernels("rmsnorm", "decode norm 'triton'", "ORTHRUS_DECODE_NORM=torch", x)
+
+
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm` of a decode pass, by the implementation `decode_norm()` names ("auto": `resolved_decode_norm`)."""
-    impl = decode_norm()
-    if impl == "triton" or (impl == "auto" and _triton_norm_runs_on(x.device)):
-        kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "ORTHRUS_DECODE_NORM=torch", x)
-        return kernels.rms_norm(x, weight, eps)
+    if _triton_norm_selected(x):
+        return _norm_kernels(x).rms_norm(x, weight, eps)
     return rms_norm(x, weight, eps)
 
 
@@ -166,6 +194,19 @@ def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     if fast and is_rms_norm(module):
         return decode_rms_norm(x, module.weight, module.variance_epsilon)
     return module(x)
+
+
+def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
+    """(h + r, norm(module, h + r, fast=True)) of a decode pass; r None: (h, its norm). With the decode norm
+    "triton" (or "auto" where it takes the kernel) and an RMSNorm module, the add and the norm are one kernel
+    (orthrus_kernels.rmsnorm.add_rms_norm: the sum rounded to h's dtype as torch's add rounds it, then the same
+    norm arithmetic as `decode_rms_norm`'s kernel); otherwise the eager add, then `norm(fast=True)`."""
+    if r is None:
+        return h, norm(module, h, fast=True)
+    if is_rms_norm(module) and _triton_norm_selected(h):
+        return _norm_kernels(h).add_rms_norm(h, r, module.weight, module.variance_epsilon)
+    s = h + r
+    return s, norm(module, s, fast=True)
 
 
 # ------------------------------------------------------------------------------- decode-only fused projections
@@ -420,17 +461,44 @@ def mlp_out(layer, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # older MoE blocks also return router logits
 
 
+def _add_norm(module, h: torch.Tensor, r: torch.Tensor | None, decode: bool):
+    """(h + r, its norm): `decode_add_rms_norm` in a decode pass; else the add (r not None) and module(h)."""
+    if decode:
+        return decode_add_rms_norm(module, h, r)
+    if r is not None:
+        h = h + r
+    return h, norm(module, h)
+
+
+def _residual_block(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str, attend, decode: bool):
+    """The one definition of a decoder layer's residual block. h + r (r: the previous layer's MLP output not yet
+    added, or None) is this layer's input; returns (h', m): h' the residual stream after attention, m this
+    layer's MLP output, not added (the layer's output is h' + m)."""
+    attn = layer.self_attn
+    h, x = _add_norm(layer.input_layernorm, h, r, decode)
+    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode)
+    o = attend(q, k, v)
+    B, T = h.shape[:2]
+    o = o.transpose(1, 2).reshape(B, T, -1)
+    h, x = _add_norm(layer.post_attention_layernorm, h,
+                     getattr(attn, "o_proj" + ("" if view == "ar" else "_diff"))(o), decode)
+    return h, mlp_out(layer, x, decode)
+
+
 def layer_step(layer, h: torch.Tensor, cos, sin, view: str,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], decode: bool = False):
     """Residual block of one decoder layer (cos, sin: the pass's `rope_tables`).
     `attend(q, k, v) -> (B, Hq, T, D)` sees this layer's own new keys/values and decides what else (cached AR
     keys) to attend to. decode: the cached decode passes' leaner path (`norm(fast=True)`, joint q/k norm and
-    RoPE); training keeps the backbone's own modules."""
-    attn = layer.self_attn
-    x = norm(layer.input_layernorm, h, decode)
-    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode)
-    o = attend(q, k, v)
-    B, T = h.shape[:2]
-    o = o.transpose(1, 2).reshape(B, T, -1)
-    h = h + getattr(attn, "o_proj" + ("" if view == "ar" else "_diff"))(o)
-    return h + mlp_out(layer, norm(layer.post_attention_layernorm, h, decode), decode)
+    RoPE); training keeps the backbone's own modules. The decode passes themselves chain `decode_layer_step`."""
+    h, m = _residual_block(layer, h, None, cos, sin, view, attend, decode)
+    return h + m
+
+
+def decode_layer_step(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str,
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """`layer_step(..., decode=True)` of the layer input h + r, returning (h', r'): the layer's output is h' + r',
+    r' (the MLP output) still pending, so that the next layer's input norm (or the final norm:
+    `decode_add_rms_norm(decoder.norm, h', r')`) does the add; with the "triton" decode norm each add runs in the
+    norm's kernel (`decode_add_rms_norm`). r None: no pending residual (the first layer)."""
+    return _residual_block(layer, h, r, cos, sin, view, attend, decode=True)

@@ -20,7 +20,8 @@ from . import masks
 from .anchors import Supervision, sample_anchors, supervision
 from .backbones import family_of
 from .cache import StaticKVCache
-from .layers import DecodeMask, cached_attention, flex, layer_step, norm, rope_tables, sdpa
+from .layers import (DecodeMask, cached_attention, decode_add_rms_norm, decode_layer_step, flex, layer_step,
+                     rope_tables, sdpa)
 
 TWINS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 
@@ -196,19 +197,22 @@ class DraftModel(nn.Module):
         """One pass of the embedded tokens `h` (B, T, H) at positions lengths..lengths+T-1 through the `view`
         ("ar" | "diff") projections: every layer writes its K/V into those cache slots and attends over the cache
         under `mask` (B, 1, T, S). Returns final hidden (B, T, H); `cache.lengths` is not advanced.
-        What every layer shares is built once per pass: RoPE tables, the cache write index, the prepared mask."""
+        What every layer shares is built once per pass: RoPE tables, the cache write index, the prepared mask.
+        Each layer's MLP output stays pending (`decode_layer_step`) and is added by the next layer's input norm, the
+        last one by the final norm: with the "triton" decode norm each residual add runs in its norm's kernel."""
         T = h.shape[1]
         pos = cache.lengths[:, None] + torch.arange(T, device=h.device)[None]
         cos, sin = self.rope(h, pos)
         idx = cache.write_index(T)
         dm = DecodeMask(mask, self.config.num_attention_heads, self.config.num_key_value_heads, h.dtype)
+        r = None  # the previous layer's MLP output, not yet added to h
         for i, layer in enumerate(self.decoder.layers):
             def attend(q, k, v, i=i, layer=layer):
                 cache.write(i, k, v, idx)
                 return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), dm,
                                         layer.self_attn.scaling)
-            h = layer_step(layer, h, cos, sin, view, attend, decode=True)
-        return norm(self.decoder.norm, h, fast=True)
+            h, r = decode_layer_step(layer, h, r, cos, sin, view, attend)
+        return decode_add_rms_norm(self.decoder.norm, h, r)[1]
 
     def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:
         p = next(self.backbone.parameters())

@@ -1,5 +1,6 @@
-"""Decode RMSNorm "triton" (orthrus_kernels.rmsnorm): `layers.rms_norm`'s result in one kernel, and the engine's
-greedy tokens unchanged with it.
+"""Decode RMSNorm "triton" (orthrus_kernels.rmsnorm): `layers.rms_norm`'s result in one kernel (and, fused with the
+residual add before it, `add_rms_norm`), and the engine's greedy tokens and the decode passes' hidden states
+unchanged with it.
 
 The kernel runs on a GPU, or on a CPU in the Triton interpreter (tests/model/triton_testlib.py).
 """
@@ -45,6 +46,78 @@ def test_kernel_matches_rms_norm(x_shape, w_shape, dtype):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=4e-7)
     else:
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-5, rtol=1e-2)
+
+
+ADD_SHAPES = [(2, 1, 64), (2, 17, 64), (3, 1, 576), (2, 17, 576), (3, 576)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ADD_SHAPES)
+def test_fused_add_kernel_matches_eager(shape, dtype):
+    """add_rms_norm(x, r) == eager (x + r, rms_norm(x + r)): the sum bit for bit (float32 add of the widened values,
+    one rounding to x's dtype, as torch's add; exact ties included), and the norm bit for bit the plain kernel's
+    of that rounded sum, hence compared with `layers.rms_norm` as the plain kernel is (float32: up to the order of
+    the float32 sum of squares; 16-bit: within one rounding. Here fp16 (2, 17, 576) has one element one ulp off:
+    the plain kernel's sum of squares of that row differs from torch's mean by an ulp)."""
+    x, w = inputs(shape, shape[-1:], dtype)
+    r = inputs(shape, shape[-1:], dtype, seed=1)[0] * 0.37
+    if dtype != torch.float32:  # exact ties of x's dtype: rounding to nearest even, not truncation
+        ulp = torch.finfo(dtype).eps
+        x.view(-1)[:4] = torch.tensor([1.0, 1 + ulp, -1 - ulp, 2 + 2 * ulp], dtype=dtype)
+        r.view(-1)[:4] = torch.tensor([ulp / 2, ulp / 2, -ulp / 2, ulp], dtype=dtype)
+    s, y = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+    ref_s = x + r
+    ref_y = layers.rms_norm(ref_s, w, 1e-6)
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    assert torch.equal(s, ref_s)
+    assert torch.equal(y, rmsnorm.rms_norm(ref_s, w, 1e-6))  # the plain kernel's arithmetic on the rounded sum
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref_y, atol=1e-6, rtol=4e-7)
+    else:
+        torch.testing.assert_close(y.float(), ref_y.float(), atol=1e-5, rtol=1e-2)
+
+
+def test_fused_add_kernel_strided_and_refusals():
+    """Leading dims with any strides (a slice of a wider tensor), per-head (H, N) weights; r of another shape or
+    dtype is refused."""
+    g = torch.Generator().manual_seed(2)
+    big = torch.randn(2, 6, 64, generator=g).to(DEV, torch.bfloat16)
+    x, r = big[:, 1:4], torch.randn(2, 3, 64, generator=g).to(DEV, torch.bfloat16)
+    w = torch.randn(3, 64, generator=g).to(DEV, torch.bfloat16)
+    s, y = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, x + r) and torch.equal(y, rmsnorm.rms_norm(x + r, w, 1e-6))
+    with pytest.raises(ValueError, match="shape"):
+        rmsnorm.add_rms_norm(x, r[:, :2], w, 1e-6)
+    with pytest.raises(TypeError, match="dtype"):
+        rmsnorm.add_rms_norm(x, r.float(), w, 1e-6)
+
+
+def test_decode_add_rms_norm_dispatch(monkeypatch):
+    """decode_add_rms_norm: r None -> (h, the norm); "torch" -> the eager add then `rms_norm` (bit-identical to the
+    unfused formulation, no kernel); "triton" -> one add_rms_norm call; a module that is not an RMSNorm -> its own
+    forward of the eager sum."""
+    from orthrus_train.model import build_random, tiny_config
+
+    mod = build_random(tiny_config("qwen3", vocab_size=64, layers=1), seed=0).model.norm
+    with torch.no_grad():
+        mod.weight.add_(0.3)
+    h, r = (t[0] for t in (inputs((2, 3, 64), (64,), torch.bfloat16, seed=i) for i in (0, 1)))
+    mod = mod.to(DEV, torch.bfloat16)
+    calls = []
+    real = rmsnorm.add_rms_norm
+    monkeypatch.setattr(rmsnorm, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    layers.set_decode_norm("torch")
+    s, y = layers.decode_add_rms_norm(mod, h, r)
+    assert calls == [] and torch.equal(s, h + r) and torch.equal(y, layers.rms_norm(h + r, mod.weight, 1e-6))
+    s, y = layers.decode_add_rms_norm(mod, h, None)
+    assert s is h and torch.equal(y, layers.rms_norm(h, mod.weight, 1e-6))
+    layers.set_decode_norm("triton")
+    s, y = layers.decode_add_rms_norm(mod, h, r)
+    assert calls == [1] and torch.equal(s, h + r)
+    assert torch.equal(y, rmsnorm.rms_norm(h + r, mod.weight, 1e-6))
+    ln = torch.nn.LayerNorm(64).to(DEV, torch.bfloat16)
+    s, y = layers.decode_add_rms_norm(ln, h, r)
+    assert calls == [1] and torch.equal(y, ln(h + r))
 
 
 def test_kernel_joint_qk_view_of_fused_projection():
@@ -97,13 +170,89 @@ def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
 
 def test_engine_greedy_tokens_unchanged_with_triton_norm(monkeypatch):
     """The engine's greedy drafted and AR decode of a tiny Qwen3 (q/k norms: the joint norm is exercised) in float32
-    gives the same tokens with "triton" as with "torch", and the kernel really served the passes' norms."""
-    calls = []
-    real = rmsnorm.rms_norm
+    gives the same tokens with "triton" as with "torch", and the kernels really served the passes' norms: per pass
+    the first layer's input norm alone is the plain kernel; every other layer norm, and the final norm, takes its
+    residual add along (add_rms_norm: 2 per layer)."""
+    calls, add_calls = [], []
+    real, real_add = rmsnorm.rms_norm, rmsnorm.add_rms_norm
     monkeypatch.setattr(rmsnorm, "rms_norm", lambda x, w, eps: calls.append(tuple(w.shape)) or real(x, w, eps))
+    monkeypatch.setattr(rmsnorm, "add_rms_norm",
+                        lambda x, r, w, eps: add_calls.append(tuple(w.shape)) or real_add(x, r, w, eps))
     out, accepted, m = tiny_engine_tokens(layers.set_decode_norm, ("torch", "triton"), 12)
     assert out["triton"] == out["torch"]
     assert all(len(t) == 12 for t in out["triton"][0])
     assert max(accepted) > 0  # some drafts accepted: multi-token steps are exercised
     D = m.decoder.layers[0].self_attn.head_dim
-    assert (256,) in calls and (4 + 2, D) in calls  # layer norms and the joint q/k norm
+    assert (256,) in calls and (4 + 2, D) in calls  # the first layer's input norm and the joint q/k norm
+    passes = calls.count((256,))
+    assert add_calls and set(add_calls) == {(256,)}
+    assert len(add_calls) == 2 * len(m.decoder.layers) * passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_passes_bit_identical_to_unfused_layer_steps(dtype):
+    """The decode passes (prefill / verify "ar", draft "diff") with the pending residual carried into the next norm
+    give, with "torch", the hidden states of the unfused formulation (`layer_step(decode=True)` per layer, then the
+    final norm) bit for bit; with "triton" in bf16 on the CPU interpreter too (the 16-bit kernels are bit-identical
+    there), in float32 up to the order of the float32 sum of squares."""
+    from orthrus_train.model import OrthrusModel, build_random, masks, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=128, layers=3, initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV, dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in m.parameters():  # norms away from 1 and twins away from the AR weights
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.05)
+    cache = m.new_cache(2, 24)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 120, (2, 6), generator=g).to(DEV)
+
+    def unfused(h, mask, view):
+        T = h.shape[1]
+        pos = cache.lengths[:, None] + torch.arange(T, device=h.device)[None]
+        cos, sin = m.rope(h, pos)
+        idx = cache.write_index(T)
+        dm = layers.DecodeMask(mask, m.config.num_attention_heads, m.config.num_key_value_heads, h.dtype)
+        for i, layer in enumerate(m.decoder.layers):
+            def attend(q, k, v, i=i, layer=layer):
+                cache.write(i, k, v, idx)
+                return layers.cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), dm,
+                                               layer.self_attn.scaling)
+            h = layers.layer_step(layer, h, cos, sin, view, attend, decode=True)
+        return layers.norm(m.decoder.norm, h, fast=True)
+
+    with torch.no_grad():
+        layers.set_decode_norm("torch")
+        ref_prefill = unfused(m.embed(prompt), masks.cached_causal_mask(cache.lengths, cache.slots, 6), "ar")
+        cache.lengths += 6
+        block = torch.randint(0, 120, (2, 4), generator=g).to(DEV)
+        ref = {"ar": unfused(m.embed(block), masks.cached_causal_mask(cache.lengths, cache.slots, 4), "ar"),
+               "diff": unfused(m.embed(block), masks.draft_cached_mask(cache.lengths, cache.slots, 4), "diff")}
+        for impl in ("torch", "triton"):
+            layers.set_decode_norm(impl)
+            cache.lengths -= 6
+            prefill = m.ar_cached(prompt, cache)
+            cache.lengths += 6
+            got = {"ar": m.ar_cached(block, cache), "diff": m.draft(block, cache)}
+            exact = impl == "torch" or (dtype == torch.bfloat16 and DEV.type == "cpu")
+            for a, b in ((prefill, ref_prefill), (got["ar"], ref["ar"]), (got["diff"], ref["diff"])):
+                if exact:
+                    assert torch.equal(a, b), impl
+                else:
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-2 if dtype != torch.float32 else 1e-4)
+
+
+def test_auto_falls_back_to_torch_where_the_kernels_fail(monkeypatch):
+    """"auto" on a CUDA device whose Triton cannot compile or run the norm kernels (a driver or compiler
+    problem): the torch norm with one warning, decided once per device, never a failed decode."""
+    dev = torch.device("cuda", 7)  # a key of the per-device decision; nothing runs on it
+    monkeypatch.setattr(layers, "_TRITON_NORM_RUNS", {})
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compile failed\nsecond line")
+    monkeypatch.setattr(layers, "_probe_norm_kernels", broken)
+    layers.set_decode_norm("auto")
+    with pytest.warns(UserWarning, match=r"cannot run on cuda:7 \(RuntimeError: PTX compile failed\); using the torch"):
+        assert layers.resolved_decode_norm(dev) == "torch"
+    assert layers._TRITON_NORM_RUNS == {dev: False}
+    monkeypatch.setattr(layers, "_probe_norm_kernels", lambda d: pytest.fail("probed twice"))
+    assert layers.resolved_decode_norm(dev) == "torch"  # decided once per device
