@@ -101,13 +101,19 @@ _TRITON_NORM_RUNS: dict[torch.device, bool] = {}  # a plain dict, not lru_cache:
 
 
 def _probe_norm_kernels(device: torch.device) -> None:
-    """Both norm kernels compiled and run on `device` in float32 and bfloat16 (tiny inputs); raises if not."""
+    """Both norm kernels compiled and run on `device` in float32 and bfloat16 on a small input, and checked
+    against the eager arithmetic (the residual sum exactly, the norm within an ulp-level tolerance); raises
+    if they cannot run or disagree."""
     kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
-        x, w = torch.ones(2, 64, device=device, dtype=dt), torch.ones(64, device=device, dtype=dt)
-        kernels.rms_norm(x, w, 1e-6)
-        kernels.add_rms_norm(x, x, w, 1e-6)
-    torch.cuda.synchronize(device)
+        x, r = (torch.randn(3, 576, generator=g).to(device, dt) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(576, generator=g)).to(device, dt)
+        s, y = kernels.add_rms_norm(x, r, w, 1e-6)
+        if not torch.equal(s, x + r):
+            raise RuntimeError(f"add_rms_norm's residual sum differs from torch's in {dt}")
+        for got in (y, kernels.rms_norm(s, w, 1e-6)):
+            torch.testing.assert_close(got.float(), rms_norm(s, w, 1e-6).float(), atol=1e-2, rtol=1e-2)
 
 
 def _triton_norm_runs_on(device: torch.device) -> bool:

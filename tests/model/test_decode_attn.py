@@ -10,17 +10,13 @@ from orthrus_train.model import layers, masks
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import decode_attn  # noqa: E402
-from tests.model.triton_testlib import DEV, requires_triton, tiny_engine_tokens, use_interpreter  # noqa: E402
+from tests.model.triton_testlib import (DEV, interpreter_and_restored, requires_triton,  # noqa: E402
+                                         tiny_engine_tokens)
 
 pytestmark = requires_triton
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_and_restored_setting(monkeypatch):
-    use_interpreter(monkeypatch)
-    prev = layers.decode_attention()
-    yield
-    layers.set_decode_attention(prev)
+_setting = interpreter_and_restored(layers.decode_attention, layers.set_decode_attention)
 
 
 def attend(impl, q, k, v, mask, scale):

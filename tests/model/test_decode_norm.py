@@ -11,17 +11,13 @@ from orthrus_train.model import layers
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import rmsnorm  # noqa: E402
-from tests.model.triton_testlib import DEV, requires_triton, tiny_engine_tokens, use_interpreter  # noqa: E402
+from tests.model.triton_testlib import (DEV, interpreter_and_restored, requires_triton,  # noqa: E402
+                                         tiny_engine_tokens)
 
 pytestmark = requires_triton
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_and_restored_setting(monkeypatch):
-    use_interpreter(monkeypatch)
-    prev = layers.decode_norm()
-    yield
-    layers.set_decode_norm(prev)
+_setting = interpreter_and_restored(layers.decode_norm, layers.set_decode_norm)
 
 
 def inputs(x_shape, w_shape, dtype, seed=0):
@@ -256,3 +252,17 @@ def test_auto_falls_back_to_torch_where_the_kernels_fail(monkeypatch):
     assert layers._TRITON_NORM_RUNS == {dev: False}
     monkeypatch.setattr(layers, "_probe_norm_kernels", lambda d: pytest.fail("probed twice"))
     assert layers.resolved_decode_norm(dev) == "torch"  # decided once per device
+
+
+def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):
+    """The probe behind "auto" passes the real kernels (here on DEV: the GPU, or the CPU interpreter) and
+    refuses kernels that run but compute something else."""
+    layers._probe_norm_kernels(DEV)
+    real = rmsnorm.add_rms_norm
+
+    def off_by_one(x, r, w, eps):
+        s, y = real(x, r, w, eps)
+        return s, y + 1
+    monkeypatch.setattr(rmsnorm, "add_rms_norm", off_by_one)
+    with pytest.raises(AssertionError):
+        layers._probe_norm_kernels(DEV)

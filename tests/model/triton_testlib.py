@@ -21,6 +21,19 @@ def use_interpreter(monkeypatch) -> None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def interpreter_and_restored(get, set_):
+    """An autouse fixture for a kernel test module: the interpreter where it is in use, and the decode setting
+    that `get` reads restored through `set_` after each test. In the module: `_setting = interpreter_and_restored(
+    layers.decode_norm, layers.set_decode_norm)`."""
+    @pytest.fixture(autouse=True)
+    def _interpreter_and_restored_setting(monkeypatch):
+        use_interpreter(monkeypatch)
+        prev = get()
+        yield
+        set_(prev)
+    return _interpreter_and_restored_setting
+
+
 def tiny_engine_tokens(select, impls, max_new: int):
     """Greedy drafted and AR decode of 3 prompts by a tiny Qwen3 (D = 64, grouped heads, q/k norms) on `DEV`,
     once per implementation: `select(impl)` switches it before each. Returns ({impl: [spec tokens, AR tokens]}
