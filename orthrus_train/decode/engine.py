@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import exc_line
 from ..model.cache import StaticKVCache
 from ..model.layers import DecodeFusion, resolved_decode_norm
 from ..model.orthrus import DecodeState, DraftModel
@@ -279,8 +280,7 @@ class CompiledOrEager:
                 if not compile_failed(e):
                     raise
                 self.compiled = None
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                self.owner.compile_error = f"{type(e).__name__}: {first}"
+                self.owner.compile_error = exc_line(e, 300)
                 warnings.warn(f"torch.compile failed ({self.owner.compile_error}); this step runs uncompiled")
         return self.fn(*args)
 

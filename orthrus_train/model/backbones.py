@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import exc_line
+
 
 @dataclass(frozen=True)
 class Family:
@@ -159,9 +161,8 @@ def load_backbone(path: str, dtype=torch.bfloat16, gguf_file: str | None = None,
 def _unreadable(what: str, key: str, path: str, e: OSError) -> FileNotFoundError:
     """One line for a model or tokenizer that neither a local folder nor the Hub could provide (transformers'
     own message runs over several lines: its first is kept)."""
-    first = (str(e).strip().splitlines() or [""])[0]
     return FileNotFoundError(
-        f"could not read {what} from {path!r} ({e.__class__.__name__}: {first}); set {key} to a local Hugging Face "
+        f"could not read {what} from {path!r} ({exc_line(e)}); set {key} to a local Hugging Face "
         "folder, a .gguf file, or a Hub id reachable from this machine (HF_HUB_OFFLINE=1: the local cache only)")
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import exc_line
+
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor):
     """The backbone rotary module's cos/sin (B, T, D) -> the tables `apply_rope` takes, built once per pass:
@@ -68,17 +70,21 @@ DECODE_NORM_CHOICES = ("auto", "torch", "triton")
 _decode_norm = os.environ.get("ORTHRUS_DECODE_NORM", "auto")
 
 
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """`value` if it is one of `choices`, else a ValueError naming `what` was set (a decode switch's setter or
+    its environment variable)."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+    return value
+
+
 def set_decode_norm(impl: str) -> None:
     global _decode_norm
-    if impl not in DECODE_NORM_CHOICES:
-        raise ValueError(f"decode norm must be one of {DECODE_NORM_CHOICES}, got {impl!r}")
-    _decode_norm = impl
+    _decode_norm = _choice(impl, DECODE_NORM_CHOICES, "decode norm")
 
 
 def decode_norm() -> str:
-    if _decode_norm not in DECODE_NORM_CHOICES:
-        raise ValueError(f"ORTHRUS_DECODE_NORM must be one of {DECODE_NORM_CHOICES}, got {_decode_norm!r}")
-    return _decode_norm
+    return _choice(_decode_norm, DECODE_NORM_CHOICES, "ORTHRUS_DECODE_NORM")
 
 
 def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
@@ -104,7 +110,7 @@ def _probe_norm_kernels(device: torch.device) -> None:
     """Both norm kernels compiled and run on `device` in float32 and bfloat16 on a small input, and checked
     against the eager arithmetic (the residual sum exactly, the norm within an ulp-level tolerance); raises
     if they cannot run or disagree."""
-    kernels = _opt_in_kernels("rmsnorm", "decode norm 'triton'", "", torch.empty(1, device=device))
+    kernels = _norm_kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
         x, r = (torch.randn(3, 576, generator=g).to(device, dt) for _ in range(2))
@@ -127,9 +133,8 @@ def _triton_norm_runs_on(device: torch.device) -> bool:
             try:
                 _probe_norm_kernels(device)
             except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch norm
-                first = (str(e).strip().splitlines() or [""])[0][:200]
                 warnings.warn(f"decode norm 'auto': the Triton norm kernels cannot run on {device} "
-                              f"({type(e).__name__}: {first}); using the torch norm")
+                              f"({exc_line(e, 200)}); using the torch norm")
                 ok = False
         _TRITON_NORM_RUNS[device] = ok
     return _TRITON_NORM_RUNS[device]
@@ -144,9 +149,8 @@ def resolved_decode_norm(device: torch.device | str) -> str:
 
 
 def _triton_norm_selected(x: torch.Tensor) -> bool:
-    """Whether a decode pass's norm of `x` takes the kernel ("triton", or "auto" where `_triton_norm_runs_on`)."""
-    impl = decode_norm()
-    return impl == "triton" or (impl == "auto" and _triton_norm_runs_on(x.device))
+    """Whether a decode pass's norm of `x` takes the kernel."""
+    return resolved_decode_norm(x.device) == "triton"
 
 
 def _norm_kernels(x: torch.Tensor):
@@ -176,15 +180,11 @@ _decode_rope = os.environ.get("ORTHRUS_DECODE_ROPE", "torch")
 
 def set_decode_rope(impl: str) -> None:
     global _decode_rope
-    if impl not in DECODE_ROPE_CHOICES:
-        raise ValueError(f"decode rope must be one of {DECODE_ROPE_CHOICES}, got {impl!r}")
-    _decode_rope = impl
+    _decode_rope = _choice(impl, DECODE_ROPE_CHOICES, "decode rope")
 
 
 def decode_rope() -> str:
-    if _decode_rope not in DECODE_ROPE_CHOICES:
-        raise ValueError(f"ORTHRUS_DECODE_ROPE must be one of {DECODE_ROPE_CHOICES}, got {_decode_rope!r}")
-    return _decode_rope
+    return _choice(_decode_rope, DECODE_ROPE_CHOICES, "ORTHRUS_DECODE_ROPE")
 
 
 def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -379,15 +379,11 @@ _decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
 
 def set_decode_attention(impl: str) -> None:
     global _decode_attn
-    if impl not in DECODE_ATTN_CHOICES:
-        raise ValueError(f"decode attention must be one of {DECODE_ATTN_CHOICES}, got {impl!r}")
-    _decode_attn = impl
+    _decode_attn = _choice(impl, DECODE_ATTN_CHOICES, "decode attention")
 
 
 def decode_attention() -> str:
-    if _decode_attn not in DECODE_ATTN_CHOICES:
-        raise ValueError(f"ORTHRUS_DECODE_ATTN must be one of {DECODE_ATTN_CHOICES}, got {_decode_attn!r}")
-    return _decode_attn
+    return _choice(_decode_attn, DECODE_ATTN_CHOICES, "ORTHRUS_DECODE_ATTN")
 
 
 class DecodeMask:

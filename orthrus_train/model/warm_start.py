@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config.schema import ConfigError
+from ..errors import exc_line
 
 # (config.json key, what to call it in a message) of the backbone shape the heads depend on
 SHAPE_KEYS = (("hidden_size", "hidden size"), ("num_hidden_layers", "layers"), ("num_attention_heads", "heads"),
@@ -78,7 +79,7 @@ def _folder(path: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: all the user's to fix
         raise WarmStartError(f"heads.init_from={path}: not a local folder and not downloadable from the Hub "
-                             f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
+                             f"({exc_line(e, 160)})") from None
 
 
 def read_export(path: str, folder: Path | None = None) -> tuple[dict, dict[str, torch.Tensor], str]:
