@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--draft-temperatures", nargs="+", default=["same"],
+                   help="temperatures the drafts are proposed at when T > 0 ('same' = T; 0 = argmax drafts); "
+                        "one spec row each (the output distribution is exact for every value)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--graphs", choices=["both", "on", "off"], default="both")
@@ -133,6 +136,10 @@ def main(argv=None) -> int:
     if not on_cuda:
         graph_opts = [False]
     seeds = [row_seed(args.seed, "bench", i) for i in range(len(prompts))]
+    try:
+        draft_temps = [None if d == "same" else float(d) for d in args.draft_temperatures]
+    except ValueError:
+        sys.exit(f"--draft-temperatures takes numbers >= 0 or 'same', got {args.draft_temperatures}")
     rows = []
 
     def record(**r):
@@ -144,15 +151,17 @@ def main(argv=None) -> int:
             eng = DecodeEngine(model, B, slots, use_cuda_graphs=graphs, sync_every=args.sync_every,
                                verify_backend=args.verify_backend)
             for T in args.temperatures:
-                sp = SamplingParams(T, args.top_k, args.top_p)
                 ar_tps = None
-                for mode in ("ar", "spec"):
+                runs = [("ar", None)] + [("spec", dt) for dt in (draft_temps if T > 0 else [None])]
+                for mode, dt in runs:
+                    sp = SamplingParams(T, args.top_k, args.top_p, draft_temperature=dt)
                     eng.generate(prompts[:B], min(16, args.max_new_tokens), sp, seeds[:B], eos, mode)  # warm-up
                     res = eng.generate_all(prompts, args.max_new_tokens, sp, seeds, eos, mode)
                     recs = [r for x in res for r in x.rows]
                     secs = sum(x.total_s for x in res)
                     s = metrics.summarize(recs, secs, sum(x.decode_s for x in res))
                     rec = dict(method=mode, batch_size=B, cuda_graphs=eng.cuda_graphs, temperature=T,
+                               draft_temperature=sp.proposal_temperature if mode == "spec" else None,
                                prompts=len(prompts), emitted_tokens=s["emitted_tokens"], seconds=secs,
                                tokens_per_s=s["tokens_per_s"], decode_tokens_per_s=s["decode_tokens_per_s"],
                                acceptance_length=s["acceptance_length"], tpf=s["tpf"],
@@ -189,10 +198,12 @@ def main(argv=None) -> int:
         "results": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     print()
-    print(f"{'method':<12}{'B':>4}{'graphs':>8}{'T':>5}{'tok/s':>10}{'acc.len':>9}{'TPF':>7}{'vs AR':>7}")
+    print(f"{'method':<12}{'B':>4}{'graphs':>8}{'T':>5}{'T_d':>5}{'tok/s':>10}{'acc.len':>9}{'TPF':>7}{'vs AR':>7}")
     for r in rows:
         f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+        td = r.get("draft_temperature")
         print(f"{r['method']:<12}{r['batch_size']:>4}{str(r['cuda_graphs']):>8}{r['temperature']:>5g}"
+              f"{'-' if td is None else format(td, 'g'):>5}"
               f"{f(r['tokens_per_s'], 1):>10}{f(r.get('acceptance_length')):>9}{f(r.get('tpf')):>7}"
               f"{f(r.get('speedup_vs_ar')):>7}")
     if args.out:

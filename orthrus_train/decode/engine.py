@@ -30,13 +30,13 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..errors import exc_line
 from ..model.cache import StaticKVCache
-from ..model.layers import DecodeFusion, resolved_decode_norm
+from ..model.layers import DecodeFusion, resolved_decode_norm, resolved_decode_rope
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
@@ -47,15 +47,25 @@ FINISH = {0: "running", 1: "eos", 2: "length"}
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; min_p 0 = off (filters: `decode/verify.py`)."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; min_p 0 = off (filters: `decode/verify.py`).
+
+    draft_temperature: the temperature the drafts are *proposed* at (None = `temperature`; drafted decoding only,
+    ignored when greedy). Any proposal keeps the output distribution exact, because the acceptance rule divides
+    by the proposal actually used; what it changes is acceptance. 0 proposes each position's argmax (the rule then
+    accepts d with probability p(d)). A parallel drafter's positions are marginals that do not know which token
+    the positions before them drew, so sampling every position independently at the full temperature proposes
+    incoherent blocks: a lower draft temperature keeps the block on one continuation."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    draft_temperature: Optional[float] = None
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.draft_temperature is not None and not self.draft_temperature >= 0:
+            raise ValueError(f"draft_temperature must be >= 0 or None (= temperature), got {self.draft_temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -66,6 +76,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def proposal_temperature(self) -> float:
+        """The temperature drafts are proposed at (0 when decoding is greedy)."""
+        if self.greedy:
+            return 0.0
+        return self.temperature if self.draft_temperature is None else float(self.draft_temperature)
+
+    @property
+    def greedy_drafts(self) -> bool:
+        """Drafts are each position's argmax (the rule's q is a point mass: `verify(draft_is_greedy=True)`)."""
+        return self.proposal_temperature == 0
 
 
 @dataclass
@@ -317,6 +339,7 @@ class DecodeEngine:
         p = next(model.backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
         resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
+        resolved_decode_rope(self.device)  # and the Triton RoPE
         self.sync_every = sync_every
         self.verify_fn = verify_fn or verify.verify
         self.verify_backend = verify_backend
@@ -360,9 +383,11 @@ class DecodeEngine:
         st, m = self._st, self.model
         logits = m.propose(DecodeState(st.cache, st.last_token, st.last_hidden))
         sp = self._sampling
-        if sp.greedy:  # the greedy rule never reads the draft logits: only the drafts are kept
+        if sp.greedy_drafts:  # greedy decoding, or argmax proposals: the rule never reads the draft logits
             torch.argmax(logits, -1, out=st.drafts)
             return
+        if sp.proposal_temperature != sp.temperature:  # q = softmax(logits / t_draft), as the rule sees it at T
+            logits = logits * (sp.temperature / sp.proposal_temperature)
         d = verify.inverse_cdf(draft_probs(logits, sp), self._uniforms("draft"))
         st.draft_logits.copy_(logits)
         st.drafts.copy_(d)
@@ -378,8 +403,9 @@ class DecodeEngine:
         drafts = st.drafts if spec else st.drafts[:, :0]
         dlog = st.draft_logits if spec else st.draft_logits[:, :0]
         u = None if sp.greedy else self._uniforms(self._mode)  # the greedy rule draws nothing
+        extra = {"draft_is_greedy": True} if spec and not sp.greedy and sp.greedy_drafts else {}
         m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
-                                top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend)
+                                top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend, **extra)
         m, nxt = m.long(), nxt.long()
         if spec:
             self._commit_block(drafts, m, nxt, hidden)
@@ -851,6 +877,7 @@ class GenerationEngine:
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
         resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
+        resolved_decode_rope(self.device)  # and the Triton RoPE
         self.B, self.S = batch_size, max_len
         self.sync_every, self.width_step = sync_every, width_step
         # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are

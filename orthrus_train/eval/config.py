@@ -89,6 +89,11 @@ class EvalConfig:
     top_k: int | None = None  # 0 = off
     top_p: float | None = None  # 1.0 = off
     min_p: float | None = None  # 0 = off
+    # Temperature the drafts are proposed at when sampling (None: the sampling temperature; 0: each position's
+    # argmax). Any value keeps the output distribution exact (the acceptance rule divides by the proposal used);
+    # it changes acceptance only. A parallel drafter's positions do not see which token the positions before
+    # them drew, so a lower proposal temperature keeps a sampled block on one continuation.
+    draft_temperature: float | None = None
     # Base of every per-prompt seed (row seeds are derived from it, the benchmark, the prompt index).
     seed: int = 0
     # Rows per decode batch (the engine's fixed batch size).
@@ -168,6 +173,9 @@ class EvalConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
             bad("min_p", f"must be in [0, 1), got {self.min_p}")
+        if self.draft_temperature is not None and not self.draft_temperature >= 0:
+            bad("draft_temperature", f"must be >= 0 (0 = argmax drafts) or null (= the sampling temperature), got "
+                                     f"{self.draft_temperature}")
         self.compile_steps = compile_policy.checked(self.compile_steps, self.compile_min_steps, bad)
         if self.verify_backend not in ("auto", "triton", "torch"):
             bad("verify_backend", f"{self.verify_backend!r} is not one of auto, triton, torch")

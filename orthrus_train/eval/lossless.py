@@ -78,7 +78,7 @@ def _ks(u: np.ndarray) -> dict[str, Any]:
 @torch.no_grad()
 def step_pits(draft_tokens: torch.Tensor, draft_logits: torch.Tensor, target_logits: torch.Tensor,
               accepted: torch.Tensor, next_token: torch.Tensor, sp: SamplingParams, gen: torch.Generator,
-              rows_per_chunk: int = 8) -> dict[str, torch.Tensor]:
+              rows_per_chunk: int = 8, draft_is_greedy: bool = False) -> dict[str, torch.Tensor]:
     """PITs of one verify step (B rows, K slots) against the step's own distributions (see (0) above).
 
     Returns CPU float64 tensors: "token" (B, K), slot j <= accepted: the emitted token at slot j (the draft for
@@ -86,7 +86,8 @@ def step_pits(draft_tokens: torch.Tensor, draft_logits: torch.Tensor, target_log
     law given the drafts; "draft" (B, K-1): draft d_i under q_i; "rare_mass" (B,): the law's total mass on
     outcomes of probability < RARE, "rare_hit" (B,): whether the observed outcome is one of them. p and q
     are filtered exactly as the rule filters them (`verify.processed_logits`, in the rule's precision), then
-    taken to float64."""
+    taken to float64. `draft_is_greedy`: the drafts were argmax proposals (q a point mass on each draft, as the
+    rule was told; `draft_logits` unused): their "draft" PITs are then U(0,1) by construction."""
     B, K, V = target_logits.shape
     dev = target_logits.device
     d = draft_tokens.long()
@@ -108,7 +109,11 @@ def step_pits(draft_tokens: torch.Tensor, draft_logits: torch.Tensor, target_log
         emitted = torch.arange(K, device=dev)[None] <= m[lo:hi, None]
         tok_out[lo:hi] = torch.where(emitted, u_tok, torch.full_like(u_tok, float("nan"))).cpu()
         if K > 1:
-            lq = verify.processed_logits(draft_logits[lo:hi], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+            if draft_is_greedy:  # q = a point mass on the draft: log q = 0 there, -inf elsewhere
+                lq = torch.full((n, K - 1, V), float("-inf"), dtype=torch.float64, device=dev)
+                lq.scatter_(2, d[lo:hi, :, None], 0.0)
+            else:
+                lq = verify.processed_logits(draft_logits[lo:hi], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
             q = torch.softmax(lq.double(), -1)
             draft_out[lo:hi] = _pit(q.reshape(n * (K - 1), V), d[lo:hi].reshape(-1),
                                     unif[lo:hi, K:2 * K - 1].reshape(-1).to(dev)).reshape(n, K - 1).cpu()
@@ -168,7 +173,8 @@ class SamplerProbe:
         m, nxt = self.rule(draft_tokens, draft_logits, target_logits, uniforms, temperature=temperature,
                            top_k=top_k, top_p=top_p, min_p=min_p, **kw)
         sp = SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p))
-        self.calls.append(step_pits(draft_tokens, draft_logits, target_logits, m, nxt, sp, self.gen))
+        self.calls.append(step_pits(draft_tokens, draft_logits, target_logits, m, nxt, sp, self.gen,
+                                    draft_is_greedy=bool(kw.get("draft_is_greedy", False))))
         return m, nxt
 
     def take(self, rows: Sequence) -> dict[str, np.ndarray]:

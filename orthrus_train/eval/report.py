@@ -168,7 +168,7 @@ def _environment(device) -> dict[str, Any]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
             "decode_attention": layers.decode_attention(), "decode_norm": layers.resolved_decode_norm(device),
-            "decode_rope": layers.decode_rope()}
+            "decode_rope": layers.resolved_decode_rope(device)}
 
 
 def _warm_up(gen, ids: list[int]) -> None:
@@ -392,6 +392,8 @@ def _lossless(model, cfg: EvalConfig, engines: _Engines, benches: dict[str, Benc
     dtype = next(model.backbone.parameters()).dtype
     low = dtype in (torch.bfloat16, torch.float16)
     out: dict[str, Any] = {"sampling": {k: getattr(sp, k) for k in ("temperature", "top_k", "top_p", "min_p")}}
+    if sp.draft_temperature is not None:  # the checks test the proposal the benchmarks decoded with
+        out["sampling"]["draft_temperature"] = sp.draft_temperature
     base_ids = [renderer.encode(p.turns[:1]) for p in first.prompts]
     max_new = ls.ks_max_new_tokens or cfg.max_new_tokens
     # (0) the sampler against the distributions its own verify passes computed, in the model's dtype
@@ -526,7 +528,10 @@ def _lossless_md(ll) -> list[str]:
     s = ll["sampling"]
     out = ["", f"## Lossless checks: **{'PASS' if ll['passed'] else 'FAIL'}**", "",
            f"Sampling checks at T={_f(s['temperature'], 3)}, top-k {s['top_k']}, top-p {_f(s['top_p'], 3)}, "
-           f"min-p {_f(s['min_p'], 3)}. The verdict is PASS when every component below passes (`-`: not run):", "",
+           f"min-p {_f(s['min_p'], 3)}"
+           + (f", drafts proposed at T={_f(s['draft_temperature'], 3)}" if s.get("draft_temperature") is not None
+              else "")
+           + ". The verdict is PASS when every component below passes (`-`: not run):", "",
            "| verdict component | result |", "|---|---|"]
     out += [f"| {COMPONENTS.get(k, k)} | {_verdict(v)} |" for k, v in ll["components"].items()]
     t = ex["tests"]

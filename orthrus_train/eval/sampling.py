@@ -37,15 +37,20 @@ def resolve(cfg: EvalConfig, backbone) -> dict[str, Any]:
         source += " + eval overrides"
     SamplingParams(out["temperature"], out["top_k"], out["top_p"], out["min_p"])  # validates the backbone's values
     out.update(source=source, generation_config=from_gc, overrides=overrides,
-               temperatures=list(cfg.temperatures) if cfg.temperatures is not None else [0.0, out["temperature"]])
+               temperatures=list(cfg.temperatures) if cfg.temperatures is not None else [0.0, out["temperature"]],
+               draft_temperature=cfg.draft_temperature)
     return out
 
 
 def params(settings: dict[str, Any], temperature: float) -> SamplingParams:
-    return SamplingParams(float(temperature), settings["top_k"], settings["top_p"], settings["min_p"])
+    """The engine's settings at `temperature` (drafts proposed at the eval's draft_temperature when sampling)."""
+    return SamplingParams(float(temperature), settings["top_k"], settings["top_p"], settings["min_p"],
+                          draft_temperature=settings.get("draft_temperature"))
 
 
 def describe(settings: dict[str, Any]) -> str:
     """One line for the report: 'top-k 20, top-p 0.95, min-p 0 (from generation_config)'."""
-    return (f"top-k {settings['top_k']}, top-p {settings['top_p']:g}, min-p {settings['min_p']:g} "
+    dt = settings.get("draft_temperature")
+    drafts = "" if dt is None else (", argmax drafts" if dt == 0 else f", drafts proposed at T={dt:g}")
+    return (f"top-k {settings['top_k']}, top-p {settings['top_p']:g}, min-p {settings['min_p']:g}{drafts} "
             f"({settings['source']})")

@@ -122,22 +122,28 @@ def _probe_norm_kernels(device: torch.device) -> None:
             torch.testing.assert_close(got.float(), rms_norm(s, w, 1e-6).float(), atol=1e-2, rtol=1e-2)
 
 
-def _triton_norm_runs_on(device: torch.device) -> bool:
-    """Whether "auto" takes the Triton norm on `device`: CUDA only (never the CPU interpreter), the kernels
-    importable, and both (`rms_norm`, `add_rms_norm`) compiling and running there in float32 and bfloat16 on a
-    tiny input (a compiler or driver problem then means the torch norm, with a warning, not a failed decode).
-    Engines resolve this when they are built (`resolved_decode_norm`), outside compiled or captured steps."""
-    if device not in _TRITON_NORM_RUNS:
+def _auto_takes_triton(cache: dict, probe, what: str, device: torch.device) -> bool:
+    """Whether an "auto" decode switch takes its Triton kernel on `device`: CUDA only (never the CPU interpreter),
+    and `probe(device)` (the kernels compiled, run in float32 and bfloat16 on a tiny input and checked against
+    eager torch) passing; a compiler or driver problem then means the torch path with one warning, not a failed
+    decode. Cached per device in `cache` (a plain dict, not lru_cache: compiled steps trace the lookup). Engines
+    resolve this when they are built, outside compiled or captured steps."""
+    if device not in cache:
         ok = device.type == "cuda"
         if ok:
             try:
-                _probe_norm_kernels(device)
-            except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch norm
-                warnings.warn(f"decode norm 'auto': the Triton norm kernels cannot run on {device} "
-                              f"({exc_line(e, 200)}); using the torch norm")
+                probe(device)
+            except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch path
+                warnings.warn(f"decode {what} 'auto': the Triton {what} kernels cannot run on {device} "
+                              f"({exc_line(e, 200)}); using the torch {what}")
                 ok = False
-        _TRITON_NORM_RUNS[device] = ok
-    return _TRITON_NORM_RUNS[device]
+        cache[device] = ok
+    return cache[device]
+
+
+def _triton_norm_runs_on(device: torch.device) -> bool:
+    """Whether "auto" takes the Triton norm (`rms_norm` and `add_rms_norm`) on `device`."""
+    return _auto_takes_triton(_TRITON_NORM_RUNS, _probe_norm_kernels, "norm", device)
 
 
 def resolved_decode_norm(device: torch.device | str) -> str:
@@ -168,14 +174,17 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 #   "torch"   (default) `apply_rope` above (4 eager kernels: mul, roll, mul, add);
 #   "triton"  orthrus_kernels.rope: the same arithmetic in one kernel (bit-identical in float32, bfloat16 and
 #             float16: each product rounded to x's dtype, then the sum, as eager torch rounds; no fused
-#             multiply-add; tests/model/test_decode_rope.py). Opt-in until timed on a GPU
-#             (scripts/profile_decode_step.py --rope torch triton). Needs Triton on a CUDA device, or
-#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
-#             raises, it does not fall back.
+#             multiply-add; tests/model/test_decode_rope.py). Timed on an H200 (docs/benchmarks.md, session 8):
+#             the AR step 14% faster on the SmolLM2 shape at batch 1 (1.40 -> 1.21 ms), 4% on Qwen3-8B, the
+#             drafted step 6-15%. Needs Triton on a CUDA device, or TRITON_INTERPRET=1 set before orthrus_kernels
+#             is imported (CPU tests); elsewhere asking for it raises, it does not fall back.
+#   "auto"    (default) "triton" on CUDA devices where the kernel compiles and agrees with "torch" on a probe
+#             (`resolved_decode_rope`), "torch" elsewhere (never the CPU interpreter).
 # Set with ORTHRUS_DECODE_ROPE or `set_decode_rope`; an engine captures its CUDA graphs with the setting current at
-# capture time.
-DECODE_ROPE_CHOICES = ("torch", "triton")
-_decode_rope = os.environ.get("ORTHRUS_DECODE_ROPE", "torch")
+# capture time; `resolved_decode_rope(device)` names what "auto" runs there.
+DECODE_ROPE_CHOICES = ("auto", "torch", "triton")
+_decode_rope = os.environ.get("ORTHRUS_DECODE_ROPE", "auto")
+_TRITON_ROPE_RUNS: dict[torch.device, bool] = {}
 
 
 def set_decode_rope(impl: str) -> None:
@@ -187,11 +196,40 @@ def decode_rope() -> str:
     return _choice(_decode_rope, DECODE_ROPE_CHOICES, "ORTHRUS_DECODE_ROPE")
 
 
+def _rope_kernels(x: torch.Tensor):
+    return _opt_in_kernels("rope", "decode rope 'triton'", "ORTHRUS_DECODE_ROPE=torch", x)
+
+
+def _probe_rope_kernel(device: torch.device) -> None:
+    """The RoPE kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (a strided
+    view, as the fused q/k/v output gives it), and checked against `apply_rope`; raises if it cannot run or
+    disagrees."""
+    kernels = _rope_kernels(torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 3, 5, 64
+    for dt in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(B, T, (H + 2) * D, generator=g).to(device, dt)
+        x = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        ang = torch.rand(B, T, D // 2, generator=g) * 6.3
+        cos, sin = (f(torch.cat((ang, ang), -1)).to(device, dt) for f in (torch.cos, torch.sin))
+        cos, sin = rope_tables(cos, sin)
+        torch.testing.assert_close(kernels.apply_rope(x, cos, sin).float(), apply_rope(x, cos, sin).float(),
+                                   atol=1e-2, rtol=1e-2)
+
+
+def resolved_decode_rope(device: torch.device | str) -> str:
+    """The decode RoPE that runs on `device` under the current setting ("auto" resolved)."""
+    impl = decode_rope()
+    if impl != "auto":
+        return impl
+    on = _auto_takes_triton(_TRITON_ROPE_RUNS, _probe_rope_kernel, "rope", torch.device(device))
+    return "triton" if on else "torch"
+
+
 def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` of a decode pass, by the implementation `decode_rope()` names."""
-    if decode_rope() == "triton":
-        kernels = _opt_in_kernels("rope", "decode rope 'triton'", "ORTHRUS_DECODE_ROPE=torch", x)
-        return kernels.apply_rope(x, cos, sin)
+    """`apply_rope` of a decode pass, by the implementation `decode_rope()` names ("auto": `resolved_decode_rope`)."""
+    if resolved_decode_rope(x.device) == "triton":
+        return _rope_kernels(x).apply_rope(x, cos, sin)
     return apply_rope(x, cos, sin)
 
 

@@ -130,6 +130,28 @@ def test_exact_sampler_test_catches_the_planted_bugs(qwen3_model, dtype):
         assert not ex["passed"] and ex["min_p_value"] < 1e-8, ex
 
 
+def _drops_the_greedy_flag(*args, draft_is_greedy=False, **kw):
+    """The real rule, but told the argmax drafts were sampled from the (stale) draft logits: a plausible wiring bug."""
+    return verify.verify(*args, **kw)
+
+
+@pytest.mark.parametrize("draft_t", [0.0, 0.5], ids=["argmax-drafts", "draft-T0.5"])
+def test_any_draft_temperature_keeps_the_output_exact(qwen3_model, draft_t):
+    """Proposing at another temperature (or the argmax) changes acceptance only: the exact sampler test and the
+    chi-square test on emitted tokens both pass, and the exact test catches the rule not told about argmax
+    drafts."""
+    sp = SamplingParams(0.8, top_k=20, top_p=0.9, draft_temperature=draft_t)
+    ex = _exact(qwen3_model, None, sp=sp)
+    assert ex["steps"] > 500 and ex["passed"] and ex["min_p_value"] > ex["bonferroni_threshold"], ex
+    prefixes = random_prompts(2, (4, 8), seed=23)
+    eng = DecodeEngine(qwen3_model, batch_size=200, max_len=16, verify_backend="torch")
+    chi = lossless.chi_square_test(eng, prefixes, sp, n_samples=2000, min_conditional=150)
+    assert chi["testable"] >= 3 and chi["passed"], chi
+    if draft_t == 0.0:
+        bad = _exact(qwen3_model, _drops_the_greedy_flag, sp=sp, min_tokens=1000)
+        assert not bad["passed"] and bad["min_p_value"] < 1e-8, bad
+
+
 def test_step_pits_are_the_rules_own_law():
     """On the rule's own inputs the three PIT families are U(0,1) for the real rule (and for the engine's
     default front door), tokens past the accepted count are not tested, and filtering is honoured."""

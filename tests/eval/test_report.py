@@ -262,6 +262,40 @@ def test_sampling_follows_the_generation_config_and_is_reported(qwen3_model, tmp
         run_eval(m, tok, {**base, "sampling": "served"}, tmp_path / "bad")
 
 
+def test_draft_temperature_reaches_the_engine_and_the_report(qwen3_model, tmp_path, monkeypatch):
+    """eval.draft_temperature=0: the sampled cells propose argmax drafts (the acceptance rule is told so), the
+    lossless checks test that proposal and pass, and report.json / report.md say so; a negative value is a
+    one-line config error."""
+    from orthrus_train.decode import verify
+
+    tok = word_tokenizer()
+    single, _ = write_prompt_files(tmp_path, n=3)
+    seen = []
+    real = verify.verify
+
+    def spy(*a, **kw):
+        if kw.get("temperature", 0) > 0 and a[0].shape[1] > 0:  # drafted verify passes at T > 0
+            seen.append(kw.get("draft_is_greedy", False))
+        return real(*a, **kw)
+    monkeypatch.setattr(verify, "verify", spy)
+    base = dict(benchmarks=["math"], benchmark_paths={"math": str(single)}, benchmark_fields={"math": "question"},
+                num_prompts=3, max_new_tokens=10, temperatures=[0.0, 0.8], batch_size=3, verify_backend="torch",
+                plots=False, lossless=dict(greedy_prompts=3, ks_min_tokens=300, chi2_prefixes=0,
+                                           greedy_float32=False), draft_temperature=0.0)
+    rep = run_eval(qwen3_model, tok, base, tmp_path / "argmax")
+    assert seen and all(seen)
+    assert rep["sampling"]["draft_temperature"] == 0.0
+    assert rep["lossless"]["sampling"]["draft_temperature"] == 0.0 and rep["lossless"]["exact_sampler"]["passed"]
+    md = (tmp_path / "argmax" / "eval" / "report.md").read_text()
+    assert "argmax drafts" in md and "drafts proposed at T=0" in md
+    seen.clear()
+    rep = run_eval(qwen3_model, tok, {**base, "draft_temperature": None, "lossless": dict(enabled=False)},
+                   tmp_path / "same")
+    assert seen and not any(seen) and rep["sampling"]["draft_temperature"] is None
+    with pytest.raises(ValueError, match="eval.draft_temperature: must be >= 0"):
+        run_eval(qwen3_model, tok, {**base, "draft_temperature": -1.0}, tmp_path / "bad")
+
+
 def test_progress_bar_on_stderr_only_when_asked_or_a_tty(qwen3_model, tmp_path, capsys, monkeypatch):
     tok = word_tokenizer()
     single, _ = write_prompt_files(tmp_path, n=3)

@@ -61,10 +61,9 @@ def test_kernel_other_layouts():
 
 
 def test_switch_and_refusals(monkeypatch):
-    """Unknown names are refused; "torch" is the default (opt-in until timed on a GPU); where the kernel cannot run
-    (CPU tensors without TRITON_INTERPRET) requesting "triton" raises one line, no fallback; "torch" never
-    touches the kernel."""
-    assert layers.DECODE_ROPE_CHOICES == ("torch", "triton")
+    """Unknown names are refused; "auto" is the default; where the kernel cannot run (CPU tensors without
+    TRITON_INTERPRET) requesting "triton" raises one line, no fallback; "torch" never touches the kernel."""
+    assert layers.DECODE_ROPE_CHOICES == ("auto", "torch", "triton")
     with pytest.raises(ValueError, match="decode rope must be one of"):
         layers.set_decode_rope("fused")
     x, cos, sin = (t.cpu() for t in joint_qk(1, 3, 4, 2, 64, torch.float32))
@@ -89,3 +88,54 @@ def test_engine_greedy_tokens_unchanged_with_triton_rope(monkeypatch):
     assert max(accepted) > 0  # some drafts accepted: multi-token steps are exercised
     D = m.decoder.layers[0].self_attn.head_dim
     assert (4 + 2, D) in calls  # (H, D) of the joint q/k
+
+
+def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
+    """The default "auto" runs the kernel where it was measured faster (a CUDA device with Triton, after a probe)
+    and `apply_rope` elsewhere, never the CPU interpreter; the eval report names what ran (resolved_decode_rope)."""
+    calls = []
+    real = rope.apply_rope
+    monkeypatch.setattr(rope, "apply_rope", lambda x, c, s: calls.append(x.device.type) or real(x, c, s))
+    layers.set_decode_rope("auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, cos, sin = joint_qk(1, 3, 4, 2, 64, torch.float32)
+    out = layers.decode_apply_rope(x.cpu(), cos.cpu(), sin.cpu())
+    assert calls == [] and layers.resolved_decode_rope("cpu") == "torch"
+    assert torch.equal(out, layers.apply_rope(x.cpu(), cos.cpu(), sin.cpu()))
+    if DEV.type == "cuda":  # resolving "auto" first probes the kernel on the device (its calls not counted)
+        assert layers.resolved_decode_rope(DEV) == "triton"
+        calls.clear()
+        layers.decode_apply_rope(x, cos, sin)
+        assert calls == ["cuda"]
+    layers.set_decode_rope("torch")
+    assert layers.resolved_decode_rope(DEV) == "torch"
+
+
+def test_auto_falls_back_to_torch_where_the_kernel_fails(monkeypatch):
+    """"auto" on a CUDA device whose Triton cannot compile or run the kernel: `apply_rope` with one warning,
+    decided once per device, never a failed decode."""
+    dev = torch.device("cuda", 7)  # a key of the per-device decision; nothing runs on it
+    monkeypatch.setattr(layers, "_TRITON_ROPE_RUNS", {})
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compile failed\nsecond line")
+    monkeypatch.setattr(layers, "_probe_rope_kernel", broken)
+    layers.set_decode_rope("auto")
+    with pytest.warns(UserWarning, match=r"rope 'auto'.*cannot run on cuda:7 \(RuntimeError: PTX compile failed\); "
+                                         r"using the torch rope"):
+        assert layers.resolved_decode_rope(dev) == "torch"
+    assert layers._TRITON_ROPE_RUNS == {dev: False}
+    monkeypatch.setattr(layers, "_probe_rope_kernel", lambda d: pytest.fail("probed twice"))
+    assert layers.resolved_decode_rope(dev) == "torch"
+
+
+def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):
+    """The probe behind "auto" passes the real kernel (on DEV: the GPU, or the CPU interpreter) and refuses a
+    kernel that runs but computes something else (here: the rotation's sign flipped)."""
+    layers._probe_rope_kernel(DEV)
+    monkeypatch.setattr(rope, "apply_rope", lambda x, c, s: real_rope(x, c, -s))
+    with pytest.raises(AssertionError):
+        layers._probe_rope_kernel(DEV)
+
+
+real_rope = rope.apply_rope
