@@ -122,6 +122,10 @@ class DataConfig:
     # with the target's generation_config (temperature, top_k, top_p). Identical responses of one prompt are
     # dropped (counted in the report), so a few thousand prompts can feed tens of millions of tokens.
     samples_per_prompt: int = 1
+    # Temperature of the extra samples (rounds 1..N-1) instead of the generation_config's (its top-k / top-p
+    # still apply); null: the generation_config's temperature (1.0 where it sets none). Lower values keep the
+    # extra responses nearer the greedy continuation (what a T=0 eval decodes) while staying distinct.
+    sample_temperature: float | None = None
     # Who writes the responses: "engine" (the project's decode engine: static cache, CUDA graphs, continuous
     # batching), "hf" (transformers generate), "server" (an OpenAI-compatible server, data.server), or
     # "auto": the engine for every supported backbone family, transformers otherwise.
@@ -206,6 +210,9 @@ class DataConfig:
         self.compile_steps = compile_policy.checked(self.compile_steps, self.compile_min_steps, bad)
         if self.samples_per_prompt < 1:
             bad("samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
+        if self.sample_temperature is not None and not self.sample_temperature > 0:
+            bad("sample_temperature", f"must be > 0 (the extra samples are sampled; 0 would repeat the greedy "
+                                      f"response) or null (the generation_config's), got {self.sample_temperature}")
         if self.regen_backend not in REGEN_BACKENDS:
             bad("regen_backend", f"{self.regen_backend!r} is not one of {REGEN_BACKENDS}")
 
@@ -240,6 +247,8 @@ class DataConfig:
             d.pop("compile_steps"), d.pop("compile_min_steps")  # how fast, not what
             if d["samples_per_prompt"] == 1:
                 d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
+            if d["sample_temperature"] is None:
+                d.pop("sample_temperature")  # (and of configs that never set it)
             if not self.regenerate:
                 d.pop("model")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -223,10 +223,14 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
                                       compile_cache=data_dir.parent / "cache" / "torchinductor")
         t0 = time.perf_counter()
         n_samples = cfg.samples_per_prompt
+        sampling = None  # the extra samples: the generator's defaults (the target's generation_config) ...
+        if cfg.sample_temperature is not None:  # ... at data.sample_temperature
+            _t, top_k, top_p = getattr(generator, "sampling_defaults", lambda: (1.0, 0, 1.0))()
+            sampling = (float(cfg.sample_temperature), top_k, top_p)
         stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
                            shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress,
-                           samples_per_prompt=n_samples)
+                           samples_per_prompt=n_samples, sampling=sampling)
         if world_size > 1:
             if rank != 0:
                 return None
@@ -257,6 +261,9 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             "responses_at_max_new_tokens": unfinished,
             "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
         }
+        if n_samples > 1:  # (temperature, top_k, top_p) of the responses after each prompt's first
+            regen_report["extra_samples"] = list(sampling or getattr(generator, "sampling_defaults",
+                                                                     lambda: (1.0, 0, 1.0))())
         if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
             regen_report["compile"] = generator.compile_info
     else:

@@ -117,6 +117,31 @@ def test_samples_per_prompt_dedup_and_accounting(tmp_path, byte_tok, model, back
     assert same["supervised_tokens"] == one["supervised_tokens"]
 
 
+def test_sample_temperature_reaches_the_extra_samples(tmp_path, byte_tok, model):
+    """data.sample_temperature replaces the generation_config's temperature for the extra samples (its top-k /
+    top-p kept): near 0 every extra sample repeats the greedy response and is dropped, at the generation_config's
+    T=1 they are distinct; the report and the regeneration folder's meta say which; 0 is a one-line error."""
+    saved = model.generation_config
+    try:
+        model.generation_config = type(saved)(temperature=1.0, top_p=0.9, top_k=0)
+        gen = build_generator(cfg_for(tmp_path, regen_backend="engine"), model, byte_tok)
+        cold = run_data_stage(cfg_for(tmp_path, samples_per_prompt=3, sample_temperature=1e-4, regen_backend="engine"),
+                              tmp_path / "cold", gen, tokenizer=byte_tok)
+        hot = run_data_stage(cfg_for(tmp_path, samples_per_prompt=3, regen_backend="engine"), tmp_path / "hot", gen,
+                             tokenizer=byte_tok)
+    finally:
+        model.generation_config = saved
+    c, h = cold["regeneration"], hot["regeneration"]
+    assert c["extra_samples"] == [1e-4, 0, 0.9] and h["extra_samples"] == [1.0, 0, 0.9]
+    assert c["duplicate_responses"] == 24 and cold["documents_packed"] == 12
+    assert h["duplicate_responses"] < 12 and hot["documents_packed"] > 24
+    meta = json.loads((tmp_path / "cold" / "data" / "regen" / "meta.json").read_text())
+    assert meta["sampling"] == [1e-4, 0, 0.9]
+    assert DataConfig(sample_temperature=0.7).fingerprint() != DataConfig().fingerprint()
+    with pytest.raises(ValueError, match=r"data.sample_temperature: must be > 0"):
+        DataConfig(sample_temperature=0.0)
+
+
 def test_num_samples_all(tmp_path):
     for v in ("all", "ALL", -1, None):
         assert DataConfig(num_samples=v).num_samples is None and DataConfig(num_samples=v).take_all
