@@ -116,11 +116,17 @@ def _newest_checkpoint(run: RunDir):
     return find_resumable(run.checkpoints, 0, log=lambda *_: None)
 
 
-def _inputs(cfg, folder: Path, sections: tuple[str, ...], files: tuple[Path, ...]) -> dict:
+def _inputs(cfg, folder: Path | None, sections: tuple[str, ...], files: tuple[Path, ...]) -> dict:
     """What a stage's output was made from: the checkpoint (by its trainer_state.json, unique to one
-    training), the named config sections and the content of the named files (absent: None)."""
+    training; None: heads.init_from's heads, by `_init_from_id`), the named config sections and the content of
+    the named files (absent: None)."""
     c = to_dict(cfg)
-    return {"checkpoint": folder.name, "checkpoint_id": _sha((folder / "trainer_state.json").read_bytes()),
+    if folder is None:
+        ckpt = {"checkpoint": f"heads.init_from={cfg.heads.init_from}",
+                "checkpoint_id": _init_from_id(os.fspath(cfg.heads.init_from))}
+    else:
+        ckpt = {"checkpoint": folder.name, "checkpoint_id": _sha((folder / "trainer_state.json").read_bytes())}
+    return {**ckpt,
             "config": _sha(json.dumps({k: c[k] for k in sections}, sort_keys=True, default=str).encode()),
             "files": {f.name: _sha(f.read_bytes()) if f.exists() else None for f in files}}
 
@@ -270,20 +276,41 @@ def stage_train(cfg, run: RunDir, dist) -> None:
 
 
 # ------------------------------------------------------------------------------------------ shared
-def trained_model(cfg, run: RunDir, device=None):
-    """Backbone + heads of the newest complete checkpoint, for eval and export."""
+def trained_model(cfg, run: RunDir, device=None, init_from_ok: bool = False):
+    """Backbone + heads of the newest complete checkpoint, for eval and export. `init_from_ok` (eval): a run with
+    no checkpoint takes its heads from `heads.init_from` instead (published or exported heads evaluated as they
+    are, e.g. before fine-tuning them); the folder returned is then None."""
     from .model.factory import build_backbone, build_model, resolve_device, tokenizer_for
     from .train.checkpoint import find_resumable
     from .train.engine import load_heads
 
     folder = find_resumable(run.checkpoints)
-    if folder is None:
-        raise SystemExit(f"no complete checkpoint in {run.checkpoints}; run stage=train first (same run_dir)")
+    from_init = folder is None and init_from_ok and bool(cfg.heads.init_from)
+    if folder is None and not from_init:
+        hint = " (or set heads.init_from=PATH to evaluate exported or published heads)" if init_from_ok else ""
+        raise SystemExit(f"no complete checkpoint in {run.checkpoints}; run stage=train first (same run_dir){hint}")
     device = device or resolve_device(cfg.device)
     tok = tokenizer_for(cfg, run.tokenizer)
     model = build_model(cfg, build_backbone(cfg, device), tok)
-    load_heads(model, folder)
+    if from_init:
+        from .model.warm_start import load_into
+        described = load_into(model, os.fspath(cfg.heads.init_from))
+        print(f"[eval] no checkpoint in {run.checkpoints}: heads from heads.init_from={cfg.heads.init_from} "
+              f"({described})", flush=True)
+    else:
+        load_heads(model, folder)
     return model.eval(), tok, folder
+
+
+def _init_from_id(path: str) -> str:
+    """Identity of heads.init_from's content for the 'finished' marker: names, sizes and mtimes of a local
+    folder's (or file's) files; a Hub id as given."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return _sha(path.encode())
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return _sha(json.dumps([(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size,
+                             f.stat().st_mtime_ns) for f in files]).encode())
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -293,13 +320,15 @@ def stage_eval(cfg, run: RunDir, dist) -> None:
     from .eval.report import run_eval
 
     run.stage_marker("eval").unlink(missing_ok=True)  # a stage killed from here on leaves no 'finished' marker
-    model, tok, folder = trained_model(cfg, run)
+    model, tok, folder = trained_model(cfg, run, init_from_ok=True)
     inputs = _eval_inputs(cfg, run, folder)
-    print(f"[eval] heads from {folder}")
+    if folder is not None:
+        print(f"[eval] heads from {folder}")
     if _DEBUG_SLEEP:  # testing hook: a kill -9 test lands inside this stage
         run.eval.mkdir(parents=True, exist_ok=True)
         time.sleep(_DEBUG_SLEEP)
-    run_eval(model, tok, cfg.eval, run.root, run_cfg=cfg)
+    run_eval(model, tok, cfg.eval, run.root, run_cfg=cfg,
+             heads_source=folder.name if folder is not None else f"heads.init_from={cfg.heads.init_from}")
     _write_marker(run, "eval", inputs)
 
 

@@ -204,7 +204,7 @@ def _hf_reference(model, cfg, renderer, cell, b, sp, seed_of, runs, eos, pad, hf
 
 
 def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] | None = None,
-             run_cfg: Any = None) -> dict[str, Any]:
+             run_cfg: Any = None, heads_source: str | None = None) -> dict[str, Any]:
     """Run every benchmark at every temperature, the lossless checks, and write the report files under
     RUN/eval. Returns the report dict (as written to report.json).
 
@@ -213,7 +213,9 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
       reported (and excluded with exclude_train_overlap). Added to them: eval_cfg.train_prompts_file, or else
       RUN/data/prompts.jsonl (the data stage's training prompts) when it exists.
     The benchmark "holdout" reads RUN/data/holdout.jsonl unless benchmark_paths names another file.
-    run_cfg: the whole run configuration, if any (its `recipe` is recorded in the report)."""
+    run_cfg: the whole run configuration, if any (its `recipe` is recorded in the report).
+    heads_source: where the heads came from (a checkpoint's name, or heads.init_from=PATH), recorded as
+      report["model"]["heads"]."""
     cfg = EvalConfig.from_dict(eval_cfg)
     run_dir = Path(run_dir)
     out_dir = run_dir / "eval"
@@ -239,7 +241,8 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
         "model": {"head_type": model.head_type, "block_size": model.block_size,
                   "backbone": getattr(model.config, "_name_or_path", "") or model.config.model_type,
                   "parameters": n_params, "dtype": str(p0.dtype).replace("torch.", ""), "device": str(p0.device),
-                  "draft_passes_per_step": model.draft_passes_per_step, "eos_token_ids": eos},
+                  "draft_passes_per_step": model.draft_passes_per_step, "eos_token_ids": eos,
+                  "heads": heads_source},
         "environment": _environment(p0.device),
         "recipe": getattr(run_cfg, "recipe", None),
         "train_prompts": {"file": train_file, "hashes": len(hashes)},
@@ -620,7 +623,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for n in report.get("notes", []):
         out += [f"> **Note:** {n}", ""]
     out += [f"Model: `{m['backbone']}`, head `{m['head_type']}`, K = {K}, {m['parameters']:,} backbone parameters, "
-            f"{m['dtype']} on {m['device']}.  ",
+            f"{m['dtype']} on {m['device']}" + (f"; heads from {m['heads']}" if m.get("heads") else "") + ".  ",
             f"Settings: {s['num_prompts']} prompts per benchmark, max {s['max_new_tokens']} new tokens, temperatures "
             f"{samp['temperatures']}, batch {s['batch_size']}, seed {s['seed']}, "
             f"CUDA graphs requested: {s['use_cuda_graphs']}, "

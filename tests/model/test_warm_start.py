@@ -214,3 +214,29 @@ def test_zero3_two_processes_start_from_the_exported_twins(trained, tiny_data, t
     cold_run = _copy_data(tiny_data, tmp_path / "cold")
     _, cold = two_procs(cold_run, port=29542)
     assert any(not torch.equal(cold[k], v) for k, v in exported.items())
+
+
+def test_eval_of_exported_heads_without_a_checkpoint(trained, tiny_data, tmp_path):
+    """stage=eval in a run with no checkpoint evaluates heads.init_from's heads as they are (published or exported
+    heads measured before fine-tuning): the same numbers as the run that trained them, and the report names the
+    source. Without init_from the refusal says how to ask for it."""
+    small = ["eval.num_prompts=3", "eval.max_new_tokens=8", "eval.temperatures=[0.0]", "eval.lossless.enabled=false",
+             "eval.plots=false", "eval.ar_baseline=false"]
+    run = _copy_data(tiny_data, tmp_path / "e")
+    p = orthrus("recipe=tiny", f"run_dir={run}", "stage=eval", *FAST, *small, check=False)
+    assert p.returncode != 0 and "no complete checkpoint" in p.stderr + p.stdout
+    assert "heads.init_from=PATH to evaluate exported or published heads" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
+    p = orthrus("recipe=tiny", f"run_dir={run}", "stage=eval", *FAST, *small, f"heads.init_from={trained['heads']}")
+    assert f"heads from heads.init_from={trained['heads']}" in p.stdout
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert rep["model"]["heads"] == f"heads.init_from={trained['heads']}"
+    assert f"heads from heads.init_from={trained['heads']}" in (run / "eval" / "report.md").read_text()
+    ref_run = tmp_path / "ref"
+    shutil.copytree(trained["trained"], ref_run)
+    orthrus("recipe=tiny", f"run_dir={ref_run}", "stage=eval", *FAST, *small)
+    ref = json.loads((ref_run / "eval" / "report.json").read_text())
+    assert ref["model"]["heads"] == "step-00000030"
+    for name, b in ref["benchmarks"].items():
+        mine, theirs = rep["benchmarks"][name]["results"]["T=0"]["spec"], b["results"]["T=0"]["spec"]
+        assert (mine["emitted_tokens"], mine["verify_passes"]) == (theirs["emitted_tokens"], theirs["verify_passes"])
