@@ -26,6 +26,9 @@
 # MEDUSA_RUN=0 skips the Medusa baseline, ABLATIONS=none every ablation. Budgets are evaluated largest first.
 # KERNEL_EVAL="ORTHRUS_DECODE_ATTN=live ...": the largest budget once more on the side GPU with those settings
 # (ROOT/kernels-step-N). SIDE_BUDGETS="N ...": those budgets are evaluated on the side GPU, the rest on MAIN_GPU.
+# SIDE_EVALS="NAME:KEY=V,KEY=V ...": the largest budget once more per entry, on the side GPU, with those eval
+# overrides (ROOT/NAME-step-N, results/NAME_stepN_report.json), e.g. "argmax:eval.draft_temperature=0".
+# SAMPLE_T=T: data.sample_temperature (the extra samples' temperature; unset: the generation_config's).
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
@@ -42,7 +45,8 @@ pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the f
   cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
-      data.regen_backend=engine)
+      data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T
+      ${REGEN_COMPILE:+data.compile_steps=$REGEN_COMPILE})  # REGEN_COMPILE=false: no compile attempt
 TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.min_lr_ratio=0.1 train.epochs=100)
 # Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
 MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)
@@ -151,13 +155,18 @@ for ph in $PHASES; do case $ph in
         [ -f "$ROOT/abl-$a/eval/report.json" ] || on_side run abl_${a}_eval run_dir=$ROOT/abl-$a stage=eval ${ABL[$a]} "${EVAL[@]}"
         cp "$ROOT/abl-$a/eval/report.json" "$RES/abl-${a}_report.json" 2>/dev/null; pack
       done
-      if [ -n "${KERNEL_EVAL:-}${SIDE_BUDGETS:-}" ]; then
+      if [ -n "${KERNEL_EVAL:-}${SIDE_BUDGETS:-}${SIDE_EVALS:-}" ]; then
         [ -z "$PROFILE_PID" ] || while kill -0 "$PROFILE_PID" 2>/dev/null; do sleep 5; done  # timings alone there
         if [ -n "${KERNEL_EVAL:-}" ]; then
           LAUNCH="env $KERNEL_EVAL ${LAUNCH:-python -m orthrus_train}" eval_ckpt kernels_step$LARGEST \
             "$ROOT/kernels-step-$LARGEST" "$LARGEST" on_side
           cp "$ROOT/kernels-step-$LARGEST/eval/report.json" "$RES/kernels_step${LARGEST}_report.json" 2>/dev/null; pack
         fi
+        for spec in ${SIDE_EVALS:-}; do  # NAME:overrides (comma-separated)
+          name=${spec%%:*}; ovr=${spec#*:}
+          eval_ckpt "${name}_step$LARGEST" "$ROOT/$name-step-$LARGEST" "$LARGEST" on_side ${ovr//,/ }
+          cp "$ROOT/$name-step-$LARGEST/eval/report.json" "$RES/${name}_step${LARGEST}_report.json" 2>/dev/null; pack
+        done
         for n in ${SIDE_BUDGETS:-}; do curve_point "$n" on_side; done
       fi ) &
     side_eval=$!
