@@ -91,8 +91,7 @@ class EvalConfig:
     min_p: float | None = None  # 0 = off
     # Temperature the drafts are proposed at when sampling (None: the sampling temperature; 0: each position's
     # argmax). Any value keeps the output distribution exact (the acceptance rule divides by the proposal used);
-    # it changes acceptance only. A parallel drafter's positions do not see which token the positions before
-    # them drew, so a lower proposal temperature keeps a sampled block on one continuation.
+    # it changes acceptance only. On SmolLM2 at T=1 the default accepted the most (docs/benchmarks.md, session 8).
     draft_temperature: float | None = None
     # Base of every per-prompt seed (row seeds are derived from it, the benchmark, the prompt index).
     seed: int = 0
