@@ -91,14 +91,15 @@ def main(argv=None):
                     help="decode attention implementations to compare (orthrus_train.model.layers."
                          "DECODE_ATTN_CHOICES; 'live', the Triton kernel reading only each row's live cache "
                          "length, is opt-in: CUDA, or TRITON_INTERPRET=1 for a CPU smoke run)")
-    ap.add_argument("--norm", nargs="+", default=["torch"],
+    ap.add_argument("--norm", nargs="+", default=["auto"],
                     help="decode RMSNorm implementations to compare (orthrus_train.model.layers.DECODE_NORM_CHOICES: "
-                         "'torch', 7 eager kernels per norm; 'triton', one kernel, opt-in: CUDA, or "
-                         "TRITON_INTERPRET=1 for a CPU smoke run)")
-    ap.add_argument("--rope", nargs="+", default=["torch"],
+                         "'torch', 7 eager kernels per norm; 'triton', one kernel (CUDA, or TRITON_INTERPRET=1 for a "
+                         "CPU smoke run); 'auto' (default): triton on CUDA after a probe, else torch; the row "
+                         "records what ran as norm_resolved)")
+    ap.add_argument("--rope", nargs="+", default=["auto"],
                     help="decode RoPE implementations to compare (orthrus_train.model.layers.DECODE_ROPE_CHOICES: "
-                         "'torch', 4 eager kernels per RoPE; 'triton', one kernel, opt-in: CUDA, or "
-                         "TRITON_INTERPRET=1 for a CPU smoke run)")
+                         "'torch', 4 eager kernels per RoPE; 'triton', one kernel; 'auto' (default) as --norm; "
+                         "rope_resolved in the row)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
@@ -148,8 +149,9 @@ def profile_shape(a, shape, dev, gbps, out):
                            fuse_projections=not a.no_fuse)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
-        row = {"attn": impl, "norm": nrm, "rope": rp, "compile": a.compile, "fused_projections": not a.no_fuse,
-               "batch": B, "prompt_len": P, "slots": S}
+        row = {"attn": impl, "norm": nrm, "rope": rp, "norm_resolved": layers.resolved_decode_norm(dev),
+               "rope_resolved": layers.resolved_decode_rope(dev), "compile": a.compile,
+               "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P, "slots": S}
         fusion = eng._fused()  # the fused decode projections, attached as during the engine's own calls
         fusion.__enter__()
         for mode in ("ar", "spec"):
