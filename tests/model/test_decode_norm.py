@@ -11,8 +11,8 @@ from orthrus_train.model import layers
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import rmsnorm  # noqa: E402
-from tests.model.triton_testlib import (DEV, interpreter_and_restored, requires_triton,  # noqa: E402
-                                         tiny_engine_tokens)
+from tests.model.triton_testlib import (DEV, assert_auto_falls_back, interpreter_and_restored,  # noqa: E402
+                                         requires_triton, tiny_engine_tokens)
 
 pytestmark = requires_triton
 
@@ -240,20 +240,9 @@ def test_cached_passes_bit_identical_to_unfused_layer_steps(dtype):
 
 
 def test_auto_falls_back_to_torch_where_the_kernels_fail(monkeypatch):
-    """"auto" on a CUDA device whose Triton cannot compile or run the norm kernels (a driver or compiler
-    problem): the torch norm with one warning, decided once per device, never a failed decode."""
-    dev = torch.device("cuda", 7)  # a key of the per-device decision; nothing runs on it
-    monkeypatch.setattr(layers, "_TRITON_NORM_RUNS", {})
-
-    def broken(*a, **k):
-        raise RuntimeError("PTX compile failed\nsecond line")
-    monkeypatch.setattr(layers, "_probe_norm_kernels", broken)
-    layers.set_decode_norm("auto")
-    with pytest.warns(UserWarning, match=r"cannot run on cuda:7 \(RuntimeError: PTX compile failed\); using the torch"):
-        assert layers.resolved_decode_norm(dev) == "torch"
-    assert layers._TRITON_NORM_RUNS == {dev: False}
-    monkeypatch.setattr(layers, "_probe_norm_kernels", lambda d: pytest.fail("probed twice"))
-    assert layers.resolved_decode_norm(dev) == "torch"  # decided once per device
+    """"auto" on a CUDA device whose Triton cannot run the norm kernels: the torch norm, one warning, once."""
+    assert_auto_falls_back(monkeypatch, "norm", "_TRITON_NORM_RUNS", "_probe_norm_kernels", layers.set_decode_norm,
+                           layers.resolved_decode_norm)
 
 
 def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):

@@ -10,8 +10,8 @@ from orthrus_train.model import layers
 
 kernels = pytest.importorskip("orthrus_kernels")
 from orthrus_kernels import rope  # noqa: E402
-from tests.model.triton_testlib import (DEV, interpreter_and_restored, requires_triton,  # noqa: E402
-                                         tiny_engine_tokens)
+from tests.model.triton_testlib import (DEV, assert_auto_falls_back, interpreter_and_restored,  # noqa: E402
+                                         requires_triton, tiny_engine_tokens)
 
 pytestmark = requires_triton
 
@@ -112,21 +112,9 @@ def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
 
 
 def test_auto_falls_back_to_torch_where_the_kernel_fails(monkeypatch):
-    """"auto" on a CUDA device whose Triton cannot compile or run the kernel: `apply_rope` with one warning,
-    decided once per device, never a failed decode."""
-    dev = torch.device("cuda", 7)  # a key of the per-device decision; nothing runs on it
-    monkeypatch.setattr(layers, "_TRITON_ROPE_RUNS", {})
-
-    def broken(*a, **k):
-        raise RuntimeError("PTX compile failed\nsecond line")
-    monkeypatch.setattr(layers, "_probe_rope_kernel", broken)
-    layers.set_decode_rope("auto")
-    with pytest.warns(UserWarning, match=r"rope 'auto'.*cannot run on cuda:7 \(RuntimeError: PTX compile failed\); "
-                                         r"using the torch rope"):
-        assert layers.resolved_decode_rope(dev) == "torch"
-    assert layers._TRITON_ROPE_RUNS == {dev: False}
-    monkeypatch.setattr(layers, "_probe_rope_kernel", lambda d: pytest.fail("probed twice"))
-    assert layers.resolved_decode_rope(dev) == "torch"
+    """"auto" on a CUDA device whose Triton cannot run the RoPE kernel: `apply_rope`, one warning, once."""
+    assert_auto_falls_back(monkeypatch, "rope", "_TRITON_ROPE_RUNS", "_probe_rope_kernel", layers.set_decode_rope,
+                           layers.resolved_decode_rope)
 
 
 def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):
