@@ -196,7 +196,7 @@ def make(cfg) -> dict:
         "global_batch": t.global_batch, "train_tokens": train_tokens,
         "lengths_source": lengths["source"] if (p.prompt_tokens is None or p.response_tokens is None) else "plan.*",
         "regeneration": {"tokens_per_s_per_gpu": rg_rate1, "hours": regen_h, "extrapolated": bool(rg_how),
-                         "basis": basis(rg_ref, rg_how, "; GPUs assumed to scale linearly (not measured)")},
+                         "basis": basis(rg_ref, rg_how, "; GPUs scale linearly (about so measured on 2 x H200, SmolLM2)")},
         "training": {"tokens_per_s_per_gpu": tr_rate1 * eff, "scaling_efficiency": eff, "hours": train_h,
                      "extrapolated": bool(tr_how),
                      "basis": basis(tr_ref, tr_how, f"; {gpus} GPUs at {eff:.0%} scaling efficiency")},

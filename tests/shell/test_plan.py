@@ -22,8 +22,9 @@ def _json(*args):
     return json.loads(p.stdout)
 
 
-def _measured(shape, gpu, world):
-    return next(e for e in REC["training"] if (e["shape"], e["gpu"], e["world"]) == (shape, gpu, world))
+def _measured(shape, gpu, world, kind="training"):
+    """The newest recorded measurement of `kind` for (shape, gpu, world) (a re-measurement replaces the older)."""
+    return [e for e in REC[kind] if (e["shape"], e["gpu"], e.get("world", 1)) == (shape, gpu, world)][-1]
 
 
 def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
@@ -45,11 +46,12 @@ def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
     # regeneration: no 8B measurement: carried from the SmolLM2 engine measurement on the H200 by parameters, said so
     r = pl["regeneration"]
     assert r["extrapolated"] and "scaled from smollm2-135m by decode parameters" in r["basis"]
-    # ... from the newest of the repeated SmolLM2 / H200 measurements (session 6's re-measurement, not session 3's)
-    same = [e for e in REC["regeneration"] if (e["shape"], e["gpu"], e["world"]) == ("smollm2-135m", "h200", 1)]
-    assert len(same) >= 2
-    assert f"from smollm2-135m on 1 x h200, {same[-1]['date']}, commit {same[-1]['commit']}" in r["basis"]
-    assert f"commit {same[0]['commit']}" not in r["basis"]
+    # ... from the SmolLM2 / H200 measurement nearest the planned 8 GPUs (the 2-GPU one of session 8), not from
+    # the single-GPU ones
+    two = _measured("smollm2-135m", "h200", 2, "regeneration")
+    one_gpu = [e for e in REC["regeneration"] if (e["shape"], e["gpu"], e["world"]) == ("smollm2-135m", "h200", 1)]
+    assert f"from smollm2-135m on 2 x h200, {two['date']}, commit {two['commit']}" in r["basis"]
+    assert not any(f"commit {e['commit']}" in r["basis"] for e in one_gpu)
     assert r["hours"] == pytest.approx(pl["regenerated_tokens"] / (r["tokens_per_s_per_gpu"] * 8) / 3600)
     assert pl["total_hours"] == pytest.approx(r["hours"] + pl["training"]["hours"])
 
@@ -62,7 +64,12 @@ def test_more_gpus_is_faster_and_a_measured_world_size_is_used_as_measured():
         assert pl["training"]["tokens_per_s_per_gpu"] * n == pytest.approx(measured)
         assert not pl["training"]["extrapolated"] and pl["training"]["basis"].startswith("measured")
     assert one["training"]["hours"] > two["training"]["hours"] > four["training"]["hours"] > 0
-    assert one["regeneration"]["hours"] == pytest.approx(4 * four["regeneration"]["hours"])
+    # regeneration scales linearly from the measurement nearest the GPU count (one GPU: a 1-GPU measurement; two
+    # and four: the 2-GPU one): each plan's rate is its reference's per-GPU rate x GPUs
+    r1, r2, r4 = (pl["regeneration"]["tokens_per_s_per_gpu"] for pl in (one, two, four))
+    assert r2 == pytest.approx(r4) and r1 != pytest.approx(r2)
+    assert two["regeneration"]["hours"] == pytest.approx(2 * four["regeneration"]["hours"])
+    assert one["regeneration"]["hours"] > two["regeneration"]["hours"]
 
 
 def test_unmeasured_shape_is_extrapolated_and_says_from_what():
