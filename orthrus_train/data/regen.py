@@ -327,6 +327,12 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
 
 
+def sampling_defaults_of(generator: Any) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) the generator samples extra responses with by default (its target's
+    generation config); plain sampling (1.0, 0, 1.0) for a generator that states none."""
+    return getattr(generator, "sampling_defaults", lambda: (1.0, 0, 1.0))()
+
+
 def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: str | os.PathLike, *,
                max_new_tokens: int, temperature: float = 0.0, seed: int = 0, batch_size: int = 32,
                shard_size: int = 512, rank: int | None = None, world_size: int | None = None,
@@ -348,7 +354,7 @@ def regenerate(prompts: Sequence[Sequence[int]], generator: Generator, out_dir: 
                                   shard_size=shard_size, batch_size=batch_size)
     if samples_per_prompt > 1 or temperature > 0:  # greedy one-sample folders keep the meta they always had
         if sampling is None:
-            sampling = getattr(generator, "sampling_defaults", lambda: (1.0, 0, 1.0))()
+            sampling = sampling_defaults_of(generator)
         params["sampling"] = list(sampling)
     if samples_per_prompt > 1:
         params["samples_per_prompt"] = samples_per_prompt

@@ -28,7 +28,7 @@ from .config import DataConfig
 from .pack import pack, stats_dict, write_packed
 from ..model.backbones import load_backbone, load_tokenizer
 from .regen import (EngineGenerator, Generator, HFGenerator, eos_ids_for, load_responses, missing_shards,
-                    rank_world, regenerate)
+                    rank_world, regenerate, sampling_defaults_of)
 from .sources import BadRecordError, Rejected, load_sources, reason_counts, write_jsonl
 from .templates import ChatRenderer
 
@@ -120,7 +120,7 @@ class LazyGenerator:
         return list(getattr(self._gen, "eos_token_ids", ())) if self._gen is not None else []
 
     def sampling_defaults(self):
-        return getattr(self.get(), "sampling_defaults", lambda: (1.0, 0, 1.0))()
+        return sampling_defaults_of(self.get())
 
     def generate(self, prompts, max_new_tokens, **kw):
         return self.get().generate(prompts, max_new_tokens, **kw)
@@ -225,7 +225,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         n_samples = cfg.samples_per_prompt
         sampling = None  # the extra samples: the generator's defaults (the target's generation_config) ...
         if cfg.sample_temperature is not None:  # ... at data.sample_temperature
-            _t, top_k, top_p = getattr(generator, "sampling_defaults", lambda: (1.0, 0, 1.0))()
+            _t, top_k, top_p = sampling_defaults_of(generator)
             sampling = (float(cfg.sample_temperature), top_k, top_p)
         stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -262,8 +262,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
         }
         if n_samples > 1:  # (temperature, top_k, top_p) of the responses after each prompt's first
-            regen_report["extra_samples"] = list(sampling or getattr(generator, "sampling_defaults",
-                                                                     lambda: (1.0, 0, 1.0))())
+            regen_report["extra_samples"] = list(sampling or sampling_defaults_of(generator))
         if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
             regen_report["compile"] = generator.compile_info
     else:

@@ -141,17 +141,17 @@ def _auto_takes_triton(cache: dict, probe, what: str, device: torch.device) -> b
     return cache[device]
 
 
-def _triton_norm_runs_on(device: torch.device) -> bool:
-    """Whether "auto" takes the Triton norm (`rms_norm` and `add_rms_norm`) on `device`."""
-    return _auto_takes_triton(_TRITON_NORM_RUNS, _probe_norm_kernels, "norm", device)
+def _resolved(impl: str, cache: dict, probe, what: str, device: torch.device | str) -> str:
+    """A decode switch's setting with "auto" resolved on `device` (`_auto_takes_triton`)."""
+    if impl != "auto":
+        return impl
+    return "triton" if _auto_takes_triton(cache, probe, what, torch.device(device)) else "torch"
 
 
 def resolved_decode_norm(device: torch.device | str) -> str:
-    """The decode norm that runs on `device` under the current setting ("auto" resolved)."""
-    impl = decode_norm()
-    if impl != "auto":
-        return impl
-    return "triton" if _triton_norm_runs_on(torch.device(device)) else "torch"
+    """The decode norm that runs on `device` under the current setting ("auto": the Triton `rms_norm` and
+    `add_rms_norm` where their probe passes)."""
+    return _resolved(decode_norm(), _TRITON_NORM_RUNS, _probe_norm_kernels, "norm", device)
 
 
 def _triton_norm_selected(x: torch.Tensor) -> bool:
@@ -171,7 +171,7 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 # RoPE of the decode passes (the joint q/k RoPE of `project_qkv`; training never changes):
-#   "torch"   (default) `apply_rope` above (4 eager kernels: mul, roll, mul, add);
+#   "torch"   `apply_rope` above (4 eager kernels: mul, roll, mul, add);
 #   "triton"  orthrus_kernels.rope: the same arithmetic in one kernel (bit-identical in float32, bfloat16 and
 #             float16: each product rounded to x's dtype, then the sum, as eager torch rounds; no fused
 #             multiply-add; tests/model/test_decode_rope.py). Timed on an H200 (docs/benchmarks.md, session 8):
@@ -219,11 +219,7 @@ def _probe_rope_kernel(device: torch.device) -> None:
 
 def resolved_decode_rope(device: torch.device | str) -> str:
     """The decode RoPE that runs on `device` under the current setting ("auto" resolved)."""
-    impl = decode_rope()
-    if impl != "auto":
-        return impl
-    on = _auto_takes_triton(_TRITON_ROPE_RUNS, _probe_rope_kernel, "rope", torch.device(device))
-    return "triton" if on else "torch"
+    return _resolved(decode_rope(), _TRITON_ROPE_RUNS, _probe_rope_kernel, "rope", device)
 
 
 def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
