@@ -7,6 +7,7 @@ plain CPU box without Triton (pure torch). Callers say ``backend="auto"`` and ne
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -88,3 +89,12 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, triton_dtypes=None) ->
     else:
         ok = HAS_TRITON and all(t.is_cuda for t in tensors)
     return "triton" if (ok and dtype_ok) else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the grid-size heuristics' unit); 4 elsewhere (the CPU
+    interpreter), so that the heuristics still take their multi-program paths in tests."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

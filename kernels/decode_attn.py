@@ -19,9 +19,17 @@ never produce one: every query sees at least its own slot).
 
 Block sizes: BLOCK_N = 64 keys per step (at most 63 slots past ``kv_len`` are touched, and masked, never
 loaded); BLOCK_M = g * T rounded up to a power of two, at least 16 (``tl.dot``'s minimum) and at most 128
-(register budget of a (BLOCK_M, D) float32 accumulator at D = 128). Neither is tuned on a GPU yet, nor is
-there a split over the key axis (flash-decoding): with few rows and kv heads the grid is small, which is
-why "live" is opt-in until timed (scripts/profile_decode_step.py --attn live).
+(register budget of a (BLOCK_M, D) float32 accumulator at D = 128). Neither is tuned on a GPU yet.
+
+Split over the key axis (flash-decoding): with few rows and kv heads the grid is tiny (SmolLM2 at batch 1: 3
+programs), and one program reading a 1,000-slot cache serially left the GPU idle (session 9: the AR step
+1.69 ms against SDPA's 1.21). :func:`num_splits` picks, per shape, how many programs share each (row, kv head,
+query tile): enough for about two programs per SM, each split holding at least ``MIN_SPLIT_KEYS`` slots of a
+full cache. The split count is fixed per shape (CUDA-graph safe); each split's key range is cut from the live
+length at run time (``cdiv(kv_len, splits)`` rounded up to BLOCK_N), so splits past a short live length load
+nothing and exit. Each split writes its running max, sum and unnormalised float32 output; a second kernel
+merges them (the same online-softmax rescaling, in split order). With one split the first kernel writes the
+output itself.
 
 Under the Triton interpreter (CPU tests) the dots run on float32 operands (16-bit products are exact in
 float32): the interpreter's 16-bit ``tl.dot`` is not trustworthy (see ``fused_kl._logit_tiles``).
@@ -31,32 +39,36 @@ from __future__ import annotations
 
 import torch
 
-from orthrus_kernels._backend import HAS_TRITON, interpreting
+from orthrus_kernels._backend import HAS_TRITON, interpreting, sm_count
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["live_attention", "live_lengths", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["live_attention", "live_lengths", "num_splits", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (64, 128)  # powers of two (tl.arange / tl.dot tiles over the head dim), the ones tested
 BLOCK_N = 64
 MAX_BLOCK_M = 128
+MIN_SPLIT_KEYS = 128  # a split of a full cache holds at least this many slots (2 key blocks)
+MAX_SPLITS = 32
+PROGRAMS_PER_SM = 2
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _live_attn_kernel(
-        q_ptr, k_ptr, v_ptr, m_ptr, len_ptr, o_ptr,
-        scale, T, M, Hkv, G,
+        q_ptr, k_ptr, v_ptr, m_ptr, len_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr,
+        scale, T, M, Hkv, G, M_PAD,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
         sm_b, sm_t, sm_s, so_b, so_h, so_t,
-        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        split = tl.program_id(2)
         b = pid // Hkv
         hk = pid % Hkv
         b64 = b.to(tl.int64)
@@ -75,13 +87,16 @@ if HAS_TRITON:
         m_base = m_ptr + b64 * sm_b + t[:, None] * sm_t
 
         n = tl.load(len_ptr + b)  # this row's live length: keys at or past it are never loaded
+        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N  # this split's keys: [lo, hi), whole blocks
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
-        for start in range(0, n, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             cols = start + offs_n
-            col_ok = cols < n
+            col_ok = cols < hi
             kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
@@ -100,6 +115,43 @@ if HAS_TRITON:
                 vb = vb.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision=PRECISION)
             m_i = m_new
+        if SPLITS == 1:
+            out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)  # nothing seen: 0
+            tl.store(o_ptr + b64 * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:  # this split's partial result: running max, sum, unnormalised output (float32)
+            prow = (pid.to(tl.int64) * SPLITS + split) * M_PAD + rows
+            tl.store(pm_ptr + prow, m_i)
+            tl.store(pl_ptr + prow, l_i)
+            tl.store(pacc_ptr + prow[:, None] * HEAD_D + d[None, :], acc)
+
+    @triton.jit
+    def _live_attn_merge_kernel(
+        pm_ptr, pl_ptr, pacc_ptr, o_ptr,
+        T, M, Hkv, G, M_PAD, so_b, so_h, so_t,
+        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b64 = (pid // Hkv).to(tl.int64)
+        hk = pid % Hkv
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        head = (hk * G + rows // T).to(tl.int64)
+        t = rows % T
+        d = tl.arange(0, HEAD_D)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+        for s in range(0, SPLITS):  # the online-softmax merge, in split order
+            prow = (pid.to(tl.int64) * SPLITS + s) * M_PAD + rows
+            m_s = tl.load(pm_ptr + prow)
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            beta = tl.exp(m_s - m_safe)
+            l_i = l_i * alpha + tl.load(pl_ptr + prow) * beta
+            acc = acc * alpha[:, None] + tl.load(pacc_ptr + prow[:, None] * HEAD_D + d[None, :]) * beta[:, None]
+            m_i = m_new
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)  # nothing seen: 0
         tl.store(o_ptr + b64 * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -114,6 +166,14 @@ def live_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(live, slot, 0).amax(-1)
 
 
+def num_splits(programs: int, slots: int, device: torch.device) -> int:
+    """How many programs share each (row, kv head, query tile) along the key axis: about PROGRAMS_PER_SM
+    programs per SM in all, while a split of a full cache of `slots` keeps at least MIN_SPLIT_KEYS slots; 1 when
+    the grid already fills the GPU or the cache is short. A function of the shape only (CUDA-graph safe)."""
+    want = -(-PROGRAMS_PER_SM * sm_count(device) // programs)
+    return max(1, min(want, slots // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
 def check_head_dim(head_dim: int) -> None:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"decode attention 'live' supports head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; "
@@ -121,13 +181,14 @@ def check_head_dim(head_dim: int) -> None:
 
 
 def live_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kv_len: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v over keys below kv_len[b] only.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (head h reads kv head h // (Hq / Hkv)); mask
     (B, 1, T, S) bool, True = attend (may be an expanded view); kv_len (B,) int32 (:func:`live_lengths` of the
-    mask, or any bound with no attended slot at or past it). Returns (B, Hq, T, D) in q's dtype (a
-    transposed view of a (B, T, Hq, D) buffer)."""
+    mask, or any bound with no attended slot at or past it); splits: programs per (row, kv head, query tile)
+    along the key axis (None: :func:`num_splits`). Returns (B, Hq, T, D) in q's dtype (a transposed view of a
+    (B, T, Hq, D) buffer)."""
     if not HAS_TRITON:
         raise RuntimeError("decode attention 'live' needs triton")
     B, Hq, T, D = q.shape
@@ -150,16 +211,33 @@ def live_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
     out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
     m8 = mask.view(torch.uint8)  # same strides (an expanded view stays one)
-    grid = (B * Hkv, triton.cdiv(M, block_m))
-    _live_attn_kernel[grid](
-        q, k, v, m8, kv_len, out,
-        float(scale), T, M, Hkv, g,
+    m_tiles = triton.cdiv(M, block_m)
+    if splits is None:
+        splits = num_splits(B * Hkv * m_tiles, S, q.device)
+    if splits < 1:
+        raise ValueError(f"decode attention 'live': splits must be >= 1, got {splits}")
+    m_pad = m_tiles * block_m
+    if splits > 1:  # per split: running max, sum and unnormalised output of every folded query row
+        pm = torch.empty((B * Hkv, splits, m_pad), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty((B * Hkv, splits, m_pad, D), dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pacc = out  # not read (the kernel writes the output itself)
+    warps = 8 if block_m * D >= 128 * 128 else 4
+    _live_attn_kernel[(B * Hkv, m_tiles, splits)](
+        q, k, v, m8, kv_len, out, pm, pl, pacc,
+        float(scale), T, M, Hkv, g, m_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), m8.stride(0), m8.stride(2), m8.stride(3),
         out.stride(0), out.stride(2), out.stride(1),
-        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SPLITS=splits,
         PRECISION="ieee" if (q.dtype == torch.float32 or interpreting()) else "tf32",
         UPCAST=interpreting() and q.dtype != torch.float32,
-        num_warps=8 if block_m * D >= 128 * 128 else 4,
+        num_warps=warps,
     )
+    if splits > 1:
+        _live_attn_merge_kernel[(B * Hkv, m_tiles)](
+            pm, pl, pacc, out, T, M, Hkv, g, m_pad, out.stride(0), out.stride(2), out.stride(1),
+            HEAD_D=D, BLOCK_M=block_m, SPLITS=splits, num_warps=warps,
+        )
     return out.transpose(1, 2)

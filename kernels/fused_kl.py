@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend
+from orthrus_kernels._backend import HAS_TRITON, interpreting, resolve_backend, sm_count
 
 if HAS_TRITON:
     import triton
@@ -287,12 +287,6 @@ def _precision(weight: torch.Tensor) -> str:
     return "ieee" if weight.dtype == torch.float32 else "tf32"
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _triton_stats(hs, ht, weight, targets, inv_temp, mode, want_argmax):
     T, H = hs.shape
     V = weight.shape[0]
@@ -300,7 +294,7 @@ def _triton_stats(hs, ht, weight, targets, inv_temp, mode, want_argmax):
     # Split the vocabulary so that (token blocks x splits) fills the GPU ~4x over. The split
     # width does not depend on the tile config, so autotuning cannot change buffer shapes.
     t_blocks = max(1, math.ceil(T / 64))
-    want_splits = max(1, math.ceil(4 * _sm_count(dev) / t_blocks))
+    want_splits = max(1, math.ceil(4 * sm_count(dev) / t_blocks))
     split_cols = max(256, math.ceil(math.ceil(V / want_splits) / 256) * 256)
     if interpreting():
         split_cols = max(64, math.ceil(V / 2 / 64) * 64)  # exercise >1 split in tests

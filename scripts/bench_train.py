@@ -4,6 +4,8 @@ random weights, through the real engine (DeepSpeed ZeRO, the same step as a reci
     python scripts/bench_train.py --shape qwen3-8b --steps 8 --out bench.json
     torchrun --nproc_per_node 4 scripts/bench_train.py --shape qwen3-8b --zero 3 --out bench.json
     torchrun --nproc_per_node 4 scripts/bench_train.py --recipe qwen3-72b --shape qwen3-72b --zero 3
+    python scripts/bench_train.py --recipe smollm2-135m --model smol.gguf --vocab 49152 --seq-len 1024 \
+        --anchors 64 --block 16 --micro 16 32 64 --out bench.json     # a real model file; one row per micro batch
 
 Rows are synthetic (random tokens, the second half marked as response), which costs exactly what real
 rows cost. The first `--warmup` steps (compilation, allocator) are excluded from the averages.
@@ -38,12 +40,14 @@ class SyntheticRows:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--model", default=None, help="a model path or GGUF file (pretrained weights) instead of --shape")
+    ap.add_argument("--vocab", type=int, default=None, help="token ids of the synthetic rows (default: the shape's)")
     ap.add_argument("--recipe", default="qwen3-8b", help="recipe whose settings the run starts from (e.g. qwen3-72b)")
     ap.add_argument("--heads", default="orthrus", choices=["orthrus", "medusa"])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--anchors", type=int, default=256)
     ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--micro", type=int, default=1)
+    ap.add_argument("--micro", type=int, nargs="+", default=[1], help="micro batch per GPU; several: one run each")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -51,30 +55,44 @@ def main():
     ap.add_argument("--no-grad-ckpt", action="store_true")
     ap.add_argument("--loss-backend", default="auto")
     ap.add_argument("--attn-backend", default="auto")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run (the numbers mean nothing there)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ["ORTHRUS_NO_PROGRESS"] = "1"
 
-    from orthrus_train.config.loader import compose
     from orthrus_train.launch.dist_env import resolve_dist_env
+
+    dist = resolve_dist_env()
+    rows = [bench_one(a, micro, dist) for micro in a.micro]
+    if dist.rank != 0:
+        return
+    out = rows[0] if len(rows) == 1 else rows
+    print(json.dumps(out, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2))
+
+
+def bench_one(a, micro: int, dist) -> dict | None:
+    from orthrus_train.config.loader import compose
     from orthrus_train.run_dir import RunDir
     from orthrus_train.train.engine import run_train
 
-    dist = resolve_dist_env()
     world = dist.world_size
-    G = a.micro * a.accum * world
+    G = micro * a.accum * world
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    ov = ["model.init=random", f"model.shape={a.shape}", f"heads.type={a.heads}", f"heads.block_size={a.block}",
+    model = ([f"model.path={a.model}", "model.init=pretrained"] if a.model
+             else ["model.init=random", f"model.shape={a.shape}"])
+    ov = model + [f"heads.type={a.heads}", f"heads.block_size={a.block}",
           f"heads.attn_backend={a.attn_backend}", f"train.seq_len={a.seq_len}", f"train.anchors_per_row={a.anchors}",
-          f"train.micro_batch={a.micro}", f"train.global_batch={G}", f"train.max_steps={a.warmup + a.steps}",
+          f"train.micro_batch={micro}", f"train.global_batch={G}", f"train.max_steps={a.warmup + a.steps}",
           f"train.save_every={10 ** 6}", "train.wandb.mode=disabled", f"deepspeed.stage={a.zero}",
           f"train.grad_checkpointing={not a.no_grad_ckpt}", f"train.loss_backend={a.loss_backend}",
-          f"run_dir={tmp}", "resume=never", "device=cuda", "train.log_every=1"]
+          f"run_dir={tmp}", "resume=never", f"device={a.device}", "train.log_every=1"]
     cfg = compose(a.recipe, ov)
     cfg.train.save_every = 10 ** 9
     from orthrus_train.model.backbones import qwen3_shape
-    vocab = qwen3_shape(a.shape).vocab_size if a.shape.startswith("qwen3") else 151936
+    vocab = a.vocab or (qwen3_shape(a.shape).vocab_size if a.shape.startswith("qwen3") else 151936)
     data = SyntheticRows(G * (a.warmup + a.steps), a.seq_len, min(vocab, 151669))
     recs = []
     import orthrus_train.train.logging as lg
@@ -89,12 +107,15 @@ def main():
         run_train(cfg, RunDir(tmp), dist, data=data)
     except SystemExit:
         pass
+    finally:
+        lg.MetricsLogger.log = orig
     if dist.rank != 0:
-        return
+        return None
     steady = recs[a.warmup:]
-    res = {
-        "recipe": a.recipe, "shape": a.shape, "heads": a.heads, "world": world, "zero": a.zero, "seq_len": a.seq_len, "anchors": a.anchors,
-        "block": a.block, "micro": a.micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
+    return {
+        "recipe": a.recipe, "shape": a.model or a.shape, "heads": a.heads, "world": world, "zero": a.zero,
+        "seq_len": a.seq_len, "anchors": a.anchors,
+        "block": a.block, "micro": micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
         "loss_backend": a.loss_backend, "steps_measured": len(steady),
         "step_time_s": sum(r["step_time_s"] for r in steady) / max(1, len(steady)),
         "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(1, len(steady)),
@@ -105,9 +126,6 @@ def main():
         "wall_s": time.time() - t0, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
     }
-    print(json.dumps(res, indent=2))
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ def test_bench_kernels_smoke(tmp_path):
     assert all(r["ms"] > 0 for r in rep["verify"])
 
 
+def test_bench_train_real_model_several_micro_batches(tmp_path):
+    """The next lease's training-throughput command on a model file (here the tiny checkpoint, on the CPU): one
+    row per micro batch, each run with its own global batch (micro x world) and measured steps."""
+    out = tmp_path / "t.json"
+    _run(["scripts/bench_train.py", "--recipe", "tiny", "--model", "orthrus_train/assets/tiny-qwen3", "--vocab",
+          "300", "--seq-len", "64", "--anchors", "4", "--block", "4", "--micro", "1", "2", "--steps", "2",
+          "--warmup", "1", "--device", "cpu", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert [r["micro"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["shape"].endswith("tiny-qwen3") and r["steps_measured"] == 2 and r["tokens_per_s"] > 0
+
+
 def test_learning_curve_collects_reports_into_curve_json(tmp_path):
     """scripts/learning_curve.py: eval reports of the main run's checkpoints and of extra runs -> curve.json
     rows {run, supervised_tokens, steps, benchmark, temperature, acceptance_length, tpf, speedup}, the

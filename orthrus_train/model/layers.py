@@ -145,7 +145,10 @@ def _resolved(impl: str, cache: dict, probe, what: str, device: torch.device | s
     """A decode switch's setting with "auto" resolved on `device` (`_auto_takes_triton`)."""
     if impl != "auto":
         return impl
-    return "triton" if _auto_takes_triton(cache, probe, what, torch.device(device)) else "torch"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device: probe it once
+        device = torch.device("cuda", torch.cuda.current_device())
+    return "triton" if _auto_takes_triton(cache, probe, what, device) else "torch"
 
 
 def resolved_decode_norm(device: torch.device | str) -> str:

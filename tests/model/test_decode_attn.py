@@ -131,3 +131,70 @@ def test_engine_greedy_tokens_unchanged_with_live(monkeypatch):
     assert all(len(t) == 16 for t in out["live"][0])
     assert max(accepted) > 0  # some drafts accepted: multi-token steps (cache lengths jump) are exercised
     assert 4 in calls and 1 in calls  # draft / verify blocks of K = 4, AR steps of 1 query
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_live_split_over_keys_matches_sdpa(splits, dtype):
+    """The key axis split over several programs per (row, kv head, query tile) and merged (flash-decoding): SDPA's
+    result for an empty prefix (most splits hold no key), a length shorter than one split's share, a middle one
+    and a full cache; grouped heads, the AR (T = 1) and drafted (T = 17) shapes. Slots past each row's live
+    length hold NaN, so a split that loaded one would poison the merge."""
+    B, S, D, hq, hkv = 4, 300, 64, 6, 2
+    for T in (1, 17):
+        q, k, v = qkv(B, hq, hkv, T, S, D, dtype, seed=5 + T)
+        lengths = torch.tensor([0, 20, 150, S - T], device=DEV)
+        for mask in (masks.cached_causal_mask(lengths, S, T), masks.draft_cached_mask(lengths, S, T)):
+            layers.set_decode_attention("sdpa")
+            ref = layers.cached_attention(q, k, v, mask, 0.125)
+            kv_len = decode_attn.live_lengths(mask)
+            past = torch.arange(S, device=DEV)[None, None, :, None] >= kv_len[:, None, None, None]
+            kn, vn = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
+            one = decode_attn.live_attention(q, kn, vn, mask, kv_len, 0.125, splits=1)
+            out = decode_attn.live_attention(q, kn, vn, mask, kv_len, 0.125, splits=splits)
+            assert out.isfinite().all() and out.shape == ref.shape and out.dtype == dtype
+            torch.testing.assert_close(out, ref, **TOL[dtype])
+            torch.testing.assert_close(out, one, **TOL[dtype])
+
+
+def test_live_split_fully_masked_rows_are_zero():
+    """A row attending nothing (kv_len 0) and a query attending nothing give 0 after the merge too."""
+    B, hq, hkv, T, S, D = 2, 4, 2, 3, 200, 64
+    q, k, v = qkv(B, hq, hkv, T, S, D, torch.float32, seed=9)
+    mask = torch.zeros(B, 1, T, S, dtype=torch.bool, device=DEV)
+    mask[1, :, 1:, :150] = True
+    kv_len = decode_attn.live_lengths(mask)
+    layers.set_decode_attention("sdpa")
+    ref = layers.cached_attention(q, k, v, mask, 0.125)
+    out = decode_attn.live_attention(q, k, v, mask, kv_len, 0.125, splits=4)
+    assert (out[0] == 0).all() and (out[1, :, 0] == 0).all()
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        decode_attn.live_attention(q, k, v, mask, kv_len, 0.125, splits=0)
+
+
+def test_num_splits_fills_small_grids_only(monkeypatch):
+    """The split count: about PROGRAMS_PER_SM programs per SM for a small grid on a long cache (SmolLM2 at batch
+    1 on an H200: 3 kv heads, one query tile), bounded by the cache length and MAX_SPLITS; 1 for a grid that
+    already fills the GPU or a short cache."""
+    monkeypatch.setattr(decode_attn, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert decode_attn.num_splits(3, 2048, cuda) == 2048 // decode_attn.MIN_SPLIT_KEYS
+    assert decode_attn.num_splits(3, 8192, cuda) == decode_attn.MAX_SPLITS
+    assert decode_attn.num_splits(3, 100, cuda) == 1
+    assert decode_attn.num_splits(16 * 8, 8192, cuda) == 3  # ceil(264 / 128)
+    assert decode_attn.num_splits(64 * 8, 8192, cuda) == 1
+
+
+def test_engine_greedy_tokens_unchanged_with_split_live(monkeypatch):
+    """The engine's greedy drafted and AR decode with the key axis split (forced by a small MIN_SPLIT_KEYS and a
+    large PROGRAMS_PER_SM: every pass over a cache of 16 slots or more splits) gives the same tokens as SDPA."""
+    chosen = []
+    real = decode_attn.num_splits
+    monkeypatch.setattr(decode_attn, "MIN_SPLIT_KEYS", 8)
+    monkeypatch.setattr(decode_attn, "PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(decode_attn, "num_splits", lambda *a: chosen.append((a[1], real(*a))) or chosen[-1][1])
+    out, accepted, _ = tiny_engine_tokens(layers.set_decode_attention, ("sdpa", "live"), 16)
+    assert out["live"] == out["sdpa"]
+    long_caches = [n for slots, n in chosen if slots >= 16]
+    assert max(accepted) > 0 and len(long_caches) > 10 and min(long_caches) > 1
