@@ -29,6 +29,9 @@
 # SIDE_EVALS="NAME:KEY=V,KEY=V ...": the largest budget once more per entry, on the side GPU, with those eval
 # overrides (ROOT/NAME-step-N, results/NAME_stepN_report.json), e.g. "argmax:eval.draft_temperature=0".
 # SAMPLE_T=T: data.sample_temperature (the extra samples' temperature; unset: the generation_config's).
+# DATA_SEED=N: data.seed (other samples than an earlier run's). INIT_FROM=PATH: heads.init_from for the main run
+# (a checkpoint folder or a copy of its heads.safetensors: continue earlier heads on new data, optimizer fresh).
+# MB=N: micro batch per GPU [16].
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
@@ -46,7 +49,8 @@ pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the f
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T
-      ${REGEN_COMPILE:+data.compile_steps=$REGEN_COMPILE})  # REGEN_COMPILE=false: no compile attempt
+      ${REGEN_COMPILE:+data.compile_steps=$REGEN_COMPILE}  # REGEN_COMPILE=false: no compile attempt
+      ${DATA_SEED:+data.seed=$DATA_SEED})
 TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.min_lr_ratio=0.1 train.epochs=100)
 # Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
 MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)
@@ -127,7 +131,8 @@ for ph in $PHASES; do case $ph in
       ( side_wait; on_side run abl_${a}_train run_dir=$ROOT/abl-$a stage=train "${TRAIN[@]}" train.max_steps=$ABL_STEPS \
         train.save_every=$ABL_STEPS ${ABL[$a]} ) & side_pids+=($!)
     done
-    on_all run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" train.max_steps=$STEPS train.save_every=$SAVE \
+    on_all run main_train run_dir=$ROOT/main stage=train "${TRAIN[@]}" ${INIT_FROM:+heads.init_from=$INIT_FROM} \
+      train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000 ${MAIN_EXTRA:-} || stop main_train  # MAIN_EXTRA: more main-run overrides
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
     cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;

@@ -167,7 +167,9 @@ def _environment(device) -> dict[str, Any]:
     # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / _NORM / _ROPE): they change the speed
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-            "decode_attention": layers.decode_attention(), "decode_norm": layers.resolved_decode_norm(device),
+            "decode_attention": layers.decode_attention(),
+            "decode_attention_live": layers.live_attention_runs(device) or layers.decode_attention() == "live",
+            "decode_norm": layers.resolved_decode_norm(device),
             "decode_rope": layers.resolved_decode_rope(device)}
 
 

@@ -401,17 +401,56 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False)
 #   "live"  a Triton kernel (orthrus_kernels.decode_attn) that reads, per row b, only the cache slots below
 #           kv_len[b] = 1 + the last slot any query of the row attends (computed on the device once per pass:
 #           no host sync, CUDA-graph safe) instead of all S, the query groups of a kv head folded into one
-#           query tile; SDPA's result up to float rounding (float32 online softmax). Opt-in (never "auto")
-#           until timed on a GPU. Needs Triton on a CUDA device, or TRITON_INTERPRET=1 (set before
-#           orthrus_kernels is imported; CPU tests); elsewhere the pass raises, it does not fall back. Head
-#           dims 64 and 128 (others raise), float32/bfloat16/float16;
-#   "auto"  "fold" for batched blocks (batch > 1, 2..DECODE_MAX_QUERIES queries: draft, verify), else "sdpa":
-#           what measured fastest on an H100 for a SmolLM2-shaped model (docs/benchmarks.md, session 2).
+#           query tile, the key axis split over several programs when the grid is small (flash-decoding);
+#           SDPA's result up to float rounding (float32 online softmax). Needs Triton on a CUDA device, or
+#           TRITON_INTERPRET=1 (set before orthrus_kernels is imported; CPU tests); asked for by name elsewhere
+#           the pass raises, it does not fall back. Head dims 64 and 128 (others raise), float32/bfloat16/float16;
+#   "auto"  (default) "live" on a CUDA device where its probe passes (`live_attention_runs`), for passes of at
+#           most LIVE_AUTO_MAX_BATCH rows except the single-query pass of one row (the AR step at batch 1), with
+#           head dim 64 or 128: where it measured faster on an H200 (docs/benchmarks.md, session 9: the drafted
+#           step 10-16% faster at 1,000-token prompts on SmolLM2 and Qwen3-8B, the AR step at batch 16 2-5%;
+#           at batch 1 SDPA's single-query step stayed faster at 1,000-token prompts; batches above 16 were not
+#           timed with it). Otherwise "fold" for batched blocks (batch > 1, 2..DECODE_MAX_QUERIES queries:
+#           draft, verify), else "sdpa": what measured fastest on an H100 for a SmolLM2 shape (session 2).
 # Prefill (more than DECODE_MAX_QUERIES queries) always uses "sdpa". Set with ORTHRUS_DECODE_ATTN or
 # `set_decode_attention`; an engine captures its CUDA graphs with the setting current at capture time.
 DECODE_ATTN_CHOICES = ("auto", "sdpa", "fold", "math", "live")
 DECODE_MAX_QUERIES = 64
+LIVE_AUTO_MAX_BATCH = 16  # the largest batch "auto" gives to "live" (the largest timed with it)
 _decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
+_TRITON_ATTN_RUNS: dict[torch.device, bool] = {}
+
+
+def _probe_live_attention(device: torch.device) -> None:
+    """The live attention kernel compiled and run on `device` in float32 and bfloat16, with and without the split
+    over keys, on a small grouped-head input, and checked against SDPA; raises if it cannot run or disagrees."""
+    from . import masks
+
+    kernels = _opt_in_kernels("decode_attn", "decode attention 'live'", "ORTHRUS_DECODE_ATTN=sdpa",
+                              torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([0, 90], device=device)
+    mask = masks.draft_cached_mask(lengths, 300, 4)
+    for dt in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(2, n, s, 64, generator=g).to(device, dt) for n, s in ((4, 4), (2, 300), (2, 300)))
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+        for splits in (1, 3):
+            out = kernels.live_attention(q, k, v, mask, kernels.live_lengths(mask), 0.125, splits=splits)
+            torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def live_attention_runs(device: torch.device | str) -> bool:
+    """Whether "auto" may give decode passes on `device` to "live": the setting is "auto", the device is a CUDA
+    device and the kernel's probe passed there (decided once per device, with one warning if it failed). Engines
+    call this when they are built, outside compiled or captured steps."""
+    return _resolved(decode_attention(), _TRITON_ATTN_RUNS, _probe_live_attention, "attention", device) == "triton"
+
+
+def auto_decode_attention(batch: int, queries: int, head_dim: int | None, live_runs: bool) -> str:
+    """What "auto" runs for a cached pass of `queries` queries in `batch` rows (the rule above)."""
+    if (live_runs and head_dim in (64, 128) and batch <= LIVE_AUTO_MAX_BATCH and (batch > 1 or queries > 1)):
+        return "live"
+    return "fold" if queries > 1 and batch > 1 else "sdpa"
 
 
 def set_decode_attention(impl: str) -> None:
@@ -430,11 +469,11 @@ class DecodeMask:
     the query groups folded into the query axis. "live" keeps the boolean mask (the kernel folds the groups by
     index) and adds `kv_len` (B,) int32, each row's live length, reduced from the mask on the device."""
 
-    def __init__(self, mask: torch.Tensor, q_heads: int, kv_heads: int, dtype):
+    def __init__(self, mask: torch.Tensor, q_heads: int, kv_heads: int, dtype, head_dim: int | None = None):
         B, _, T, S = mask.shape
         impl = decode_attention() if T <= DECODE_MAX_QUERIES else "sdpa"
-        if impl == "auto":
-            impl = "fold" if T > 1 and B > 1 else "sdpa"
+        if impl == "auto":  # head_dim None: the caller cannot say, so never "live"
+            impl = auto_decode_attention(B, T, head_dim, head_dim is not None and live_attention_runs(mask.device))
         self.impl = impl
         if impl == "live":
             self.kernels = _opt_in_kernels("decode_attn", "decode attention 'live'", "ORTHRUS_DECODE_ATTN=sdpa", mask)

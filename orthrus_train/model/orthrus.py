@@ -204,7 +204,8 @@ class DraftModel(nn.Module):
         pos = cache.lengths[:, None] + torch.arange(T, device=h.device)[None]
         cos, sin = self.rope(h, pos)
         idx = cache.write_index(T)
-        dm = DecodeMask(mask, self.config.num_attention_heads, self.config.num_key_value_heads, h.dtype)
+        dm = DecodeMask(mask, self.config.num_attention_heads, self.config.num_key_value_heads, h.dtype,
+                        self.decoder.layers[0].self_attn.head_dim)
         r = None  # the previous layer's MLP output, not yet added to h
         for i, layer in enumerate(self.decoder.layers):
             def attend(q, k, v, i=i, layer=layer):

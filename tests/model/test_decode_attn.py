@@ -104,14 +104,14 @@ def test_live_fully_masked_queries_and_holes_match_sdpa():
 
 
 def test_live_refusals(monkeypatch):
-    """Head dims other than 64 and 128 are refused with a clear error; "auto" never picks "live"; where the
-    kernel cannot run (CPU tensors without TRITON_INTERPRET) requesting it raises, one line, no fallback."""
+    """Head dims other than 64 and 128 are refused with a clear error, and "auto" does not pick "live" for them;
+    where the kernel cannot run (CPU tensors without TRITON_INTERPRET) requesting it raises, one line, no fallback."""
     q, k, v = qkv(1, 2, 1, 2, 40, 96, torch.float32)
     mask = masks.cached_causal_mask(torch.tensor([3], device=DEV), 40, 2)
     with pytest.raises(ValueError, match="head_dim"):
         attend("live", q, k, v, mask, 0.1)
     layers.set_decode_attention("auto")
-    assert layers.DecodeMask(mask, 2, 1, torch.float32).impl != "live"
+    assert layers.DecodeMask(mask, 2, 1, torch.float32, 96).impl != "live"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layers.set_decode_attention("live")
     with pytest.raises(RuntimeError, match="'live' cannot run here: .*TRITON_INTERPRET=1") as e:
@@ -198,3 +198,39 @@ def test_engine_greedy_tokens_unchanged_with_split_live(monkeypatch):
     assert out["live"] == out["sdpa"]
     long_caches = [n for slots, n in chosen if slots >= 16]
     assert max(accepted) > 0 and len(long_caches) > 10 and min(long_caches) > 1
+
+
+def test_auto_rule_takes_live_where_it_was_timed_faster():
+    """"auto" gives a pass to "live" only where session 9 timed it faster: a CUDA device whose probe passed, head
+    dims 64 / 128, batches up to LIVE_AUTO_MAX_BATCH, and not the single-query pass of one row (SDPA's AR step at
+    batch 1 stayed faster at long prompts). Elsewhere the earlier rule: "fold" for batched blocks, else "sdpa"."""
+    rule = layers.auto_decode_attention
+    assert rule(16, 16, 64, True) == "live" and rule(16, 1, 128, True) == "live" and rule(1, 32, 128, True) == "live"
+    assert rule(1, 1, 64, True) == "sdpa"
+    assert rule(layers.LIVE_AUTO_MAX_BATCH + 1, 16, 64, True) == "fold"
+    assert rule(16, 16, 96, True) == "fold" and rule(16, 16, None, True) == "fold"
+    assert rule(16, 16, 64, False) == "fold" and rule(4, 1, 64, False) == "sdpa"
+
+
+def test_auto_never_live_off_cuda_and_engine_probes_it(monkeypatch):
+    """On a CPU (even with the interpreter) "auto" never runs the live kernel, and never probes it; on CUDA the
+    decision is the probe's, made once per device (a failed probe: SDPA with one warning)."""
+    from tests.model.triton_testlib import assert_auto_falls_back
+
+    layers.set_decode_attention("auto")
+    monkeypatch.setattr(layers, "_probe_live_attention", lambda d: pytest.fail("probed on a CPU"))
+    mask = masks.draft_cached_mask(torch.tensor([3, 5]), 40, 4)
+    assert layers.DecodeMask(mask, 4, 2, torch.float32, 64).impl == "fold"
+    assert layers.live_attention_runs("cpu") is False
+    assert_auto_falls_back(monkeypatch, "attention", "_TRITON_ATTN_RUNS", "_probe_live_attention",
+                           layers.set_decode_attention,
+                           lambda d: "triton" if layers.live_attention_runs(d) else "torch")
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="the probe runs the kernel on a CUDA device")
+def test_live_probe_passes_on_cuda():
+    layers.set_decode_attention("auto")
+    layers._TRITON_ATTN_RUNS.clear()
+    assert layers.live_attention_runs(DEV)
+    mask = masks.draft_cached_mask(torch.tensor([3, 5], device=DEV), 40, 4)
+    assert layers.DecodeMask(mask, 4, 2, torch.bfloat16, 64).impl == "live"
