@@ -7,7 +7,6 @@ plain CPU box without Triton (pure torch). Callers say ``backend="auto"`` and ne
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -91,10 +90,13 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, triton_dtypes=None) ->
     return "triton" if (ok and dtype_ok) else "torch"
 
 
-@functools.lru_cache(maxsize=None)
+_SM_COUNTS: dict[torch.device, int] = {}  # a plain dict, not lru_cache: compiled steps trace the lookup
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (the grid-size heuristics' unit); 4 elsewhere (the CPU
     interpreter), so that the heuristics still take their multi-program paths in tests."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                              if device.type == "cuda" else 4)
+    return _SM_COUNTS[device]

@@ -87,9 +87,17 @@ def decode_norm() -> str:
     return _choice(_decode_norm, DECODE_NORM_CHOICES, "ORTHRUS_DECODE_NORM")
 
 
+_KERNEL_MODULES: dict[tuple[str, str], object] = {}  # (module, device type) -> module, once it could run there
+
+
 def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
     """The orthrus_kernels module of an opt-in decode kernel, where it can run on `x`'s device; else a one-line
-    error naming `what` was asked for and the setting `instead` that needs no Triton."""
+    error naming `what` was asked for and the setting `instead` that needs no Triton. A CUDA device's answer is
+    kept (a dict lookup afterwards: no import machinery inside compiled steps); the interpreter's is not, since
+    it depends on TRITON_INTERPRET at each call."""
+    key = (module, x.device.type)
+    if key in _KERNEL_MODULES:
+        return _KERNEL_MODULES[key]
     try:
         from orthrus_kernels._backend import triton_unusable_reason
         kernels = importlib.import_module(f"orthrus_kernels.{module}")
@@ -98,6 +106,8 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
     else:
         reason = triton_unusable_reason(x)
         if reason is None:
+            if x.device.type == "cuda":
+                _KERNEL_MODULES[key] = kernels
             return kernels
     raise RuntimeError(f"{what} cannot run here: {reason}; use a CUDA device, or set "
                        f"TRITON_INTERPRET=1 before orthrus_kernels is imported, or {instead}")
