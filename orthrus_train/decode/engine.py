@@ -36,7 +36,8 @@ import torch
 
 from ..errors import exc_line
 from ..model.cache import StaticKVCache
-from ..model.layers import DecodeFusion, live_attention_runs, resolved_decode_norm, resolved_decode_rope
+from ..model.layers import (DecodeFusion, live_attention_runs, register_kernel_ops, resolved_decode_norm,
+                            resolved_decode_rope)
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
@@ -341,6 +342,7 @@ class DecodeEngine:
         resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
         resolved_decode_rope(self.device)  # and the Triton RoPE
         live_attention_runs(self.device)  # and the live attention kernel
+        register_kernel_ops()  # torch.ops.orthrus.*: what compiled steps call
         self.sync_every = sync_every
         self.verify_fn = verify_fn or verify.verify
         self.verify_backend = verify_backend
@@ -880,6 +882,7 @@ class GenerationEngine:
         resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
         resolved_decode_rope(self.device)  # and the Triton RoPE
         live_attention_runs(self.device)  # and the live attention kernel
+        register_kernel_ops()  # torch.ops.orthrus.*: what compiled steps call
         self.B, self.S = batch_size, max_len
         self.sync_every, self.width_step = sync_every, width_step
         # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -88,13 +89,36 @@ def decode_norm() -> str:
 
 
 _KERNEL_MODULES: dict[tuple[str, str], object] = {}  # (module, device type) -> module, once it could run there
+# While Dynamo traces a compiled step, the kernels are called as the opaque custom ops of orthrus_kernels.ops
+# (one graph node each, no Python of theirs traced); the ops check and launch at run time.
+_COMPILED_KERNELS = {
+    "rmsnorm": SimpleNamespace(rms_norm=lambda x, w, eps: torch.ops.orthrus.rms_norm(x, w, eps),
+                               add_rms_norm=lambda x, r, w, eps: torch.ops.orthrus.add_rms_norm(x, r, w, eps)),
+    "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin)),
+    "decode_attn": SimpleNamespace(
+        live_lengths=lambda mask: torch.ops.orthrus.live_lengths(mask),
+        live_attention=lambda q, k, v, mask, kv_len, scale: torch.ops.orthrus.live_attention(q, k, v, mask, kv_len,
+                                                                                           scale)),
+}
+
+
+def register_kernel_ops() -> bool:
+    """Import orthrus_kernels, which registers `torch.ops.orthrus.*` (what compiled steps call); False where it
+    is not importable. Engines call this when they are built, before any step is compiled."""
+    try:
+        importlib.import_module("orthrus_kernels.ops")
+    except ImportError:
+        return False
+    return True
 
 
 def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
     """The orthrus_kernels module of an opt-in decode kernel, where it can run on `x`'s device; else a one-line
     error naming `what` was asked for and the setting `instead` that needs no Triton. A CUDA device's answer is
-    kept (a dict lookup afterwards: no import machinery inside compiled steps); the interpreter's is not, since
-    it depends on TRITON_INTERPRET at each call."""
+    kept (a dict lookup afterwards); the interpreter's is not, since it depends on TRITON_INTERPRET at each call.
+    While compiling: the kernels as custom ops (`_COMPILED_KERNELS`)."""
+    if torch.compiler.is_compiling():
+        return _COMPILED_KERNELS[module]
     key = (module, x.device.type)
     if key in _KERNEL_MODULES:
         return _KERNEL_MODULES[key]
