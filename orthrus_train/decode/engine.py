@@ -36,8 +36,7 @@ import torch
 
 from ..errors import exc_line
 from ..model.cache import StaticKVCache
-from ..model.layers import (DecodeFusion, live_attention_runs, register_kernel_ops, resolved_decode_norm,
-                            resolved_decode_rope)
+from ..model.layers import DecodeFusion, prepare_decode_kernels
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
@@ -339,10 +338,7 @@ class DecodeEngine:
         self.S = max_len
         p = next(model.backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
-        resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
-        resolved_decode_rope(self.device)  # and the Triton RoPE
-        live_attention_runs(self.device)  # and the live attention kernel
-        register_kernel_ops()  # torch.ops.orthrus.*: what compiled steps call
+        prepare_decode_kernels(self.device)  # "auto" probes the kernels here, not in a compiled / captured step
         self.sync_every = sync_every
         self.verify_fn = verify_fn or verify.verify
         self.verify_backend = verify_backend
@@ -879,10 +875,7 @@ class GenerationEngine:
         self._fusion = DecodeFusion(self.model) if fuse_projections else None
         p = next(backbone.parameters())
         self.device, self.dtype = p.device, p.dtype
-        resolved_decode_norm(self.device)  # "auto" probes the Triton norm here, not in a compiled / captured step
-        resolved_decode_rope(self.device)  # and the Triton RoPE
-        live_attention_runs(self.device)  # and the live attention kernel
-        register_kernel_ops()  # torch.ops.orthrus.*: what compiled steps call
+        prepare_decode_kernels(self.device)  # "auto" probes the kernels here, not in a compiled / captured step
         self.B, self.S = batch_size, max_len
         self.sync_every, self.width_step = sync_every, width_step
         # a refill is one eager prefill pass (launch-bound: about as many kernels as a decode step), so rows are

@@ -480,6 +480,16 @@ def live_attention_runs(device: torch.device | str) -> bool:
     return _resolved(decode_attention(), _TRITON_ATTN_RUNS, _probe_live_attention, "attention", device) == "triton"
 
 
+def prepare_decode_kernels(device: torch.device | str) -> None:
+    """What an engine does once when it is built, outside compiled or captured steps: "auto" resolved on `device`
+    for the norm, the RoPE and the live attention (their probes run here, once per device), and
+    `torch.ops.orthrus.*` registered for compiled steps."""
+    resolved_decode_norm(device)
+    resolved_decode_rope(device)
+    live_attention_runs(device)
+    register_kernel_ops()
+
+
 def auto_decode_attention(batch: int, queries: int, head_dim: int | None, live_runs: bool) -> str:
     """What "auto" runs for a cached pass of `queries` queries in `batch` rows (the rule above)."""
     if (live_runs and head_dim in (64, 128) and batch <= LIVE_AUTO_MAX_BATCH and (batch > 1 or queries > 1)):
