@@ -46,6 +46,17 @@ RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
 pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the file at any moment
   local tmp; tmp=$(mktemp "$FINAL/.results.XXXXXX") && tar czf "$tmp" -C "$ROOT" results && mv -f "$tmp" "$FINAL/results.tgz"
   cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
+keep_heads() {  # the main run's last heads into OUT/heads (parts under the 50 MB a device call returns per file,
+  # the checkpoint's small files, COMPLETE included, and SHA256SUMS): a poll copies them as soon as training ends,
+  # so that a lost machine loses no trained heads (session 10 lost them between two calls)
+  local ck="$ROOT/main/checkpoints/$(cat "$ROOT/main/checkpoints/latest" 2>/dev/null)"
+  [ -f "$ck/COMPLETE" ] && [ -f "$ck/heads.safetensors" ] || return 0
+  local tmp="$FINAL/.heads.tmp"; rm -rf "$tmp" && mkdir -p "$tmp" || return 0
+  split -b ${HEADS_PART_BYTES:-14000000} "$ck/heads.safetensors" "$tmp/heads.safetensors.part" \
+    && (cd "$ck" && sha256sum heads.safetensors) > "$tmp/SHA256SUMS" \
+    && for f in "$ck"/*; do case $(basename "$f") in heads.safetensors|optim*|*.pt) ;; *) [ -f "$f" ] && cp "$f" "$tmp/";; esac; done \
+    && cp "$ROOT/main/config.yaml" "$tmp/" 2>/dev/null; echo "$ck" > "$tmp/SOURCE" && rm -rf "$FINAL/heads" && mv "$tmp" "$FINAL/heads"
+  echo "[heads] $(basename "$ck") -> $FINAL/heads ($(ls "$FINAL/heads" | wc -l) files)" >> "$RES/phases.txt"; }
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T
@@ -135,7 +146,7 @@ for ph in $PHASES; do case $ph in
       train.max_steps=$STEPS train.save_every=$SAVE \
       train.keep_checkpoints=1000 ${MAIN_EXTRA:-} || stop main_train  # MAIN_EXTRA: more main-run overrides
     [ -n "$SIDE_GPU" ] || wait "${side_pids[@]}"  # two GPUs: the side runs go on while the curve is evaluated
-    cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null ;;
+    cp "$ROOT/main/metrics.jsonl" "$RES/main_metrics.jsonl" 2>/dev/null; keep_heads ;;
   eval)
     eval_ckpt() {  # eval_ckpt NAME DIR STEP ON [overrides...]: DIR evaluates the main run's checkpoint STEP
       local name=$1 d=$2 n=$3 on=$4; shift 4; link_run "$d"; mkdir -p "$d/checkpoints"

@@ -451,6 +451,9 @@ def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False)
 DECODE_ATTN_CHOICES = ("auto", "sdpa", "fold", "math", "live")
 DECODE_MAX_QUERIES = 64
 LIVE_AUTO_MAX_BATCH = 16  # the largest batch "auto" gives to "live" (the largest timed with it)
+# the head dims the live kernel runs (orthrus_kernels.decode_attn.SUPPORTED_HEAD_DIMS, which this module does not
+# import: Triton is optional; tests/model/test_decode_attn.py keeps the two equal)
+LIVE_HEAD_DIMS = (64, 128)
 _decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
 _TRITON_ATTN_RUNS: dict[torch.device, bool] = {}
 
@@ -492,7 +495,7 @@ def prepare_decode_kernels(device: torch.device | str) -> None:
 
 def auto_decode_attention(batch: int, queries: int, head_dim: int | None, live_runs: bool) -> str:
     """What "auto" runs for a cached pass of `queries` queries in `batch` rows (the rule above)."""
-    if (live_runs and head_dim in (64, 128) and batch <= LIVE_AUTO_MAX_BATCH and (batch > 1 or queries > 1)):
+    if (live_runs and head_dim in LIVE_HEAD_DIMS and batch <= LIVE_AUTO_MAX_BATCH and (batch > 1 or queries > 1)):
         return "live"
     return "fold" if queries > 1 and batch > 1 else "sdpa"
 

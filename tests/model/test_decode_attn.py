@@ -210,6 +210,9 @@ def test_auto_rule_takes_live_where_it_was_timed_faster():
     assert rule(layers.LIVE_AUTO_MAX_BATCH + 1, 16, 64, True) == "fold"
     assert rule(16, 16, 96, True) == "fold" and rule(16, 16, None, True) == "fold"
     assert rule(16, 16, 64, False) == "fold" and rule(4, 1, 64, False) == "sdpa"
+    # the rule offers "live" exactly the head dims the kernel accepts
+    assert layers.LIVE_HEAD_DIMS == decode_attn.SUPPORTED_HEAD_DIMS
+    assert all(rule(16, 16, d, True) == "live" for d in decode_attn.SUPPORTED_HEAD_DIMS)
 
 
 def test_auto_never_live_off_cuda_and_engine_probes_it(monkeypatch):
