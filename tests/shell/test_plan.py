@@ -135,3 +135,25 @@ def test_smollm2_recipe_plans_from_its_gguf_with_its_own_measurements(tmp_path):
     assert pl["shape"] == "llama" and pl["samples_per_prompt"] == 2 and pl["prompts"] > 10_000
     for part in ("training", "regeneration"):
         assert not pl[part]["extrapolated"] and "from smollm2-135m on 1 x h200" in pl[part]["basis"], pl[part]
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "smollm2-135m-instruct").is_dir(), reason="no ../shared beside the checkout")
+def test_training_rate_comes_from_the_measurement_at_the_planned_micro_batch(tmp_path):
+    """A 135M model's training step is launch-bound: its tokens/s at micro batch 32 are about twice those at 16
+    (sessions 9 and 10). The plan takes the measurement at the micro batch it plans, and says so where none is."""
+    gguf = tmp_path / "smol.gguf"
+    with open(gguf, "wb") as out:
+        for part in sorted((SHARED / "models" / "smollm2-135m-instruct").glob("*.gguf.part*")):
+            out.write(part.read_bytes())
+    args = ("recipe=smollm2-135m", "plan.gpus=2", "plan.gpu=h200", f"model.path={gguf}")
+    by_micro = {e["micro_batch"]: e for e in REC["training"]
+                if (e["shape"], e["gpu"], e.get("world", 1)) == ("smollm2-135m", "h200", 2)}
+    assert {16, 32} <= set(by_micro)
+    for micro in (16, 32):
+        pl = _json(*args, f"train.micro_batch={micro}", f"train.global_batch={2 * micro}")
+        tr = pl["training"]
+        assert tr["tokens_per_s_per_gpu"] * 2 == pytest.approx(by_micro[micro]["tokens_per_s"]), micro
+        assert not tr["extrapolated"] and by_micro[micro]["commit"] in tr["basis"]
+    # no measurement at micro batch 8: the nearest entry is used and the plan says it was measured otherwise
+    tr = _json(*args, "train.micro_batch=8", "train.global_batch=16")["training"]
+    assert tr["extrapolated"] and "planned at 8" in tr["basis"]
