@@ -125,8 +125,9 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
     try:
         from orthrus_kernels._backend import triton_unusable_reason
         kernels = importlib.import_module(f"orthrus_kernels.{module}")
-    except ImportError as e:
-        reason = f"orthrus_kernels is not importable ({e})"
+    except ImportError as e:  # a checkout on PYTHONPATH without the install that maps kernels/ to orthrus_kernels
+        raise RuntimeError(f"{what} cannot run here: install the project (`pip install -e .`), orthrus_kernels is "
+                           f"not importable ({e}); or {instead}") from None
     else:
         reason = triton_unusable_reason(x)
         if reason is None:

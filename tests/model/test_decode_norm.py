@@ -4,9 +4,12 @@ unchanged with it.
 
 The kernel runs on a GPU, or on a CPU in the Triton interpreter (tests/model/triton_testlib.py).
 """
+import sys
+
 import pytest
 import torch
 
+from orthrus_train.errors import exc_line
 from orthrus_train.model import layers
 
 kernels = pytest.importorskip("orthrus_kernels")
@@ -142,6 +145,26 @@ def test_switch_and_refusals(monkeypatch):
     with pytest.raises(RuntimeError, match="'triton' cannot run here: .*TRITON_INTERPRET=1") as e:
         layers.decode_rms_norm(x.cpu(), w.cpu(), 1e-6)
     assert "\n" not in str(e.value)
+
+
+def test_kernels_not_installed_says_to_install(monkeypatch):
+    """A checkout on PYTHONPATH without `pip install -e .` has no orthrus_kernels (setup maps kernels/ to it):
+    asking for a kernel says to install the project, in one line that keeps the fix inside the 200 characters a
+    fallback warning quotes (session 10 profiled torch fallbacks on a GPU this way)."""
+    x, w = inputs((2, 64), (64,), torch.float32)
+    for name in ("orthrus_kernels", "orthrus_kernels._backend", "orthrus_kernels.rmsnorm"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if never installed: importing them raises ImportError
+    monkeypatch.setattr(layers, "_KERNEL_MODULES", {})
+    prev = layers.decode_norm()
+    layers.set_decode_norm("triton")
+    try:
+        with pytest.raises(RuntimeError, match=r"install the project \(`pip install -e \.`\)") as e:
+            layers.decode_rms_norm(x.cpu(), w.cpu(), 1e-6)
+    finally:
+        layers.set_decode_norm(prev)
+    msg = str(e.value)
+    assert "\n" not in msg and "ORTHRUS_DECODE_NORM=torch" in msg
+    assert "pip install -e ." in exc_line(e.value, 200)
 
 
 def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
