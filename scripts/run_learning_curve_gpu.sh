@@ -18,7 +18,7 @@
 #           background on the side GPU; the side runs of the train phase wait for them, the main run does not. PROFILE_COMPILE="ARGS"
 #           adds a compiled SmolLM2 profile with those arguments (compile seconds and per-step saving);
 #           PROFILE_NOFUSE=1 profiles each shape once more with --no-fuse (<shape>_nofuse.json)
-# Results are packed after every phase. Environment knobs (defaults in brackets) below.
+# Results are packed after every phase; after `train`, OUT/heads holds the main run's last heads (see keep_heads). Environment knobs (defaults in brackets) below.
 # Two GPUs (nvidia-h200-x2): SIDE_GPU=1 puts the profiles, the Medusa baseline and the ablations (training and
 # evals) on GPU 1 while the main run's data, training and curve evals use MAIN_GPU (0). MAIN_NPROC=2: the data
 # stage and the main training on both GPUs instead (see on_all below); with SIDE_GPU=1 too, the side GPU then
