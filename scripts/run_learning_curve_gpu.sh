@@ -55,8 +55,10 @@ keep_heads() {  # the main run's last heads into OUT/heads (parts under the 50 M
   split -b ${HEADS_PART_BYTES:-14000000} "$ck/heads.safetensors" "$tmp/heads.safetensors.part" \
     && (cd "$ck" && sha256sum heads.safetensors) > "$tmp/SHA256SUMS" \
     && for f in "$ck"/*; do case $(basename "$f") in heads.safetensors|optim*|*.pt) ;; *) [ -f "$f" ] && cp "$f" "$tmp/";; esac; done \
-    && cp "$ROOT/main/config.yaml" "$tmp/" 2>/dev/null; echo "$ck" > "$tmp/SOURCE" && rm -rf "$FINAL/heads" && mv "$tmp" "$FINAL/heads"
-  echo "[heads] $(basename "$ck") -> $FINAL/heads ($(ls "$FINAL/heads" | wc -l) files)" >> "$RES/phases.txt"; }
+    && { cp "$ROOT/main/config.yaml" "$tmp/" 2>/dev/null || true; } && echo "$ck" > "$tmp/SOURCE" \
+    && rm -rf "$FINAL/heads" && mv "$tmp" "$FINAL/heads" \
+    && echo "[heads] $(basename "$ck") -> $FINAL/heads ($(ls "$FINAL/heads" | wc -l) files)" >> "$RES/phases.txt" \
+    || echo "[heads] $(basename "$ck"): copy failed" >> "$RES/phases.txt"; }
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T

@@ -126,16 +126,15 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
         from orthrus_kernels._backend import triton_unusable_reason
         kernels = importlib.import_module(f"orthrus_kernels.{module}")
     except ImportError as e:  # a checkout on PYTHONPATH without the install that maps kernels/ to orthrus_kernels
-        raise RuntimeError(f"{what} cannot run here: install the project (`pip install -e .`), orthrus_kernels is "
-                           f"not importable ({e}); or {instead}") from None
+        why = f"install the project (`pip install -e .`), orthrus_kernels is not importable ({e}); or"
     else:
         reason = triton_unusable_reason(x)
         if reason is None:
             if x.device.type == "cuda":
                 _KERNEL_MODULES[key] = kernels
             return kernels
-    raise RuntimeError(f"{what} cannot run here: {reason}; use a CUDA device, or set "
-                       f"TRITON_INTERPRET=1 before orthrus_kernels is imported, or {instead}")
+        why = f"{reason}; use a CUDA device, or set TRITON_INTERPRET=1 before orthrus_kernels is imported, or"
+    raise RuntimeError(f"{what} cannot run here: {why} {instead}")
 
 
 _TRITON_NORM_RUNS: dict[torch.device, bool] = {}  # a plain dict, not lru_cache: compiled steps trace this lookup

@@ -83,6 +83,11 @@ def efficiency(n: int, table: dict) -> tuple[float, str]:
     return float(table[str(best)]), note
 
 
+def _other_micro(e: dict, micro: int | None) -> bool:
+    """Whether measurement `e` names a micro batch other than the planned `micro` (either unset: no)."""
+    return micro is not None and e.get("micro_batch", micro) != micro
+
+
 def _pick(entries: list[dict], shape: str | None, gpu: str, zero: int | None, gpus: int, cost,
           micro: int | None = None) -> dict:
     """The measurement closest to what is planned: the same shape, then the same device, then the same ZeRO
@@ -90,7 +95,7 @@ def _pick(entries: list[dict], shape: str | None, gpu: str, zero: int | None, gp
     grow with the micro batch), then the nearest cost (FLOPs or parameters), then the nearest GPU count (both in
     log ratio); among equals the newest (the last appended: a re-measurement replaces the number it repeats)."""
     return min(reversed(entries), key=lambda e: (e["shape"] != shape, e["gpu"] != gpu, e.get("zero", zero) != zero,
-                                       micro is not None and e.get("micro_batch", micro) != micro,
+                                       _other_micro(e, micro),
                                        abs(math.log(cost(e))), abs(math.log(e.get("world", 1) / gpus))))
 
 
@@ -100,7 +105,7 @@ def _scaled(entries, kind: str, shape, gpu, zero, gpus, cost_of, target_cost, de
     ref = _pick(entries, shape, gpu, zero, gpus, lambda e: cost_of(e) / target_cost, micro)
     rate = ref[rate_key] / ref.get("world", 1)
     how = []
-    if micro is not None and ref.get("micro_batch", micro) != micro:
+    if _other_micro(ref, micro):
         how.append(f"measured at micro batch {ref['micro_batch']}, planned at {micro} (not scaled)")
     ratio = cost_of(ref) / target_cost
     if abs(ratio - 1) > 1e-6:
