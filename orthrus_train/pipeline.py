@@ -66,9 +66,7 @@ def _agree(dist, decide):
 
 
 def run_stages(cfg, run_root: Path) -> int:
-    run = RunDir(run_root)
     dist = _dist()
-    stages = ALL if cfg.stage == "all" else (cfg.stage,)
     if dist.world_size > 1:
         from .model.factory import resolve_device
         from .train.engine import init_distributed
@@ -77,6 +75,26 @@ def run_stages(cfg, run_root: Path) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(dist.local_rank)
         init_distributed(device, dist)
+    rc = _run_stages(cfg, RunDir(run_root), dist)
+    _leave_process_group()  # reached only on success: an error propagates before it
+    return rc
+
+
+def _leave_process_group() -> None:
+    """After a successful run, leave the process group before the interpreter exits. Left to exit-time
+    destructors, one rank's gloo threads could be torn down while another rank still closed its connections,
+    and the process aborted ("terminate called without an active exception", SIGABRT) after every stage had
+    succeeded: a re-run whose stages were all complete failed its Slurm job about one time in six (CI,
+    session 11). The ranks meet first, so none leaves while another still talks to it. After an error nothing
+    changes: the other ranks may be stuck elsewhere, and waiting for them would turn an error into a hang."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _run_stages(cfg, run: RunDir, dist) -> int:
+    stages = ALL if cfg.stage == "all" else (cfg.stage,)
     if dist.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, to_yaml(cfg))
