@@ -448,3 +448,42 @@ def test_a_failed_compilation_is_reported_and_decoding_goes_on(qwen3_model, tmp_
     assert got["spec"]["emitted_tokens"] == want["spec"]["emitted_tokens"]
     assert "compilation failed, those steps ran uncompiled: Failure" in (tmp_path / "forced" / "eval" /
                                                                        "report.md").read_text()
+
+
+def test_no_engine_is_built_and_no_first_fill_shape_is_new_inside_a_timed_run(qwen3_model, tmp_path, monkeypatch):
+    """The warm-up builds the engine that each timed run's first call uses (sized for the longest first turn at
+    the full max_new_tokens; a one-prompt, 8-token warm-up used to size a smaller one, so the timed run built its
+    own) and runs its full first batch once, so one-time costs (cache allocation, graph capture, first kernel
+    compilations) stay out of the clock. Single-turn prompts: one engine call per timed run."""
+    import orthrus_train.eval.report as report_mod
+
+    tok = word_tokenizer()
+    single, _ = write_prompt_files(tmp_path, n=5)
+    events = []
+    real_engine, real_run = report_mod.DecodeEngine, report_mod._run_turns
+
+    def building(*a, **k):
+        events.append("build")
+        return real_engine(*a, **k)
+
+    def timed(*a, **k):
+        events.append("timed")
+        out = real_run(*a, **k)
+        events.append("end")
+        return out
+    monkeypatch.setattr(report_mod, "DecodeEngine", building)
+    monkeypatch.setattr(report_mod, "_run_turns", timed)
+    # the longest prompt last: a warm-up on the first prompt alone would size a smaller engine
+    lines = single.read_text().splitlines()
+    lines[-1] = json.dumps({"question": " ".join(["w1"] * 40)})
+    single.write_text("\n".join(lines) + "\n")
+    cfg = dict(benchmarks=["math"], benchmark_paths={"math": str(single)}, benchmark_fields={"math": "question"},
+               num_prompts=5, max_new_tokens=300, temperatures=[0.0], batch_size=2, verify_backend="torch",
+               plots=False, lossless=dict(enabled=False))
+    rep = run_eval(qwen3_model, tok, cfg, tmp_path / "run")
+    timed_spans = [i for i, e in enumerate(events) if e == "timed"]
+    assert len(timed_spans) == 2 and events.count("end") == 2  # spec and ar
+    for i in timed_spans:
+        assert events[i + 1] == "end", events  # nothing was built between "timed" and "end"
+    assert events.count("build") >= 1 and events[0] == "build"
+    assert rep["compile"]["setup_s"] > 0
