@@ -6,6 +6,7 @@ random weights, through the real engine (DeepSpeed ZeRO, the same step as a reci
     torchrun --nproc_per_node 4 scripts/bench_train.py --recipe qwen3-72b --shape qwen3-72b --zero 3
     python scripts/bench_train.py --recipe smollm2-135m --model smol.gguf --vocab 49152 --seq-len 1024 \
         --anchors 64 --block 16 --micro 16 32 64 --out bench.json     # a real model file; one row per micro batch
+    python scripts/bench_train.py ... --profile-steps 3 --profile-out prof/   # + where each step's time goes
 
 Rows are synthetic (random tokens, the second half marked as response), which costs exactly what real
 rows cost. The first `--warmup` steps (compilation, allocator) are excluded from the averages.
@@ -57,6 +58,10 @@ def main():
     ap.add_argument("--attn-backend", default="auto")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (the numbers mean nothing there)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile that many steps after the warm-up (torch.profiler): the row gets the step's device "
+                         "busy share and its top operators, and --profile-out DIR gets the table per micro batch")
+    ap.add_argument("--profile-out", default=None, help="folder for train_profile_micro<M>.txt (with --profile-steps)")
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ["ORTHRUS_NO_PROGRESS"] = "1"
@@ -98,9 +103,13 @@ def bench_one(a, micro: int, dist) -> dict | None:
     import orthrus_train.train.logging as lg
     orig = lg.MetricsLogger.log
 
+    prof = _Profiler(a.profile_steps, a.warmup) if a.profile_steps and dist.rank == 0 else None
+
     def keep(self, rec):
         recs.append(rec)
         orig(self, rec)
+        if prof is not None:
+            prof.after_step(len(recs), rec)
     lg.MetricsLogger.log = keep
     t0 = time.time()
     try:
@@ -109,10 +118,12 @@ def bench_one(a, micro: int, dist) -> dict | None:
         pass
     finally:
         lg.MetricsLogger.log = orig
+        if prof is not None:
+            prof.stop()
     if dist.rank != 0:
         return None
     steady = recs[a.warmup:]
-    return {
+    row = {
         "recipe": a.recipe, "shape": a.model or a.shape, "heads": a.heads, "world": world, "zero": a.zero,
         "seq_len": a.seq_len, "anchors": a.anchors,
         "block": a.block, "micro": micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
@@ -126,6 +137,75 @@ def bench_one(a, micro: int, dist) -> dict | None:
         "wall_s": time.time() - t0, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
     }
+    if prof is not None:
+        row["profile"] = prof.summary()
+        if a.profile_out:
+            Path(a.profile_out).mkdir(parents=True, exist_ok=True)
+            (Path(a.profile_out) / f"train_profile_micro{micro}.txt").write_text(prof.table)
+    return row
+
+
+class _Profiler:
+    """torch.profiler over `n` training steps after `warmup`: how much of the steps' wall time the device was busy
+    (a launch- or sync-bound step leaves it idle) and which operators took the device time."""
+
+    def __init__(self, n: int, warmup: int, top: int = 25):
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.on_device = torch.cuda.is_available()
+        self.n, self.warmup, self.top = n, warmup, top
+        self.prof = profile(activities=acts)
+        self.running = False
+        self.wall_s = 0.0
+        self.table = ""
+        self.rows: list[dict] = []
+        if warmup == 0:
+            self._start()
+
+    def _start(self):
+        self.prof.start()
+        self.running = True
+
+    def after_step(self, done: int, rec: dict) -> None:
+        """Called after step number `done` (1-based) was logged, with its metrics record."""
+        if self.running:
+            self.wall_s += rec["step_time_s"]
+            if done >= self.warmup + self.n:
+                self.stop()
+        elif done == self.warmup and not self.rows:
+            self._start()
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        if self.on_device:
+            torch.cuda.synchronize()
+        self.prof.stop()
+        self.running = False
+        from torch.autograd import DeviceType
+
+        ev = self.prof.key_averages()
+        key = "self_device_time_total" if self.on_device else "self_cpu_time_total"
+
+        def self_us(e):
+            if not self.on_device:
+                return e.self_cpu_time_total
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        # on a GPU: the kernels themselves (an operator's row repeats the time of the kernels it launched)
+        mine = [e for e in ev if e.device_type == DeviceType.CUDA] if self.on_device else list(ev)
+        ranked = sorted(mine, key=self_us, reverse=True)
+        self.busy_us = sum(self_us(e) for e in mine) if self.on_device else None
+        self.rows = [{"name": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3} for e in ranked[: self.top]]
+        self.table = ev.table(sort_by=key, row_limit=self.top * 2)
+
+    def summary(self) -> dict:
+        out = {"steps": self.n, "wall_s": self.wall_s, "top": self.rows,
+               "time_kind": "device (kernels)" if self.on_device else "host (CPU: no device timeline)"}
+        if self.on_device and self.wall_s > 0:
+            out["device_busy_s"] = self.busy_us / 1e6
+            out["device_busy_share"] = self.busy_us / 1e6 / self.wall_s
+        return out
 
 
 if __name__ == "__main__":
