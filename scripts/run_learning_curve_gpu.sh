@@ -46,16 +46,20 @@ RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
 pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the file at any moment
   local tmp; tmp=$(mktemp "$FINAL/.results.XXXXXX") && tar czf "$tmp" -C "$ROOT" results && mv -f "$tmp" "$FINAL/results.tgz"
   cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
-keep_heads() {  # the main run's last heads into OUT/heads (parts under the 50 MB a device call returns per file,
-  # the checkpoint's small files, COMPLETE included, and SHA256SUMS): a poll copies them as soon as training ends,
-  # so that a lost machine loses no trained heads (session 10 lost them between two calls)
+keep_heads() {  # the main run's last heads into OUT/heads: heads.safetensors in parts (a device call returns at
+  # most 8 files of 16 MiB) and one heads-meta.tar with the checkpoint's small files (COMPLETE included),
+  # SHA256SUMS, the run's config.yaml and SOURCE; OUT then holds at most 7 files. A poll copies them as soon as
+  # training ends, so that a lost machine loses no trained heads (session 10 lost them between two calls; session
+  # 11 got 10 loose files back in two calls). Here: tar xf heads-meta.tar && cat heads.safetensors.part* >
+  # heads.safetensors && sha256sum -c SHA256SUMS
   local ck="$ROOT/main/checkpoints/$(cat "$ROOT/main/checkpoints/latest" 2>/dev/null)"
   [ -f "$ck/COMPLETE" ] && [ -f "$ck/heads.safetensors" ] || return 0
-  local tmp="$FINAL/.heads.tmp"; rm -rf "$tmp" && mkdir -p "$tmp" || return 0
+  local tmp="$FINAL/.heads.tmp"; rm -rf "$tmp" && mkdir -p "$tmp/meta" || return 0
   split -b ${HEADS_PART_BYTES:-14000000} "$ck/heads.safetensors" "$tmp/heads.safetensors.part" \
-    && (cd "$ck" && sha256sum heads.safetensors) > "$tmp/SHA256SUMS" \
-    && for f in "$ck"/*; do case $(basename "$f") in heads.safetensors|optim*|*.pt) ;; *) [ -f "$f" ] && cp "$f" "$tmp/";; esac; done \
-    && { cp "$ROOT/main/config.yaml" "$tmp/" 2>/dev/null || true; } && echo "$ck" > "$tmp/SOURCE" \
+    && (cd "$ck" && sha256sum heads.safetensors) > "$tmp/meta/SHA256SUMS" \
+    && for f in "$ck"/*; do case $(basename "$f") in heads.safetensors|optim*|*.pt) ;; *) [ -f "$f" ] && cp "$f" "$tmp/meta/";; esac; done \
+    && { cp "$ROOT/main/config.yaml" "$tmp/meta/" 2>/dev/null || true; } && echo "$ck" > "$tmp/meta/SOURCE" \
+    && tar cf "$tmp/heads-meta.tar" -C "$tmp/meta" . && rm -rf "$tmp/meta" \
     && rm -rf "$FINAL/heads" && mv "$tmp" "$FINAL/heads" \
     && echo "[heads] $(basename "$ck") -> $FINAL/heads ($(ls "$FINAL/heads" | wc -l) files)" >> "$RES/phases.txt" \
     || echo "[heads] $(basename "$ck"): copy failed" >> "$RES/phases.txt"; }
