@@ -130,7 +130,7 @@ class DistillStep(nn.Module):
         if n == 0:
             loss = out.hs.sum() * 0.0
         stats = {"offset": out.sup.offset, "s_arg": s_arg, "t_arg": t_arg, "n_sup": n,
-                 "n_blocks": int(torch.cat(valid).sum()), "loss_sum": float(per_tok.detach().sum())}
+                 "n_blocks": int(torch.cat(valid).sum())}  # host values only: a device read here stalls the step
         return loss, stats
 
     def _loss(self, hs, ht, weight):
@@ -303,7 +303,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
         t0 = time.perf_counter()
         epoch, rows = step_rows(plan, step, t.seed)
         mine = [k for k in range(plan.micro_per_step) if k % world == rank]
-        agg = {"loss_sum": 0.0, "n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
+        agg = {"n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
         offs, s_all, t_all = [], [], []
         flops = 0.0
         for k in mine:
@@ -311,14 +311,15 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
             mb = micro_batch(data, ids_k, device, t.document_mask)
             seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
             loss, st = engine(mb["input_ids"], mb["loss_mask"], seeds, mb.get("segment_ids"), mb.get("position_ids"))
-            if any_rank(not math.isfinite(loss.detach().item())):
+            engine.backward(loss)  # queued before the host reads the loss: the backward's kernels launch meanwhile
+            loss_value = loss.detach().item()
+            if any_rank(not math.isfinite(loss_value)):  # before step(): a non-finite gradient never reaches the weights
                 raise TrainingDiverged(
                     f"non-finite loss at step {step} (micro-batch {k}, rows {ids_k.tolist()}, lr "
                     f"{sched.get_last_lr()[0]:.3g}); the last good checkpoint is kept: "
                     f"{last_ckpt or 'none yet'}. Lower train.lr, check the data rows, or use train.precision=fp32.")
-            engine.backward(loss)
             engine.step()
-            agg["loss_mean_sum"] += loss.detach().item()
+            agg["loss_mean_sum"] += loss_value
             agg["micro"] += 1
             agg["n_sup"] += st["n_sup"]
             agg["n_blocks"] += st["n_blocks"]
