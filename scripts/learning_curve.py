@@ -111,12 +111,19 @@ def plot(rows: list[dict], path: Path, title: str = "Orthrus heads: acceptance l
         if pts:
             ax.scatter([r["supervised_tokens"] for r in pts], [r["acceptance_length"] for r in pts],
                        marker=next(markers, "o"), s=36, label=f"{run} T=0 (" + ", ".join(r["benchmark"] for r in pts) + ")")
+    finish(fig, ax, path, title, "acceptance length (emitted / verify pass)")
+
+
+def finish(fig, ax, path: Path, title: str, ylabel: str, fontsize: int = 8) -> None:
+    """The axes every curve figure shares (supervised tokens on a log x axis), saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
     ax.set_xlabel("supervised tokens (log)")
-    ax.set_ylabel("acceptance length (emitted / verify pass)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -128,3 +128,19 @@ def test_learning_curve_collects_reports_into_curve_json(tmp_path):
     # the training side needs only metrics.jsonl: "missing" (no eval report) still has its training row
     assert [(r["run"], r["steps"]) for r in train] == [("main", 2), ("main", 8), ("abl-lr", 4), ("missing", 4)]
     assert (out / "curve.png").stat().st_size > 0 and "| main | 8 | 0.01M | gsm8k |" in (out / "curve.md").read_text()
+
+
+def test_plot_sessions_draws_the_t0_curves_of_several_runs(tmp_path):
+    """scripts/plot_sessions.py: one figure of several runs' curve.json (their main run at T=0); the committed
+    multi-session figures are drawn with it (docs/results/*/plot_sessions.py)."""
+    runs = []
+    for name, shift in (("a", 0.0), ("b", 0.3)):
+        rows = [{"run": "main", "supervised_tokens": n, "steps": n // 10, "benchmark": b, "temperature": t,
+                 "acceptance_length": 2.0 + shift + n / 1e7, "tpf": 1.0, "speedup": 1.0}
+                for n in (10 ** 6, 10 ** 7) for b in ("gsm8k", "humaneval") for t in (0.0, 1.0)]
+        rows.append({**rows[0], "run": "medusa"})  # not the main run: left out
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+        runs += ["--run", f"run {name}", str(tmp_path / f"{name}.json"), "dashed" if shift else "solid"]
+    out = tmp_path / "s.png"
+    _run(["scripts/plot_sessions.py", str(out), *runs, "--title", "two runs"], tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

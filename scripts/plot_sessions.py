@@ -1,0 +1,49 @@
+"""T=0 acceptance length against supervised tokens for several learning-curve runs, in one figure.
+
+    python scripts/plot_sessions.py OUT.png --run LABEL CURVE_JSON LINESTYLE [--run ...] [--title TITLE]
+
+Each CURVE_JSON is `scripts/learning_curve.py`'s (its `main` run's T=0 rows are plotted); LINESTYLE is a
+matplotlib line style name (solid, dashed, dotted, dashdot) telling the runs apart; colours tell the benchmarks apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning_curve import finish  # noqa: E402
+
+COLORS = {"gsm8k": "C0", "humaneval": "C1", "arena_hard": "C2"}
+
+
+def plot(runs: list[tuple[str, str, str]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, path, ls in runs:
+        rows = [r for r in json.loads(Path(path).read_text()) if r["run"] == "main" and r["temperature"] == 0]
+        for bench, color in COLORS.items():
+            pts = sorted((r["supervised_tokens"], r["acceptance_length"]) for r in rows if r["benchmark"] == bench)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker="o", color=color,
+                    label=f"{bench}, {label}" if bench == "gsm8k" else None, ms=4)
+    for bench, color in COLORS.items():
+        ax.plot([], [], color=color, label=bench)
+    finish(fig, ax, out, title, "acceptance length at T=0", fontsize=7)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--run", nargs=3, action="append", required=True, metavar=("LABEL", "CURVE_JSON", "LINESTYLE"))
+    ap.add_argument("--title", default="Orthrus heads: acceptance length at T=0 against training tokens")
+    a = ap.parse_args(argv)
+    plot(a.run, Path(a.out), a.title)
+
+
+if __name__ == "__main__":
+    main()
