@@ -68,6 +68,23 @@ def compose(recipe: str, overrides: list[str] | None = None):
     return obj
 
 
+def _inner_unknown_key(e: BaseException) -> tuple[str, list[str]] | None:
+    """(the unknown key, the keys its structured entry takes) from the cause of Hydra's "Could not override"
+    (OmegaConf's ConfigKeyError, e.g. `data.sources=[{path: ...}]`: 'path' is not a SourceConfig key)."""
+    import dataclasses
+
+    from omegaconf.errors import ConfigKeyError
+
+    cause = e.__cause__
+    while cause is not None and not isinstance(cause, ConfigKeyError):
+        cause = cause.__cause__
+    if cause is None or not getattr(cause, "key", None):
+        return None
+    cls = getattr(cause, "object_type", None)
+    fields = [f.name for f in dataclasses.fields(cls)] if cls is not None and dataclasses.is_dataclass(cls) else []
+    return str(cause.key), fields
+
+
 def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
     """Typed and structurally checked (unknown keys, types, missing values), without the semantic checks."""
     from hydra import compose as hydra_compose
@@ -98,6 +115,11 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
         if "Could not override" in msg:
             key = msg.split("'")[1] if "'" in msg else "?"
             msg = f"unknown key {key!r}: it is not in the schema (orthrus_train/config/schema.py) or the recipe"
+            inner = _inner_unknown_key(e)
+            if inner is not None and inner[0] != key.rsplit(".", 1)[-1]:  # the key is known, an entry's key is not
+                bad, fields = inner
+                msg = (f"{key}: unknown key {bad!r} in one of its entries"
+                       + (f"; an entry takes {', '.join(fields)}" if fields else ""))
             owner = _map_owner(key)
             if owner:
                 msg = (f"{key!r} is not in {owner} yet: {owner} is a map that takes new keys, and Hydra adds a key "

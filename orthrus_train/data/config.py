@@ -69,7 +69,7 @@ class ChatTemplateConfig:
 @dataclass
 class ServerConfig:
     """An OpenAI-compatible completions server (vLLM, SGLang) that writes the responses when
-    data.regen_backend is "server" (orthrus_train/data/server.py; docs/data.md)."""
+    data.regen_backend is "server" (orthrus_train/data/server.py; docs/regen-server.md)."""
 
     # Base address, e.g. http://host:8000 (a trailing /v1 is accepted).
     url: str | None = None

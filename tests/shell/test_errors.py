@@ -210,6 +210,20 @@ def test_unknown_key_of_a_section_does_not_suggest_plus(tmp_path, run_cli):
     assert p.returncode == 2 and "unknown key 'eval.bogus'" in _error_line(p) and "+" not in _error_line(p)
 
 
+def test_unknown_key_inside_a_data_source_names_the_entry_key(tmp_path, run_cli):
+    """A user's own data file with a misspelt source key: the error names that key and the keys a source takes
+    (before: "unknown key 'data.sources'", though data.sources is the right key); the right spelling runs."""
+    run = _guarded_run(tmp_path)
+    own = tmp_path / "my.jsonl"
+    own.write_text("".join(json.dumps({"question": f"What is {i} + {i}?"}) + "\n" for i in range(12)))
+    p = run_cli("recipe=tiny", f"data.sources=[{{path: {own}, format: prompt, field: question}}]", f"run_dir={run}")
+    assert p.returncode == 2 and _untouched(run)
+    assert _error_line(p) == ("error: data.sources: unknown key 'path' in one of its entries; an entry takes "
+                              "path_or_id, format, field, response_field, weight, max_samples, split, subset")
+    ok = run_cli("recipe=tiny", f"data.sources=[{{path_or_id: {own}, format: prompt, field: question}}]", "--cfg", "job")
+    assert ok.returncode == 0 and str(own) in ok.stdout
+
+
 @pytest.mark.parametrize("override,message", [
     ("data.compile_steps=maybe", "error: data.compile_steps: 'maybe' is not one of auto, true, false"),
     ("eval.compile_min_steps=-1", "error: eval.compile_min_steps: must be >= 0, got -1"),
