@@ -166,7 +166,11 @@ def make(cfg) -> dict:
     data_tokens = documents * (prompt_tok + response_tok)
     regen_tokens = documents * response_tok if d.regenerate else 0
     rows = int(data_tokens // t.seq_len)
-    steps = make_plan(rows, t, gpus)
+    try:
+        steps = make_plan(rows, t, gpus)
+    except ConfigError as e:  # the batch does not fit the planned GPU count: say where that count came from
+        where = "plan.gpus" if p.gpus else "launcher.nodes x launcher.gpus_per_node; plan.gpus=N plans another count"
+        raise ConfigError(f"{e} (planned for {gpus} GPUs: {where})") from None
 
     zero = cfg.deepspeed.stage
     target_flops = train_token_flops(config, t.seq_len, t.anchors_per_row, cfg.heads.block_size, t.grad_checkpointing)

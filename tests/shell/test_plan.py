@@ -103,6 +103,8 @@ def test_shape_from_config_json_and_prompts_from_plan():
     (["recipe=qwen3-8b", "data.num_samples=all"], "the Hub source 'nvidia/"),  # cannot be counted offline
     (["recipe=qwen3-8b", "model.shape=smollm2"], "model.shape: unknown Qwen3 shape 'smollm2'"),
     (["recipe=qwen3-8b", "plan.gpus=3"], "split evenly over 3 processes"),
+    # the GPU count the plan assumed is named, and where it came from (the tiny demo's launcher default: 8)
+    (["recipe=tiny"], "(planned for 8 GPUs: launcher.nodes x launcher.gpus_per_node; plan.gpus=N plans another count)"),
 ])
 def test_bad_plan_input_is_one_line(args, needle):
     p = _plan(*args, check=False)
