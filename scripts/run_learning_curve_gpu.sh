@@ -62,7 +62,7 @@ keep_heads() {  # the main run's last heads into OUT/heads: heads.safetensors in
     && tar cf "$tmp/heads-meta.tar" -C "$tmp/meta" . && rm -rf "$tmp/meta" \
     && rm -rf "$FINAL/heads" && mv "$tmp" "$FINAL/heads" \
     && echo "[heads] $(basename "$ck") -> $FINAL/heads ($(ls "$FINAL/heads" | wc -l) files)" >> "$RES/phases.txt" \
-    || echo "[heads] $(basename "$ck"): copy failed" >> "$RES/phases.txt"; }
+    || { rm -rf "$tmp"; echo "[heads] $(basename "$ck"): copy failed" >> "$RES/phases.txt"; }; }
 BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disabled)  # RECIPE=tiny: CPU smoke run
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T

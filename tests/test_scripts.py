@@ -144,3 +144,42 @@ def test_plot_sessions_draws_the_t0_curves_of_several_runs(tmp_path):
     out = tmp_path / "s.png"
     _run(["scripts/plot_sessions.py", str(out), *runs, "--title", "two runs"], tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limit(tmp_path):
+    """scripts/run_learning_curve_gpu.sh (the tiny recipe on the CPU, phases data and train): after training, OUT
+    holds the last checkpoint's heads as parts plus one heads-meta.tar, at most 7 files with results.tgz and
+    phases.txt (a device call returns at most 8), and they reassemble to the checkpoint's heads.safetensors with
+    its checksum and COMPLETE (what a warm start needs). A failed split publishes nothing and says so."""
+    import hashlib
+    import tarfile
+
+    root, out = tmp_path / "root", tmp_path / "out"
+
+    def driver(env, *phases):
+        r = subprocess.run(["bash", "scripts/run_learning_curve_gpu.sh", "orthrus_train/assets/tiny-qwen3", str(root),
+                            str(out), *phases], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    env = {"RECIPE": "tiny", "SAMPLES": "1", "MAX_NEW": "16", "STEPS": "4", "SAVE": "2", "GB": "4", "MB": "2",
+           "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000"}
+    driver(env, "data", "train")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 7 and "results.tgz" in files, files
+    parts = sorted((out / "heads").glob("heads.safetensors.part*"))
+    assert len(parts) >= 2  # split under the per-file limit (40 KB here)
+    with tarfile.open(out / "heads" / "heads-meta.tar") as t:
+        t.extractall(tmp_path / "meta")
+    meta = tmp_path / "meta"
+    assert {"COMPLETE", "SHA256SUMS", "SOURCE", "config.yaml", "trainer_state.json"} <= {p.name for p in meta.iterdir()}
+    whole = b"".join(p.read_bytes() for p in parts)
+    assert (meta / "SHA256SUMS").read_text().split()[0] == hashlib.sha256(whole).hexdigest()
+    ckpt = Path((meta / "SOURCE").read_text().strip())
+    assert whole == (ckpt / "heads.safetensors").read_bytes()
+    assert "[heads] step-00000004 ->" in (root / "results" / "phases.txt").read_text()
+
+    # a split that fails publishes nothing (the earlier heads stay) and says so
+    env["HEADS_PART_BYTES"] = "0"
+    driver(env, "train")
+    assert "[heads] step-00000004: copy failed" in (root / "results" / "phases.txt").read_text()
+    assert sorted((out / "heads").glob("heads.safetensors.part*")) == parts and not (out / ".heads.tmp").exists()
