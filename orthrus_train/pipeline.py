@@ -67,16 +67,12 @@ def _agree(dist, decide):
 
 def run_stages(cfg, run_root: Path) -> int:
     from .model.factory import resolve_device
+    from .train.engine import init_distributed, name_deepspeed_accelerator
 
     dist = _dist()
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        # DeepSpeed, first imported here when a finished stage's checkpoint is read back, would detect the same
-        # with a warning about an undetected GPU in the middle of the "skipped" lines
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_deepspeed_accelerator(device)
     if dist.world_size > 1:
-        from .train.engine import init_distributed
-
         if device.type == "cuda":
             torch.cuda.set_device(dist.local_rank)
         init_distributed(device, dist)

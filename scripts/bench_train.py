@@ -173,7 +173,7 @@ class _Profiler:
             self.wall_s += rec["step_time_s"]
             if done >= self.warmup + self.n:
                 self.stop()
-        elif done == self.warmup and not self.rows:
+        elif done == self.warmup:
             self._start()
 
     def stop(self) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, tmp_path, env=None, timeout=600):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+def _run(args, tmp_path, env=None, timeout=600, prog=(sys.executable,)):
+    r = subprocess.run([*prog, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -157,10 +157,8 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
     root, out = tmp_path / "root", tmp_path / "out"
 
     def driver(env, *phases):
-        r = subprocess.run(["bash", "scripts/run_learning_curve_gpu.sh", "orthrus_train/assets/tiny-qwen3", str(root),
-                            str(out), *phases], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        _run(["scripts/run_learning_curve_gpu.sh", "orthrus_train/assets/tiny-qwen3", str(root), str(out), *phases],
+             tmp_path, env=env, prog=("bash",))
     env = {"RECIPE": "tiny", "SAMPLES": "1", "MAX_NEW": "16", "STEPS": "4", "SAVE": "2", "GB": "4", "MB": "2",
            "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000"}
     driver(env, "data", "train")

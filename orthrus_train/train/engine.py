@@ -197,6 +197,14 @@ def ds_config(cfg, plan: Plan) -> dict:
     return conf
 
 
+def name_deepspeed_accelerator(device: torch.device) -> None:
+    """Tell DeepSpeed a CPU run is one before it is first imported: its own detection reaches the same answer but
+    warns about an undetected GPU (in the middle of a re-run's "skipped" lines, where reading a finished
+    checkpoint back is what first imports it)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(device: torch.device, dist):
     """Every launch path (torchrun, deepspeed, srun) ends here with the same env:// variables."""
     import dataclasses
@@ -211,8 +219,7 @@ def init_distributed(device: torch.device, dist):
             s.bind(("127.0.0.1", 0))
             dist = dataclasses.replace(dist, master_port=s.getsockname()[1], master_addr="127.0.0.1")
     export_torch_env(dist)
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_deepspeed_accelerator(device)
     import deepspeed
 
     if not torch.distributed.is_initialized():
