@@ -43,6 +43,11 @@ BUDGETS=${BUDGETS:-30 120 360 960}
 ABL_STEPS=${ABL_STEPS:-240}
 EVAL_N=${EVAL_N:-100}; EVAL_NEW=${EVAL_NEW:-256}; EVAL_BS=${EVAL_BS:-16}
 RES="$ROOT/results"; mkdir -p "$RES" "$FINAL"
+# OUT/RUNNING exists while the driver runs (removed when it ends, also after a stopped phase): a poll from a later
+# device call waits on it. Not `ps | grep` / `pgrep -f` (the poll's own command line names this script, so they
+# always match) nor `kill -0 PID` (a later call did not see the job's processes; session 12 lost two polls to both).
+echo "$$ $(date +%s)" > "$FINAL/RUNNING"
+finish() { echo "[end] rc=$1 phases: $PHASES" >> "$RES/phases.txt"; pack; rm -f "$FINAL/RUNNING"; exit "$1"; }
 pack() {  # atomic: the side GPU's subshell packs too, and a poll may copy the file at any moment
   local tmp; tmp=$(mktemp "$FINAL/.results.XXXXXX") && tar czf "$tmp" -C "$ROOT" results && mv -f "$tmp" "$FINAL/results.tgz"
   cp "$RES/phases.txt" "$FINAL/" 2>/dev/null; true; }
@@ -103,7 +108,7 @@ LARGEST=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 PROFILE_PID=""; side_pids=()
 stop() {  # a phase that every later one needs failed: pack what there is and end (a lease's minutes are few)
   echo "[stop] $1 failed: the later phases need it (see $RES/$1.log)" | tee -a "$RES/phases.txt"
-  [ -z "$PROFILE_PID" ] || wait "$PROFILE_PID"; pack; exit 1; }
+  [ -z "$PROFILE_PID" ] || wait "$PROFILE_PID"; finish 1; }
 PROFILE_SHAPES=${PROFILE_SHAPES:-smollm2-135m qwen3-4b qwen3-8b}
 
 for ph in $PHASES; do case $ph in
@@ -218,4 +223,4 @@ for ph in $PHASES; do case $ph in
   *) echo "unknown phase $ph" | tee -a "$RES/phases.txt" ;;
 esac; pack; done
 [ -z "$PROFILE_PID" ] || wait "$PROFILE_PID"
-pack
+finish 0

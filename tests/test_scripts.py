@@ -175,9 +175,20 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
     ckpt = Path((meta / "SOURCE").read_text().strip())
     assert whole == (ckpt / "heads.safetensors").read_bytes()
     assert "[heads] step-00000004 ->" in (root / "results" / "phases.txt").read_text()
+    # a poll from a later device call waits on OUT/RUNNING: gone when the driver ends, with an [end] line
+    assert not (out / "RUNNING").exists()
+    assert "[end] rc=0 phases: data train" in (root / "results" / "phases.txt").read_text()
 
     # a split that fails publishes nothing (the earlier heads stay) and says so
     env["HEADS_PART_BYTES"] = "0"
     driver(env, "train")
     assert "[heads] step-00000004: copy failed" in (root / "results" / "phases.txt").read_text()
     assert sorted((out / "heads").glob("heads.safetensors.part*")) == parts and not (out / ".heads.tmp").exists()
+
+    # a phase that later phases need fails: the driver stops, says so, and still removes OUT/RUNNING
+    env["SAMPLES"] = "0"
+    rc = subprocess.run(["bash", "scripts/run_learning_curve_gpu.sh", str(tmp_path / "no-such-model"), str(root),
+                         str(out), "train"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True).returncode
+    phases = (root / "results" / "phases.txt").read_text()
+    assert rc == 1 and "[stop] main_train failed" in phases and phases.rstrip().endswith("[end] rc=1 phases: train")
+    assert not (out / "RUNNING").exists()
