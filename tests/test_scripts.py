@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, tmp_path, env=None, timeout=600, prog=(sys.executable,)):
+def _run(args, tmp_path, env=None, timeout=600, prog=(sys.executable,), rc=0):
     r = subprocess.run([*prog, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == rc, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
 
@@ -156,9 +156,9 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
 
     root, out = tmp_path / "root", tmp_path / "out"
 
-    def driver(env, *phases):
-        _run(["scripts/run_learning_curve_gpu.sh", "orthrus_train/assets/tiny-qwen3", str(root), str(out), *phases],
-             tmp_path, env=env, prog=("bash",))
+    def driver(env, *phases, model="orthrus_train/assets/tiny-qwen3", rc=0):
+        _run(["scripts/run_learning_curve_gpu.sh", model, str(root), str(out), *phases], tmp_path, env=env,
+             prog=("bash",), rc=rc)
     env = {"RECIPE": "tiny", "SAMPLES": "1", "MAX_NEW": "16", "STEPS": "4", "SAVE": "2", "GB": "4", "MB": "2",
            "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000"}
     driver(env, "data", "train")
@@ -186,9 +186,7 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
     assert sorted((out / "heads").glob("heads.safetensors.part*")) == parts and not (out / ".heads.tmp").exists()
 
     # a phase that later phases need fails: the driver stops, says so, and still removes OUT/RUNNING
-    env["SAMPLES"] = "0"
-    rc = subprocess.run(["bash", "scripts/run_learning_curve_gpu.sh", str(tmp_path / "no-such-model"), str(root),
-                         str(out), "train"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True).returncode
+    driver(env, "train", model=str(tmp_path / "no-such-model"), rc=1)
     phases = (root / "results" / "phases.txt").read_text()
-    assert rc == 1 and "[stop] main_train failed" in phases and phases.rstrip().endswith("[end] rc=1 phases: train")
+    assert "[stop] main_train failed" in phases and phases.rstrip().endswith("[end] rc=1 phases: train")
     assert not (out / "RUNNING").exists()
