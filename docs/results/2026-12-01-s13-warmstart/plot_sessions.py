@@ -1,0 +1,27 @@
+"""T=0 acceptance length against supervised tokens since the AR weights: sessions 9 and 11 (one schedule each),
+session 12 (session 11's heads continued) and session 13 (session 12's heads continued). Writes curve_total.json
+(this session's curve.json with session 12's total added, plus session 12's last point as the start) and
+sessions_9_to_13.png beside this file.
+
+    python docs/results/2026-12-01-s13-warmstart/plot_sessions.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+R = HERE.parent
+s12 = json.loads((R / "2026-12-01-s12-warmstart/curve_total.json").read_text())
+start = max(r["supervised_tokens"] for r in s12 if r["run"] == "main")
+total = [r for r in s12 if r["run"] == "main" and r["supervised_tokens"] == start]
+total += [{**r, "supervised_tokens": r["supervised_tokens"] + start}
+          for r in json.loads((HERE / "curve.json").read_text()) if r["run"] == "main"]
+(HERE / "curve_total.json").write_text(json.dumps(total, indent=1) + "\n")
+subprocess.run([sys.executable, str(HERE.parents[2] / "scripts" / "plot_sessions.py"), str(HERE / "sessions_9_to_13.png"),
+                "--run", "session 9: from AR weights, global batch 32", str(R / "2026-11-30-s9-data-mix/curve.json"), "dotted",
+                "--run", "session 11: from AR weights, global batch 64", str(R / "2026-12-01-s11-learning-curve/curve.json"), "dashed",
+                "--run", "session 12: session 11's heads continued (lr 1e-3)", str(R / "2026-12-01-s12-warmstart/curve_total.json"), "dashdot",
+                "--run", "session 13: session 12's heads continued (lr 1e-3)", str(HERE / "curve_total.json"), "solid",
+                "--title", "SmolLM2-135M heads, tokens counted from the AR weights"],
+               check=True)
