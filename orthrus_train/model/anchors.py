@@ -17,9 +17,23 @@ def sample_anchors(loss_mask: torch.Tensor, n_anchors: int, generator: torch.Gen
     at 1 so that the Medusa baseline (which drafts from the hidden state at a-1) sees the same blocks.
     """
     B, L = loss_mask.shape
+    scores = torch.rand(B, L, generator=generator, device="cpu").to(loss_mask.device)
+    return _select_anchors(loss_mask, scores, n_anchors)
+
+
+def sample_anchors_seeded(loss_mask: torch.Tensor, n_anchors: int, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_anchors` of each row b alone with its own generator seeded `seeds[b]`, in one batched
+    selection: row b gets exactly the anchors of `sample_anchors(loss_mask[b:b+1], n, Generator().manual_seed(
+    seeds[b]))`, so a row's anchors depend on its seed only, not on the micro-batch it is in."""
+    L = loss_mask.shape[1]
+    scores = torch.stack([torch.rand(L, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return _select_anchors(loss_mask, scores.to(loss_mask.device), n_anchors)
+
+
+def _select_anchors(loss_mask: torch.Tensor, scores: torch.Tensor, n_anchors: int):
+    B, L = loss_mask.shape
     cand = torch.zeros(B, L, dtype=torch.bool, device=loss_mask.device)
     cand[:, 1:L - 1] = loss_mask[:, 2:].bool()
-    scores = torch.rand(B, L, generator=generator, device="cpu").to(loss_mask.device)
     scores = scores.masked_fill(~cand, -1.0)
     n = min(n_anchors, L)
     top, idx = scores.topk(n, dim=1)
@@ -43,6 +57,10 @@ class Supervision:
     @property
     def count(self) -> int:
         return int(self.batch.numel())
+
+    def to(self, device, non_blocking: bool = False) -> "Supervision":
+        return Supervision(*(getattr(self, f).to(device, non_blocking=non_blocking)
+                             for f in ("batch", "block", "offset", "teacher_pos", "stream_pos")))
 
 
 def supervision(anchors: torch.Tensor, valid: torch.Tensor, loss_mask: torch.Tensor, K: int,

@@ -228,16 +228,18 @@ class DraftModel(nn.Module):
 
     def train_outputs(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, n_anchors: int,
                       generator: torch.Generator | None = None, anchors=None,
-                      segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                      ) -> TrainBatchOut:
+                      segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      sup: Supervision | None = None) -> TrainBatchOut:
         """Frozen AR pass + the heads' pass over N sampled anchor blocks; student/teacher hidden states
         at every supervised position, for a loss over the shared lm_head. `segment_ids`/`position_ids`
-        (from the packer) keep documents of a packed row apart."""
+        (from the packer) keep documents of a packed row apart. `sup`: the supervision map of `anchors`,
+        already computed (the trainer builds it on the host ahead of the step: no device sync here)."""
         if anchors is None:
             anchors, valid = sample_anchors(loss_mask, n_anchors, generator)
         else:
             anchors, valid = anchors
-        sup = supervision(anchors, valid, loss_mask, self.block_size, segment_ids)
+        if sup is None:
+            sup = supervision(anchors, valid, loss_mask, self.block_size, segment_ids)
         ar_hidden, kv = self.ar_pass(input_ids, segment_ids, position_ids)
         docs = (segment_ids, position_ids) if segment_ids is not None else None
         hs = self.student_hidden(input_ids, ar_hidden, kv, anchors, valid, sup, docs)

@@ -7,6 +7,7 @@ one, and 2 processes compute the same micro-batches as 1 process with the same g
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -67,19 +68,63 @@ def make_plan(total_rows: int, t, world: int) -> Plan:
 def step_rows(plan: Plan, step: int, seed: int) -> tuple[int, torch.Tensor]:
     """(epoch, global row ids of this optimizer step in micro-batch order)."""
     epoch, within = divmod(step, plan.steps_per_epoch)
-    perm = torch.randperm(plan.total_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    perm = _epoch_perm(plan.total_rows, seed, epoch)
     return epoch, perm[within * plan.global_batch:(within + 1) * plan.global_batch]
 
 
-def micro_batch(data, rows, device, document_mask: bool) -> dict[str, torch.Tensor]:
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(total_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(total_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+
+
+@dataclass
+class Blocks:
+    """A micro-batch's anchor blocks and supervision map, built on the host before the step (so that the
+    forward never reads the device to size them) and moved to the device with the rows."""
+    anchors: torch.Tensor  # (B, N)
+    valid: torch.Tensor  # (B, N) bool
+    sup: "Supervision"
+    n_blocks: int
+    offset: torch.Tensor  # sup.offset on the host, for the agreement metrics
+
+    @property
+    def n_sup(self) -> int:
+        return int(self.offset.numel())
+
+
+def make_blocks(loss_mask: torch.Tensor, seeds, n_anchors: int, K: int, segment_ids=None) -> Blocks:
+    """Anchors of each row from its own seed (`sample_anchors_seeded`) and their supervision map."""
+    from ..model.anchors import sample_anchors_seeded, supervision
+
+    anchors, valid = sample_anchors_seeded(loss_mask, n_anchors, seeds)
+    sup = supervision(anchors, valid, loss_mask, K, segment_ids)
+    return Blocks(anchors, valid, sup, int(valid.sum()), sup.offset)
+
+
+def micro_batch(data, rows, device, document_mask: bool, blocks: tuple | None = None) -> dict:
     """The rows `rows` of `data` stacked as DistillStep takes them. Packed rows also carry segment_ids and
     position_ids, so that each document attends only to itself at its own positions (train.document_mask);
-    with document_mask=false, or rows without them (synthetic benchmark rows), a row is one causal sequence."""
+    with document_mask=false, or rows without them (synthetic benchmark rows), a row is one causal sequence.
+    blocks=(seeds, n_anchors, K): also sample each row's anchors on the host and build the supervision map
+    there (key "blocks", a `Blocks` on `device`), so that the step has no host read of the device."""
     batch = [data[int(r)] for r in rows]
     keys = ["input_ids", "loss_mask"]
     if document_mask and "segment_ids" in batch[0]:
         keys += ["segment_ids", "position_ids"]
-    return {key: torch.stack([b[key] for b in batch]).to(device) for key in keys}
+    host = {key: torch.stack([b[key] for b in batch]) for key in keys}
+    cuda = torch.device(device).type == "cuda"
+    out = {key: _to(x, device, cuda) for key, x in host.items()}
+    if blocks is not None:
+        seeds, n_anchors, K = blocks
+        b = make_blocks(host["loss_mask"], seeds, n_anchors, K, host.get("segment_ids"))
+        out["blocks"] = Blocks(_to(b.anchors, device, cuda), _to(b.valid, device, cuda),
+                               b.sup.to(device, non_blocking=cuda), b.n_blocks, b.offset)
+    return out
+
+
+def _to(x: torch.Tensor, device, cuda: bool) -> torch.Tensor:
+    # pinned + non_blocking: the copy is queued behind the running step instead of waiting for it
+    return x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device)
 
 
 def row_seed(seed: int, epoch: int, row: int) -> int:
@@ -109,15 +154,13 @@ class DistillStep(nn.Module):
         self.temperature, self.n_anchors = temperature, n_anchors
         self.offset_decay = float(offset_decay)  # train.offset_decay: weight exp(-decay * offset) per token
 
-    def forward(self, input_ids, loss_mask, seeds: list[int], segment_ids=None, position_ids=None):
-        from ..model.anchors import sample_anchors
-
-        anchors, valid = zip(*(sample_anchors(loss_mask[b:b + 1], self.n_anchors,
-                                              torch.Generator().manual_seed(int(s)))
-                               for b, s in enumerate(seeds)))
-        out = self.model.train_outputs(input_ids, loss_mask, self.n_anchors,
-                                       anchors=(torch.cat(anchors), torch.cat(valid)),
-                                       segment_ids=segment_ids, position_ids=position_ids)
+    def forward(self, input_ids, loss_mask, blocks, segment_ids=None, position_ids=None):
+        """blocks: the micro-batch's `Blocks` (built on the host by `micro_batch`), or the rows' anchor seeds
+        (a list of ints: the same blocks, built here on the rows' device)."""
+        if not isinstance(blocks, Blocks):
+            blocks = make_blocks(loss_mask, blocks, self.n_anchors, self.model.block_size, segment_ids)
+        out = self.model.train_outputs(input_ids, loss_mask, self.n_anchors, anchors=(blocks.anchors, blocks.valid),
+                                       segment_ids=segment_ids, position_ids=position_ids, sup=blocks.sup)
         weight = self.model.lm_weight()
         with _gathered(weight):
             per_tok, s_arg, t_arg = self._loss(out.hs, out.ht, weight)
@@ -129,8 +172,8 @@ class DistillStep(nn.Module):
             loss = per_tok.sum() / max(n, 1)
         if n == 0:
             loss = out.hs.sum() * 0.0
-        stats = {"offset": out.sup.offset, "s_arg": s_arg, "t_arg": t_arg, "n_sup": n,
-                 "n_blocks": int(torch.cat(valid).sum())}  # host values only: a device read here stalls the step
+        stats = {"offset": blocks.offset, "s_arg": s_arg, "t_arg": t_arg, "n_sup": n,
+                 "n_blocks": blocks.n_blocks}  # host values only: a device read here stalls the step
         return loss, stats
 
     def _loss(self, hs, ht, weight):
@@ -305,20 +348,37 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     mcfg = model.config
     last_ckpt = folder  # newest good checkpoint of this run so far (the NaN diagnostic names it)
     summary = {}
+    mine = [k for k in range(plan.micro_per_step) if k % world == rank]  # this rank's micro-batches of a step
+
+    def load(step_i: int, k: int):
+        """Micro-batch k of step step_i on the device, with its anchors and supervision map built on the host."""
+        epoch_i, rows_i = step_rows(plan, step_i, t.seed)
+        ids = rows_i[k * plan.micro_batch:(k + 1) * plan.micro_batch]
+        seeds = [row_seed(t.seed, epoch_i, int(r)) for r in ids]
+        return ids, micro_batch(data, ids, device, t.document_mask, blocks=(seeds, t.anchors_per_row, K))
+
+    def following(step_i: int, j: int):
+        """The (step, micro-batch) this rank runs after its j-th micro-batch of step step_i (None: the last)."""
+        if j + 1 < len(mine):
+            return step_i, mine[j + 1]
+        return (step_i + 1, mine[0]) if step_i + 1 < plan.total_steps else None
+
+    ahead: dict = {}  # the next micro-batch, loaded while the device runs the current one
     step = start
     for step in range(start, plan.total_steps):
         t0 = time.perf_counter()
-        epoch, rows = step_rows(plan, step, t.seed)
-        mine = [k for k in range(plan.micro_per_step) if k % world == rank]
+        epoch, _ = step_rows(plan, step, t.seed)
         agg = {"n_sup": 0, "n_blocks": 0, "loss_mean_sum": 0.0, "micro": 0}
         offs, s_all, t_all = [], [], []
         flops = 0.0
-        for k in mine:
-            ids_k = rows[k * plan.micro_batch:(k + 1) * plan.micro_batch]
-            mb = micro_batch(data, ids_k, device, t.document_mask)
-            seeds = [row_seed(t.seed, epoch, int(r)) for r in ids_k]
-            loss, st = engine(mb["input_ids"], mb["loss_mask"], seeds, mb.get("segment_ids"), mb.get("position_ids"))
+        for j, k in enumerate(mine):
+            ids_k, mb = ahead.pop((step, k), None) or load(step, k)
+            loss, st = engine(mb["input_ids"], mb["loss_mask"], mb["blocks"], mb.get("segment_ids"),
+                              mb.get("position_ids"))
             engine.backward(loss)  # queued before the host reads the loss: the backward's kernels launch meanwhile
+            nxt = following(step, j)
+            if nxt is not None:  # the next micro-batch's host work (rows, anchors, supervision, copies) overlaps it
+                ahead[nxt] = load(*nxt)
             loss_value = loss.detach().item()
             if any_rank(not math.isfinite(loss_value)):  # before step(): a non-finite gradient never reaches the weights
                 raise TrainingDiverged(

@@ -24,6 +24,18 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in steps}
 
 
+@pytest.fixture
+def in_process_env():
+    """For run_train in the test process: no MASTER_PORT, so that it rendezvous on a free port of its own (its
+    process group then lives as long as pytest), and the env:// variables it exports are removed afterwards, so
+    that later CLI runs do not inherit (and collide on) that port."""
+    saved = dict(os.environ)
+    os.environ.pop("MASTER_PORT", None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_plan_and_schedule():
     class T:
         global_batch, micro_batch, epochs, max_steps = 8, 2, 2.0, -1
@@ -128,7 +140,7 @@ def test_checkpoint_validation_and_fallback(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch, in_process_env):
     from orthrus_train.config.loader import compose
     from orthrus_train.launch.dist_env import resolve_dist_env
     from orthrus_train.run_dir import RunDir
@@ -144,7 +156,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch):
             loss = loss + float("nan")
         return loss, s, t
     monkeypatch.setattr(engine, "chunked_distill", poisoned)
-    monkeypatch.setenv("MASTER_PORT", "29541")
     cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST])
     with pytest.raises(engine.TrainingDiverged, match="non-finite loss at step 2.*step-00000002"):
         engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
@@ -153,7 +164,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("document_mask", [True, False])
-def test_trainer_keeps_packed_documents_apart(tiny_run, document_mask):
+def test_trainer_keeps_packed_documents_apart(tiny_run, document_mask, in_process_env):
     """train.document_mask reaches the step the trainer runs: the first logged loss is the loss of the
     step's packed rows (several documents each) with their segment/position ids, and with
     train.document_mask=false the loss of the same rows as plain causal sequences. The two differ, so
@@ -229,7 +240,7 @@ def test_offset_decay_weights_the_loss_per_block_offset():
 
 
 @pytest.mark.slow
-def test_trainer_reads_offset_decay(tiny_run):
+def test_trainer_reads_offset_decay(tiny_run, in_process_env):
     """train.offset_decay reaches the step the trainer runs: the first logged loss of a run with
     offset_decay=0.5 is the weighted loss of the first step's micro-batches, not the plain one."""
     from orthrus_train.config.loader import compose
@@ -261,3 +272,80 @@ def test_trainer_reads_offset_decay(tiny_run):
     assert abs(want[0.5] - want[0.0]) > 1e-3 * want[0.0], want
     engine.run_train(cfg, run, resolve_dist_env({}), model=model)
     assert losses(tiny_run)[1] == pytest.approx(want[0.5], rel=1e-5), want
+
+
+def test_host_built_blocks_match_the_per_row_anchors_without_reading_the_device(monkeypatch):
+    """The trainer builds each micro-batch's anchors and supervision map on the host (`micro_batch(...,
+    blocks=...)`): row b gets exactly `sample_anchors` of that row alone with its seed (also for rows with fewer
+    candidates than anchors, or none), and the step computes the same loss and statistics as from the seeds,
+    without building the supervision map itself (`supervision` sizes it with `nonzero`, a device read)."""
+    from orthrus_train.model import OrthrusModel, build_random, orthrus, tiny_config
+    from orthrus_train.model.anchors import sample_anchors, sample_anchors_seeded
+    from orthrus_train.train.engine import Blocks, DistillStep, micro_batch
+
+    torch.manual_seed(0)
+    L, n, K = 40, 6, 5
+    lm = torch.ones(4, L, dtype=torch.bool)
+    lm[1, :30] = False  # 8 candidates left
+    lm[2, :37] = False  # 3 candidates (anchors 36-38): fewer than n
+    lm[3] = False  # none
+    seeds = [11, 12, 13, 14]
+    a, v = sample_anchors_seeded(lm, n, seeds)
+    for b, s in enumerate(seeds):
+        ab, vb = sample_anchors(lm[b:b + 1], n, torch.Generator().manual_seed(s))
+        assert torch.equal(a[b:b + 1], ab) and torch.equal(v[b:b + 1], vb), b
+    assert v.sum(1).tolist() == [6, 6, 3, 0]
+
+    m = OrthrusModel(build_random(tiny_config("qwen3", vocab_size=200)), block_size=K, vocab_len=190)
+    ids = torch.randint(0, 190, (4, L))
+    rows = [{"input_ids": ids[b], "loss_mask": lm[b]} for b in range(4)]
+    mb = micro_batch(rows, [0, 1, 2, 3], "cpu", True, blocks=(seeds, n, K))
+    assert isinstance(mb["blocks"], Blocks) and mb["blocks"].n_blocks == 15
+    step = DistillStep(m, "kl", "torch", 64, 1.0, n)
+    with torch.no_grad():
+        want, want_st = step(ids, lm, seeds)
+
+        def no_supervision(*a, **k):
+            raise AssertionError("the step built the supervision map although the trainer had")
+        monkeypatch.setattr(orthrus, "supervision", no_supervision)
+        got, st = step(mb["input_ids"], mb["loss_mask"], mb["blocks"])
+    assert got.item() == want.item()
+    assert (st["n_sup"], st["n_blocks"]) == (want_st["n_sup"], want_st["n_blocks"]) and st["n_sup"] > 0
+    for key in ("offset", "s_arg", "t_arg"):
+        assert torch.equal(st[key], want_st[key]), key
+
+
+def test_trainer_loads_each_micro_batch_once_in_order(tiny_run, monkeypatch, in_process_env):
+    """The trainer loads the next micro-batch while the current one runs (before it waits for the loss and the
+    optimizer): every micro-batch of the run is loaded exactly once, in step order (two per step here), one
+    ahead of the optimizer's calls, and none past the last step."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.data.pack import PackedDataset
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    loaded, events, real, real_step = [], [], engine.micro_batch, DeepSpeedEngine.step
+
+    def recording(data, rows, *a, **k):
+        loaded.append(rows.tolist())
+        events.append("load")
+        return real(data, rows, *a, **k)
+
+    def stepping(self, *a, **k):
+        events.append("step")
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(engine, "micro_batch", recording)
+    monkeypatch.setattr(DeepSpeedEngine, "step", stepping)
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=3"])
+    engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
+    plan = make_plan(PackedDataset(tiny_run / "data" / "train").total_rows, cfg.train, world=1)
+    want = []
+    for s in range(3):
+        rows = step_rows(plan, s, cfg.train.seed)[1]
+        want += [rows[k * 2:(k + 1) * 2].tolist() for k in range(2)]
+    assert loaded == want
+    assert events == ["load"] + ["load", "step"] * 5 + ["step"]
+    assert sorted(losses(tiny_run)) == [1, 2, 3]
