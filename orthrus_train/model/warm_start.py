@@ -49,6 +49,7 @@ class Source:
     head_type: str  # 'orthrus' | 'medusa'
     config: dict  # config.json keys: backbone family/shape (SHAPE_KEYS), block_size, mask_token_id
     tensors: dict[str, torch.Tensor]
+    final_lr: float | None = None  # a checkpoint's learning rate at its step (its trainer_state.json), if known
 
     @property
     def described(self) -> str:
@@ -123,7 +124,31 @@ def read_checkpoint(path: str, folder: Path) -> Source:
     for k in ("block_size", "mask_token_id"):
         if meta.get(k) not in (None, "None"):
             config[k] = int(meta[k])
-    return Source("checkpoint", str(folder), head_type, config, tensors)
+    return Source("checkpoint", str(folder), head_type, config, tensors, _final_lr(folder))
+
+
+def _final_lr(folder: Path) -> float | None:
+    try:
+        lr = json.loads((folder / "trainer_state.json").read_text())["metrics"]["lr"]
+        return float(lr) if lr is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# Measured (docs/benchmarks.md, sessions 12 and 13, SmolLM2-135M): continuing heads whose schedule had ended at
+# lr 1e-4 with a fresh optimizer re-warmed to 1e-3 spent the first 200-500 steps regaining the source's level.
+REWARM_RATIO = 3.0
+
+
+def rewarm_note(final_lr: float | None, lr: float, warmup_ratio: float) -> str | None:
+    """A notice when a warm start re-warms to well above the learning rate its source checkpoint ended at."""
+    if final_lr is None or lr <= REWARM_RATIO * final_lr:
+        return None
+    times = f"{lr / final_lr:.0f}x" if final_lr > 0 else "from 0"
+    return (f"[train] note: the heads' checkpoint ended its schedule at lr {final_lr:.3g}; this run warms up to "
+            f"train.lr={lr:.3g} ({times}) over train.warmup_ratio={warmup_ratio:g} of its steps with a fresh optimizer. "
+            "Measured on SmolLM2 (docs/benchmarks.md, sessions 12-13), a re-warm from 1e-4 to 1e-3 spent the first "
+            "200-500 steps regaining the checkpoint's level; a continuation may waste less with a lower train.lr")
 
 
 def read_source(path: str) -> Source:
@@ -182,10 +207,10 @@ def mismatches(config: dict, model, head_type: str = "orthrus") -> list[str]:
     return out
 
 
-def load_into(model, path: str) -> str:
-    """Check `path` against `model` and copy its head tensors into the model's. Returns what was read (and
-    how many of the model's head tensors were ZeRO-3 partitions)."""
-    src = read_source(path)
+def load_into(model, path: str, src: Source | None = None) -> str:
+    """Check `path` (or `src`, already read from it) against `model` and copy its head tensors into the model's.
+    Returns what was read (and how many of the model's head tensors were ZeRO-3 partitions)."""
+    src = src if src is not None else read_source(path)
     if src.head_type != model.head_type:
         what = "an export" if src.kind == "export" else f"checkpoint {src.layout}"
         hint = (" (exports carry Orthrus twins only; give a Medusa run folder or one of its checkpoints/step-N)"
@@ -253,7 +278,11 @@ def warm_start(model, cfg, run, log=print) -> bool:
         log(f"[train] heads.init_from={path} ignored: resuming from checkpoint {ckpt} "
             "(the checkpoint wins: its heads and optimizer state)")
         return False
-    described = load_into(model, os.fspath(path))
+    src = read_source(os.fspath(path))
+    described = load_into(model, os.fspath(path), src)
     noun = "twins" if model.head_type == "orthrus" else "Medusa heads"
     log(f"[train] heads initialised from {path} (optimizer state fresh); {noun} read from {described}")
+    note = rewarm_note(src.final_lr, float(cfg.train.lr), float(cfg.train.warmup_ratio))
+    if note:
+        log(note)
     return True

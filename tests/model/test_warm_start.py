@@ -74,6 +74,7 @@ def test_new_run_starts_from_the_exported_twins(trained, tiny_data, tmp_path, la
     assert f"heads initialised from {src} (optimizer state fresh)" in p.stdout
     if layout == "run":
         assert f"twins read from checkpoint {src / 'checkpoints' / 'step-00000030'}" in p.stdout
+    assert "note: the heads' checkpoint ended" not in p.stdout  # lr 0: nothing re-warms
     exported = _twins(trained["full"] if layout == "run" else src)
     start = load_file(str(run / "checkpoints" / "step-00000001" / "heads.safetensors"))
     assert set(exported) == {k for k in start if "_diff." in k} and len(exported) == 12
@@ -90,6 +91,24 @@ def test_new_run_starts_from_the_exported_twins(trained, tiny_data, tmp_path, la
         assert "ignored: resuming from checkpoint" in p.stdout and "the checkpoint wins" in p.stdout
         assert "heads initialised from" not in p.stdout
         assert "resumed from" in p.stdout
+
+
+def test_a_rewarm_above_the_checkpoints_last_lr_is_noted(trained, tiny_data, tmp_path):
+    """Continuing a run's heads at the recipe's peak lr, when the checkpoint's cosine schedule had ended at 0, says
+    so (the measured cost of such a re-warm); the same lr from a source without a schedule (an export) does not."""
+    from orthrus_train.model.warm_start import rewarm_note
+
+    run = _copy_data(tiny_data, tmp_path / "r")
+    p = orthrus("recipe=tiny", f"run_dir={run}", "stage=train", *FAST, f"heads.init_from={trained['run']}",
+                "train.lr=1e-3", "train.max_steps=1", "train.save_every=1")
+    note = [line for line in p.stdout.splitlines() if "note: the heads' checkpoint ended" in line]
+    assert len(note) == 1 and "at lr 0;" in note[0] and "train.lr=0.001 (from 0)" in note[0], p.stdout[-2000:]
+    run2 = _copy_data(tiny_data, tmp_path / "r2")
+    p = orthrus("recipe=tiny", f"run_dir={run2}", "stage=train", *FAST, f"heads.init_from={trained['full']}",
+                "train.lr=1e-3", "train.max_steps=1", "train.save_every=1")
+    assert "heads initialised from" in p.stdout and "note: the heads' checkpoint" not in p.stdout
+    assert "(10x)" in rewarm_note(1e-4, 1e-3, 0.05) and rewarm_note(1e-4, 3e-4, 0.05) is None
+    assert rewarm_note(None, 1e-3, 0.05) is None
 
 
 def test_mismatch_is_refused_and_named(trained, tiny_data, tmp_path):
