@@ -62,6 +62,9 @@ def main():
                     help="profile that many steps after the warm-up (torch.profiler): the row gets the step's device "
                          "busy share and its top operators, and --profile-out DIR gets the table per micro batch")
     ap.add_argument("--profile-out", default=None, help="folder for train_profile_micro<M>.txt (with --profile-steps)")
+    ap.add_argument("--trace-out", default=None,
+                    help="folder for train_trace_micro<M>.json.gz, the profiled steps' timeline (chrome://tracing, "
+                         "Perfetto): where the device waits for the host (with --profile-steps)")
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ["ORTHRUS_NO_PROGRESS"] = "1"
@@ -142,6 +145,9 @@ def bench_one(a, micro: int, dist) -> dict | None:
         if a.profile_out:
             Path(a.profile_out).mkdir(parents=True, exist_ok=True)
             (Path(a.profile_out) / f"train_profile_micro{micro}.txt").write_text(prof.table)
+        if a.trace_out:
+            Path(a.trace_out).mkdir(parents=True, exist_ok=True)
+            row["profile"]["trace"] = prof.export_trace(Path(a.trace_out) / f"train_trace_micro{micro}.json.gz")
     return row
 
 
@@ -192,12 +198,29 @@ class _Profiler:
             if not self.on_device:
                 return e.self_cpu_time_total
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        # on a GPU: the kernels themselves (an operator's row repeats the time of the kernels it launched)
+        # on a GPU: the kernels themselves (an operator's row repeats the time of the kernels it launched), less the
+        # profiler's own overhead records, which come as device rows too ("Command Buffer Full": the profiler's
+        # buffer; "Lazy Function Loading": a module loaded on first use, e.g. a kernel first compiled in these steps)
         mine = [e for e in ev if e.device_type == DeviceType.CUDA] if self.on_device else list(ev)
+        overhead = [e for e in mine if e.key in PROFILER_OVERHEAD]
+        mine = [e for e in mine if e.key not in PROFILER_OVERHEAD]
+        self.overhead = {e.key: {"calls": e.count, "ms": self_us(e) / 1e3} for e in overhead}
         ranked = sorted(mine, key=self_us, reverse=True)
         self.busy_us = sum(self_us(e) for e in mine) if self.on_device else None
         self.rows = [{"name": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3} for e in ranked[: self.top]]
         self.table = ev.table(sort_by=key, row_limit=self.top * 2)
+
+    def export_trace(self, path: Path) -> str:
+        """The profiled steps' timeline as gzipped Chrome trace JSON; returns the path."""
+        import gzip
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            raw = Path(d) / "trace.json"
+            self.prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as f, gzip.open(path, "wb") as g:
+                g.write(f.read())
+        return str(path)
 
     def summary(self) -> dict:
         out = {"steps": self.n, "wall_s": self.wall_s, "top": self.rows,
@@ -205,7 +228,13 @@ class _Profiler:
         if self.on_device and self.wall_s > 0:
             out["device_busy_s"] = self.busy_us / 1e6
             out["device_busy_share"] = self.busy_us / 1e6 / self.wall_s
+            out["profiler_overhead"] = self.overhead  # excluded from the busy time
         return out
+
+
+# CUPTI overhead records that the profiler lists among the device rows; not kernel time
+PROFILER_OVERHEAD = frozenset({"Command Buffer Full", "Lazy Function Loading", "CUPTI Buffer Flush",
+                               "Activity Buffer Request", "CUPTI Instrumentation"})
 
 
 if __name__ == "__main__":

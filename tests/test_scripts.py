@@ -73,19 +73,25 @@ def test_bench_train_real_model_several_micro_batches(tmp_path):
 
 def test_bench_train_profiles_the_steps_after_the_warm_up(tmp_path):
     """--profile-steps N: torch.profiler over the N steps after the warm-up; the row names the top operators and
-    their time (host time on the CPU; kernel time and the device's busy share on a GPU) and --profile-out gets the
-    profiler's table."""
+    their time (host time on the CPU; kernel time and the device's busy share on a GPU), --profile-out gets the
+    profiler's table and --trace-out the profiled steps' timeline (gzipped Chrome trace)."""
+    import gzip
+
     out, prof = tmp_path / "t.json", tmp_path / "prof"
     _run(["scripts/bench_train.py", "--recipe", "tiny", "--model", "orthrus_train/assets/tiny-qwen3", "--vocab",
           "300", "--seq-len", "64", "--anchors", "4", "--block", "4", "--micro", "2", "--steps", "3",
-          "--warmup", "1", "--device", "cpu", "--profile-steps", "2", "--profile-out", str(prof), "--out", str(out)],
+          "--warmup", "1", "--device", "cpu", "--profile-steps", "2", "--profile-out", str(prof),
+          "--trace-out", str(prof), "--out", str(out)],
          tmp_path)
+    trace = json.loads(gzip.decompress((prof / "train_trace_micro2.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     p = json.loads(out.read_text())["profile"]
     assert p["steps"] == 2 and p["wall_s"] > 0 and p["time_kind"].startswith("host")
     names = [r["name"] for r in p["top"]]
     assert any(n in names for n in ("aten::mm", "aten::addmm", "MmBackward0")), names  # the steps' matmuls
     assert all(r["self_ms"] >= 0 and r["calls"] >= 1 for r in p["top"])
     assert "aten::mm" in (prof / "train_profile_micro2.txt").read_text()
+    assert p["trace"] == str(prof / "train_trace_micro2.json.gz")
 
 
 def test_learning_curve_collects_reports_into_curve_json(tmp_path):
