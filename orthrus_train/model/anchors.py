@@ -58,9 +58,9 @@ class Supervision:
     def count(self) -> int:
         return int(self.batch.numel())
 
-    def to(self, device, non_blocking: bool = False) -> "Supervision":
-        return Supervision(*(getattr(self, f).to(device, non_blocking=non_blocking)
-                             for f in ("batch", "block", "offset", "teacher_pos", "stream_pos")))
+    def apply(self, fn) -> "Supervision":
+        """The same map with `fn` applied to each of its tensors (e.g. a copy to the device)."""
+        return Supervision(*(fn(getattr(self, f)) for f in ("batch", "block", "offset", "teacher_pos", "stream_pos")))
 
 
 def supervision(anchors: torch.Tensor, valid: torch.Tensor, loss_mask: torch.Tensor, K: int,

@@ -111,20 +111,19 @@ def micro_batch(data, rows, device, document_mask: bool, blocks: tuple | None = 
     keys = ["input_ids", "loss_mask"]
     if document_mask and "segment_ids" in batch[0]:
         keys += ["segment_ids", "position_ids"]
+    # to_device: pinned and non-blocking on CUDA, so queued behind the running step (a copy from pageable memory
+    # would first synchronise the stream, i.e. wait for the step, which loading ahead is there to avoid)
+    from ..decode.engine import to_device
+
+    dev = torch.device(device)
     host = {key: torch.stack([b[key] for b in batch]) for key in keys}
-    cuda = torch.device(device).type == "cuda"
-    out = {key: _to(x, device, cuda) for key, x in host.items()}
+    out = {key: to_device(x, dev) for key, x in host.items()}
     if blocks is not None:
         seeds, n_anchors, K = blocks
         b = make_blocks(host["loss_mask"], seeds, n_anchors, K, host.get("segment_ids"))
-        out["blocks"] = Blocks(_to(b.anchors, device, cuda), _to(b.valid, device, cuda),
-                               b.sup.to(device, non_blocking=cuda), b.n_blocks, b.offset)
+        out["blocks"] = Blocks(to_device(b.anchors, dev), to_device(b.valid, dev),
+                               b.sup.apply(lambda x: to_device(x, dev)), b.n_blocks, b.offset)
     return out
-
-
-def _to(x: torch.Tensor, device, cuda: bool) -> torch.Tensor:
-    # pinned + non_blocking: the copy is queued behind the running step instead of waiting for it
-    return x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device)
 
 
 def row_seed(seed: int, epoch: int, row: int) -> int:
