@@ -151,6 +151,18 @@ def test_plot_sessions_draws_the_t0_curves_of_several_runs(tmp_path):
     _run(["scripts/plot_sessions.py", str(out), *runs, "--title", "two runs"], tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
+    # --continued: run b continued run a's last heads; its rows move onto a's token axis, after a's last point
+    total = tmp_path / "total.json"
+    _run(["scripts/plot_sessions.py", str(out), "--continued", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+          str(total), "--run", "b continued", str(total), "solid"], tmp_path)
+    got = json.loads(total.read_text())
+    a_rows = json.loads((tmp_path / "a.json").read_text())
+    b_main = [r for r in json.loads((tmp_path / "b.json").read_text()) if r["run"] == "main"]
+    start = [r for r in a_rows if r["run"] == "main" and r["supervised_tokens"] == 10 ** 7]
+    assert got[:len(start)] == start and len(got) == len(start) + len(b_main)
+    assert [r["supervised_tokens"] for r in got[len(start):]] == [r["supervised_tokens"] + 10 ** 7 for r in b_main]
+    assert [r["acceptance_length"] for r in got[len(start):]] == [r["acceptance_length"] for r in b_main]
+
 
 def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limit(tmp_path):
     """scripts/run_learning_curve_gpu.sh (the tiny recipe on the CPU, phases data and train): after training, OUT

@@ -4,20 +4,15 @@ session 12 (session 11's heads continued). Writes curve_total.json (session 12's
 
     python docs/results/2026-12-01-s12-warmstart/plot_sessions.py
 """
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 R = HERE.parent
-s11 = json.loads((R / "2026-12-01-s11-learning-curve/curve.json").read_text())
-start = max(r["supervised_tokens"] for r in s11 if r["run"] == "main")
-total = [r for r in s11 if r["run"] == "main" and r["supervised_tokens"] == start]
-total += [{**r, "supervised_tokens": r["supervised_tokens"] + start}
-          for r in json.loads((HERE / "curve.json").read_text()) if r["run"] == "main"]
-(HERE / "curve_total.json").write_text(json.dumps(total, indent=1) + "\n")
 subprocess.run([sys.executable, str(HERE.parents[2] / "scripts" / "plot_sessions.py"), str(HERE / "sessions_9_11_12.png"),
+                "--continued", str(R / "2026-12-01-s11-learning-curve/curve.json"), str(HERE / "curve.json"),
+                str(HERE / "curve_total.json"),
                 "--run", "session 9: from AR weights, global batch 32", str(R / "2026-11-30-s9-data-mix/curve.json"), "dotted",
                 "--run", "session 11: from AR weights, global batch 64", str(R / "2026-12-01-s11-learning-curve/curve.json"), "dashed",
                 "--run", "session 12: session 11's heads continued (lr 1e-3)", str(HERE / "curve_total.json"), "solid",
