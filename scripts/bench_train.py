@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--compile-norm-rope", action="store_true",
+                    help="train.compile_norm_rope=true: the training RMSNorm and RoPE compiled (CUDA only)")
     ap.add_argument("--loss-backend", default="auto")
     ap.add_argument("--attn-backend", default="auto")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (the numbers mean nothing there)")
@@ -96,6 +98,7 @@ def bench_one(a, micro: int, dist) -> dict | None:
           f"train.micro_batch={micro}", f"train.global_batch={G}", f"train.max_steps={a.warmup + a.steps}",
           f"train.save_every={10 ** 6}", "train.wandb.mode=disabled", f"deepspeed.stage={a.zero}",
           f"train.grad_checkpointing={not a.no_grad_ckpt}", f"train.loss_backend={a.loss_backend}",
+          f"train.compile_norm_rope={a.compile_norm_rope}",
           f"run_dir={tmp}", "resume=never", f"device={a.device}", "train.log_every=1"]
     cfg = compose(a.recipe, ov)
     cfg.train.save_every = 10 ** 9
@@ -130,6 +133,7 @@ def bench_one(a, micro: int, dist) -> dict | None:
         "recipe": a.recipe, "shape": a.model or a.shape, "heads": a.heads, "world": world, "zero": a.zero,
         "seq_len": a.seq_len, "anchors": a.anchors,
         "block": a.block, "micro": micro, "accum": a.accum, "grad_ckpt": not a.no_grad_ckpt,
+        "compile_norm_rope": a.compile_norm_rope,
         "loss_backend": a.loss_backend, "steps_measured": len(steady),
         "step_time_s": sum(r["step_time_s"] for r in steady) / max(1, len(steady)),
         "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / max(1, len(steady)),

@@ -94,6 +94,9 @@ class TrainConfig:
     # miss, so early offsets decide most of it; try 0.1-0.3.
     offset_decay: float = 0.0
     grad_checkpointing: bool = True
+    # CUDA only: the training passes' RMSNorm and RoPE as torch.compile'd (fused) functions, forward and
+    # backward (model/layers.py, set_train_compile); some seconds of compilation at the first step. Off: eager.
+    compile_norm_rope: bool = False
     # Packed rows: each document sees only itself (AR pass and diffusion blocks), at positions restarting
     # at 0, as it will when served alone. false: plain causal attention across the packed row.
     document_mask: bool = True

@@ -267,10 +267,57 @@ def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-    """module(x); fast: `rms_norm` where it applies (decode passes; `decode_rms_norm`)."""
+    """module(x); fast: `rms_norm` where it applies (decode passes; `decode_rms_norm`). Training passes with
+    `train.compile_norm_rope` on a CUDA device: the same RMSNorm as one compiled (fused) function."""
     if fast and is_rms_norm(module):
         return decode_rms_norm(x, module.weight, module.variance_epsilon)
+    if _TRAIN_COMPILE.on and x.device.type in _TRAIN_COMPILE.devices and is_rms_norm(module):
+        return _train_compiled("rms_norm", _train_rms_norm)(x, module.weight, module.variance_epsilon)
     return module(x)
+
+
+def train_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` of a training pass: compiled (fused) with `train.compile_norm_rope` on a CUDA device."""
+    if _TRAIN_COMPILE.on and x.device.type in _TRAIN_COMPILE.devices:
+        return _train_compiled("rope", apply_rope)(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+def _train_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The families' RMSNorm as their modules compute it (differentiable: no `out=`, unlike `rms_norm`)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# train.compile_norm_rope: the training passes' RMSNorm and RoPE (unfused elementwise kernels: RoPE's roll and the
+# norms' pow and mean alone were 12% of a SmolLM2 step's kernel time in session 13's profile, before their
+# multiplies, casts and adds) as torch.compile'd functions, forward and
+# backward fused by inductor. Off by default; on, only on the devices listed (CUDA: the trainer turns it on).
+# A function that fails to compile runs eagerly from then on, with one warning.
+_TRAIN_COMPILE = SimpleNamespace(on=False, devices=("cuda",), fns={}, failed=set())
+
+
+def set_train_compile(on: bool, devices: tuple[str, ...] = ("cuda",)) -> None:
+    """Turn the compiled training RMSNorm/RoPE on or off (the trainer, from train.compile_norm_rope)."""
+    _TRAIN_COMPILE.on, _TRAIN_COMPILE.devices = bool(on), tuple(devices)
+
+
+def _train_compiled(name: str, fn):
+    if name in _TRAIN_COMPILE.failed:
+        return fn
+    compiled = _TRAIN_COMPILE.fns.get(name)
+    if compiled is None:
+        compiled = _TRAIN_COMPILE.fns[name] = torch.compile(fn, dynamic=False)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - a compiler problem costs speed, not the run
+            _TRAIN_COMPILE.failed.add(name)
+            warnings.warn(f"train.compile_norm_rope: compiling the training {name} failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); it runs eagerly from now on")
+            return fn(*args)
+    return run
 
 
 def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
@@ -414,9 +461,9 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
         qk = decode_apply_rope(qk.transpose(1, 2), cos, sin)
         return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
     if qn is not None:
-        q, k = qn(q), kn(k)
+        q, k = norm(qn, q), norm(kn, k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    rope = decode_apply_rope if joint else apply_rope  # decode passes whose q/k norms cannot be joint: still decode
+    rope = decode_apply_rope if joint else train_apply_rope  # decode passes whose q/k norms cannot be joint: still decode
     return rope(q, cos, sin), rope(k, cos, sin), v
 
 

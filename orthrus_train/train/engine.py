@@ -280,9 +280,7 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     """Train the heads of `cfg` on RUN/data/train (or `data`: any object with total_rows, seq_len and
     __getitem__ returning input_ids/loss_mask rows, e.g. synthetic rows for benchmarks)."""
     from ..data.pack import PackedDataset
-    from ..launch.preemption import any_rank, shared_handler
     from ..model.factory import build_backbone, build_model, resolve_device, tokenizer_for
-    from .logging import MetricsLogger
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -309,6 +307,19 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
             from transformers.integrations import HfDeepSpeedConfig
             zero3_ctx = HfDeepSpeedConfig(dsc)  # noqa: F841 - referenced weakly by transformers; must stay alive
         model = build_model(cfg, build_backbone(cfg, device), tok)
+    from ..model.layers import set_train_compile
+    set_train_compile(t.compile_norm_rope)  # train.compile_norm_rope (on CUDA devices only)
+    try:
+        return _train(cfg, run, dist, model, data, log, device, deepspeed, rank, world, t, plan, dsc, zero3_ctx)
+    finally:
+        set_train_compile(False)
+
+
+def _train(cfg, run, dist, model, data, log, device, deepspeed, rank, world, t, plan, dsc, zero3_ctx):
+    """run_train's optimizer loop (zero3_ctx: kept alive for ZeRO-3 while the model is in use)."""
+    from ..launch.preemption import any_rank, shared_handler
+    from .logging import MetricsLogger
+
     backend = t.loss_backend
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"

@@ -349,3 +349,103 @@ def test_trainer_loads_each_micro_batch_once_in_order(tiny_run, monkeypatch, in_
     assert loaded == want
     assert events == ["load"] + ["load", "step"] * 5 + ["step"]
     assert sorted(losses(tiny_run)) == [1, 2, 3]
+
+
+@pytest.fixture
+def compile_on_cpu(monkeypatch):
+    """train.compile_norm_rope on this CPU: the trainer's switch, with the CPU among the devices it applies to
+    (it is CUDA-only otherwise); records what the trainer asked for, and resets the compiled functions after."""
+    from orthrus_train.model import layers
+
+    asked, real = [], layers.set_train_compile
+
+    def on_cpu_too(on, devices=("cuda",)):
+        asked.append(on)
+        real(on, devices=("cuda", "cpu"))
+    monkeypatch.setattr(layers, "set_train_compile", on_cpu_too)
+    layers._TRAIN_COMPILE.fns.clear()
+    layers._TRAIN_COMPILE.failed.clear()
+    yield asked
+    real(False)
+    layers._TRAIN_COMPILE.fns.clear()
+    layers._TRAIN_COMPILE.failed.clear()
+
+
+# inductor on the CPU needs a C++ compiler
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                               reason="no C++ compiler: torch.compile cannot build CPU kernels here")
+
+
+def _tiny_step():
+    """A tiny Orthrus model's training step -> (loss, gradients) of one fixed micro-batch."""
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+    from orthrus_train.train.engine import DistillStep
+
+    torch.manual_seed(0)
+    m = OrthrusModel(build_random(tiny_config("qwen3", vocab_size=200)), block_size=4, vocab_len=190)
+    ids = torch.randint(0, 190, (2, 24))
+    lm = torch.ones_like(ids, dtype=torch.bool)
+    step = DistillStep(m, "kl", "torch", 64, 1.0, 4)
+
+    def loss_and_grads():
+        m.zero_grad()
+        loss = step(ids, lm, [1, 2])[0]
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    return loss_and_grads
+
+
+@needs_cxx
+def test_compiled_norm_and_rope_match_eager_forward_and_backward(compile_on_cpu):
+    """The compiled training RMSNorm and RoPE (inductor, here on the CPU; the qwen3 shape has q/k norms too) give
+    the eager step's loss and gradients."""
+    from orthrus_train.model import layers
+
+    loss_and_grads = _tiny_step()
+    want, want_g = loss_and_grads()
+    layers.set_train_compile(True)
+    got, got_g = loss_and_grads()
+    assert set(layers._TRAIN_COMPILE.fns) == {"rms_norm", "rope"} and not layers._TRAIN_COMPILE.failed
+    assert got == pytest.approx(want, rel=1e-5) and set(got_g) == set(want_g) and len(got_g) > 0
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_training_function_that_fails_to_compile_runs_eagerly(compile_on_cpu, monkeypatch):
+    """train.compile_norm_rope with a compiler that fails: one warning per function, then the eager step exactly."""
+    from orthrus_train.model import layers
+
+    loss_and_grads = _tiny_step()
+    want, _ = loss_and_grads()
+
+    def broken(fn, **_):
+        def fails(*a):
+            raise RuntimeError("no compiler here")
+        return fails
+    monkeypatch.setattr(torch, "compile", broken)
+    layers.set_train_compile(True)
+    with pytest.warns(UserWarning, match="compiling the training rms_norm failed .*no compiler here.*runs eagerly"):
+        got, _ = loss_and_grads()
+    assert got == want and layers._TRAIN_COMPILE.failed == {"rms_norm", "rope"}
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_trainer_reads_compile_norm_rope(tiny_run, compile_on_cpu, in_process_env):
+    """train.compile_norm_rope reaches the training passes: with it, the trainer's steps run the compiled RMSNorm
+    and RoPE (on the CPU here, by the fixture), and log the eager run's losses; it is switched off at the end."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.model import layers
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    ref = tiny_run.parent / "ref"
+    shutil.copytree(tiny_run, ref)
+    for run, on in ((ref, "false"), (tiny_run, "true")):
+        cfg = compose("tiny", [f"run_dir={run}", *TINY_FAST, "train.max_steps=2", f"train.compile_norm_rope={on}"])
+        engine.run_train(cfg, RunDir(run), resolve_dist_env({}))
+    assert compile_on_cpu == [False, False, True, False] and not layers._TRAIN_COMPILE.on  # each run: set, then off
+    assert set(layers._TRAIN_COMPILE.fns) == {"rms_norm", "rope"} and not layers._TRAIN_COMPILE.failed
+    want, got = losses(ref), losses(tiny_run)
+    assert sorted(got) == [1, 2] and all(got[s] == pytest.approx(want[s], rel=1e-4) for s in want)
