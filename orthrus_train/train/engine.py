@@ -87,10 +87,6 @@ class Blocks:
     n_blocks: int
     offset: torch.Tensor  # sup.offset on the host, for the agreement metrics
 
-    @property
-    def n_sup(self) -> int:
-        return int(self.offset.numel())
-
 
 def make_blocks(loss_mask: torch.Tensor, seeds, n_anchors: int, K: int, segment_ids=None) -> Blocks:
     """Anchors of each row from its own seed (`sample_anchors_seeded`) and their supervision map."""
