@@ -303,20 +303,22 @@ def set_train_compile(on: bool, devices: tuple[str, ...] = ("cuda",)) -> None:
 
 
 def _train_compiled(name: str, fn):
-    if name in _TRAIN_COMPILE.failed:
-        return fn
-    compiled = _TRAIN_COMPILE.fns.get(name)
-    if compiled is None:
-        compiled = _TRAIN_COMPILE.fns[name] = torch.compile(fn, dynamic=False)
+    """`fn` compiled, made once per name: eager `fn` once its compilation has failed."""
+    run = _TRAIN_COMPILE.fns.get(name)
+    if run is None:
+        compiled = torch.compile(fn, dynamic=False)
 
-    def run(*args):
-        try:
-            return compiled(*args)
-        except Exception as e:  # noqa: BLE001 - a compiler problem costs speed, not the run
-            _TRAIN_COMPILE.failed.add(name)
-            warnings.warn(f"train.compile_norm_rope: compiling the training {name} failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); it runs eagerly from now on")
-            return fn(*args)
+        def run(*args):
+            if name in _TRAIN_COMPILE.failed:
+                return fn(*args)
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - a compiler problem costs speed, not the run
+                _TRAIN_COMPILE.failed.add(name)
+                warnings.warn(f"train.compile_norm_rope: compiling the training {name} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); it runs eagerly from now on")
+                return fn(*args)
+        _TRAIN_COMPILE.fns[name] = run
     return run
 
 

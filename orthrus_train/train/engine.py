@@ -275,8 +275,20 @@ _STEP_SLEEP = float(os.environ.get("ORTHRUS_DEBUG_STEP_SLEEP", "0") or 0)
 def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
     """Train the heads of `cfg` on RUN/data/train (or `data`: any object with total_rows, seq_len and
     __getitem__ returning input_ids/loss_mask rows, e.g. synthetic rows for benchmarks)."""
+    from ..model.layers import set_train_compile
+
+    set_train_compile(cfg.train.compile_norm_rope)  # train.compile_norm_rope (on CUDA devices only)
+    try:
+        return _run_train(cfg, run, dist, model, data, log)
+    finally:  # later stages in this process (eval) run the eager functions
+        set_train_compile(False)
+
+
+def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
     from ..data.pack import PackedDataset
+    from ..launch.preemption import any_rank, shared_handler
     from ..model.factory import build_backbone, build_model, resolve_device, tokenizer_for
+    from .logging import MetricsLogger
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -303,19 +315,6 @@ def run_train(cfg, run: RunDir, dist, model=None, data=None, log=print) -> dict:
             from transformers.integrations import HfDeepSpeedConfig
             zero3_ctx = HfDeepSpeedConfig(dsc)  # noqa: F841 - referenced weakly by transformers; must stay alive
         model = build_model(cfg, build_backbone(cfg, device), tok)
-    from ..model.layers import set_train_compile
-    set_train_compile(t.compile_norm_rope)  # train.compile_norm_rope (on CUDA devices only)
-    try:
-        return _train(cfg, run, dist, model, data, log, device, deepspeed, rank, world, t, plan, dsc, zero3_ctx)
-    finally:
-        set_train_compile(False)
-
-
-def _train(cfg, run, dist, model, data, log, device, deepspeed, rank, world, t, plan, dsc, zero3_ctx):
-    """run_train's optimizer loop (zero3_ctx: kept alive for ZeRO-3 while the model is in use)."""
-    from ..launch.preemption import any_rank, shared_handler
-    from .logging import MetricsLogger
-
     backend = t.loss_backend
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
