@@ -8,7 +8,8 @@ step); EVAL_ROOT holds one folder per evaluated checkpoint, named `step-N`, each
 separately trained run (an ablation or the Medusa baseline) evaluated once: NAME=RUN_DIR:REPORT.
 
 curve.json is a list of {run, supervised_tokens, steps, benchmark, temperature, acceptance_length,
-tpf, speedup}: acceptance length = emitted tokens / verify passes, TPF = emitted tokens / (draft +
+acceptance_length_se, tpf, speedup} (acceptance_length_se: the error bar over the prompt sample, None for
+reports older than it): acceptance length = emitted tokens / verify passes, TPF = emitted tokens / (draft +
 verify passes), speedup = drafted tokens/s over the AR tokens/s of the same engine (the report's own
 definitions, orthrus_train/eval/metrics.py).
 """
@@ -73,6 +74,7 @@ def rows_of(report: dict, run: str, steps: int, tokens: int) -> list[dict]:
             spec = cell["spec"]
             out.append({"run": run, "supervised_tokens": tokens, "steps": steps, "benchmark": bench,
                         "temperature": float(tkey.split("=", 1)[1]), "acceptance_length": spec["acceptance_length"],
+                        "acceptance_length_se": spec.get("acceptance_length_se"),
                         "tpf": spec["tpf"], "speedup": cell.get("speedup"),
                         "tokens_per_s": spec.get("tokens_per_s"),
                         "ar_tokens_per_s": (cell.get("ar") or {}).get("tokens_per_s")})
@@ -84,8 +86,9 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["run"] != "main", r["run"], r["steps"], r["benchmark"], r["temperature"])):
         f = lambda v, n=2: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
+        se = lambda r: "" if r.get("acceptance_length_se") is None else f" ± {r['acceptance_length_se']:.2f}"  # noqa: E731
         lines.append(f"| {r['run']} | {r['steps']} | {r['supervised_tokens'] / 1e6:.2f}M | {r['benchmark']} | "
-                     f"{r['temperature']:g} | {f(r['acceptance_length'])} | {f(r['tpf'])} | {f(r['tokens_per_s'], 0)} | "
+                     f"{r['temperature']:g} | {f(r['acceptance_length'])}{se(r)} | {f(r['tpf'])} | {f(r['tokens_per_s'], 0)} | "
                      f"{f(r['ar_tokens_per_s'], 0)} | {f(r['speedup'])} |")
     return "\n".join(lines) + "\n"
 

@@ -106,7 +106,8 @@ def test_learning_curve_collects_reports_into_curve_json(tmp_path):
 
     def report(path, accept):
         path.parent.mkdir(parents=True)
-        cell = lambda a: {"spec": {"acceptance_length": a, "tpf": a / 2, "tokens_per_s": 100 * a},  # noqa: E731
+        cell = lambda a: {"spec": {"acceptance_length": a, "tpf": a / 2, "tokens_per_s": 100 * a,  # noqa: E731
+                                   **({"acceptance_length_se": 0.125} if a == 3.0 else {})},
                           "ar": {"tokens_per_s": 100.0}, "speedup": a}
         path.write_text(json.dumps({"benchmarks": {"gsm8k": {"results": {"T=0": cell(accept), "T=1": cell(accept - 0.5)}}}}))
 
@@ -134,6 +135,10 @@ def test_learning_curve_collects_reports_into_curve_json(tmp_path):
     # the training side needs only metrics.jsonl: "missing" (no eval report) still has its training row
     assert [(r["run"], r["steps"]) for r in train] == [("main", 2), ("main", 8), ("abl-lr", 4), ("missing", 4)]
     assert (out / "curve.png").stat().st_size > 0 and "| main | 8 | 0.01M | gsm8k |" in (out / "curve.md").read_text()
+    # the error bar where the report has one (reports before it have none: no "±")
+    assert got[("main", 8, 0.0)]["acceptance_length_se"] == 0.125 and got[("main", 2, 0.0)]["acceptance_length_se"] is None
+    md = (out / "curve.md").read_text()
+    assert "| 0 | 3.00 ± 0.12 | 1.50 |" in md and "| 0 | 2.00 | 1.00 |" in md
 
 
 def test_plot_sessions_draws_the_t0_curves_of_several_runs(tmp_path):
@@ -146,10 +151,12 @@ def test_plot_sessions_draws_the_t0_curves_of_several_runs(tmp_path):
                 for n in (10 ** 6, 10 ** 7) for b in ("gsm8k", "humaneval") for t in (0.0, 1.0)]
         rows.append({**rows[0], "run": "medusa"})  # not the main run: left out
         (tmp_path / f"{name}.json").write_text(json.dumps(rows))
-        runs += ["--run", f"run {name}", str(tmp_path / f"{name}.json"), "dashed" if shift else "solid"]
+        runs += ["--run", f"run {name}", str(tmp_path / f"{name}.json"), "5,1" if shift else "solid"]  # 5,1: dashes
     out = tmp_path / "s.png"
     _run(["scripts/plot_sessions.py", str(out), *runs, "--title", "two runs"], tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    bad = _run(["scripts/plot_sessions.py", str(tmp_path / "bad.png"), *runs[:3], "5,x"], tmp_path, rc=1)
+    assert "line style '5,x'" in bad.stderr and "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
 
     # --continued: run b continued run a's last heads; its rows move onto a's token axis, after a's last point
     total = tmp_path / "total.json"

@@ -37,6 +37,13 @@ DEFINITIONS: dict[str, str] = {
     "tpf_std": (
         f"population standard deviation over prompts of per-prompt TPF (spread, not an error bar); "
         f"headline numbers backed by fewer than {MIN_PROMPTS_FOR_HEADLINE} prompts carry a warning."),
+    "acceptance_length_se": (
+        "standard error of the pooled acceptance length over the prompt sample (the error bar): the ratio "
+        "estimator's delta-method SE, sqrt(n/(n-1) * sum_i (t_i - AL * v_i)^2) / sum_i v_i over the n prompts' "
+        "emitted tokens t_i and verify passes v_i. Two cells on different prompt samples differ beyond noise only "
+        "by more than about 2 x sqrt(SE1^2 + SE2^2); two checkpoints on the same prompts are paired, so the error "
+        "of their difference is smaller than that."),
+    "tpf_se": "standard error of the pooled TPF, as acceptance_length_se with draft + verify passes for v_i.",
 }
 
 
@@ -71,6 +78,26 @@ def tpf_std(records: Sequence) -> float:
         return float("nan")
     mu = sum(xs) / len(xs)
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+
+
+def _pooled_ratio_se(num: list[float], den: list[float]) -> float:
+    """Delta-method standard error of sum(num) / sum(den) over independent units (n >= 2; else nan)."""
+    n, total = len(num), sum(den)
+    if n < 2 or not total:
+        return float("nan")
+    r = sum(num) / total
+    return math.sqrt(n / (n - 1) * sum((y - r * x) ** 2 for y, x in zip(num, den))) / total
+
+
+def acceptance_length_se(records: Sequence) -> float:
+    """See DEFINITIONS['acceptance_length_se']."""
+    return _pooled_ratio_se([_n_tokens(r) for r in records], [int(_get(r, "verify_passes")) for r in records])
+
+
+def tpf_se(records: Sequence) -> float:
+    """See DEFINITIONS['tpf_se']."""
+    return _pooled_ratio_se([_n_tokens(r) for r in records],
+                            [int(_get(r, "verify_passes")) + int(_get(r, "draft_passes")) for r in records])
 
 
 def _block_size(records: Sequence) -> int:
@@ -121,7 +148,9 @@ def summarize(records: Sequence, seconds: float | None = None, decode_seconds: f
         "verify_passes": sum(int(_get(r, "verify_passes")) for r in records),
         "draft_passes": sum(int(_get(r, "draft_passes")) for r in records),
         "acceptance_length": acceptance_length(records),
+        "acceptance_length_se": acceptance_length_se(records),
         "tpf": tpf(records),
+        "tpf_se": tpf_se(records),
         "tpf_std": tpf_std(records),
         "accept_histogram": accept_histogram(records) if records else [],
         "per_position_acceptance": per_position_acceptance(records) if records else [],

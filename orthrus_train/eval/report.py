@@ -597,6 +597,12 @@ def _f(x, nd=2):
     return str(x)
 
 
+def _pm(se, sep="") -> str:
+    """'± 0.08' for a standard error (report.json's acceptance_length_se); '' where there is none (older
+    reports, one prompt)."""
+    return "" if se is None or se != se else f"{sep}± {se:.2f}"
+
+
 def _cells(report):
     for name, b in report["benchmarks"].items():
         for tk, cell in b["results"].items():
@@ -605,13 +611,13 @@ def _cells(report):
 
 def summary_table(report: dict[str, Any]) -> str:
     """The one-screen summary printed by run_eval."""
-    head = f"{'benchmark':<14}{'temp':<7}{'prompts':>8}{'acc.len':>9}{'TPF':>7}{'TPF sd':>8}{'speedup':>9}"
+    head = f"{'benchmark':<14}{'temp':<7}{'prompts':>8}{'acc.len':>9}{'± SE':>8}{'TPF':>7}{'TPF sd':>8}{'speedup':>9}"
     lines = [f"Orthrus eval: {report['model']['head_type']} K={report['model']['block_size']} "
              f"on {report['model']['backbone']} ({report['model']['dtype']}, {report['model']['device']})", head,
              "-" * len(head)]
     for name, tk, c in _cells(report):
         s = c["spec"]
-        lines.append(f"{name:<14}{tk:<7}{s['prompts']:>8}{_f(s['acceptance_length']):>9}{_f(s['tpf']):>7}"
+        lines.append(f"{name:<14}{tk:<7}{s['prompts']:>8}{_f(s['acceptance_length']):>9}{_pm(s.get('acceptance_length_se')):>8}{_f(s['tpf']):>7}"
                      f"{_f(s['tpf_std']):>8}{_f(c.get('speedup')):>9}")
     ll = report.get("lossless")
     if ll:
@@ -651,12 +657,13 @@ def render_markdown(report: dict[str, Any]) -> str:
               if "compile" in report else []),
             f"Sampling (T > 0): {sampling.describe(samp)}.", ""]
     out += ["## Results", "",
-            "| benchmark | temp | prompts | acceptance length | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "
+            "| benchmark | temp | prompts | acceptance length ± SE | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "
             "| tok/s HF generate |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, tk, c in _cells(report):
         sp, ar, hf = c["spec"], c.get("ar", {}), c.get("hf_generate", {})
-        out.append(f"| {name} | {tk} | {sp['prompts']} | {_f(sp['acceptance_length'])} | {_f(sp['tpf'])} | "
+        out.append(f"| {name} | {tk} | {sp['prompts']} | {_f(sp['acceptance_length'])}{_pm(sp.get('acceptance_length_se'), ' ')} | "
+                   f"{_f(sp['tpf'])} | "
                    f"{_f(sp['tpf_std'])} | {_f(sp.get('tokens_per_s'), 1)} | {_f(ar.get('tokens_per_s'), 1)} | "
                    f"{_f(c.get('speedup'))} | {_f(hf.get('tokens_per_s'), 1)} |")
     shown = min(K - 1, 16)

@@ -88,25 +88,35 @@ def _other_micro(e: dict, micro: int | None) -> bool:
     return micro is not None and e.get("micro_batch", micro) != micro
 
 
+def _other_compile(e: dict, compiled: bool | None) -> bool:
+    """Whether measurement `e` ran with another `train.compile_norm_rope` than planned (unset in `e`: off;
+    `compiled` None: not a training plan, any)."""
+    return compiled is not None and bool(e.get("compile_norm_rope", False)) != compiled
+
+
 def _pick(entries: list[dict], shape: str | None, gpu: str, zero: int | None, gpus: int, cost,
-          micro: int | None = None) -> dict:
+          micro: int | None = None, compiled: bool | None = None) -> dict:
     """The measurement closest to what is planned: the same shape, then the same device, then the same ZeRO
     stage, then the same micro batch (where both say one: a small model's step is launch-bound, so its tokens/s
-    grow with the micro batch), then the nearest cost (FLOPs or parameters), then the nearest GPU count (both in
-    log ratio); among equals the newest (the last appended: a re-measurement replaces the number it repeats)."""
+    grow with the micro batch), then the same `train.compile_norm_rope`, then the nearest cost (FLOPs or
+    parameters), then the nearest GPU count (both in log ratio); among equals the newest (the last appended: a
+    re-measurement replaces the number it repeats)."""
     return min(reversed(entries), key=lambda e: (e["shape"] != shape, e["gpu"] != gpu, e.get("zero", zero) != zero,
-                                       _other_micro(e, micro),
+                                       _other_micro(e, micro), _other_compile(e, compiled),
                                        abs(math.log(cost(e))), abs(math.log(e.get("world", 1) / gpus))))
 
 
 def _scaled(entries, kind: str, shape, gpu, zero, gpus, cost_of, target_cost, devices, device_key, rate_key,
-            micro: int | None = None):
+            micro: int | None = None, compiled: bool | None = None):
     """(per-GPU rate of the measurement carried to `shape` on `gpu`, the measurement used, how it was carried)."""
-    ref = _pick(entries, shape, gpu, zero, gpus, lambda e: cost_of(e) / target_cost, micro)
+    ref = _pick(entries, shape, gpu, zero, gpus, lambda e: cost_of(e) / target_cost, micro, compiled)
     rate = ref[rate_key] / ref.get("world", 1)
     how = []
     if _other_micro(ref, micro):
         how.append(f"measured at micro batch {ref['micro_batch']}, planned at {micro} (not scaled)")
+    if _other_compile(ref, compiled):
+        how.append(f"measured with train.compile_norm_rope={str(not compiled).lower()}, planned with "
+                   f"{str(compiled).lower()} (not scaled)")
     ratio = cost_of(ref) / target_cost
     if abs(ratio - 1) > 1e-6:
         rate *= ratio
@@ -175,7 +185,8 @@ def make(cfg) -> dict:
     zero = cfg.deepspeed.stage
     target_flops = train_token_flops(config, t.seq_len, t.anchors_per_row, cfg.heads.block_size, t.grad_checkpointing)
     tr_rate1, tr_ref, tr_how = _scaled(rec["training"], "FLOPs per token", shape, p.gpu, zero, gpus, _entry_token_flops,
-                                       target_flops, devices, "bf16_tflops", "tokens_per_s", t.micro_batch)
+                                       target_flops, devices, "bf16_tflops", "tokens_per_s", t.micro_batch,
+                                       bool(t.compile_norm_rope))
     # the reference's own world size: back to one GPU with the measured efficiency, then to `gpus`
     table = rec["scaling"]["training"]
     tr_rate1 /= efficiency(tr_ref.get("world", 1), table)[0]

@@ -25,12 +25,39 @@ def test_pooled_metrics_by_hand():
     assert metrics.per_position_acceptance(rs) == pytest.approx([0.8, 0.5, 0.5])
     assert metrics.per_prompt_tpf(rs) == pytest.approx([7 / 6, 1.0])
     assert metrics.tpf_std(rs) == pytest.approx(1 / 12)
+    # standard errors of the pooled ratios: AL = 11/5; residuals t_i - AL v_i = 7 - 6.6 = 0.4 and 4 - 4.4 = -0.4
+    assert metrics.acceptance_length_se(rs) == pytest.approx(math.sqrt(2 * (0.4 ** 2 + 0.4 ** 2)) / 5)
+    # TPF = 11/10 over passes 6 and 4: residuals 7 - 6.6 and 4 - 4.4, the same, over 10 passes
+    assert metrics.tpf_se(rs) == pytest.approx(math.sqrt(2 * 0.32) / 10)
     # dict records work the same (report.py merges turns into dicts)
     assert metrics.tpf([r.to_json() for r in rs]) == pytest.approx(11 / 10)
     s = metrics.summarize(rs, seconds=2.0, decode_seconds=1.0)
     assert s["emitted_tokens"] == 11 and s["tokens_per_s"] == 5.5 and s["decode_tokens_per_s"] == 11.0
     assert s["finish_reasons"] == {"eos": 1, "length": 1}
     assert s["warnings"] and "2 prompts" in s["warnings"][0]
+    assert s["acceptance_length_se"] == metrics.acceptance_length_se(rs) and s["tpf_se"] == metrics.tpf_se(rs)
+
+
+def test_standard_error_is_the_spread_of_the_pooled_ratio_over_prompt_samples():
+    """acceptance_length_se is an error bar: prompts that all accept alike give 0, one prompt gives none (nan),
+    and over many prompt samples drawn from one population it matches the spread of the pooled AL."""
+    import random
+
+    same = [rec(8, 4, 4, [1, 1, 1, 1]) for _ in range(5)]
+    assert metrics.acceptance_length_se(same) == 0.0
+    assert math.isnan(metrics.acceptance_length_se(same[:1])) and math.isnan(metrics.tpf_se([]))
+    rng = random.Random(0)
+
+    def prompt():  # a prompt's passes accept 0..3 drafts; prompts differ in how well they accept
+        p, v = rng.random(), rng.randint(5, 40)
+        acc = [min(3, sum(rng.random() < p for _ in range(3))) for _ in range(v)]
+        return rec(sum(a + 1 for a in acc), v, v, acc)
+    samples = [[prompt() for _ in range(64)] for _ in range(400)]
+    als = [metrics.acceptance_length(s) for s in samples]
+    mu = sum(als) / len(als)
+    spread = math.sqrt(sum((a - mu) ** 2 for a in als) / (len(als) - 1))
+    ses = sorted(metrics.acceptance_length_se(s) for s in samples)
+    assert ses[len(ses) // 2] == pytest.approx(spread, rel=0.15)
 
 
 def test_medusa_and_ar_records():
@@ -59,4 +86,5 @@ def test_headline_warning_threshold():
         assert metrics.headline_warnings(99, "x")
     assert metrics.headline_warnings(100) == []
     assert set(metrics.DEFINITIONS) >= {"acceptance_length", "tpf", "per_position_acceptance", "accept_histogram",
-                                        "tokens_per_s", "speedup", "tpf_std"}
+                                        "tokens_per_s", "speedup", "tpf_std", "acceptance_length_se",
+                                        "tpf_se"}

@@ -72,7 +72,11 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
     assert ll["chi_square"]["passed"] and ll["chi_square"]["testable"] >= 1
 
     md = (out / "report.md").read_text()
-    assert "| benchmark | temp | prompts | acceptance length | TPF |" in md and "Lossless checks: **PASS**" in md
+    assert "| benchmark | temp | prompts | acceptance length ± SE | TPF |" in md and "Lossless checks: **PASS**" in md
+    for b in ("holdout", "chat"):  # the error bar over the prompts, in the json and beside each acceptance length
+        se = on_disk["benchmarks"][b]["results"]["T=0"]["spec"]["acceptance_length_se"]
+        al = on_disk["benchmarks"][b]["results"]["T=0"]["spec"]["acceptance_length"]
+        assert se >= 0 and f"| {b} | T=0 | 5 | {al:.2f} ± {se:.2f} |" in md
     # every cell here decodes for well under 10 s: its speedup is flagged, naming the cells, in the json and the md
     short = [w for w in on_disk["warnings"] if w.startswith("wall-clock speedups timed over less than 10 s")]
     assert len(short) == 1 and all(f"{b} {t} " in short[0] for b in ("holdout", "chat") for t in ("T=0", "T=1"))
