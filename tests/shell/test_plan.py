@@ -163,3 +163,24 @@ def test_training_rate_comes_from_the_measurement_at_the_planned_micro_batch(tmp
     # no measurement at micro batch 8: the nearest entry is used and the plan says it was measured otherwise
     tr = _json(*args, "train.micro_batch=8", "train.global_batch=16")["training"]
     assert tr["extrapolated"] and "planned at 8" in tr["basis"]
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "smollm2-135m-instruct").is_dir(), reason="no ../shared beside the checkout")
+def test_training_rate_comes_from_a_measurement_with_the_planned_compile_norm_rope(tmp_path):
+    """train.compile_norm_rope changes a small model's training rate (session 14: 1.52x at micro batch 128). The plan
+    takes the measurement made with the setting it plans, and says so where there is none with it."""
+    gguf = _smollm2_gguf(tmp_path)
+    args = ("recipe=smollm2-135m", "plan.gpus=1", "plan.gpu=h200", f"model.path={gguf}", "train.micro_batch=128",
+            "train.global_batch=128")
+    ones = [e for e in REC["training"] if (e["shape"], e["gpu"], e.get("world", 1), e.get("micro_batch")) ==
+            ("smollm2-135m", "h200", 1, 128)]
+    compiled = [e for e in ones if e.get("compile_norm_rope")][-1]
+    eager = [e for e in ones if not e.get("compile_norm_rope")][-1]
+    assert compiled["tokens_per_s"] > eager["tokens_per_s"]
+    for on, ref in ((True, compiled), (False, eager)):
+        tr = _json(*args, f"train.compile_norm_rope={str(on).lower()}")["training"]
+        assert tr["tokens_per_s_per_gpu"] == pytest.approx(ref["tokens_per_s"]), on
+        assert not tr["extrapolated"] and ref["commit"] in tr["basis"]
+    # compiled at micro batch 64: the eager measurement at 64 is nearer (the micro batch ranks first), and said so
+    tr = _json(*args[:4], "train.compile_norm_rope=true")["training"]
+    assert tr["extrapolated"] and "measured with train.compile_norm_rope=false, planned with true" in tr["basis"]
