@@ -376,13 +376,15 @@ needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                                reason="no C++ compiler: torch.compile cannot build CPU kernels here")
 
 
-def _tiny_step():
+def _tiny_step(grad_checkpointing: bool = False):
     """A tiny Orthrus model's training step -> (loss, gradients) of one fixed micro-batch."""
     from orthrus_train.model import OrthrusModel, build_random, tiny_config
     from orthrus_train.train.engine import DistillStep
 
     torch.manual_seed(0)
-    m = OrthrusModel(build_random(tiny_config("qwen3", vocab_size=200)), block_size=4, vocab_len=190)
+    m = OrthrusModel(build_random(tiny_config("qwen3", vocab_size=200)), block_size=4, vocab_len=190,
+                     grad_checkpointing=grad_checkpointing)
+    m.train()
     ids = torch.randint(0, 190, (2, 24))
     lm = torch.ones_like(ids, dtype=torch.bool)
     step = DistillStep(m, "kl", "torch", 64, 1.0, 4)
@@ -396,12 +398,14 @@ def _tiny_step():
 
 
 @needs_cxx
-def test_compiled_norm_and_rope_match_eager_forward_and_backward(compile_on_cpu):
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "grad-checkpointing"])
+def test_compiled_norm_and_rope_match_eager_forward_and_backward(compile_on_cpu, grad_ckpt):
     """The compiled training RMSNorm and RoPE (inductor, here on the CPU; the qwen3 shape has q/k norms too) give
-    the eager step's loss and gradients."""
+    the eager step's loss and gradients, also under gradient checkpointing (the heads' layers recomputed in the
+    backward call the compiled functions again: the Qwen3 recipes train that way)."""
     from orthrus_train.model import layers
 
-    loss_and_grads = _tiny_step()
+    loss_and_grads = _tiny_step(grad_ckpt)
     want, want_g = loss_and_grads()
     layers.set_train_compile(True)
     got, got_g = loss_and_grads()
