@@ -21,6 +21,8 @@ CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several sha
 "{shape}" or name a directory (then <dir>/<shape>.json). --tiny: reduced width (CPU smoke runs).
 --norm torch triton: also time the decode passes' RMSNorm as one Triton kernel (layers.set_decode_norm); each
 row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
+--refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
+per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time.
 """
 from __future__ import annotations
 
@@ -76,6 +78,37 @@ def copy_bandwidth_gbps(dev, nbytes: int = 2 << 30) -> float | None:
     return 2 * nbytes / s / 1e9
 
 
+def time_refill(eng, prompts, n: int, sync, profile: bool, top: int, dev) -> dict:
+    """What one continuous-batching refill of `n` rows costs (`DecodeEngine._refill`: the eager prefill pass into
+    the scratch cache, the copies into the rows' slots, the rows armed), host-synchronized as the eval times it:
+    the median of 5 after one untimed. With profile: one refill under the profiler, its host (CPU) and device
+    time in all and the ops that take the most host time (a launch-bound pass shows host >> device)."""
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    rows, seeds = list(range(n)), list(range(n))
+    times = []
+    for _ in range(6):
+        sync()
+        t = time.perf_counter()
+        eng._refill(rows, prompts[:n], seeds, 10 ** 6)
+        sync()
+        times.append(time.perf_counter() - t)
+    timed = sorted(times[1:])
+    out = {"refill_rows": n, "refill_ms": timed[len(timed) // 2] * 1e3}
+    if profile:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with prof_ctx(activities=acts) as prof:
+            eng._refill(rows, prompts[:n], seeds, 10 ** 6)
+            sync()
+        evs = prof.key_averages()
+        out["refill_ops"] = sum(e.count for e in evs if e.key.startswith("aten::"))
+        out["refill_cpu_us"] = sum(e.self_cpu_time_total for e in evs)
+        out["refill_device_us"] = sum(getattr(e, "self_device_time_total", 0) for e in evs)
+        out["refill_top"] = [{"name": e.key[:90], "us": round(e.self_cpu_time_total, 1), "calls": e.count}
+                             for e in sorted(evs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["smollm2-135m"])
@@ -104,6 +137,9 @@ def main(argv=None):
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of one eager step")
+    ap.add_argument("--refill", type=int, nargs="+", default=[], metavar="N",
+                    help="also time one continuous-batching refill of N rows, for each N (the eval's prefill "
+                         "cost; with --profile, where its host time goes)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +234,8 @@ def profile_shape(a, shape, dev, gbps, out):
                                              if getattr(e, "self_device_time_total", 0) > 0)
                 row[f"{mode}_gpu_us_eager"] = sum(getattr(e, "self_device_time_total", 0)
                                                   for e in prof.key_averages())
+        if a.refill:
+            row["refills"] = [time_refill(eng, prompts, min(n, B), sync, a.profile, a.top, dev) for n in a.refill]
         fusion.__exit__(None, None, None)
         row["spec_over_ar"] = row["spec_ms_per_step"] / row["ar_ms_per_step"]
         # the roofline of an AR step: its weights read once at the device's copy bandwidth (KV cache reads and
@@ -205,11 +243,15 @@ def profile_shape(a, shape, dev, gbps, out):
         row["ar_floor_ms"] = floor_ms
         row["ar_over_floor"] = row["ar_ms_per_step"] / floor_ms if floor_ms else None
         row["kv_read_mb"] = sum(t.numel() * t.element_size() for t in eng._st.cache.k + eng._st.cache.v) / 1e6
-        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_top") and not k.endswith("_top_ops")}),
-              flush=True)
-        for mode in ("spec", "ar") if a.profile else ():
-            for t in row[f"{mode}_top"]:
-                print(f"  {mode:<5}{t['us']:>10.1f} us {t['calls']:>5}x  {t['name']}")
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_top") and not k.endswith("_top_ops")
+                          and k != "refills"}), flush=True)
+        for r in row.get("refills", []):
+            print(json.dumps({k: v for k, v in r.items() if k != "refill_top"}), flush=True)
+        tops = [(m, row[f"{m}_top"]) for m in ("spec", "ar")] + [
+            (f"refill{r['refill_rows']}", r["refill_top"]) for r in row.get("refills", [])] if a.profile else []
+        for mode, top in tops:
+            for t in top:
+                print(f"  {mode:<9}{t['us']:>10.1f} us {t['calls']:>5}x  {t['name']}")
         results.append(row)
         del eng
     if out:

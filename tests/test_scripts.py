@@ -19,11 +19,15 @@ def _run(args, tmp_path, env=None, timeout=600, prog=(sys.executable,), rc=0):
 def test_profile_decode_step_smoke(tmp_path):
     out = tmp_path / "p.json"
     _run(["scripts/profile_decode_step.py", "--batch", "2", "--prompt-len", "6", "--steps", "1", "--attn", "auto",
-          "math", "--profile", "--top", "3", "--out", str(out)], tmp_path)
+          "math", "--profile", "--top", "3", "--refill", "2", "1", "--out", str(out)], tmp_path)
     rep = json.loads(out.read_text())
     assert [r["attn"] for r in rep["rows"]] == ["auto", "math"]
     for r in rep["rows"]:
         assert r["ar_ms_per_step"] > 0 and r["spec_ms_per_step"] > 0 and len(r["spec_top"]) == 3
+        # a refill of 2 rows and one of 1: timed, and the eager prefill's ops profiled (hundreds on 30 layers)
+        assert [x["refill_rows"] for x in r["refills"]] == [2, 1]
+        for x in r["refills"]:
+            assert x["refill_ms"] > 0 and x["refill_ops"] > 300 and len(x["refill_top"]) == 3
 
 
 def test_profile_decode_step_one_json_per_shape(tmp_path):
