@@ -168,6 +168,9 @@ for ph in $PHASES; do case $ph in
     curve_point() {  # one budget of the curve, then the partial curve packed (kept even if the lease ends)
       eval_ckpt eval_step$1 "$ROOT/curve/step-$1" "$1" "$2"
       cp "$ROOT/curve/step-$1/eval/report.json" "$RES/curve_step${1}_report.json" 2>/dev/null
+      # per-prompt records: budgets compared prompt by prompt (scripts/compare_evals.py), about 1 MB gzipped
+      gzip -c "$ROOT/curve/step-$1/eval/samples.jsonl" > "$RES/curve_step${1}_samples.jsonl.gz" 2>/dev/null \
+        || rm -f "$RES/curve_step${1}_samples.jsonl.gz"
       python "$HERE/learning_curve.py" "$RES" "$ROOT/main:$ROOT/curve" > "$RES/collect_$1.log" 2>&1; pack; }
     # the side GPU: Medusa and each ablation evaluated as soon as its training ends; then (after the profiles)
     # KERNEL_EVAL and SIDE_BUDGETS

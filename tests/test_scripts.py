@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -219,3 +221,46 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
     phases = (root / "results" / "phases.txt").read_text()
     assert "[stop] main_train failed" in phases and phases.rstrip().endswith("[end] rc=1 phases: train")
     assert not (out / "RUNNING").exists()
+
+    # the eval phase keeps each budget's per-prompt records beside its report, and two budgets compare by prompt
+    env.update({"BUDGETS": "2 4", "EVAL_N": "3", "EVAL_NEW": "8", "EVAL_BS": "2"})
+    driver(env, "eval")
+    res = root / "results"
+    assert {"curve_step2_samples.jsonl.gz", "curve_step4_samples.jsonl.gz"} <= {p.name for p in res.iterdir()}
+    r = _run(["scripts/compare_evals.py", str(res / "curve_step2_samples.jsonl.gz"),
+              str(res / "curve_step4_samples.jsonl.gz")], tmp_path)
+    assert "| B - A (paired SE) |" in r.stdout and r.stdout.count("\n| ") >= 2
+
+
+def test_compare_evals_pairs_prompts_by_uid(tmp_path):
+    """scripts/compare_evals.py: two evals' samples.jsonl (a run folder, an eval/ folder or the file, gzipped or
+    not) -> per benchmark and temperature, each side's acceptance length with its error and B - A with the
+    paired error over the prompts both hold; prompts in one only are left out and said so; bad input: one line."""
+    import gzip
+
+    def line(bench, uid, T, method, per_turn):
+        return json.dumps({"benchmark": bench, "uid": uid, "temperature": T, "method": method, "turns": [
+            {"tokens": list(range(t)), "verify_passes": v, "draft_passes": v if method == "spec" else 0,
+             "accepted": [], "prompt_len": 3, "finish_reason": "eos", "seed": 0, "block_size": 4}
+            for t, v in per_turn]}) + "\n"
+    a = tmp_path / "runA" / "eval"
+    a.mkdir(parents=True)
+    (a / "samples.jsonl").write_text(
+        line("gsm8k", "u1", 0.0, "spec", [(6, 3)]) + line("gsm8k", "u2", 0.0, "spec", [(4, 2), (2, 2)])
+        + line("gsm8k", "u3", 0.0, "spec", [(8, 4)]) + line("gsm8k", "u1", 0.0, "ar", [(6, 6)]))
+    b = tmp_path / "b.jsonl.gz"
+    with gzip.open(b, "wt") as f:  # u2 better, u3 absent, u4 only here
+        f.write(line("gsm8k", "u2", 0.0, "spec", [(6, 2), (2, 1)]) + line("gsm8k", "u1", 0.0, "spec", [(6, 3)])
+                + line("gsm8k", "u4", 0.0, "spec", [(9, 1)]))
+    out = tmp_path / "cmp.json"
+    r = _run(["scripts/compare_evals.py", str(tmp_path / "runA"), str(b), "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["prompts"] == 2 and (rows[0]["only_a"], rows[0]["only_b"]) == (1, 1)
+    al = rows[0]["acceptance_length"]
+    assert al["a"] == pytest.approx(12 / 7) and al["b"] == pytest.approx(14 / 6)
+    assert al["diff"] == pytest.approx(14 / 6 - 12 / 7) and al["diff_se"] > 0
+    assert "| gsm8k | 0 | 2 | 1.71 ± " in r.stdout and "1 prompts only in A, 1 only in B" in r.stdout
+    for args, needle in (([str(tmp_path / "nope"), str(b)], "no samples.jsonl at"),
+                         ([str(a), str(b), "--method", "medusa"], "no benchmark and temperature")):
+        bad = _run(["scripts/compare_evals.py", *args], tmp_path, rc=2)
+        assert needle in bad.stderr and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -100,6 +100,29 @@ def tpf_se(records: Sequence) -> float:
                             [int(_get(r, "verify_passes")) + int(_get(r, "draft_passes")) for r in records])
 
 
+def paired_difference(a: Sequence, b: Sequence, passes: str = "verify") -> tuple[float, float]:
+    """(pooled ratio of `b` - that of `a`, its standard error) for two evaluations of the SAME prompts, record i
+    of `a` and of `b` being one prompt (e.g. two checkpoints, or two settings, on one prompt set). The ratio is
+    the acceptance length (passes "verify") or TPF ("all": draft + verify passes). Paired: each prompt's
+    influence on the two ratios (delta method, (t_i - R v_i) / sum v) is differenced before the spread is taken,
+    so what the prompts share (a hard prompt is hard for both) cancels; the error is the difference's, smaller
+    than sqrt(SE_a^2 + SE_b^2) when the runs agree prompt by prompt. Fewer than 2 prompts: (difference, nan)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs the same prompts in both: {len(a)} and {len(b)} records")
+
+    def parts(recs):
+        t = [_n_tokens(r) for r in recs]
+        v = [int(_get(r, "verify_passes")) + (int(_get(r, "draft_passes")) if passes == "all" else 0) for r in recs]
+        return t, v, sum(t) / sum(v) if sum(v) else float("nan"), sum(v)
+    ta, va, ra, sa = parts(a)
+    tb, vb, rb, sb = parts(b)
+    n = len(a)
+    if n < 2 or not sa or not sb:
+        return rb - ra, float("nan")
+    z = [(tb[i] - rb * vb[i]) / sb - (ta[i] - ra * va[i]) / sa for i in range(n)]
+    return rb - ra, math.sqrt(n / (n - 1) * sum(x * x for x in z))
+
+
 def _block_size(records: Sequence) -> int:
     ks = {int(_get(r, "block_size")) for r in records}
     if len(ks) != 1:

@@ -88,3 +88,38 @@ def test_headline_warning_threshold():
     assert set(metrics.DEFINITIONS) >= {"acceptance_length", "tpf", "per_position_acceptance", "accept_histogram",
                                         "tokens_per_s", "speedup", "tpf_std", "acceptance_length_se",
                                         "tpf_se"}
+
+
+def test_paired_difference_by_hand_and_against_unpaired_errors():
+    """B - A over the same prompts with the paired error: by hand on two prompts; zero for identical runs; for
+    runs that agree prompt by prompt far below sqrt(SE_a^2 + SE_b^2), and near it for unrelated runs."""
+    import random
+
+    a = [rec(7, 3, 3, [2, 0, 3], finish="eos"), rec(4, 2, 2, [1, 1])]  # AL 11/5
+    b = [rec(9, 3, 3, [2, 2, 3]), rec(4, 2, 2, [1, 1])]  # AL 13/5
+    d, se = metrics.paired_difference(a, b)
+    # influences: a (7 - 2.2*3)/5 = 0.08, (4 - 2.2*2)/5 = -0.08; b (9 - 2.6*3)/5 = 0.24, (4 - 5.2)/5 = -0.24
+    assert d == pytest.approx(0.4) and se == pytest.approx(math.sqrt(2 * (0.16 ** 2 + 0.16 ** 2)))
+    d_tpf, _ = metrics.paired_difference(a, b, passes="all")
+    assert d_tpf == pytest.approx(13 / 10 - 11 / 10)
+    assert metrics.paired_difference(a, a) == (0.0, 0.0)
+    assert math.isnan(metrics.paired_difference(a[:1], b[:1])[1])
+    with pytest.raises(ValueError, match="same prompts"):
+        metrics.paired_difference(a, b[:1])
+
+    rng = random.Random(1)
+
+    def run(ps, shift):  # prompt difficulty p (shared), a run's own noise, and a small improvement
+        out = []
+        for p in ps:
+            acc = [min(3, sum(rng.random() < min(1.0, p + shift) for _ in range(3))) for _ in range(30)]
+            out.append(rec(sum(x + 1 for x in acc), 30, 30, acc))
+        return out
+    ps = [rng.random() for _ in range(128)]
+    a, b = run(ps, 0.0), run(ps, 0.03)
+    d, se = metrics.paired_difference(a, b)
+    unpaired = math.hypot(metrics.acceptance_length_se(a), metrics.acceptance_length_se(b))
+    assert d > 0 and se < unpaired / 2  # the shared difficulty cancels
+    c = run([rng.random() for _ in range(128)], 0.0)  # unrelated prompts: no pairing gain
+    _, se_c = metrics.paired_difference(a, c)
+    assert se_c == pytest.approx(math.hypot(metrics.acceptance_length_se(a), metrics.acceptance_length_se(c)), rel=0.35)
