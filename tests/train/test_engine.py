@@ -99,17 +99,25 @@ def test_two_processes_match_one(tiny_run, tmp_path, zero):
     backbone partitioned across the ranks) give the same loss curve."""
     one = tmp_path / "one"
     shutil.copytree(tiny_run, one)
-    orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3")
+    orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3", "train.val_rows=2")
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + int(zero[-1])}",
                         "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
-                        "train.max_steps=3", f"deepspeed={zero}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        "train.max_steps=3", "train.val_rows=2", f"deepspeed={zero}"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     a, b = losses(one), losses(tiny_run)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+    # validation (at the checkpoint of step 2 and the last step) on one val row per rank == both rows on one
+    va = {r["step"]: r for r in records(one) if "val_loss" in r}
+    vb = {r["step"]: r for r in records(tiny_run) if "val_loss" in r}
+    assert sorted(va) == sorted(vb) == [2, 3]
+    for s in va:
+        assert va[s]["val_rows"] == vb[s]["val_rows"] == 2
+        assert vb[s]["val_loss"] == pytest.approx(va[s]["val_loss"], rel=1e-4), (s, va[s], vb[s])
+        assert vb[s]["val_agreement"] == pytest.approx(va[s]["val_agreement"], abs=1e-4)
     summary = json.loads((tiny_run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == int(zero[-1])
     if zero == "zero3":
