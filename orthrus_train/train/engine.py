@@ -160,7 +160,7 @@ def val_reader(run: RunDir, t, rank: int, world: int, log):
     return None
 
 
-def validate(engine, val, per_rank: int, t, K: int, device, rank: int, world: int) -> dict:
+def val_metrics(engine, val, per_rank: int, t, K: int, device, rank: int, world: int) -> dict:
     """The training loss, per-offset agreement and expected acceptance over the first per_rank x world rows of
     data/val (rank r: global rows r, r + world, ...), with no gradient and every module in eval mode. Each row's
     anchors come from its global row id with a fixed seed, so equal heads give equal values at any step and on
@@ -501,7 +501,7 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
         last = step + 1 == plan.total_steps
         if val is not None and (last or (step + 1) % val_every == 0):  # in the record its checkpoint keeps
             t_val = time.perf_counter()
-            record.update(validate(engine, *val, t, K, device, rank, world), val_time_s=time.perf_counter() - t_val)
+            record.update(val_metrics(engine, *val, t, K, device, rank, world), val_time_s=time.perf_counter() - t_val)
         summary = record
         stop = any_rank(preempt.should_checkpoint_and_exit)
         if stop or last or (step + 1) % t.save_every == 0:  # checkpoint first: a signal may end logging

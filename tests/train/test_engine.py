@@ -103,7 +103,8 @@ def test_two_processes_match_one(tiny_run, tmp_path, zero):
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + int(zero[-1])}",
                         "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
-                        "train.max_steps=3", "train.val_rows=2", f"deepspeed={zero}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        "train.max_steps=3", "train.val_rows=2", f"deepspeed={zero}"], cwd=REPO, env=env,
+                       capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     a, b = losses(one), losses(tiny_run)
@@ -487,7 +488,8 @@ def expected_val(cfg, run, folder) -> tuple[float, list[float], int]:
     step = engine.DistillStep(model, t.loss, "torch", t.loss_chunk, t.temperature, t.anchors_per_row)
     val = PackedDataset(run.data / "val")
     K = model.block_size
-    loss_sum, n_sup, hits, counts = 0.0, 0, torch.zeros(K - 1, dtype=torch.float64), torch.zeros(K - 1, dtype=torch.float64)
+    loss_sum, n_sup = 0.0, 0
+    hits, counts = torch.zeros(K - 1, dtype=torch.float64), torch.zeros(K - 1, dtype=torch.float64)
     with torch.no_grad():
         for r in range(val.total_rows):  # one row at a time: the value does not depend on the micro-batch
             b = val[r]
