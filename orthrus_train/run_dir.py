@@ -1,11 +1,14 @@
-"""The run folder: the interface between stages. Names here are stable; see docs/run-folder.md.
+"""The run folder: the interface between stages. Names here are stable; README.md "Stages and the run folder".
 
     RUN/
       config.yaml            resolved configuration of the latest invocation
       tokenizer/             tokenizer used by every stage (the demo's byte tokenizer is written here)
-      data/                  packed training rows (train/), holdout.jsonl, rejected.jsonl, report.json
+      data/                  packed training rows (train/), the held-out prompts' rows (val/, same format; absent
+                             without held-out prompts or in data made before it existed), holdout.jsonl,
+                             rejected.jsonl, report.json
       checkpoints/           step-XXXXXXXX/ folders (complete ones carry COMPLETE) and `latest`
-      metrics.jsonl          one JSON line per logged training step
+      metrics.jsonl          one JSON line per logged training step; the steps that validate (train.val_every)
+                             carry val_loss, val_agreement, val_expected_accept, val_rows
       export/                Hugging Face folder (loadable with trust_remote_code)
       eval/                  report.json, report.md, *.png
       stages/                eval.json, export.json: written when that stage finished, with the inputs it was

@@ -105,6 +105,13 @@ class TrainConfig:
     save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
     log_every: int = 10
+    # Validation on RUN/data/val (the held-out prompts' rows): the training loss, per-offset agreement and
+    # expected acceptance over those rows, with no gradient and anchors drawn from fixed seeds (comparable
+    # across steps), logged as val_* fields of that step's metrics.jsonl record. Every val_every optimizer
+    # steps and at the last step; None: at every checkpoint (train.save_every); 0: off. Without data/val
+    # (no held-out prompt, or data made before it existed) one line says so and training goes on.
+    val_every: Optional[int] = None
+    val_rows: Optional[int] = None  # at most this many val rows (the first ones) per evaluation; None: all
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -220,6 +227,10 @@ def validate(cfg: RootConfig) -> None:
     for key in ("seq_len", "anchors_per_row", "micro_batch", "global_batch", "loss_chunk", "save_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    if t.val_every is not None and t.val_every < 0:
+        raise ConfigError(f"train.val_every must be >= 0 (0 = off) or null (at every checkpoint), got {t.val_every}")
+    if t.val_rows is not None and t.val_rows <= 0:
+        raise ConfigError(f"train.val_rows must be > 0 or null (every row of data/val), got {t.val_rows}")
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
     if len(t.betas) != 2:

@@ -3,14 +3,23 @@
 Outputs under `run_dir/data/`:
 
     train/           packed Arrow rows + index.json (read with PackedDataset)
+    val/             the held-out prompts' rows, packed the same way (train.val_every reads them); a row's
+                     doc_ids index holdout.jsonl. Absent when there is no held-out prompt
     prompts.jsonl    the training prompts in order; a row's doc_ids index this file
-    holdout.jsonl    prompts kept apart for evaluation (never packed)
+    holdout.jsonl    prompts kept apart for evaluation (never packed into train/)
     rejected.jsonl   each rejected record with its place and reason
     regen/           regeneration shards (resumable), when data.regenerate is true
+    regen_val/       the same for the held-out prompts (one response each)
     report.json      counts, accounting, timings; written last, so its presence means "done"
 
 Accounting: records read == rejected + duplicates + not selected + holdout + dropped overlong + packed;
-`check_accounting` enforces it before the report is written.
+`check_accounting` enforces it before the report is written. The held-out prompts have their own:
+holdout == val skipped (template error, no room for a response) + val dropped overlong + val packed
+(`check_val_accounting`).
+
+Held-out responses: with data.regenerate, one response per prompt, decoded like the training prompts' first
+(data.temperature, greedy by default), whatever data.samples_per_prompt: the validation loss measures the
+heads on the backbone's own answers, and the extra samples are a training augmentation.
 """
 
 from __future__ import annotations
@@ -41,6 +50,17 @@ def check_accounting(acc: Mapping[str, int]) -> None:
     if acc["records_read"] != total:
         raise RuntimeError(f"data accounting does not close: read {acc['records_read']} != "
                            + " + ".join(f"{k} {acc[k]}" for k in ACCOUNTING_BUCKETS) + f" = {total}")
+
+
+VAL_BUCKETS = ("skipped", "dropped_overlong", "packed")
+
+
+def check_val_accounting(val: Mapping[str, int]) -> None:
+    """Every held-out prompt is skipped, dropped overlong or packed into val/."""
+    total = sum(val[k] for k in VAL_BUCKETS)
+    if val["prompts"] != total:
+        raise RuntimeError(f"val accounting does not close: {val['prompts']} held-out prompts != "
+                           + " + ".join(f"{k} {val[k]}" for k in VAL_BUCKETS) + f" = {total}")
 
 
 def as_data_config(cfg_like: Any) -> DataConfig:
@@ -209,6 +229,17 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         kept.append(i)
     n_template_rejected = len(rejected) - len(src.rejected)
     _keep_rejects(data_dir, rejected, rank)  # now, before regeneration, packing or anything else can fail
+    # held-out prompts, rendered like the training ones; one that fails the template or leaves no room for a
+    # response is skipped (counted, not rejected: it stays in holdout.jsonl for stage=eval)
+    val_encoded, val_kept = [], []
+    for i, rec in enumerate(src.holdout):
+        try:
+            enc = renderer.encode_prompt(rec.prompt_messages) if cfg.regenerate else renderer.encode(rec.messages)
+        except jinja2.TemplateError:
+            continue
+        if not (cfg.regenerate and len(enc) >= cfg.seq_len):
+            val_encoded.append(enc)
+            val_kept.append(i)
 
     regen_report = None
     docs: list[tuple[list[int], list[int]]] = []
@@ -231,10 +262,18 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
                            temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
                            shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress,
                            samples_per_prompt=n_samples, sampling=sampling)
+        val_dir, val_prompts = data_dir / "regen_val", [e.input_ids for e in val_encoded]
+        if val_prompts:  # one response each, as the training prompts' first
+            val_stats = regenerate(val_prompts, generator, val_dir, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   shard_size=cfg.shard_size, rank=rank, world_size=world_size,
+                                   progress=cfg.progress, sampling=sampling)
         if world_size > 1:
             if rank != 0:
                 return None
             _wait_for_all_shards(regen_dir, len(prompts), cfg.shard_size, wait_timeout_s, n_samples)
+            if val_prompts:
+                _wait_for_all_shards(val_dir, len(val_prompts), cfg.shard_size, wait_timeout_s)
         responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size, n_samples)
         # a response shorter than max_new_tokens stopped at an end-of-sequence token
         eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
@@ -265,8 +304,19 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             regen_report["extra_samples"] = list(sampling or sampling_defaults_of(generator))
         if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
             regen_report["compile"] = generator.compile_info
+        val_docs = []
+        if val_prompts:
+            val_responses, val_totals = load_responses(val_dir, len(val_prompts), cfg.shard_size)
+            val_docs = [(e.input_ids + r, e.loss_mask + [1] * len(r)) for e, r in zip(val_encoded, val_responses)]
+            regen_report["val"] = {
+                "prompts": len(val_prompts), "new_tokens": val_totals["new_tokens"],
+                "seconds": round(val_totals["seconds"], 3), "shards": val_stats.shards,
+                "shards_skipped": val_stats.shards_skipped,
+                "responses_at_max_new_tokens": sum(1 for r in val_responses
+                                                   if len(r) >= cfg.max_new_tokens and r[-1] not in eos)}
     else:
         docs = [(e.input_ids, e.loss_mask) for e in encoded]
+        val_docs = [(e.input_ids, e.loss_mask) for e in val_encoded]
     if rank != 0:
         return None
 
@@ -280,11 +330,27 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     prompts_packed = len({doc_prompt[d] for d in range(len(docs)) if d not in dropped_docs})
     prompts_dropped = len(encoded) - prompts_packed
 
+    # the held-out prompts' rows: same packer, own folder; doc_ids refer to holdout.jsonl
+    val_rows, vstats = pack(val_docs, cfg.seq_len, pad_id, overlong=cfg.overlong)
+    for row in val_rows:
+        row.doc_ids = [val_kept[d] for d in row.doc_ids]
+
     write_jsonl(data_dir / "prompts.jsonl", src.train)
     write_jsonl(data_dir / "holdout.jsonl", src.holdout)
     write_jsonl(data_dir / "rejected.jsonl", rejected)
     index = write_packed(rows, data_dir / "train", seq_len=cfg.seq_len, pad_token_id=pad_id,
                          rows_per_file=cfg.rows_per_file, extra={"fingerprint": fingerprint})
+    val_index = None
+    if val_rows:
+        val_index = write_packed(val_rows, data_dir / "val", seq_len=cfg.seq_len, pad_token_id=pad_id,
+                                 rows_per_file=cfg.rows_per_file, extra={"fingerprint": fingerprint})
+    val_report = {"prompts": len(src.holdout),
+                  "skipped": len(src.holdout) - len(val_encoded), "dropped_overlong": vstats.dropped_overlong,
+                  "packed": vstats.packed, "rows_written": val_index["rows"] if val_index else 0,
+                  "tokens": vstats.tokens, "supervised_tokens": vstats.supervised_tokens,
+                  "truncated": vstats.truncated,
+                  "regeneration": regen_report.pop("val", None) if regen_report is not None else None}
+    check_val_accounting(val_report)
 
     c = src.counts
     accounting = {"records_read": c["read"], "rejected": len(rejected), "duplicates": c["duplicates"],
@@ -314,10 +380,12 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         "dropped_overlong_prompt": prompt_overlong,
         "holdout": c["holdout"],
         "accounting": accounting,
+        "val": val_report,  # the held-out prompts' rows in val/ (one document per prompt)
         "per_source": src.per_source,
         "regeneration": regen_report,
         "packing": stats_dict(pstats),
-        "files": {"train": "train", "n_train_files": len(index["files"]), "prompts": "prompts.jsonl",
+        "files": {"train": "train", "n_train_files": len(index["files"]), "val": "val" if val_index else None,
+                  "prompts": "prompts.jsonl",
                   "holdout": "holdout.jsonl", "rejected": "rejected.jsonl"},
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -420,5 +488,11 @@ def summary(report: Mapping[str, Any], note: str = "") -> str:
     lines.append(f"  packed: {report['rows_written']} rows x {report['seq_len']} tokens, {p['packed']} documents "
                  f"({p['truncated']} truncated), {report['tokens']} tokens, {report['supervised_tokens']} "
                  f"supervised, padding {100 * report['pad_tokens'] / total:.1f}%")
-    lines.append("  files: train/, prompts.jsonl, holdout.jsonl, rejected.jsonl, report.json")
+    v = report.get("val")  # reports written before val/ existed have none
+    if v:
+        lines.append(f"  val: {v['prompts']} held-out prompts -> {v['rows_written']} rows ({v['packed']} packed, "
+                     f"{v['skipped']} skipped, {v['dropped_overlong']} dropped overlong), {v['tokens']} tokens, "
+                     f"{v['supervised_tokens']} supervised")
+    lines.append("  files: train/, " + ("val/, " if v and v["rows_written"] else "")
+                 + "prompts.jsonl, holdout.jsonl, rejected.jsonl, report.json")
     return "\n".join(lines)

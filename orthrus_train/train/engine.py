@@ -126,6 +126,80 @@ def row_seed(seed: int, epoch: int, row: int) -> int:
     return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + row * 0xC2B2AE3D) % (2 ** 63 - 1)
 
 
+VAL_EPOCH = -1  # val row r's anchors come from row_seed(seed, VAL_EPOCH, r): the same blocks at every evaluation
+
+
+def agreement_rates(hits: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-offset agreement (NaN where an offset has no token) and the expected acceptance it implies."""
+    rates = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
+    return rates, 1.0 + float(torch.cumprod(torch.nan_to_num(rates, nan=0.0), 0).sum())
+
+
+def val_reader(run: RunDir, t, rank: int, world: int, log):
+    """(RUN/data/val as this rank's reader, rows per rank) for train.val_every, or None when validation is off;
+    one line (rank 0) says why when it was asked for but has no rows."""
+    if t.val_every == 0:
+        return None
+    from ..data.pack import PackedDataset
+
+    path = run.data / "val"
+    why = None
+    if not (path / "index.json").exists():
+        why = f"{path} not found (no held-out prompt: data.holdout_count, or data made before val/ existed)"
+    else:
+        val = PackedDataset(path, rank, world)
+        per_rank = min(len(val), (t.val_rows if t.val_rows is not None else val.total_rows) // world)
+        if val.seq_len != t.seq_len:
+            why = f"{path} rows are {val.seq_len} tokens, train.seq_len={t.seq_len}"
+        elif per_rank == 0:
+            why = f"{path} has {val.total_rows} rows for {world} processes (train.val_rows={t.val_rows})"
+        else:
+            return val, per_rank
+    if rank == 0:
+        log(f"[train] validation off: {why}; training goes on")
+    return None
+
+
+def val_metrics(engine, val, per_rank: int, t, K: int, device, rank: int, world: int) -> dict:
+    """The training loss, per-offset agreement and expected acceptance over the first per_rank x world rows of
+    data/val (rank r: global rows r, r + world, ...), with no gradient and every module in eval mode. Each row's
+    anchors come from its global row id with a fixed seed, so equal heads give equal values at any step and on
+    any number of processes. Every rank runs the same number of forwards (ZeRO-3 gathers in each)."""
+    modes = {m: m.training for m in engine.modules()}
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # weighted loss, weight, supervised tokens, rows
+    offs, s_all, t_all = [], [], []
+    try:
+        with torch.no_grad():
+            for lo in range(0, per_rank, t.micro_batch):
+                local = torch.arange(lo, min(lo + t.micro_batch, per_rank))  # this rank's rows of data/val
+                seeds = [row_seed(t.seed, VAL_EPOCH, rank + int(i) * world) for i in local]
+                mb = micro_batch(val, local, device, t.document_mask, blocks=(seeds, t.anchors_per_row, K))
+                loss, st = engine(mb["input_ids"], mb["loss_mask"], mb["blocks"], mb.get("segment_ids"),
+                                  mb.get("position_ids"))
+                # the step's loss is a (weighted) mean over its supervised tokens: weigh it back into a sum
+                w = (float(torch.exp(-t.offset_decay * st["offset"].double()).sum()) if t.offset_decay > 0
+                     else float(st["n_sup"]))
+                sums += torch.tensor([loss.detach().double().item() * w, w, st["n_sup"], len(local)],
+                                     dtype=torch.float64)
+                offs.append(st["offset"]), s_all.append(st["s_arg"].cpu()), t_all.append(st["t_arg"].cpu())
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    offset, s_arg, t_arg = torch.cat(offs).cpu(), torch.cat(s_all), torch.cat(t_all)
+    hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
+    counts = torch.bincount(offset, minlength=K - 1).double()
+    red = torch.cat([sums, hits, counts])
+    if world > 1:
+        red = red.to(device)
+        torch.distributed.all_reduce(red)
+        red = red.cpu()
+    rates, expected = agreement_rates(red[4:4 + K - 1], red[4 + K - 1:])
+    return {"val_loss": float(red[0] / red[1]) if red[1] > 0 else float("nan"),
+            "val_agreement": [round(float(r), 4) for r in rates.tolist()], "val_expected_accept": expected,
+            "val_rows": int(red[3]), "val_supervised_tokens": int(red[2])}
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
     warm = max(1, int(round(warmup_ratio * total_steps)))
 
@@ -354,6 +428,8 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
     last_ckpt = folder  # newest good checkpoint of this run so far (the NaN diagnostic names it)
     summary = {}
     mine = [k for k in range(plan.micro_per_step) if k % world == rank]  # this rank's micro-batches of a step
+    val = val_reader(run, t, rank, world, log)
+    val_every = t.save_every if t.val_every is None else t.val_every
 
     def load(step_i: int, k: int):
         """Micro-batch k of step step_i on the device, with its anchors and supervision map built on the host."""
@@ -412,9 +488,7 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         loss_mean = float(red[0] / red[1])
-        hits, counts = red[5:5 + K - 1], red[5 + K - 1:]
-        rates = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
-        expected = 1.0 + float(torch.cumprod(torch.nan_to_num(rates, nan=0.0), 0).sum())
+        rates, expected = agreement_rates(red[5:5 + K - 1], red[5 + K - 1:])
         tokens = plan.global_batch * t.seq_len
         record = {
             "step": step + 1, "epoch": epoch, "loss": loss_mean, "lr": sched.get_last_lr()[0],
@@ -424,9 +498,12 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
             "mfu": (float(red[4]) / dt / (peak * world)) if peak else None,
             "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None,
         }
+        last = step + 1 == plan.total_steps
+        if val is not None and (last or (step + 1) % val_every == 0):  # in the record its checkpoint keeps
+            t_val = time.perf_counter()
+            record.update(val_metrics(engine, *val, t, K, device, rank, world), val_time_s=time.perf_counter() - t_val)
         summary = record
         stop = any_rank(preempt.should_checkpoint_and_exit)
-        last = step + 1 == plan.total_steps
         if stop or last or (step + 1) % t.save_every == 0:  # checkpoint first: a signal may end logging
             last_ckpt = _save(engine, model, run, step + 1, epoch, plan, rank, t.keep_checkpoints, record)
         logger.log(record)

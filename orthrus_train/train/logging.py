@@ -112,6 +112,11 @@ class MetricsLogger:
             print(f"steps {final['step']}/{self.plan.total_steps}  loss {final['loss']:.4f}  "
                   f"expected acceptance (from agreement) {final['expected_accept']:.2f}")
             print("agreement by offset: " + " ".join(f"{a:.2f}" for a in ag[:16]) + (" ..." if len(ag) > 16 else ""))
+            if "val_loss" in final:  # train.val_every: the last step is always evaluated
+                va = final["val_agreement"]
+                print(f"val ({final['val_rows']} rows of data/val): loss {final['val_loss']:.4f}  expected acceptance "
+                      f"{final['val_expected_accept']:.2f}  agreement by offset: "
+                      + " ".join(f"{a:.2f}" for a in va[:16]) + (" ..." if len(va) > 16 else ""))
             print(f"tokens/s {final['tokens_per_s']:.0f}" + (f"  MFU {100 * final['mfu']:.1f}%" if final.get("mfu") else ""))
             if checkpoint:
                 print(f"checkpoint: {checkpoint}")

@@ -12,7 +12,7 @@ import pytest
 
 from orthrus_train.data import (BadRecordError, ChatRenderer, DataConfig, HFGenerator, PackedDataset,
                                 check_accounting, run_data_stage)
-from orthrus_train.data.stage import ACCOUNTING_BUCKETS, as_data_config
+from orthrus_train.data.stage import ACCOUNTING_BUCKETS, VAL_BUCKETS, as_data_config
 
 from .conftest import REPO, tiny_backbone, write_jsonl
 
@@ -34,10 +34,10 @@ def read_jsonl(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def docs_of(data_dir):
-    """{doc_id: (input_ids, loss_mask)} over every packed row."""
+def docs_of(data_dir, split="train"):
+    """{doc_id: (input_ids, loss_mask)} over every packed row of data_dir/split."""
     out = {}
-    for row in PackedDataset(data_dir / "train"):
+    for row in PackedDataset(data_dir / split):
         ids, mask, seg = row["input_ids"].tolist(), row["loss_mask"].long().tolist(), row["segment_ids"].tolist()
         for k, d in enumerate(row["doc_ids"].tolist(), 1):
             idx = [j for j, s in enumerate(seg) if s == k]
@@ -77,6 +77,13 @@ def test_keep_mode_end_to_end(tmp_path, byte_tok, capsys):
     assert report["tokens"] == sum(len(i) for i, _ in docs.values())
     assert report["supervised_tokens"] == sum(sum(m) for _, m in docs.values())
     assert report["regeneration"] is None
+    # the held-out conversations, rendered the same way, are val/'s rows (doc_ids index holdout.jsonl)
+    val = docs_of(data, "val")
+    assert sorted(val) == [0, 1, 2]
+    for d, (ids, mask) in val.items():
+        enc = renderer.encode(holdout[d]["messages"])
+        assert (ids, mask) == (enc.input_ids, enc.loss_mask)
+    assert report["val"]["packed"] == 3 and report["val"]["tokens"] == sum(len(i) for i, _ in val.values())
     out = capsys.readouterr().out
     assert "records 27 = rejected 1 + duplicates 2" in out and "invalid_json 1" in out
 
@@ -105,6 +112,64 @@ def test_regenerated_rows_are_prompt_plus_backbone_response(tmp_path, byte_tok, 
     g = report["regeneration"]
     assert g["new_tokens"] == sum(map(len, responses)) and g["tokens_per_s"] > 0 and g["shards"] == 6
     assert report["supervised_tokens"] == g["new_tokens"]
+    # no held-out prompt: no val/ folder, and an empty val account
+    assert not (data / "val").exists() and report["files"]["val"] is None
+    assert report["val"] == {"prompts": 0, "skipped": 0, "dropped_overlong": 0, "packed": 0, "rows_written": 0,
+                             "tokens": 0, "supervised_tokens": 0, "truncated": 0, "regeneration": None}
+
+
+class NoGenerator:
+    """Fails the test when asked for a response (a resumed stage must find every shard written)."""
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        raise AssertionError(f"regenerated {len(prompts)} prompts that had finished shards")
+
+
+def test_holdout_prompts_get_backbone_responses_in_val_never_in_train(tmp_path, byte_tok, generator, capsys):
+    path = prompt_file(tmp_path)
+    cfg = base_cfg(path, holdout_count=5, samples_per_prompt=2, sample_temperature=1.0)
+    report = run_data_stage(cfg, tmp_path / "run", generator, tokenizer=byte_tok)
+    data = tmp_path / "run" / "data"
+    holdout, prompts = read_jsonl(data / "holdout.jsonl"), read_jsonl(data / "prompts.jsonl")
+    assert len(holdout) == 5 and len(prompts) == 19
+    renderer = ChatRenderer(byte_tok)
+    shards = sorted((data / "regen_val").glob("shard-*.json"))
+    responses = [r for s in shards for r in json.loads(s.read_text())["responses"]]
+    assert len(responses) == 5  # one response per held-out prompt, whatever samples_per_prompt
+    val = docs_of(data, "val")
+    assert sorted(val) == list(range(5))
+    for d, (ids, mask) in val.items():
+        prompt = renderer.encode_prompt(holdout[d]["messages"][:-1]).input_ids
+        assert ids == prompt + responses[d] and mask == [0] * len(prompt) + [1] * len(responses[d])
+    # round 0 of a prompt is decoded the same way for train and val: the backbone's greedy answer
+    first_train = json.loads((data / "regen" / "shard-00000.json").read_text())["responses"][0]
+    assert first_train == generator.generate([renderer.encode_prompt(prompts[0]["messages"][:-1]).input_ids],
+                                             6)[0]
+    assert responses[0] == generator.generate([val[0][0][:len(val[0][0]) - len(responses[0])]], 6)[0]
+    # no held-out question in any training row; each in its val row
+    train_text = [byte_tok.decode(ids) for ids, _ in docs_of(data).values()]
+    val_text = [byte_tok.decode(ids) for ids, _ in val.values()]
+    for h in holdout:
+        q = h["messages"][0]["content"]
+        assert not [t for t in train_text if q + "<|im_end|>" in t], q
+        assert [t for t in val_text if q + "<|im_end|>" in t], q
+    # accounting: the training buckets close as before, and every held-out prompt is in val/
+    a, v = report["accounting"], report["val"]
+    assert a["holdout"] == v["prompts"] == 5 == sum(v[k] for k in VAL_BUCKETS) == v["packed"]
+    assert v["rows_written"] == len(PackedDataset(data / "val")) > 0
+    assert v["tokens"] == sum(len(i) for i, _ in val.values())
+    assert v["supervised_tokens"] == sum(map(len, responses)) == v["regeneration"]["new_tokens"]
+    assert report["files"]["val"] == "val"
+    assert "val: 5 held-out prompts -> " in capsys.readouterr().out
+
+    # resumable: with the report and the packed folders gone, a rerun decodes nothing and writes the same rows
+    import shutil
+    for name in ("report.json", "val", "train"):
+        p = data / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    again = run_data_stage(cfg, tmp_path / "run", NoGenerator(), tokenizer=byte_tok)
+    assert docs_of(data, "val") == val and again["val"]["regeneration"]["shards_skipped"] == 2
+    assert again["accounting"] == a
 
 
 CONFIGS = {
@@ -116,6 +181,10 @@ CONFIGS = {
     "regen-mixture": dict(num_samples=10, holdout_count=2, on_bad_record="skip"),
     # prompts are 36 tokens (one-digit numbers) or 38: the longer ones leave no room for a response
     "regen-prompt-too-long": dict(seq_len=37, max_new_tokens=8, dedup=False, on_bad_record="skip"),
+    "regen-holdout-too-long": dict(seq_len=37, max_new_tokens=8, dedup=False, on_bad_record="skip",
+                                   holdout_count=8),
+    "keep-holdout-overlong-drop": dict(regenerate=False, seq_len=46, overlong="drop", on_bad_record="skip",
+                                       holdout_count=8),
 }
 
 
@@ -140,6 +209,13 @@ def test_accounting_closes(tmp_path, byte_tok, generator, name):
         assert report["truncated"] > 0
     if name == "regen-prompt-too-long":
         assert report["dropped_overlong_prompt"] > 0 and report["truncated"] > 0
+    v = report["val"]  # every held-out prompt is skipped, dropped overlong or packed into val/
+    assert v["prompts"] == a["holdout"] == sum(v[k] for k in VAL_BUCKETS)
+    assert v["packed"] == (sum(len(r["doc_ids"]) for r in PackedDataset(data / "val")) if v["packed"] else 0)
+    if name == "regen-holdout-too-long":
+        assert v["skipped"] > 0 and v["packed"] > 0
+    if name == "keep-holdout-overlong-drop":
+        assert v["dropped_overlong"] > 0 and v["packed"] > 0
     with pytest.raises(RuntimeError, match="does not close"):
         check_accounting({**a, "packed": a["packed"] + 1})
 

@@ -84,6 +84,12 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_run, tmp_path):
     assert sorted(got) == list(range(1, 7))
     for s in range(1, 7):
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), f"step {s}: {got[s]} != {want[s]}"
+    # validation (default: at each checkpoint, steps 2, 4, 6) of the resumed run equals the uninterrupted one's
+    val_want = {r["step"]: r["val_loss"] for r in records(ref) if "val_loss" in r}
+    val_got = {r["step"]: r["val_loss"] for r in records(tiny_run) if "val_loss" in r}
+    assert sorted(val_want) == sorted(val_got) == [2, 4, 6]
+    for s in val_want:
+        assert val_got[s] == pytest.approx(val_want[s], rel=1e-5), f"val at step {s}: {val_got[s]} != {val_want[s]}"
 
 
 @pytest.mark.slow
@@ -93,17 +99,26 @@ def test_two_processes_match_one(tiny_run, tmp_path, zero):
     backbone partitioned across the ranks) give the same loss curve."""
     one = tmp_path / "one"
     shutil.copytree(tiny_run, one)
-    orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3")
+    orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3", "train.val_rows=2")
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + int(zero[-1])}",
                         "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
-                        "train.max_steps=3", f"deepspeed={zero}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        "train.max_steps=3", "train.val_rows=2", f"deepspeed={zero}"], cwd=REPO, env=env,
+                       capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     a, b = losses(one), losses(tiny_run)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+    # validation (at the checkpoint of step 2 and the last step) on one val row per rank == both rows on one
+    va = {r["step"]: r for r in records(one) if "val_loss" in r}
+    vb = {r["step"]: r for r in records(tiny_run) if "val_loss" in r}
+    assert sorted(va) == sorted(vb) == [2, 3]
+    for s in va:
+        assert va[s]["val_rows"] == vb[s]["val_rows"] == 2
+        assert vb[s]["val_loss"] == pytest.approx(va[s]["val_loss"], rel=1e-4), (s, va[s], vb[s])
+        assert vb[s]["val_agreement"] == pytest.approx(va[s]["val_agreement"], abs=1e-4)
     summary = json.loads((tiny_run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == int(zero[-1])
     if zero == "zero3":
@@ -339,7 +354,8 @@ def test_trainer_loads_each_micro_batch_once_in_order(tiny_run, monkeypatch, in_
         return real_step(self, *a, **k)
     monkeypatch.setattr(engine, "micro_batch", recording)
     monkeypatch.setattr(DeepSpeedEngine, "step", stepping)
-    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=3"])
+    # val off: validation loads its own micro-batches of data/val (tested in test_validation_*)
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=3", "train.val_every=0"])
     engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
     plan = make_plan(PackedDataset(tiny_run / "data" / "train").total_rows, cfg.train, world=1)
     want = []
@@ -453,3 +469,131 @@ def test_trainer_reads_compile_norm_rope(tiny_run, compile_on_cpu, in_process_en
     assert set(layers._TRAIN_COMPILE.fns) == {"rms_norm", "rope"} and not layers._TRAIN_COMPILE.failed
     want, got = losses(ref), losses(tiny_run)
     assert sorted(got) == [1, 2] and all(got[s] == pytest.approx(want[s], rel=1e-4) for s in want)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+VAL_KEYS = {"val_loss", "val_agreement", "val_expected_accept", "val_rows", "val_supervised_tokens", "val_time_s"}
+
+
+def expected_val(cfg, run, folder) -> tuple[float, list[float], int]:
+    """(loss, agreement, rows) of the heads of checkpoint `folder` on every row of RUN/data/val, computed here with
+    the step module alone: rows in order, each row's anchors from row_seed(seed, VAL_EPOCH, row)."""
+    from orthrus_train.data.pack import PackedDataset
+    from orthrus_train.model.factory import build_backbone, build_model, tokenizer_for
+    from orthrus_train.train import engine
+
+    t = cfg.train
+    model = build_model(cfg, build_backbone(cfg), tokenizer_for(cfg, run.tokenizer))
+    engine.load_heads(model, folder)
+    model.eval()
+    step = engine.DistillStep(model, t.loss, "torch", t.loss_chunk, t.temperature, t.anchors_per_row)
+    val = PackedDataset(run.data / "val")
+    K = model.block_size
+    loss_sum, n_sup = 0.0, 0
+    hits, counts = torch.zeros(K - 1, dtype=torch.float64), torch.zeros(K - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for r in range(val.total_rows):  # one row at a time: the value does not depend on the micro-batch
+            b = val[r]
+            loss, st = step(b["input_ids"][None], b["loss_mask"][None], [row_seed(t.seed, engine.VAL_EPOCH, r)],
+                            b["segment_ids"][None], b["position_ids"][None])
+            loss_sum += loss.item() * st["n_sup"]
+            n_sup += st["n_sup"]
+            hits += torch.bincount(st["offset"], weights=(st["s_arg"] == st["t_arg"]).double(), minlength=K - 1)
+            counts += torch.bincount(st["offset"], minlength=K - 1).double()
+    return loss_sum / n_sup, (hits / counts).tolist(), val.total_rows
+
+
+@pytest.mark.slow
+def test_validation_at_val_every_and_the_last_step_equals_the_heads_on_data_val(tiny_run, in_process_env, capsys):
+    """train.val_every=4 of 6 steps: val_* fields in the records of steps 4 and 6 only; step 6's values are those
+    of the final checkpoint's heads on every row of data/val (the held-out prompts' rows), recomputed here
+    without DeepSpeed; training between steps 4 and 6 changes them; the summary prints them."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.data.pack import PackedDataset
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    run = RunDir(tiny_run)
+    n_val = PackedDataset(run.data / "val").total_rows
+    assert n_val >= 2, "the tiny data stage should pack its 4 held-out prompts into data/val"
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.val_every=4"])
+    engine.run_train(cfg, run, resolve_dist_env({}))
+    recs = records(tiny_run)
+    assert [r["step"] for r in recs if "val_loss" in r] == [4, 6]
+    assert all(not VAL_KEYS & set(r) for r in recs if r["step"] not in (4, 6))
+    v4, v6 = (next(r for r in recs if r["step"] == s) for s in (4, 6))
+    assert VAL_KEYS <= set(v6) and v6["val_rows"] == n_val
+    loss, agreement, rows = expected_val(cfg, run, tiny_run / "checkpoints" / "step-00000006")
+    assert v6["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert v6["val_agreement"] == pytest.approx([round(a, 4) for a in agreement], abs=1e-4)
+    want_accept = 1 + float(torch.cumprod(torch.tensor(agreement), 0).sum())
+    assert v6["val_expected_accept"] == pytest.approx(want_accept, rel=1e-5)
+    assert v4["val_loss"] != pytest.approx(v6["val_loss"], rel=1e-4)  # two steps of training moved it
+    out = capsys.readouterr().out
+    assert f"val ({n_val} rows of data/val): loss {v6['val_loss']:.4f}" in out
+
+
+@pytest.mark.slow
+def test_validation_is_the_same_for_the_same_heads_and_off_with_val_every_0(tiny_run, in_process_env, tmp_path):
+    """lr=0 keeps the heads: validation at every step gives identical values while the training loss (other
+    rows each step) moves, so nothing random enters them. train.val_every=0: no val field anywhere."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    off = tmp_path / "off"
+    shutil.copytree(tiny_run, off)
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=3", "train.val_every=1", "train.lr=0"])
+    engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}))
+    recs = records(tiny_run)
+    assert [r["step"] for r in recs if "val_loss" in r] == [1, 2, 3]
+    assert len({r["loss"] for r in recs}) == 3
+    for key in ("val_loss", "val_agreement", "val_expected_accept", "val_rows"):
+        assert recs[0][key] == recs[1][key] == recs[2][key], key
+
+    cfg = compose("tiny", [f"run_dir={off}", *TINY_FAST, "train.max_steps=2", "train.val_every=0"])
+    engine.run_train(cfg, RunDir(off), resolve_dist_env({}))
+    assert [r["step"] for r in records(off)] == [1, 2]
+    assert all(not VAL_KEYS & set(r) for r in records(off))
+
+
+@pytest.mark.slow
+def test_validation_without_data_val_is_one_line_and_training_goes_on(tiny_run, in_process_env):
+    """A run folder made before data/val existed (or with no held-out prompt): validation asked for (the default
+    or train.val_every=N) says so in one line and the run trains every step; train.val_rows caps the rows."""
+    from orthrus_train.config.loader import compose
+    from orthrus_train.launch.dist_env import resolve_dist_env
+    from orthrus_train.run_dir import RunDir
+    from orthrus_train.train import engine
+
+    capped = tiny_run.parent / "capped"
+    shutil.copytree(tiny_run, capped)
+    shutil.rmtree(tiny_run / "data" / "val")
+    notes = []
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.max_steps=3", "train.val_every=1"])
+    engine.run_train(cfg, RunDir(tiny_run), resolve_dist_env({}), log=notes.append)
+    assert [n for n in notes if "validation" in n] == [
+        f"[train] validation off: {tiny_run / 'data' / 'val'} not found (no held-out prompt: data.holdout_count, "
+        "or data made before val/ existed); training goes on"]
+    assert [r["step"] for r in records(tiny_run)] == [1, 2, 3]
+    assert all(not VAL_KEYS & set(r) for r in records(tiny_run))
+
+    cfg = compose("tiny", [f"run_dir={capped}", *TINY_FAST, "train.max_steps=1", "train.val_rows=1"])
+    engine.run_train(cfg, RunDir(capped), resolve_dist_env({}))
+    assert records(capped)[0]["val_rows"] == 1  # the last step is validated; on the first row only
+
+
+def test_val_keys_are_checked(tmp_path):
+    from orthrus_train.config.loader import compose
+    from orthrus_train.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.val_every must be >= 0 \(0 = off\)"):
+        compose("tiny", [f"run_dir={tmp_path}", "train.val_every=-1"])
+    with pytest.raises(ConfigError, match="train.val_rows must be > 0"):
+        compose("tiny", [f"run_dir={tmp_path}", "train.val_rows=0"])
+    assert compose("tiny", [f"run_dir={tmp_path}"]).train.val_every is None
