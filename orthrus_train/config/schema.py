@@ -104,6 +104,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
+    # optimizer steps between the printed metric lines and the wandb points (also every validated and the last
+    # step); metrics.jsonl keeps every step
     log_every: int = 10
     # Validation on RUN/data/val (the held-out prompts' rows): the training loss, per-offset agreement and
     # expected acceptance over those rows, with no gradient and anchors drawn from fixed seeds (comparable

@@ -71,12 +71,32 @@ class MetricsLogger:
                 print(f"[train] wandb disabled: {e.__class__.__name__}: {str(e)[:200]} "
                       "(train.wandb.mode=offline needs no account; online needs `wandb login` or WANDB_API_KEY)")
 
+    def due(self, rec: dict) -> bool:
+        """Whether `rec` is a train.log_every point: every log_every-th step, a step with validation, the last."""
+        return rec["step"] % self.every == 0 or "val_loss" in rec or rec["step"] == self.plan.total_steps
+
+    def line(self, rec: dict) -> str:
+        """The printed metric line of a log_every point (plain text: readable in a Slurm log)."""
+        out = (f"[train] step {rec['step']}/{self.plan.total_steps}  loss {rec['loss']:.4f}  expected acceptance "
+               f"{rec['expected_accept']:.2f}  lr {rec['lr']:.3g}  tokens/s {rec['tokens_per_s']:.0f}")
+        if "val_loss" in rec:
+            out += f"  val loss {rec['val_loss']:.4f}  val expected acceptance {rec['val_expected_accept']:.2f}"
+        return out
+
     def log(self, rec: dict) -> None:
+        """Every step goes to metrics.jsonl (resume and the learning curves read each one); every
+        train.log_every-th step (and each validated and the last step) is also printed as one line and sent to
+        wandb."""
         if self.rank != 0:
             return
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        due = self.due(rec)
+        if due:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.line(rec))
+        if self.wandb is not None and due:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
             flat.update({f"agreement/{i}": a for i, a in enumerate(rec["agreement"]) if a == a})
             try:

@@ -2,6 +2,7 @@
 atomic checkpoints that are validated before loading, NaN stops with the last good checkpoint kept."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -520,9 +521,10 @@ def test_validation_at_val_every_and_the_last_step_equals_the_heads_on_data_val(
     run = RunDir(tiny_run)
     n_val = PackedDataset(run.data / "val").total_rows
     assert n_val >= 2, "the tiny data stage should pack its 4 held-out prompts into data/val"
-    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.val_every=4"])
+    cfg = compose("tiny", [f"run_dir={tiny_run}", *TINY_FAST, "train.val_every=4", "train.log_every=3"])
     engine.run_train(cfg, run, resolve_dist_env({}))
     recs = records(tiny_run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl: every step, whatever log_every
     assert [r["step"] for r in recs if "val_loss" in r] == [4, 6]
     assert all(not VAL_KEYS & set(r) for r in recs if r["step"] not in (4, 6))
     v4, v6 = (next(r for r in recs if r["step"] == s) for s in (4, 6))
@@ -535,6 +537,10 @@ def test_validation_at_val_every_and_the_last_step_equals_the_heads_on_data_val(
     assert v4["val_loss"] != pytest.approx(v6["val_loss"], rel=1e-4)  # two steps of training moved it
     out = capsys.readouterr().out
     assert f"val ({n_val} rows of data/val): loss {v6['val_loss']:.4f}" in out
+    # train.log_every=3: one printed line at step 3, and at each validated step (4) and the last (6), not others
+    printed = [int(m) for m in re.findall(r"^\[train\] step (\d+)/6  loss", out, re.M)]
+    assert printed == [3, 4, 6], out
+    assert f"val loss {v4['val_loss']:.4f}" in out and f"loss {recs[2]['loss']:.4f}" in out
 
 
 @pytest.mark.slow
