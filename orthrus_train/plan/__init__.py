@@ -171,10 +171,12 @@ def make(cfg) -> dict:
     prompt_tok = p.prompt_tokens if p.prompt_tokens is not None else lengths["prompt"]
     response_tok = min(p.response_tokens if p.response_tokens is not None else lengths["response"], d.max_new_tokens)
     per_prompt = int(getattr(d, "samples_per_prompt", 1) or 1)
-    holdout = d.holdout_count or 0
+    # held out: as the data stage counts them (data.holdout_count, else the fraction of the selected prompts)
+    holdout = d.holdout_count if d.holdout_count is not None else round(d.holdout_fraction * prompts)
     documents = max(0, prompts - holdout) * per_prompt
     data_tokens = documents * (prompt_tok + response_tok)
-    regen_tokens = documents * response_tok if d.regenerate else 0
+    # the held-out prompts are answered too, once each (their rows are RUN/data/val, train.val_every)
+    regen_tokens = (documents + min(holdout, prompts)) * response_tok if d.regenerate else 0
     rows = int(data_tokens // t.seq_len)
     try:
         steps = make_plan(rows, t, gpus)
@@ -241,7 +243,8 @@ def format_text(pl: dict) -> str:
         f"                prompts: {pl['prompts_from']}; lengths: {pl['lengths_source']}",
         f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} "
         f"epochs, {pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
-        f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens at {r['tokens_per_s_per_gpu']:,.0f} "
+        f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens (the held-out prompts' one response each "
+        f"included) at {r['tokens_per_s_per_gpu']:,.0f} "
         f"tok/s/GPU -> {r['hours']:.1f} h",
         f"                {r['basis']}",
         f"  training:     {tr['tokens_per_s_per_gpu']:,.0f} tok/s/GPU -> {tr['hours']:.1f} h",

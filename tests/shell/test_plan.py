@@ -32,7 +32,8 @@ def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
     assert not (tmp_path / "r").exists()  # writes nothing
     # data and steps follow the recipe: 510K prompts - 300 held out, 304 + 688 tokens each, 2048-token rows
     assert pl["documents"] == 510_000 - 300
-    assert pl["data_tokens"] == pl["documents"] * (304 + 688) and pl["regenerated_tokens"] == pl["documents"] * 688
+    assert pl["data_tokens"] == pl["documents"] * (304 + 688)
+    assert pl["regenerated_tokens"] == (pl["documents"] + 300) * 688  # the held-out prompts answered once each
     rows = pl["data_tokens"] // 2048
     assert pl["rows"] == rows and pl["steps_per_epoch"] == rows // 128 and pl["steps"] == 2 * (rows // 128)
     assert pl["train_tokens"] == pl["steps"] * 128 * 2048
@@ -96,6 +97,11 @@ def test_shape_from_config_json_and_prompts_from_plan():
                "plan.prompt_tokens=20")
     assert pl["shape"] == "qwen3" and pl["documents"] == 1000 - 8 and pl["data_tokens"] == (1000 - 8) * 70
     assert math.isfinite(pl["total_hours"]) and pl["training"]["extrapolated"]
+    # regeneration answers the 8 held-out prompts too (once each: their rows are data/val)
+    assert pl["regenerated_tokens"] == (1000 - 8 + 8) * 50
+    frac = _json("recipe=tiny", "plan.prompts=1000", "plan.gpus=1", "plan.gpu=h100", "plan.response_tokens=50",
+                 "data.holdout_count=null", "data.holdout_fraction=0.1", "data.samples_per_prompt=3")
+    assert frac["holdout"] == 100 and frac["documents"] == 900 * 3 and frac["regenerated_tokens"] == (2700 + 100) * 50
 
 
 @pytest.mark.parametrize("args,needle", [
