@@ -11,7 +11,10 @@ curve.json is a list of {run, supervised_tokens, steps, benchmark, temperature, 
 acceptance_length_se, tpf, speedup} (acceptance_length_se: the error bar over the prompt sample, None for
 reports older than it): acceptance length = emitted tokens / verify passes, TPF = emitted tokens / (draft +
 verify passes), speedup = drafted tokens/s over the AR tokens/s of the same engine (the report's own
-definitions, orthrus_train/eval/metrics.py).
+definitions, orthrus_train/eval/metrics.py). Where consecutive budgets' evals kept their samples.jsonl,
+paired.json (and a second table in curve.md) gives each budget against the one before on the same prompts,
+with the paired standard error (compare_evals.py). training_curve.json carries the last validation at or
+before each budget (val_loss, val_expected_accept, val_agreement; train.val_every) where the run logged one.
 """
 from __future__ import annotations
 
@@ -59,11 +62,17 @@ def training_rows(metrics_file: Path, run: str, steps: list[int], window: int = 
     for step in steps:
         win = [recs[k] for k in range(step - window + 1, step + 1) if k in recs]
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        out.append({"run": run, "steps": step, "supervised_tokens": tokens_at(cum, step),
-                    "loss": mean([r["loss"] for r in win]),
-                    "expected_accept_from_agreement": mean([r["expected_accept"] for r in win]),
-                    "agreement": [round(mean([r["agreement"][i] for r in win]), 4)
-                                  for i in range(len(win[-1]["agreement"]))]})
+        row = {"run": run, "steps": step, "supervised_tokens": tokens_at(cum, step),
+               "loss": mean([r["loss"] for r in win]),
+               "expected_accept_from_agreement": mean([r["expected_accept"] for r in win]),
+               "agreement": [round(mean([r["agreement"][i] for r in win]), 4)
+                             for i in range(len(win[-1]["agreement"]))]}
+        val = [k for k in recs if k <= step and "val_loss" in recs[k]]  # train.val_every: the last validation
+        if val:
+            v = recs[max(val)]
+            row.update(val_step=max(val), val_loss=v["val_loss"], val_expected_accept=v["val_expected_accept"],
+                       val_agreement=v["val_agreement"])
+        out.append(row)
     return out
 
 
@@ -117,6 +126,32 @@ def plot(rows: list[dict], path: Path, title: str = "Orthrus heads: acceptance l
     finish(fig, ax, path, title, "acceptance length (emitted / verify pass)")
 
 
+def paired_steps(evals: list[tuple[int, Path]]) -> list[dict]:
+    """Each budget against the one before it, on the same prompts (`compare_evals.py`: B - A with the paired
+    error), where both evals kept their samples.jsonl. evals: (step, eval folder) in step order."""
+    from compare_evals import compare, read
+
+    have = [(s, d / "samples.jsonl") for s, d in evals if (d / "samples.jsonl").is_file()]
+    out = []
+    for (s0, f0), (s1, f1) in zip(have, have[1:]):
+        out += [{"from_step": s0, "to_step": s1, **r} for r in compare(read(f0), read(f1))]
+    return out
+
+
+def paired_table(rows: list[dict]) -> str:
+    f = lambda x: "-" if x is None or x != x else f"{x:.2f}"  # noqa: E731
+    lines = ["", "Each budget against the one before, on the same prompts (B - A with the paired standard error; "
+             "|z| above about 2 is more than the prompt sample explains):", "",
+             "| steps | benchmark | T | prompts | AL change (paired SE) | z | TPF change (paired SE) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        al, tp = r["acceptance_length"], r["tpf"]
+        lines.append(f"| {r['from_step']} -> {r['to_step']} | {r['benchmark']} | {r['temperature']:g} | "
+                     f"{r['prompts']} | {al['diff']:+.3f} ({f(al['diff_se'])}) | {f(al['z'])} | "
+                     f"{tp['diff']:+.3f} ({f(tp['diff_se'])}) |")
+    return "\n".join(lines) + "\n"
+
+
 def finish(fig, ax, path: Path, title: str, ylabel: str, fontsize: int = 8) -> None:
     """The axes every curve figure shares (supervised tokens on a log x axis), saved to `path` and closed."""
     import matplotlib.pyplot as plt
@@ -146,11 +181,14 @@ def main(argv=None) -> int:
     run_dir, eval_root = (Path(p) for p in args.main.split(":", 1))
     cum = supervised_tokens_by_step(run_dir / "metrics.jsonl")
     rows: list[dict] = []
+    evaluated = []
     for d in sorted(eval_root.glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name))):
         rep = d / "eval" / "report.json"
         if rep.exists():
             step = int(re.sub(r"\D", "", d.name))
+            evaluated.append((step, rep.parent))
             rows += rows_of(json.loads(rep.read_text()), "main", step, tokens_at(cum, step))
+    paired = paired_steps(evaluated)
     for spec in args.extra:
         name, rest = spec.split("=", 1)
         rdir, rep = rest.split(":", 1)
@@ -171,10 +209,14 @@ def main(argv=None) -> int:
         (out / "training_curve.json").write_text(json.dumps(train_rows, indent=1) + "\n")
         print(json.dumps(train_rows, indent=1))
     (out / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "curve.md").write_text(table(rows))
+    md = table(rows) + (paired_table(paired) if paired else "")
+    (out / "curve.md").write_text(md)
+    if paired:  # NaN (too few prompts for an error) as null: strict JSON
+        (out / "paired.json").write_text(json.dumps(json.loads(json.dumps(paired), parse_constant=lambda c: None),
+                                                    indent=1) + "\n")
     if any(r["run"] == "main" for r in rows):
         plot(rows, out / "curve.png", args.title)
-    print(table(rows))
+    print(md)
     return 0
 
 

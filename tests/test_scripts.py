@@ -117,9 +117,20 @@ def test_learning_curve_collects_reports_into_curve_json(tmp_path):
                           "ar": {"tokens_per_s": 100.0}, "speedup": a}
         path.write_text(json.dumps({"benchmarks": {"gsm8k": {"results": {"T=0": cell(accept), "T=1": cell(accept - 0.5)}}}}))
 
+    def samples(path, per_prompt):  # the eval's samples.jsonl: prompt uid -> (emitted tokens, verify passes)
+        path.write_text("".join(json.dumps({"benchmark": "gsm8k", "uid": u, "temperature": 0.0, "method": "spec",
+                                            "turns": [{"tokens": list(range(t)), "verify_passes": v,
+                                                       "draft_passes": v}]}) + "\n"
+                                for u, (t, v) in per_prompt.items()))
+
     metrics(tmp_path / "main", range(1, 9), 1000)
+    recs = [json.loads(x) for x in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()]
+    recs[5].update(val_loss=1.5, val_expected_accept=2.5, val_agreement=[0.7, 0.2])  # step 6 validated
+    (tmp_path / "main" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     report(tmp_path / "curve" / "step-2" / "eval" / "report.json", 2.0)
     report(tmp_path / "curve" / "step-8" / "eval" / "report.json", 3.0)
+    samples(tmp_path / "curve" / "step-2" / "eval" / "samples.jsonl", {"a": (4, 2), "b": (6, 3), "c": (2, 2)})
+    samples(tmp_path / "curve" / "step-8" / "eval" / "samples.jsonl", {"a": (6, 2), "b": (9, 3), "c": (2, 2)})
     metrics(tmp_path / "abl", range(1, 5), 500)
     report(tmp_path / "abl" / "eval" / "report.json", 2.5)
     out = tmp_path / "out"
@@ -141,6 +152,13 @@ def test_learning_curve_collects_reports_into_curve_json(tmp_path):
     # the training side needs only metrics.jsonl: "missing" (no eval report) still has its training row
     assert [(r["run"], r["steps"]) for r in train] == [("main", 2), ("main", 8), ("abl-lr", 4), ("missing", 4)]
     assert (out / "curve.png").stat().st_size > 0 and "| main | 8 | 0.01M | gsm8k |" in (out / "curve.md").read_text()
+    # budgets compared prompt by prompt: 12/7 -> 17/7 on the same three prompts, with the paired error
+    paired = json.loads((out / "paired.json").read_text())
+    assert [(p["from_step"], p["to_step"], p["benchmark"], p["prompts"]) for p in paired] == [(2, 8, "gsm8k", 3)]
+    assert paired[0]["acceptance_length"]["diff"] == pytest.approx(5 / 7) and paired[0]["acceptance_length"]["diff_se"] > 0
+    assert "| 2 -> 8 | gsm8k | 0 | 3 | +0.714 (" in (out / "curve.md").read_text()
+    # the training side carries the last validation at or before each budget
+    assert "val_loss" not in train[0] and (train[1]["val_step"], train[1]["val_expected_accept"]) == (6, 2.5)
     # the error bar where the report has one (reports before it have none: no "±")
     assert got[("main", 8, 0.0)]["acceptance_length_se"] == 0.125 and got[("main", 2, 0.0)]["acceptance_length_se"] is None
     md = (out / "curve.md").read_text()
