@@ -78,15 +78,23 @@ def compare(a: dict, b: dict, method: str = "spec") -> list[dict]:
     return rows
 
 
+def num(x) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
+def change_cells(r: dict) -> str:
+    """A compared row's B - A cells: AL change (paired SE) | z | TPF change (paired SE)."""
+    al, tp = r["acceptance_length"], r["tpf"]
+    return f"{al['diff']:+.3f} ({num(al['diff_se'])}) | {num(al['z'])} | {tp['diff']:+.3f} ({num(tp['diff_se'])})"
+
+
 def table(rows: list[dict]) -> str:
-    f = lambda x: "-" if x is None or x != x else f"{x:.2f}"  # noqa: E731
     out = ["| benchmark | T | prompts | AL A | AL B | B - A (paired SE) | z | TPF B - A (paired SE) |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        al, tp = r["acceptance_length"], r["tpf"]
-        out.append(f"| {r['benchmark']} | {r['temperature']:g} | {r['prompts']} | {f(al['a'])} ± {f(al['a_se'])} | "
-                   f"{f(al['b'])} ± {f(al['b_se'])} | {al['diff']:+.3f} ({f(al['diff_se'])}) | {f(al['z'])} | "
-                   f"{tp['diff']:+.3f} ({f(tp['diff_se'])}) |")
+        al = r["acceptance_length"]
+        out.append(f"| {r['benchmark']} | {r['temperature']:g} | {r['prompts']} | {num(al['a'])} ± {num(al['a_se'])} | "
+                   f"{num(al['b'])} ± {num(al['b_se'])} | {change_cells(r)} |")
     return "\n".join(out)
 
 

@@ -139,16 +139,15 @@ def paired_steps(evals: list[tuple[int, Path]]) -> list[dict]:
 
 
 def paired_table(rows: list[dict]) -> str:
-    f = lambda x: "-" if x is None or x != x else f"{x:.2f}"  # noqa: E731
+    from compare_evals import change_cells
+
     lines = ["", "Each budget against the one before, on the same prompts (B - A with the paired standard error; "
              "|z| above about 2 is more than the prompt sample explains):", "",
              "| steps | benchmark | T | prompts | AL change (paired SE) | z | TPF change (paired SE) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        al, tp = r["acceptance_length"], r["tpf"]
         lines.append(f"| {r['from_step']} -> {r['to_step']} | {r['benchmark']} | {r['temperature']:g} | "
-                     f"{r['prompts']} | {al['diff']:+.3f} ({f(al['diff_se'])}) | {f(al['z'])} | "
-                     f"{tp['diff']:+.3f} ({f(tp['diff_se'])}) |")
+                     f"{r['prompts']} | {change_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
