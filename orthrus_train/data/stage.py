@@ -258,16 +258,13 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         if cfg.sample_temperature is not None:  # ... at data.sample_temperature
             _t, top_k, top_p = sampling_defaults_of(generator)
             sampling = (float(cfg.sample_temperature), top_k, top_p)
-        stats = regenerate(prompts, generator, regen_dir, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
-                           shard_size=cfg.shard_size, rank=rank, world_size=world_size, progress=cfg.progress,
-                           samples_per_prompt=n_samples, sampling=sampling)
+        shared = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                      batch_size=cfg.batch_size, shard_size=cfg.shard_size, rank=rank, world_size=world_size,
+                      progress=cfg.progress, sampling=sampling)
+        stats = regenerate(prompts, generator, regen_dir, samples_per_prompt=n_samples, **shared)
         val_dir, val_prompts = data_dir / "regen_val", [e.input_ids for e in val_encoded]
         if val_prompts:  # one response each, as the training prompts' first
-            val_stats = regenerate(val_prompts, generator, val_dir, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
-                                   shard_size=cfg.shard_size, rank=rank, world_size=world_size,
-                                   progress=cfg.progress, sampling=sampling)
+            val_stats = regenerate(val_prompts, generator, val_dir, **shared)
         if world_size > 1:
             if rank != 0:
                 return None
@@ -277,7 +274,9 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size, n_samples)
         # a response shorter than max_new_tokens stopped at an end-of-sequence token
         eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
-        unfinished = sum(1 for r in responses if len(r) >= cfg.max_new_tokens and r[-1] not in eos)
+        def at_max(rs):  # responses cut by max_new_tokens (not ended by an end-of-sequence token)
+            return sum(1 for r in rs if len(r) >= cfg.max_new_tokens and r[-1] not in eos)
+        unfinished = at_max(responses)
         # every distinct response of a prompt is one document (prompt-major); identical ones are dropped
         doc_prompt, dup_responses = [], 0
         for i, e in enumerate(encoded):
@@ -312,8 +311,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
                 "prompts": len(val_prompts), "new_tokens": val_totals["new_tokens"],
                 "seconds": round(val_totals["seconds"], 3), "shards": val_stats.shards,
                 "shards_skipped": val_stats.shards_skipped,
-                "responses_at_max_new_tokens": sum(1 for r in val_responses
-                                                   if len(r) >= cfg.max_new_tokens and r[-1] not in eos)}
+                "responses_at_max_new_tokens": at_max(val_responses)}
     else:
         docs = [(e.input_ids, e.loss_mask) for e in encoded]
         val_docs = [(e.input_ids, e.loss_mask) for e in val_encoded]

@@ -80,24 +80,37 @@ def tpf_std(records: Sequence) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
 
 
-def _pooled_ratio_se(num: list[float], den: list[float]) -> float:
-    """Delta-method standard error of sum(num) / sum(den) over independent units (n >= 2; else nan)."""
-    n, total = len(num), sum(den)
-    if n < 2 or not total:
-        return float("nan")
+def _counts(records: Sequence, passes: str = "verify") -> tuple[list[int], list[int]]:
+    """Per prompt: (emitted tokens, passes): verify passes ("verify", the acceptance length's) or draft + verify
+    passes ("all", TPF's)."""
+    return ([_n_tokens(r) for r in records],
+            [int(_get(r, "verify_passes")) + (int(_get(r, "draft_passes")) if passes == "all" else 0)
+             for r in records])
+
+
+def _influences(num: list[int], den: list[int]) -> tuple[float, list[float]]:
+    """(sum(num) / sum(den), each unit's delta-method influence on it: (num_i - R den_i) / sum(den))."""
+    total = sum(den)
+    if not total:
+        return float("nan"), [float("nan")] * len(num)
     r = sum(num) / total
-    return math.sqrt(n / (n - 1) * sum((y - r * x) ** 2 for y, x in zip(num, den))) / total
+    return r, [(y - r * x) / total for y, x in zip(num, den)]
+
+
+def _spread(z: list[float]) -> float:
+    """Standard error from influences over n >= 2 independent units (else nan)."""
+    n = len(z)
+    return math.sqrt(n / (n - 1) * sum(x * x for x in z)) if n >= 2 else float("nan")
 
 
 def acceptance_length_se(records: Sequence) -> float:
     """See DEFINITIONS['acceptance_length_se']."""
-    return _pooled_ratio_se([_n_tokens(r) for r in records], [int(_get(r, "verify_passes")) for r in records])
+    return _spread(_influences(*_counts(records))[1])
 
 
 def tpf_se(records: Sequence) -> float:
     """See DEFINITIONS['tpf_se']."""
-    return _pooled_ratio_se([_n_tokens(r) for r in records],
-                            [int(_get(r, "verify_passes")) + int(_get(r, "draft_passes")) for r in records])
+    return _spread(_influences(*_counts(records, "all"))[1])
 
 
 def paired_difference(a: Sequence, b: Sequence, passes: str = "verify") -> tuple[float, float]:
@@ -109,18 +122,9 @@ def paired_difference(a: Sequence, b: Sequence, passes: str = "verify") -> tuple
     than sqrt(SE_a^2 + SE_b^2) when the runs agree prompt by prompt. Fewer than 2 prompts: (difference, nan)."""
     if len(a) != len(b):
         raise ValueError(f"paired_difference needs the same prompts in both: {len(a)} and {len(b)} records")
-
-    def parts(recs):
-        t = [_n_tokens(r) for r in recs]
-        v = [int(_get(r, "verify_passes")) + (int(_get(r, "draft_passes")) if passes == "all" else 0) for r in recs]
-        return t, v, sum(t) / sum(v) if sum(v) else float("nan"), sum(v)
-    ta, va, ra, sa = parts(a)
-    tb, vb, rb, sb = parts(b)
-    n = len(a)
-    if n < 2 or not sa or not sb:
-        return rb - ra, float("nan")
-    z = [(tb[i] - rb * vb[i]) / sb - (ta[i] - ra * va[i]) / sa for i in range(n)]
-    return rb - ra, math.sqrt(n / (n - 1) * sum(x * x for x in z))
+    ra, za = _influences(*_counts(a, passes))
+    rb, zb = _influences(*_counts(b, passes))
+    return rb - ra, _spread([y - x for y, x in zip(zb, za)])
 
 
 def _block_size(records: Sequence) -> int:

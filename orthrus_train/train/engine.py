@@ -126,7 +126,29 @@ def row_seed(seed: int, epoch: int, row: int) -> int:
     return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + row * 0xC2B2AE3D) % (2 ** 63 - 1)
 
 
+def offset_weights(offset: torch.Tensor, decay: float) -> torch.Tensor:
+    """train.offset_decay: the loss weight of each supervised token, exp(-decay * its block offset)."""
+    return torch.exp(-decay * offset)
+
+
 VAL_EPOCH = -1  # val row r's anchors come from row_seed(seed, VAL_EPOCH, r): the same blocks at every evaluation
+
+
+def agreement_counts(offs, s_all, t_all, K: int) -> torch.Tensor:
+    """Per block offset (0..K-2): student-teacher argmax agreements, then supervised tokens, as one float64
+    tensor of 2(K-1) (the sums that `agreement_rates` turns into rates, all-reduced beside the loss sums)."""
+    offset, s_arg, t_arg = torch.cat(offs).cpu(), torch.cat(s_all).cpu(), torch.cat(t_all).cpu()
+    return torch.cat([torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1),
+                      torch.bincount(offset, minlength=K - 1).double()])
+
+
+def sum_over_ranks(red: torch.Tensor, device, world: int) -> torch.Tensor:
+    """`red` (on the host) summed over the processes (through `device`: NCCL reduces device tensors)."""
+    if world > 1:
+        red = red.to(device)
+        torch.distributed.all_reduce(red)
+        red = red.cpu()
+    return red
 
 
 def agreement_rates(hits: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -178,22 +200,15 @@ def val_metrics(engine, val, per_rank: int, t, K: int, device, rank: int, world:
                 loss, st = engine(mb["input_ids"], mb["loss_mask"], mb["blocks"], mb.get("segment_ids"),
                                   mb.get("position_ids"))
                 # the step's loss is a (weighted) mean over its supervised tokens: weigh it back into a sum
-                w = (float(torch.exp(-t.offset_decay * st["offset"].double()).sum()) if t.offset_decay > 0
+                w = (float(offset_weights(st["offset"].double(), t.offset_decay).sum()) if t.offset_decay > 0
                      else float(st["n_sup"]))
                 sums += torch.tensor([loss.detach().double().item() * w, w, st["n_sup"], len(local)],
                                      dtype=torch.float64)
-                offs.append(st["offset"]), s_all.append(st["s_arg"].cpu()), t_all.append(st["t_arg"].cpu())
+                offs.append(st["offset"]), s_all.append(st["s_arg"]), t_all.append(st["t_arg"])
     finally:
         for m, training in modes.items():
             m.train(training)
-    offset, s_arg, t_arg = torch.cat(offs).cpu(), torch.cat(s_all), torch.cat(t_all)
-    hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
-    counts = torch.bincount(offset, minlength=K - 1).double()
-    red = torch.cat([sums, hits, counts])
-    if world > 1:
-        red = red.to(device)
-        torch.distributed.all_reduce(red)
-        red = red.cpu()
+    red = sum_over_ranks(torch.cat([sums, agreement_counts(offs, s_all, t_all, K)]), device, world)
     rates, expected = agreement_rates(red[4:4 + K - 1], red[4 + K - 1:])
     return {"val_loss": float(red[0] / red[1]) if red[1] > 0 else float("nan"),
             "val_agreement": [round(float(r), 4) for r in rates.tolist()], "val_expected_accept": expected,
@@ -235,7 +250,7 @@ class DistillStep(nn.Module):
             per_tok, s_arg, t_arg = self._loss(out.hs, out.ht, weight)
         n = per_tok.numel()
         if self.offset_decay > 0 and n:
-            w = torch.exp(-self.offset_decay * out.sup.offset.to(per_tok.device, torch.float32))
+            w = offset_weights(out.sup.offset.to(per_tok.device, torch.float32), self.offset_decay)
             loss = (per_tok * w).sum() / w.sum()  # weighted mean over the supervised tokens
         else:
             loss = per_tok.sum() / max(n, 1)
@@ -474,16 +489,9 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
             offs.append(st["offset"]), s_all.append(st["s_arg"]), t_all.append(st["t_arg"])
             flops += row_flops(mcfg, t.seq_len, st["n_blocks"] / len(ids_k), K, st["n_sup"] / len(ids_k),
                                t.grad_checkpointing, medusa=model.head_type == "medusa") * len(ids_k)
-        offset = torch.cat(offs).cpu()
-        s_arg, t_arg = torch.cat(s_all).cpu(), torch.cat(t_all).cpu()
-        hits = torch.bincount(offset, weights=(s_arg == t_arg).double(), minlength=K - 1)
-        counts = torch.bincount(offset, minlength=K - 1).double()
-        red = torch.cat([torch.tensor([agg["loss_mean_sum"], agg["micro"], agg["n_sup"], agg["n_blocks"], flops],
-                                      dtype=torch.float64), hits, counts])
-        if world > 1:
-            red = red.to(device)
-            torch.distributed.all_reduce(red)
-            red = red.cpu()
+        red = sum_over_ranks(torch.cat([torch.tensor([agg["loss_mean_sum"], agg["micro"], agg["n_sup"],
+                                                       agg["n_blocks"], flops], dtype=torch.float64),
+                                         agreement_counts(offs, s_all, t_all, K)]), device, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
