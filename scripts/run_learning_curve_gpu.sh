@@ -32,6 +32,8 @@
 # DATA_SEED=N: data.seed (other samples than an earlier run's). INIT_FROM=PATH: heads.init_from for the main run
 # (a checkpoint folder or a copy of its heads.safetensors: continue earlier heads on new data, optimizer fresh).
 # HOLDOUT=N: data.holdout_count (prompts kept out of training; with a validation metric, what it is measured on)
+# SELF_PROMPTS=N: data.self_prompts.count (N more training prompts written by the backbone itself, then answered like
+# the others; SELF_SEED_WORDS=W: each starts with the first W words of a source prompt, keeping the mix's domains)
 # MB=N: micro batch per GPU [16].
 set -uo pipefail
 GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
@@ -73,7 +75,9 @@ BASE=(recipe=${RECIPE:-smollm2-135m} "model.path=$GGUF" train.wandb.mode=disable
 DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=$MAX_NEW data.batch_size=$REGEN_BS
       data.regen_backend=engine ${SAMPLE_T:+data.sample_temperature=$SAMPLE_T}  # SAMPLE_T: the extra samples' T
       ${REGEN_COMPILE:+data.compile_steps=$REGEN_COMPILE}  # REGEN_COMPILE=false: no compile attempt
-      ${DATA_SEED:+data.seed=$DATA_SEED} ${HOLDOUT:+data.holdout_count=$HOLDOUT})  # HOLDOUT: prompts kept out of training
+      ${DATA_SEED:+data.seed=$DATA_SEED} ${HOLDOUT:+data.holdout_count=$HOLDOUT}  # HOLDOUT: prompts kept out of training
+      ${SELF_PROMPTS:+data.self_prompts.count=$SELF_PROMPTS}  # SELF_PROMPTS: prompts the backbone writes itself
+      ${SELF_SEED_WORDS:+data.self_prompts.seed_words=$SELF_SEED_WORDS})  # ... each opening with N words of a source prompt
 TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.min_lr_ratio=0.1 train.epochs=100)
 # Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
 MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)

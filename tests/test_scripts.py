@@ -209,8 +209,13 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
         _run(["scripts/run_learning_curve_gpu.sh", model, str(root), str(out), *phases], tmp_path, env=env,
              prog=("bash",), rc=rc)
     env = {"RECIPE": "tiny", "SAMPLES": "1", "MAX_NEW": "16", "STEPS": "4", "SAVE": "2", "GB": "4", "MB": "2",
-           "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000"}
+           "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000", "SELF_PROMPTS": "6",
+           "SELF_SEED_WORDS": "2"}
     driver(env, "data", "train")
+    # SELF_PROMPTS / SELF_SEED_WORDS reach the data stage: the backbone wrote 6 prompts, each accounted
+    w = json.loads((root / "main" / "data" / "report.json").read_text())["regeneration"]["self_prompts"]
+    assert w["count"] == 6 and w["seed_words"] == 2 and w["added"] + w["duplicates"] + w["unfinished"] + \
+        w["too_short"] == 6
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 7 and "results.tgz" in files, files
     parts = sorted((out / "heads").glob("heads.safetensors.part*"))

@@ -87,6 +87,24 @@ class ServerConfig:
 
 
 @dataclass
+class SelfPromptsConfig:
+    """Prompts the backbone writes itself, added to the training prompts (orthrus_train/data/self_prompts.py;
+    the Magpie method): more different contexts than the sources hold. Never held out."""
+
+    # How many prompts to write (0: none). Each is then answered like a source prompt (samples_per_prompt).
+    count: int = 0
+    # Sampling temperature of the writing (top-k / top-p: the target's generation_config).
+    temperature: float = 1.0
+    # Longest written prompt, in tokens; one that reaches it without its end-of-turn token is dropped.
+    max_tokens: int = 256
+    # > 0: each written prompt starts with the first N words of a random training prompt of the sources, which
+    # keeps the mix's domains; 0: the backbone starts from the bare template (its own idea of a user's question).
+    seed_words: int = 0
+    # Written prompts with fewer words (the opening included) are dropped.
+    min_words: int = 4
+
+
+@dataclass
 class DataConfig:
     """The data stage: sources -> (regenerate or keep responses) -> pack -> run_dir/data."""
 
@@ -154,6 +172,8 @@ class DataConfig:
     progress: bool = True
     # The completions server used when data.regen_backend is "server".
     server: ServerConfig = field(default_factory=ServerConfig)
+    # Prompts the backbone writes itself (count 0: none).
+    self_prompts: SelfPromptsConfig = field(default_factory=SelfPromptsConfig)
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else _make(SourceConfig, s, "data.sources[]")
@@ -162,6 +182,8 @@ class DataConfig:
             self.chat_template = _make(ChatTemplateConfig, self.chat_template, "data.chat_template")
         if not isinstance(self.server, ServerConfig):
             self.server = _make(ServerConfig, self.server, "data.server")
+        if not isinstance(self.self_prompts, SelfPromptsConfig):
+            self.self_prompts = _make(SelfPromptsConfig, self.self_prompts, "data.self_prompts")
         self.validate()
 
     def validate(self) -> None:
@@ -215,6 +237,15 @@ class DataConfig:
                                       f"response) or null (the generation_config's), got {self.sample_temperature}")
         if self.regen_backend not in REGEN_BACKENDS:
             bad("regen_backend", f"{self.regen_backend!r} is not one of {REGEN_BACKENDS}")
+        sp = self.self_prompts
+        for key, low in (("count", 0), ("max_tokens", 1), ("seed_words", 0), ("min_words", 0)):
+            if getattr(sp, key) < low:
+                bad(f"self_prompts.{key}", f"must be >= {low}, got {getattr(sp, key)}")
+        if not sp.temperature > 0:
+            bad("self_prompts.temperature", f"must be > 0 (the prompts are sampled), got {sp.temperature}")
+        if sp.count and not self.regenerate:
+            bad("self_prompts.count", "the backbone writes these prompts and their responses: it needs "
+                "data.regenerate=true (or data.self_prompts.count=0)")
 
     @property
     def take_all(self) -> bool:
@@ -249,6 +280,8 @@ class DataConfig:
                 d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
             if d["sample_temperature"] is None:
                 d.pop("sample_temperature")  # (and of configs that never set it)
+            if not self.self_prompts.count:
+                d.pop("self_prompts")  # (and of configs without written prompts)
             if not self.regenerate:
                 d.pop("model")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -38,7 +38,8 @@ from .pack import pack, stats_dict, write_packed
 from ..model.backbones import load_backbone, load_tokenizer
 from .regen import (EngineGenerator, Generator, HFGenerator, eos_ids_for, load_responses, missing_shards,
                     rank_world, regenerate, sampling_defaults_of)
-from .sources import BadRecordError, Rejected, load_sources, reason_counts, write_jsonl
+from .self_prompts import add_to_sources, write_prompts
+from .sources import BadRecordError, Rejected, load_sources, prompt_key, reason_counts, write_jsonl
 from .templates import ChatRenderer
 
 ACCOUNTING_BUCKETS = ("rejected", "duplicates", "not_selected", "holdout", "dropped_overlong", "packed")
@@ -211,6 +212,21 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     except Exception:
         _keep_rejects(data_dir, read_rejects, rank)  # the reasons of the records read so far are not lost
         raise
+    if cfg.regenerate and generator is None:
+        if not cfg.model and cfg.regen_backend != "server":
+            raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
+        generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model),
+                                  compile_cache=data_dir.parent / "cache" / "torchinductor")
+    self_report = None
+    if cfg.self_prompts.count:  # the backbone writes more training prompts (data/self_prompts.py)
+        written = write_prompts(
+            cfg, renderer, generator, data_dir / "self_prompts", src.train,
+            {prompt_key(r.prompt_messages) for r in src.train + src.holdout},
+            eos_ids=lambda: renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ())),
+            rank=rank, world_size=world_size,
+            wait=lambda d, n, size: _wait_for_all_shards(d, n, size, wait_timeout_s))
+        add_to_sources(src, written)
+        self_report = written.report
     rejected: list[Rejected] = list(src.rejected)
     encoded, kept, prompt_overlong = [], [], 0
     for i, rec in enumerate(src.train):
@@ -247,11 +263,6 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
     if cfg.regenerate:
         regen_dir = data_dir / "regen"
         prompts = [e.input_ids for e in encoded]
-        if generator is None:
-            if not cfg.model and cfg.regen_backend != "server":
-                raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
-            generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model),
-                                      compile_cache=data_dir.parent / "cache" / "torchinductor")
         t0 = time.perf_counter()
         n_samples = cfg.samples_per_prompt
         sampling = None  # the extra samples: the generator's defaults (the target's generation_config) ...
@@ -301,6 +312,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
         }
         if n_samples > 1:  # (temperature, top_k, top_p) of the responses after each prompt's first
             regen_report["extra_samples"] = list(sampling or sampling_defaults_of(generator))
+        if self_report is not None:  # the prompts the backbone wrote (their buckets; the added ones are packed)
+            regen_report["self_prompts"] = self_report
         if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
             regen_report["compile"] = generator.compile_info
         val_docs = []
@@ -479,6 +492,11 @@ def summary(report: Mapping[str, Any], note: str = "") -> str:
                      "duplicate responses dropped)" if per > 1 else "") + f", {g['new_tokens']} new tokens in "
                      f"{g['seconds']} s ({g['tokens_per_s']} tok/s); shards {g['shards']} (skipped "
                      f"{g['shards_skipped']}); {g['responses_at_max_new_tokens']} hit max_new_tokens")
+        w = g.get("self_prompts")
+        if w:
+            lines.append(f"  self-written prompts: {w['count']} written ({w['new_tokens']} tokens, {w['tokens_per_s']} "
+                         f"tok/s) = {w['added']} added + {w['duplicates']} duplicates + {w['unfinished']} unfinished "
+                         f"+ {w['too_short']} too short")
     else:
         lines.append("  regeneration: off (dataset responses kept)")
     p = report["packing"]

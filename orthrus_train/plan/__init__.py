@@ -173,10 +173,13 @@ def make(cfg) -> dict:
     per_prompt = int(getattr(d, "samples_per_prompt", 1) or 1)
     # held out: as the data stage counts them (data.holdout_count, else the fraction of the selected prompts)
     holdout = d.holdout_count if d.holdout_count is not None else round(d.holdout_fraction * prompts)
-    documents = max(0, prompts - holdout) * per_prompt
+    # prompts the backbone writes (data.self_prompts), counted as if every one were kept, at the mean prompt length
+    written = d.self_prompts.count if d.regenerate else 0
+    documents = (max(0, prompts - holdout) + written) * per_prompt
     data_tokens = documents * (prompt_tok + response_tok)
     # the held-out prompts are answered too, once each (their rows are RUN/data/val, train.val_every)
-    regen_tokens = (documents + min(holdout, prompts)) * response_tok if d.regenerate else 0
+    regen_tokens = ((documents + min(holdout, prompts)) * response_tok
+                    + written * min(prompt_tok, d.self_prompts.max_tokens)) if d.regenerate else 0
     rows = int(data_tokens // t.seq_len)
     try:
         steps = make_plan(rows, t, gpus)
@@ -217,7 +220,7 @@ def make(cfg) -> dict:
 
     return {
         "recipe": cfg.recipe, "gpus": gpus, "gpu": p.gpu, "shape": shape or config.model_type,
-        "prompts": prompts, "prompts_from": prompts_from, "holdout": holdout, "samples_per_prompt": per_prompt, "documents": documents,
+        "prompts": prompts, "prompts_from": prompts_from, "holdout": holdout, "samples_per_prompt": per_prompt, "self_prompts": written, "documents": documents,
         "prompt_tokens": prompt_tok, "response_tokens": response_tok, "data_tokens": data_tokens,
         "regenerated_tokens": regen_tokens, "rows": rows, "seq_len": t.seq_len,
         "steps_per_epoch": steps.steps_per_epoch, "steps": steps.total_steps, "epochs": t.epochs,
@@ -236,7 +239,9 @@ def format_text(pl: dict) -> str:
     r, tr = pl["regeneration"], pl["training"]
     lines = [
         f"plan: recipe {pl['recipe']} ({pl['shape']}) on {pl['gpus']} x {pl['gpu']} (estimates; no model loaded)",
-        f"  data:         {pl['prompts']:,} prompts - {pl['holdout']:,} held out, x {pl['samples_per_prompt']} "
+        f"  data:         {pl['prompts']:,} prompts - {pl['holdout']:,} held out"
+        + (f" + {pl['self_prompts']:,} self-written" if pl.get("self_prompts") else "")
+        + f", x {pl['samples_per_prompt']} "
         f"response(s) = {pl['documents']:,} documents x ~{pl['prompt_tokens'] + pl['response_tokens']:,.0f} tokens "
         f"({pl['prompt_tokens']:,.0f} prompt + {pl['response_tokens']:,.0f} response) = {pl['data_tokens'] / 1e9:.3f}B "
         f"tokens -> {pl['rows']:,} rows of {pl['seq_len']}",
@@ -244,7 +249,7 @@ def format_text(pl: dict) -> str:
         f"  steps:        {pl['steps']:,} optimizer steps ({pl['steps_per_epoch']:,} per epoch x {pl['epochs']:g} "
         f"epochs, {pl['global_batch']} rows each) = {pl['train_tokens'] / 1e9:.3f}B row tokens",
         f"  regeneration: {pl['regenerated_tokens'] / 1e9:.3f}B new tokens (the held-out prompts' one response each "
-        f"included) at {r['tokens_per_s_per_gpu']:,.0f} "
+        f"included{', and the self-written prompts themselves' if pl.get('self_prompts') else ''}) at {r['tokens_per_s_per_gpu']:,.0f} "
         f"tok/s/GPU -> {r['hours']:.1f} h",
         f"                {r['basis']}",
         f"  training:     {tr['tokens_per_s_per_gpu']:,.0f} tok/s/GPU -> {tr['hours']:.1f} h",

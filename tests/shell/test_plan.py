@@ -102,6 +102,17 @@ def test_shape_from_config_json_and_prompts_from_plan():
     frac = _json("recipe=tiny", "plan.prompts=1000", "plan.gpus=1", "plan.gpu=h100", "plan.response_tokens=50",
                  "data.holdout_count=null", "data.holdout_fraction=0.1", "data.samples_per_prompt=3")
     assert frac["holdout"] == 100 and frac["documents"] == 900 * 3 and frac["regenerated_tokens"] == (2700 + 100) * 50
+    # self-written prompts (data.self_prompts): answered like the others, and written first (prompt length each,
+    # capped by their max_tokens); the text view names them
+    sp = _json("recipe=tiny", "plan.prompts=1000", "plan.gpus=1", "plan.gpu=h100", "plan.response_tokens=50",
+               "plan.prompt_tokens=20", "data.self_prompts.count=500", "data.self_prompts.max_tokens=16",
+               "data.samples_per_prompt=2")
+    assert sp["self_prompts"] == 500 and sp["documents"] == (992 + 500) * 2
+    assert sp["regenerated_tokens"] == (1984 + 1000 + 8) * 50 + 500 * 16
+    assert sp["regeneration"]["hours"] > pl["regeneration"]["hours"]
+    text = orthrus("stage=plan", "recipe=tiny", "plan.prompts=1000", "plan.gpus=1", "plan.gpu=h100",
+                   "data.self_prompts.count=500", env={"HF_HUB_OFFLINE": "1"}).stdout
+    assert "992 prompts" not in text and "1,000 prompts - 8 held out + 500 self-written, x 1" in text
 
 
 @pytest.mark.parametrize("args,needle", [
