@@ -23,6 +23,10 @@ CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several sha
 row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
 --refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
 per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time.
+--refill-lengths L [L ...]: "refill_lengths", one refill of --refill-rows rows of each prompt length L in turn (each
+length new to the process), then the same lengths again: "first_ms" against "again_ms" tells a cost paid once per
+new prompt shape (kernel specialisation, allocator growth) from the steady cost of a refill (session 15: the eval's
+fills took 65-117 ms where a repeated same-length refill took 23-26 ms).
 """
 from __future__ import annotations
 
@@ -109,6 +113,27 @@ def time_refill(eng, prompts, n: int, sync, profile: bool, top: int, dev) -> dic
     return out
 
 
+def time_refill_lengths(eng, V: int, lengths, n: int, sync) -> list[dict]:
+    """One refill of `n` rows per prompt length (random tokens), every length once in turn and then all again:
+    [{"prompt_len", "rows", "first_ms", "again_ms"}] (host-synchronized, as the eval times a fill)."""
+    g = torch.Generator().manual_seed(1)
+    rows = list(range(n))
+    out = []
+    for rnd in ("first_ms", "again_ms"):
+        for i, L in enumerate(lengths):
+            prompts = [torch.randint(0, V, (L,), generator=g).tolist() for _ in rows]
+            sync()
+            t = time.perf_counter()
+            eng._refill(rows, prompts, rows, 10 ** 6)
+            sync()
+            ms = (time.perf_counter() - t) * 1e3
+            if rnd == "first_ms":
+                out.append({"prompt_len": L, "rows": n, "first_ms": ms})
+            else:
+                out[i]["again_ms"] = ms
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["smollm2-135m"])
@@ -140,6 +165,9 @@ def main(argv=None):
     ap.add_argument("--refill", type=int, nargs="+", default=[], metavar="N",
                     help="also time one continuous-batching refill of N rows, for each N (the eval's prefill "
                          "cost; with --profile, where its host time goes)")
+    ap.add_argument("--refill-lengths", type=int, nargs="+", default=[], metavar="L",
+                    help="also time one refill per prompt length L, each new length once and then all again")
+    ap.add_argument("--refill-rows", type=int, default=4, help="rows per --refill-lengths refill")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -236,6 +264,10 @@ def profile_shape(a, shape, dev, gbps, out):
                                                   for e in prof.key_averages())
         if a.refill:
             row["refills"] = [time_refill(eng, prompts, min(n, B), sync, a.profile, a.top, dev) for n in a.refill]
+        if a.refill_lengths:
+            row["refill_lengths"] = time_refill_lengths(eng, V, a.refill_lengths, min(a.refill_rows, B), sync)
+            for r in row["refill_lengths"]:
+                print(json.dumps(r), flush=True)
         fusion.__exit__(None, None, None)
         row["spec_over_ar"] = row["spec_ms_per_step"] / row["ar_ms_per_step"]
         # the roofline of an AR step: its weights read once at the device's copy bandwidth (KV cache reads and

@@ -21,7 +21,8 @@ def _run(args, tmp_path, env=None, timeout=600, prog=(sys.executable,), rc=0):
 def test_profile_decode_step_smoke(tmp_path):
     out = tmp_path / "p.json"
     _run(["scripts/profile_decode_step.py", "--batch", "2", "--prompt-len", "6", "--steps", "1", "--attn", "auto",
-          "math", "--profile", "--top", "3", "--refill", "2", "1", "--out", str(out)], tmp_path)
+          "math", "--profile", "--top", "3", "--refill", "2", "1", "--refill-lengths", "5", "9", "--refill-rows", "2",
+          "--out", str(out)], tmp_path)
     rep = json.loads(out.read_text())
     assert [r["attn"] for r in rep["rows"]] == ["auto", "math"]
     for r in rep["rows"]:
@@ -30,6 +31,9 @@ def test_profile_decode_step_smoke(tmp_path):
         assert [x["refill_rows"] for x in r["refills"]] == [2, 1]
         for x in r["refills"]:
             assert x["refill_ms"] > 0 and x["refill_ops"] > 300 and len(x["refill_top"]) == 3
+        # one refill per prompt length, each new length and then again
+        assert [(x["prompt_len"], x["rows"]) for x in r["refill_lengths"]] == [(5, 2), (9, 2)]
+        assert all(x["first_ms"] > 0 and x["again_ms"] > 0 for x in r["refill_lengths"])
 
 
 def test_profile_decode_step_one_json_per_shape(tmp_path):
