@@ -136,34 +136,56 @@ def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+PREFILL_ALIGN = 64  # a prefill pass's padded length is a multiple of this (`prefill_shape`)
+
+
+def prefill_shape(rows: int, length: int, align: int = PREFILL_ALIGN) -> tuple[int, int]:
+    """The (rows, length) a prefill pass of `rows` prompts of at most `length` cached tokens runs at: rows rounded
+    up to a power of two, length up to a multiple of `align` (0 or 1: as they are). On a GPU the first pass of
+    each new shape costs far more than the pass itself (measured on an H200, SmolLM2 shape, session 15: 114-122 ms
+    for a 4-row refill of a new prompt length, up to 970 ms where a kernel specialisation compiled, against 35 ms
+    for the same length again), and the eval's and the data stage's refills come at ever new prompt lengths; a few
+    buckets pay that once each. The padding costs compute only: padded positions come after every real one
+    (causal) and padded rows are dropped, so the real rows' values are those of the unpadded pass."""
+    if align <= 1:
+        return rows, length
+    return 1 << max(0, rows - 1).bit_length(), -(-length // align) * align
+
+
 def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
-                 chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None) -> torch.Tensor:
+                 chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None,
+                 align: int = PREFILL_ALIGN) -> torch.Tensor:
     """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
     theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
     cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
     (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. Host values go to the device
     with `to_device` (no stream stall). scratch: where the scratch caches come from (default: a new one per
     chunk, `model.new_cache`); a `ScratchCache` hands out the same shapes without allocating or zero-filling
-    (bit-identical results)."""
+    (bit-identical results). align: each pass runs at `prefill_shape` (padded rows and length: few distinct
+    shapes); 0: at the chunk's own shape."""
     dev = cache.lengths.device
     lens = [len(p) for p in prompts]
     L = max(lens) - 1
     last = torch.zeros(len(rows), model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
     if L <= 0:
         return last
-    step = max(1, chunk_tokens // L) if chunk_tokens else len(rows)
+    Lp = prefill_shape(1, L, align)[1]
+    step = max(1, chunk_tokens // Lp) if chunk_tokens else len(rows)
+    if align > 1:  # whole power-of-two chunks: the padded rows stay within chunk_tokens
+        step = 1 << (step.bit_length() - 1)
     for lo in range(0, len(rows), step):
         part = prompts[lo:lo + step]
-        ids = torch.zeros(len(part), L, dtype=torch.long)
+        m = prefill_shape(len(part), L, align)[0]
+        ids = torch.zeros(m, Lp, dtype=torch.long)
         for i, p in enumerate(part):
             ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-        tmp = (scratch.get(len(part), L) if scratch is not None
-               else model.new_cache(len(part), L, device=dev, dtype=cache.k[0].dtype))
-        h = model.ar_cached(to_device(ids, dev), tmp)  # (m, L, H)
+        tmp = (scratch.get(m, Lp) if scratch is not None
+               else model.new_cache(m, Lp, device=dev, dtype=cache.k[0].dtype))
+        h = model.ar_cached(to_device(ids, dev), tmp)[: len(part)]  # (n, Lp, H): the real rows
         idx = to_device(rows[lo:lo + step], dev)
         for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
-            k[idx, :, :L] = tk
-            v[idx, :, :L] = tv
+            k[idx, :, :L] = tk[: len(part), :, :L]
+            v[idx, :, :L] = tv[: len(part), :, :L]
         pl = to_device(lens[lo:lo + step], dev)
         h_last = h[torch.arange(len(part), device=dev), (pl - 2).clamp(min=0)]
         last[lo:lo + len(part)] = torch.where((pl >= 2)[:, None], h_last.to(last.dtype), 0)

@@ -414,3 +414,39 @@ def test_engine_fuses_again_when_a_parameter_is_replaced(qwen3_model):
     assert not any(k.startswith("_orthrus_") for mod in m.modules() for k in mod.__dict__)
     many = eng.generate_many(prompts, 12)
     assert many.rows == b and not any(k.startswith("_orthrus_") for mod in m.modules() for k in mod.__dict__)
+
+
+def test_prefill_shape_buckets():
+    from orthrus_train.decode.engine import prefill_shape
+
+    assert [prefill_shape(n, 1)[0] for n in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    assert [prefill_shape(1, L)[1] for L in (1, 63, 64, 65, 200)] == [64, 64, 64, 128, 256]
+    assert prefill_shape(3, 70, align=0) == (3, 70) and prefill_shape(3, 70, align=16) == (4, 80)
+
+
+@pytest.mark.parametrize("chunk", [None, 130])
+def test_padded_prefill_equals_the_unpadded_pass(qwen3_model, chunk):
+    """prefill_rows at bucketed shapes (rows to a power of two, length to a multiple of 64; what the engines run)
+    leaves the rows' cache slots, the other rows' slots and the returned hidden states as the pass at the
+    chunk's own shape does (float32, CPU: to rounding, as GEMMs of other shapes block their sums differently),
+    with the scratch cache reused or not and in chunks."""
+    from orthrus_train.decode.engine import ScratchCache, prefill_rows
+
+    m = qwen3_model
+    prompts = random_prompts(5, (2, 40), seed=21) + [[7]]
+    rows = [5, 0, 3, 1, 6, 2]
+    out = []
+    for align, scratch in ((0, None), (64, None), (64, ScratchCache(m, torch.device("cpu"), torch.float32))):
+        cache = m.new_cache(8, 96, dtype=torch.float32)
+        for k in cache.k + cache.v:
+            k.fill_(0.25)  # rows not prefilled must keep this
+        last = prefill_rows(m, cache, rows, prompts, chunk_tokens=chunk, scratch=scratch, align=align)
+        out.append((last, cache))
+    (last0, c0) = out[0]
+    for last, c in out[1:]:
+        torch.testing.assert_close(last, last0, rtol=1e-5, atol=1e-5)
+        for k, k0 in zip(c.k + c.v, c0.k + c0.v):
+            for r, p in zip(rows, prompts):
+                torch.testing.assert_close(k[r, :, : len(p) - 1], k0[r, :, : len(p) - 1], rtol=1e-5, atol=1e-5)
+            assert bool((k[[4, 7]] == 0.25).all())
+    assert bool((last0[-1] == 0).all())  # a one-token prompt has nothing to prefill
