@@ -40,7 +40,7 @@ GGUF=${1:?gguf path}; ROOT=${2:?root}; FINAL=${3:?out dir}; shift 3
 PHASES=${*:-data train eval final collect}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 ORTHRUS_NO_PROGRESS=1 WANDB_MODE=disabled
 HERE=$(cd "$(dirname "$0")" && pwd)
-SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-256}; MB=${MB:-16}
+SAMPLES=${SAMPLES:-3}; MAX_NEW=${MAX_NEW:-384}; REGEN_BS=${REGEN_BS:-512}; MB=${MB:-16}
 STEPS=${STEPS:-960}; SAVE=${SAVE:-30}; GB=${GB:-32}; LR=${LR:-}  # LR unset: the recipe's (smollm2-135m: 3e-3)
 BUDGETS=${BUDGETS:-30 120 360 960}
 ABL_STEPS=${ABL_STEPS:-240}

@@ -58,7 +58,8 @@ def test_qwen3_8b_on_8_h200_uses_the_recorded_measurement(tmp_path):
 
 
 def test_more_gpus_is_faster_and_a_measured_world_size_is_used_as_measured():
-    z3 = ("recipe=qwen3-8b", "deepspeed=zero3", "plan.gpu=h200")  # as measured: ZeRO-3
+    # as measured: ZeRO-3, eager norms (train.compile_norm_rope defaults to true; 8B was measured without it)
+    z3 = ("recipe=qwen3-8b", "deepspeed=zero3", "plan.gpu=h200", "train.compile_norm_rope=false")
     one, two, four = (_json(*z3, f"plan.gpus={n}") for n in (1, 2, 4))
     for n, pl in ((1, one), (2, two), (4, four)):
         measured = _measured("qwen3-8b", "h200", n)["tokens_per_s"]
@@ -159,7 +160,14 @@ def test_smollm2_recipe_plans_from_its_gguf_with_its_own_measurements(tmp_path):
     pl = _json("recipe=smollm2-135m", "plan.gpus=1", "plan.gpu=h200", f"model.path={gguf}")
     assert pl["shape"] == "llama" and pl["samples_per_prompt"] == 6 and pl["prompts"] > 10_000
     for part in ("training", "regeneration"):
-        assert not pl[part]["extrapolated"] and "from smollm2-135m on 1 x h200" in pl[part]["basis"], pl[part]
+        assert "from smollm2-135m on 1 x h200" in pl[part]["basis"], pl[part]
+    assert not pl["regeneration"]["extrapolated"]
+    # its training rate at micro batch 64 was measured with eager norms; train.compile_norm_rope is now on by default
+    # (measured at micro batch 128 only): the plan uses the micro-64 rate unscaled, and says so
+    assert "measured with train.compile_norm_rope=false, planned with true (not scaled)" in pl["training"]["basis"]
+    eager = _json("recipe=smollm2-135m", "plan.gpus=1", "plan.gpu=h200", f"model.path={gguf}",
+                  "train.compile_norm_rope=false")
+    assert not eager["training"]["extrapolated"]
 
 
 @pytest.mark.skipif(not (SHARED / "models" / "smollm2-135m-instruct").is_dir(), reason="no ../shared beside the checkout")
@@ -168,7 +176,8 @@ def test_training_rate_comes_from_the_measurement_at_the_planned_micro_batch(tmp
     (sessions 9 and 10). The plan takes the measurement at the micro batch it plans, and says so where none is."""
     gguf = _smollm2_gguf(tmp_path)
     # as those runs trained (the recipe now trains without gradient checkpointing, which the plan scales by FLOPs)
-    args = ("recipe=smollm2-135m", "plan.gpus=2", "plan.gpu=h200", f"model.path={gguf}", "train.grad_checkpointing=true")
+    args = ("recipe=smollm2-135m", "plan.gpus=2", "plan.gpu=h200", f"model.path={gguf}", "train.grad_checkpointing=true",
+            "train.compile_norm_rope=false")
     by_micro = {e["micro_batch"]: e for e in REC["training"]
                 if (e["shape"], e["gpu"], e.get("world", 1)) == ("smollm2-135m", "h200", 2)}
     assert {16, 32} <= set(by_micro)
