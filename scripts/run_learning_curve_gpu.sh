@@ -145,7 +145,10 @@ for ph in $PHASES; do case $ph in
       fi ) &
     PROFILE_PID=$! ;;
   data) on_all run data run_dir=$ROOT/main stage=data || stop data
-    cp "$ROOT/main/data/report.json" "$RES/data_report.json" ;;
+    cp "$ROOT/main/data/report.json" "$RES/data_report.json"
+    # with SELF_PROMPTS: the first 200 prompts the backbone wrote, to read what it trained on
+    grep '"source": "self-written"' "$ROOT/main/data/prompts.jsonl" 2>/dev/null | head -n 200 > "$RES/self_prompts_sample.jsonl"
+    [ -s "$RES/self_prompts_sample.jsonl" ] || rm -f "$RES/self_prompts_sample.jsonl" ;;
   train)
     link_run "$ROOT/medusa"; for a in "${!ABL[@]}"; do link_run "$ROOT/abl-$a"; done
     side_pids=()

@@ -220,6 +220,8 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
     w = json.loads((root / "main" / "data" / "report.json").read_text())["regeneration"]["self_prompts"]
     assert w["count"] == 6 and w["seed_words"] == 2 and w["added"] + w["duplicates"] + w["unfinished"] + \
         w["too_short"] == 6
+    sample = (root / "results" / "self_prompts_sample.jsonl")
+    assert not w["added"] or len(sample.read_text().splitlines()) == w["added"]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 7 and "results.tgz" in files, files
     parts = sorted((out / "heads").glob("heads.safetensors.part*"))
