@@ -32,6 +32,7 @@
 # DATA_SEED=N: data.seed (other samples than an earlier run's). INIT_FROM=PATH: heads.init_from for the main run
 # (a checkpoint folder or a copy of its heads.safetensors: continue earlier heads on new data, optimizer fresh).
 # HOLDOUT=N: data.holdout_count (prompts kept out of training; with a validation metric, what it is measured on)
+# DATA_EXTRA="KEY=V ...": more data-stage overrides (MAIN_EXTRA: the main training run's).
 # SELF_PROMPTS=N: data.self_prompts.count (N more training prompts written by the backbone itself, then answered like
 # the others; SELF_SEED_WORDS=W: each starts with the first W words of a source prompt, keeping the mix's domains)
 # MB=N: micro batch per GPU [16].
@@ -77,7 +78,8 @@ DATA=(data.num_samples=all data.samples_per_prompt=$SAMPLES data.max_new_tokens=
       ${REGEN_COMPILE:+data.compile_steps=$REGEN_COMPILE}  # REGEN_COMPILE=false: no compile attempt
       ${DATA_SEED:+data.seed=$DATA_SEED} ${HOLDOUT:+data.holdout_count=$HOLDOUT}  # HOLDOUT: prompts kept out of training
       ${SELF_PROMPTS:+data.self_prompts.count=$SELF_PROMPTS}  # SELF_PROMPTS: prompts the backbone writes itself
-      ${SELF_SEED_WORDS:+data.self_prompts.seed_words=$SELF_SEED_WORDS})  # ... each opening with N words of a source prompt
+      ${SELF_SEED_WORDS:+data.self_prompts.seed_words=$SELF_SEED_WORDS}  # ... each opening with N words of a source prompt
+      ${DATA_EXTRA:-})  # DATA_EXTRA: more data-stage overrides (e.g. data.temperature=0.5)
 TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.min_lr_ratio=0.1 train.epochs=100)
 # Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
 MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)

@@ -214,10 +214,12 @@ def test_learning_curve_driver_returns_the_heads_within_a_device_calls_file_limi
              prog=("bash",), rc=rc)
     env = {"RECIPE": "tiny", "SAMPLES": "1", "MAX_NEW": "16", "STEPS": "4", "SAVE": "2", "GB": "4", "MB": "2",
            "MEDUSA_RUN": "0", "ABLATIONS": "none", "HEADS_PART_BYTES": "40000", "SELF_PROMPTS": "6",
-           "SELF_SEED_WORDS": "2"}
+           "SELF_SEED_WORDS": "2", "DATA_EXTRA": "data.temperature=0.5 data.self_prompts.min_words=0"}
     driver(env, "data", "train")
     # SELF_PROMPTS / SELF_SEED_WORDS reach the data stage: the backbone wrote 6 prompts, each accounted
-    w = json.loads((root / "main" / "data" / "report.json").read_text())["regeneration"]["self_prompts"]
+    data_rep = json.loads((root / "main" / "data" / "report.json").read_text())
+    assert data_rep["config"]["temperature"] == 0.5 and data_rep["config"]["self_prompts"]["min_words"] == 0  # DATA_EXTRA
+    w = data_rep["regeneration"]["self_prompts"]
     assert w["count"] == 6 and w["seed_words"] == 2 and w["added"] + w["duplicates"] + w["unfinished"] + \
         w["too_short"] == 6
     sample = (root / "results" / "self_prompts_sample.jsonl")
