@@ -615,6 +615,26 @@ class DecodeEngine:
         if eos:
             st.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
 
+    @torch.no_grad()
+    def warm_prefill(self, prompt_lengths: Sequence[int]) -> int:
+        """Run, untimed, one prefill at every shape (`prefill_shape`: rows a power of two up to the batch, length a
+        multiple of PREFILL_ALIGN) that prompts of these lengths can need here, so that each shape's first-pass
+        cost (kernel specialisation and selection: 0.1-1 s each on an H200, session 15) is paid before a timed
+        call and not inside it. Rows are left inactive; the next call arms its own. Returns the passes run."""
+        by_len: dict[int, int] = {}
+        for n in prompt_lengths:  # one real length per length bucket (its copy into the cache fits the slots)
+            if 2 <= n <= self.S:
+                by_len.setdefault(prefill_shape(1, n - 1)[1], n)
+        # one real row count per row bucket (a batch of 12 pads its 9-12-row refills to 16)
+        row_counts = sorted({prefill_shape(m, 1)[0]: m for m in range(1, self.B + 1)}.values())
+        with self._fused():
+            for n in by_len.values():
+                for m in row_counts:
+                    self._refill(list(range(m)), [[0] * n] * m, list(range(m)), 1)
+        self._st.active.zero_()
+        self._st.any_active.fill_(False)
+        return len(by_len) * len(row_counts)
+
     # ------------------------------------------------------------------------------- continuous batching
     def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
         """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into

@@ -182,9 +182,13 @@ def _warm_up(engines: _Engines, first_ids: list[list[int]], max_new: int, sp: Sa
     longest first turn at the full `max_new`; before, a one-prompt warm-up sized a smaller engine and the timed run
     built its own), then short calls on one full batch and on one prompt, so that graph capture, kernel selection
     and the kernels' first compilations for both prefill shapes (a full first fill; a one-row refill) happen here
-    and not inside the clock. Session 11: the eval's first timed cell spent 0.3 s more outside its decode steps
+    and not inside the clock (and before them one prefill at every prefill shape the prompts can need:
+    `DecodeEngine.warm_prefill`). Session 11: the eval's first timed cell spent 0.3 s more outside its decode steps
     than any other cell."""
-    engines.get(eng_slots(engines, first_ids, max_new))
+    eng = engines.get(eng_slots(engines, first_ids, max_new))
+    # every prefill shape the run's fills can need (rows and length bucketed: `decode.engine.prefill_shape`): a
+    # new shape's first pass cost 0.1-1 s on an H200 (session 15), more than a whole fill
+    eng.warm_prefill([len(x) for x in first_ids])
     gen = _engine_gen(engines, min(WARM_UP_TOKENS, max_new), sp, eos, mode)
     batch = first_ids[: engines.B]
     gen(batch, [0] * len(batch))

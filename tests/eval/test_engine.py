@@ -450,3 +450,21 @@ def test_padded_prefill_equals_the_unpadded_pass(qwen3_model, chunk):
                 torch.testing.assert_close(k[r, :, : len(p) - 1], k0[r, :, : len(p) - 1], rtol=1e-5, atol=1e-5)
             assert bool((k[[4, 7]] == 0.25).all())
     assert bool((last0[-1] == 0).all())  # a one-token prompt has nothing to prefill
+
+
+def test_warm_prefill_runs_every_bucket_and_changes_no_result(qwen3_model):
+    """DecodeEngine.warm_prefill: one pass per (row bucket, length bucket) the prompts can need (batch 6: 1, 2, 4, 8
+    rows; lengths 3..70: buckets 64 and 128), untimed; the calls after it give what they give without it."""
+    prompts = random_prompts(9, (3, 70), seed=4)
+    eng = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch")
+    want = eng.generate_many(prompts, 12, mode="spec").rows
+    fresh = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch")
+    calls = []
+    real = fresh._refill
+    fresh._refill = lambda rows, ps, seeds, n: (calls.append((len(rows), len(ps[0]))), real(rows, ps, seeds, n))
+    lengths = [len(p) for p in prompts]
+    assert fresh.warm_prefill(lengths + [1, 500]) == 4 * 2  # a 1-token prompt needs no pass; 500 > max_len: skipped
+    assert sorted({r for r, _ in calls}) == [1, 2, 4, 6] and {(n - 1 + 63) // 64 for _, n in calls} == {1, 2}
+    assert not bool(fresh._st.active.any())
+    fresh._refill = real
+    assert fresh.generate_many(prompts, 12, mode="spec").rows == want
