@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -63,12 +63,12 @@ def seed_texts(pool: Sequence[Record], n: int, words: int, seed: int) -> list[st
 
 @dataclass
 class Written:
-    """The result of `write_prompts`: the added records, the filtered ones, and the report section."""
+    """The result of `write_prompts`: the added records, the filtered ones, and the report section (its
+    "count", "duplicates" and the other buckets)."""
 
     records: list[Record]
     rejected: list[Rejected]
-    duplicates: int
-    report: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any]
 
 
 def write_prompts(cfg: Any, renderer: ChatRenderer, generator: Any, out_dir: Path, pool: Sequence[Record],
@@ -124,22 +124,22 @@ def write_prompts(cfg: Any, renderer: ChatRenderer, generator: Any, out_dir: Pat
               "shards_skipped": stats.shards_skipped, "wall_seconds_this_run": round(time.perf_counter() - t0, 3),
               **buckets, "duplicates": dups, "added": len(records)}
     assert sp.count == buckets["unfinished"] + buckets["too_short"] + dups + len(records)
-    return Written(records, rejected, dups, report)
+    return Written(records, rejected, report)
 
 
 def add_to_sources(src: Any, written: Written) -> None:
     """Append the written prompts to the training prompts of a SourceResult, with their own per-source entry
     and the counts that keep the stage's accounting closed (read = rejected + duplicates + ... + train)."""
-    n = written.report["count"]
+    n, dups = written.report["count"], written.report["duplicates"]
     src.train.extend(written.records)
     src.rejected.extend(written.rejected)
     c = src.counts
     c["read"] += n
     c["rejected"] += len(written.rejected)
-    c["duplicates"] += written.duplicates
+    c["duplicates"] += dups
     c["train"] += len(written.records)
     src.per_source.append({"source": SOURCE_NAME, "read": n, "rejected": len(written.rejected),
-                           "duplicates": written.duplicates, "available": len(written.records), "weight": None,
+                           "duplicates": dups, "available": len(written.records), "weight": None,
                            "selected": len(written.records), "not_selected": 0})
     total = sum(s["selected"] for s in src.per_source)
     for s in src.per_source:

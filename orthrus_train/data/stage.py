@@ -217,12 +217,14 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             raise ValueError("data.regenerate is true but data.model is unset and no generator was given")
         generator = LazyGenerator(cfg, tokenizer, renderer.stop_token_ids, _load_for_data(cfg.model),
                                   compile_cache=data_dir.parent / "cache" / "torchinductor")
+    def eos_ids() -> set[int]:  # what ends a generation: the template's end-of-turn ids and the generator's
+        return renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
     self_report = None
     if cfg.self_prompts.count:  # the backbone writes more training prompts (data/self_prompts.py)
         written = write_prompts(
             cfg, renderer, generator, data_dir / "self_prompts", src.train,
             {prompt_key(r.prompt_messages) for r in src.train + src.holdout},
-            eos_ids=lambda: renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ())),
+            eos_ids=eos_ids,
             rank=rank, world_size=world_size,
             wait=lambda d, n, size: _wait_for_all_shards(d, n, size, wait_timeout_s))
         add_to_sources(src, written)
@@ -284,7 +286,7 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
                 _wait_for_all_shards(val_dir, len(val_prompts), cfg.shard_size, wait_timeout_s)
         responses, totals = load_responses(regen_dir, len(prompts), cfg.shard_size, n_samples)
         # a response shorter than max_new_tokens stopped at an end-of-sequence token
-        eos = renderer.stop_token_ids | set(getattr(generator, "eos_token_ids", ()))
+        eos = eos_ids()
         def at_max(rs):  # responses cut by max_new_tokens (not ended by an end-of-sequence token)
             return sum(1 for r in rs if len(r) >= cfg.max_new_tokens and r[-1] not in eos)
         unfinished = at_max(responses)
