@@ -22,7 +22,8 @@ CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several sha
 --norm torch triton: also time the decode passes' RMSNorm as one Triton kernel (layers.set_decode_norm); each
 row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
 --refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
-per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time.
+per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time;
+"staged_refill_ms": the same refill from prompts staged ahead (`generate_many`: a copy of cache rows, no pass).
 --refill-lengths L [L ...]: "refill_lengths", one refill of --refill-rows rows of each prompt length L in turn (each
 length new to the process), then the same lengths again: "first_ms" against "again_ms" tells a cost paid once per
 new prompt shape (kernel specialisation, allocator growth) from the steady cost of a refill (session 15: the eval's
@@ -99,6 +100,22 @@ def time_refill(eng, prompts, n: int, sync, profile: bool, top: int, dev) -> dic
         times.append(time.perf_counter() - t)
     timed = sorted(times[1:])
     out = {"refill_rows": n, "refill_ms": timed[len(timed) // 2] * 1e3}
+    # the same rows from prompts staged ahead (generate_many: one pass stages many prompts, a refill copies rows)
+    from orthrus_train.decode.engine import _Staged
+
+    staged = _Staged()
+    pool = [prompts[i % len(prompts)] for i in range(7 * n)]
+    eng._refill_staged(rows, pool, 0, seeds, 10 ** 6, staged)  # stages up to prefill_ahead_tokens (untimed)
+    times = []
+    while staged.left >= n and len(times) < 6:
+        sync()
+        t = time.perf_counter()
+        eng._refill_staged(rows, pool, staged.first + staged.used, seeds, 10 ** 6, staged)
+        sync()
+        times.append(time.perf_counter() - t)
+    if len(times) > 1:
+        timed = sorted(times[1:])
+        out["staged_refill_ms"] = timed[len(timed) // 2] * 1e3
     if profile:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with prof_ctx(activities=acts) as prof:

@@ -31,6 +31,7 @@ def test_profile_decode_step_smoke(tmp_path):
         assert [x["refill_rows"] for x in r["refills"]] == [2, 1]
         for x in r["refills"]:
             assert x["refill_ms"] > 0 and x["refill_ops"] > 300 and len(x["refill_top"]) == 3
+            assert x["staged_refill_ms"] > 0  # the same rows copied from prompts staged ahead
         # one refill per prompt length, each new length and then again
         assert [(x["prompt_len"], x["rows"]) for x in r["refill_lengths"]] == [(5, 2), (9, 2)]
         assert all(x["first_ms"] > 0 and x["again_ms"] > 0 for x in r["refill_lengths"])

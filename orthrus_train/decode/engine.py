@@ -115,7 +115,8 @@ class GenerateResult:
     steps: int  # batch steps run (includes up to sync_every-1 steps after the last row finished)
     batch_size: int  # engine batch (rows beyond len(prompts) are idle padding)
     cuda_graphs: bool
-    refills: int = 0  # generate_many: prefill passes after the first fill (each a host-synchronized eager pass)
+    refills: int = 0  # generate_many: refills after the first fill (each host-synchronized)
+    prefill_passes: int = 0  # generate_many: prefill passes, the first fill's included (staged ahead: < refills + 1)
 
     @property
     def total_s(self) -> float:
@@ -152,6 +153,36 @@ def prefill_shape(rows: int, length: int, align: int = PREFILL_ALIGN) -> tuple[i
     return 1 << max(0, rows - 1).bit_length(), -(-length // align) * align
 
 
+def prefill_pass(model: DraftModel, prompts: Sequence[Sequence[int]], device, dtype,
+                 scratch: "ScratchCache | None" = None, align: int = PREFILL_ALIGN) -> tuple[StaticKVCache, torch.Tensor]:
+    """One padded eager pass caching each prompt minus its last token in rows 0..n-1 of a scratch cache (slots
+    0..len-2; the pass runs at `prefill_shape`, so the cache has at least n rows and the bucketed length).
+    Returns (that cache, each prompt's final hidden state at its second-to-last position, (n, H), zeros for a
+    one-token prompt). `prefill_rows` copies the rows into an engine's cache; `DecodeEngine.generate_many` keeps
+    them staged until rows are free (`_Staged`)."""
+    n = len(prompts)
+    lens = [len(p) for p in prompts]
+    L = max(1, max(lens) - 1)
+    m, Lp = prefill_shape(n, L, align)
+    ids = torch.zeros(m, Lp, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
+    tmp = scratch.get(m, Lp) if scratch is not None else model.new_cache(m, Lp, device=device, dtype=dtype)
+    h = model.ar_cached(to_device(ids, device), tmp)[:n]  # (n, Lp, H): the real rows
+    pl = to_device(lens, device)
+    h_last = h[torch.arange(n, device=device), (pl - 2).clamp(min=0)]
+    return tmp, torch.where((pl >= 2)[:, None], h_last.to(dtype), 0)
+
+
+def copy_prefilled(cache: StaticKVCache, idx: torch.Tensor, tmp: StaticKVCache, lo: int, n: int, L: int) -> None:
+    """Rows lo..lo+n-1 of a `prefill_pass` cache, slots 0..L-1, into the rows `idx` (device, (n,)) of `cache`."""
+    if L <= 0:
+        return
+    for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
+        k[idx, :, :L] = tk[lo:lo + n, :, :L]
+        v[idx, :, :L] = tv[lo:lo + n, :, :L]
+
+
 def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
                  chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None,
                  align: int = PREFILL_ALIGN) -> torch.Tensor:
@@ -163,10 +194,10 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
     chunk, `model.new_cache`); a `ScratchCache` hands out the same shapes without allocating or zero-filling
     (bit-identical results). align: each pass runs at `prefill_shape` (padded rows and length: few distinct
     shapes); 0: at the chunk's own shape."""
-    dev = cache.lengths.device
+    dev, dtype = cache.lengths.device, cache.k[0].dtype
     lens = [len(p) for p in prompts]
     L = max(lens) - 1
-    last = torch.zeros(len(rows), model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
+    last = torch.zeros(len(rows), model.config.hidden_size, device=dev, dtype=dtype)
     if L <= 0:
         return last
     Lp = prefill_shape(1, L, align)[1]
@@ -175,21 +206,45 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
         step = 1 << (step.bit_length() - 1)
     for lo in range(0, len(rows), step):
         part = prompts[lo:lo + step]
-        m = prefill_shape(len(part), L, align)[0]
-        ids = torch.zeros(m, Lp, dtype=torch.long)
-        for i, p in enumerate(part):
-            ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-        tmp = (scratch.get(m, Lp) if scratch is not None
-               else model.new_cache(m, Lp, device=dev, dtype=cache.k[0].dtype))
-        h = model.ar_cached(to_device(ids, dev), tmp)[: len(part)]  # (n, Lp, H): the real rows
-        idx = to_device(rows[lo:lo + step], dev)
-        for k, v, tk, tv in zip(cache.k, cache.v, tmp.k, tmp.v):
-            k[idx, :, :L] = tk[: len(part), :, :L]
-            v[idx, :, :L] = tv[: len(part), :, :L]
-        pl = to_device(lens[lo:lo + step], dev)
-        h_last = h[torch.arange(len(part), device=dev), (pl - 2).clamp(min=0)]
-        last[lo:lo + len(part)] = torch.where((pl >= 2)[:, None], h_last.to(last.dtype), 0)
+        tmp, h_last = prefill_pass(model, part, dev, dtype, scratch, align)
+        copy_prefilled(cache, to_device(rows[lo:lo + step], dev), tmp, 0, len(part), max(len(p) for p in part) - 1)
+        last[lo:lo + len(part)] = h_last
     return last
+
+
+def ahead_count(prompt_lens: Sequence[int], need: int, budget: int) -> int:
+    """How many of the next prompts (their lengths, in order) one staging pass of `DecodeEngine.generate_many`
+    prefills: at least `need` (the rows to fill now), grown by powers of two (the padded pass's rows) while the
+    padded pass (`prefill_shape`) stays within `budget` tokens, at most the prompts left. budget 0: `need`."""
+    left = len(prompt_lens)
+    count = min(need, left)
+    if budget <= 0:
+        return count
+    c = prefill_shape(count, 1)[0]  # the padded pass's rows: the next power of two, or twice the count
+    c = c * 2 if c == count else c
+    while count < left:
+        cand = min(c, left)
+        m, Lp = prefill_shape(cand, max(1, max(prompt_lens[:cand]) - 1))
+        if m * Lp > budget:
+            break
+        count, c = cand, c * 2
+    return count
+
+
+class _Staged:
+    """Prompts of one `generate_many` call prefilled ahead of their refill: prompts first..first+n-1 in rows
+    0..n-1 of a `prefill_pass` cache (the engine's scratch), their last hidden states, and how many were taken.
+    The scratch is reused by the next staging pass, which runs only once every staged prompt was taken."""
+
+    def __init__(self):
+        self.first = self.n = self.used = 0
+        self.cache: StaticKVCache | None = None
+        self.last: torch.Tensor | None = None
+        self.lens: list[int] = []
+
+    @property
+    def left(self) -> int:
+        return self.n - self.used
 
 
 class ScratchCache:
@@ -247,23 +302,29 @@ def should_refill(free: int, batch: int, idle_row_steps: float, step_s: float, r
 
 @dataclass
 class RefillCost:
-    """Running estimate of the seconds of one refill for the adaptive rule (kept by the engine across calls).
-    Before a refill was measured: `prior_steps` decode steps. Measurements (host-synchronized refills after a
-    call's first fill) enter a decayed mean (weight `decay` per newer one), so the estimate follows the prompt
-    lengths of the current benchmark. learn=False: always the prior (tests: decisions in step units)."""
+    """Running estimates of the seconds of one refill for the adaptive rule (kept by the engine across calls), by
+    kind: "pass" (a refill that runs a prefill pass: its prompts were not staged) and "copy" (its prompts were
+    staged by an earlier pass: only their cache rows are copied). Before a kind was measured: `prior_steps`
+    decode steps ("copy": `copy_prior_steps`, default the same). Measurements (host-synchronized refills after a
+    call's first fill) enter a decayed mean per kind (weight `decay` per newer one), so the estimates follow the
+    prompt lengths of the current benchmark. learn=False: always the priors (tests: decisions in step units)."""
     prior_steps: float = 8.0
     learn: bool = True
     decay: float = 0.8
-    _sum: float = 0.0
-    _weight: float = 0.0
+    copy_prior_steps: float | None = None
+    _sum: dict = field(default_factory=dict)
+    _weight: dict = field(default_factory=dict)
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, kind: str = "pass") -> None:
         if self.learn:
-            self._sum = self._sum * self.decay + seconds
-            self._weight = self._weight * self.decay + 1.0
+            self._sum[kind] = self._sum.get(kind, 0.0) * self.decay + seconds
+            self._weight[kind] = self._weight.get(kind, 0.0) * self.decay + 1.0
 
-    def seconds(self, step_s: float) -> float:
-        return self._sum / self._weight if self._weight > 0 else self.prior_steps * step_s
+    def seconds(self, step_s: float, kind: str = "pass") -> float:
+        if self._weight.get(kind, 0.0) > 0:
+            return self._sum[kind] / self._weight[kind]
+        prior = self.copy_prior_steps if kind == "copy" and self.copy_prior_steps is not None else self.prior_steps
+        return prior * step_s
 
 
 # _State.row_vars, in order: cache length, newest token x_a, seed, rng.seed_hash(seed), max new tokens, tokens out,
@@ -345,13 +406,21 @@ class DecodeEngine:
     fuse_projections: one q/k/v matmul per attention view and one gate/up matmul per dense MLP in the decode
       passes (`layers.DecodeFusion`: the parameters become slices of the fused weights, no copy; attached to the
       modules only during the engine's calls).
+    prefill_ahead_tokens: `generate_many` prefills the next prompts ahead of their refill, as many as fit this
+      many padded tokens in one pass (and at least the rows to fill), and keeps them staged in a scratch cache; a
+      refill whose prompts are staged only copies their cache rows. A prefill pass is launch-bound (an H200,
+      SmolLM2 shape: 26 ms for 16 rows of 200 tokens, 23 ms for 2), so one pass for many refills makes each refill
+      cheap, and the adaptive rule then refills sooner (fewer idle rows). Costs scratch memory: this many tokens of
+      K/V. 0: each refill prefills exactly its own prompts.
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
                  sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None,
-                 compile_steps: bool = False, fuse_projections: bool = True):
+                 compile_steps: bool = False, fuse_projections: bool = True, prefill_ahead_tokens: int = 16384):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if prefill_ahead_tokens < 0:
+            raise ValueError(f"prefill_ahead_tokens must be >= 0, got {prefill_ahead_tokens}")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.model = model
@@ -376,8 +445,9 @@ class DecodeEngine:
         self._fusion = DecodeFusion(model) if fuse_projections else None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._scratch: ScratchCache | None = None  # prefill scratch caches of the refills (made on first use)
-        # the adaptive refill rule's estimate of one refill's seconds (generate_many; kept across calls)
-        self.refill_cost = RefillCost()
+        self.prefill_ahead_tokens = prefill_ahead_tokens
+        # the adaptive refill rule's estimates of one refill's seconds (generate_many; kept across calls)
+        self.refill_cost = RefillCost(copy_prior_steps=1.0)
         self._mode = "spec"
         self._sampling = SamplingParams()
         # the slot part of the counter-based uniforms (fixed per engine: rng.counter_uniforms in three parts)
@@ -617,30 +687,37 @@ class DecodeEngine:
 
     @torch.no_grad()
     def warm_prefill(self, prompt_lengths: Sequence[int]) -> int:
-        """Run, untimed, one prefill at every shape (`prefill_shape`: rows a power of two up to the batch, length a
-        multiple of PREFILL_ALIGN) that prompts of these lengths can need here, so that each shape's first-pass
-        cost (kernel specialisation and selection: 0.1-1 s each on an H200, session 15) is paid before a timed
-        call and not inside it. Rows are left inactive; the next call arms its own. Returns the passes run."""
+        """Run, untimed, one prefill pass at every shape (`prefill_shape`: rows a power of two, length a multiple of
+        PREFILL_ALIGN) that prompts of these lengths can need here, so that each shape's first-pass cost (kernel
+        specialisation and selection: 0.1-1 s each on an H200, session 15) is paid before a timed call and not
+        inside it: rows up to the batch (a batch of 12 pads its 9-12-row refills to 16), and up to what
+        `generate_many` stages ahead at that length (`_ahead_count`). The passes write only the scratch cache; the
+        engine's rows are untouched. Returns the passes run."""
         by_len: dict[int, int] = {}
-        for n in prompt_lengths:  # one real length per length bucket (its copy into the cache fits the slots)
+        for n in prompt_lengths:  # one real length per length bucket
             if 2 <= n <= self.S:
                 by_len.setdefault(prefill_shape(1, n - 1)[1], n)
-        # one real row count per row bucket (a batch of 12 pads its 9-12-row refills to 16)
-        row_counts = sorted({prefill_shape(m, 1)[0]: m for m in range(1, self.B + 1)}.values())
+        if self._scratch is None:
+            self._scratch = ScratchCache(self.model, self.device, self.dtype)
+        runs = 0
         with self._fused():
             for n in by_len.values():
-                for m in row_counts:
-                    self._refill(list(range(m)), [[0] * n] * m, list(range(m)), 1)
-        self._st.active.zero_()
-        self._st.any_active.fill_(False)
-        return len(by_len) * len(row_counts)
+                Lp = prefill_shape(1, n - 1)[1]
+                ahead = self.prefill_ahead_tokens // Lp  # the most rows a staging pass at this length runs
+                most = max(self.B, 1 << (ahead.bit_length() - 1) if ahead else 0)
+                for m in sorted({prefill_shape(m, 1)[0]: m for m in range(1, most + 1)}.values()):
+                    prefill_pass(self.model, [[0] * n] * m, self.device, self.dtype, self._scratch)
+                    runs += 1
+        return runs
 
     # ------------------------------------------------------------------------------- continuous batching
-    def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int) -> None:
+    def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int,
+                last: torch.Tensor | None = None) -> None:
         """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into
-        the rows' slots (`prefill_rows`, scratch caches reused) and the rows' counters, flags and last hidden
-        state are reset. No host sync: the row indices and per-row integers (`ROW_VARS`, seed hashes computed on
-        the host: the same integer arithmetic) travel in one pinned, non-blocking copy and land in one write."""
+        the rows' slots (`prefill_rows`, scratch caches reused; `last` given: the caller copied them already and
+        these are their last hidden states) and the rows' counters, flags and last hidden state are reset. No host
+        sync: the row indices and per-row integers (`ROW_VARS`, seed hashes computed on the host: the same integer
+        arithmetic) travel in one pinned, non-blocking copy and land in one write."""
         st = self._st
         if self._scratch is None:
             self._scratch = ScratchCache(self.model, self.device, self.dtype)
@@ -657,13 +734,46 @@ class DecodeEngine:
         host[1 + ROW_VARS.index("seed_h")] = seed_hash(sd)
         dev = to_device(host, self.device)
         idx = dev[0]
-        last = prefill_rows(self.model, st.cache, rows, prompts, scratch=self._scratch)
+        if last is None:
+            last = prefill_rows(self.model, st.cache, rows, prompts, scratch=self._scratch)
         st.row_vars[:, idx] = dev[1:]
         st.last_hidden[idx] = last
         st.acc[idx] = -1
         st.drafts[idx] = 0
         st.active[idx] = True
         st.any_active.fill_(True)
+
+    def _ahead_count(self, prompts: Sequence[Sequence[int]], first: int, need: int) -> int:
+        most = max(need, self.prefill_ahead_tokens // PREFILL_ALIGN)  # a padded row takes at least ALIGN slots
+        return ahead_count([len(p) for p in prompts[first:first + most]], need, self.prefill_ahead_tokens)
+
+    def _refill_staged(self, rows: list[int], prompts: Sequence[Sequence[int]], first: int, seeds: list[int],
+                       max_new_tokens: int, staged: _Staged) -> int:
+        """Arm `rows` with prompts first..first+len(rows)-1 of the call: staged ones are copied from the staging
+        cache; when it runs out, one `prefill_pass` stages the next `_ahead_count` prompts. Returns the passes run."""
+        if self._scratch is None:
+            self._scratch = ScratchCache(self.model, self.device, self.dtype)
+        n, done, passes, lasts = len(rows), 0, 0, []
+        idx = to_device(rows, self.device)
+        st = self._st
+        while done < n:
+            if staged.left == 0:
+                count = self._ahead_count(prompts, first + done, n - done)
+                part = prompts[first + done: first + done + count]
+                staged.cache, staged.last = prefill_pass(self.model, part, self.device, self.dtype, self._scratch)
+                staged.first, staged.n, staged.used = first + done, count, 0
+                staged.lens = [len(p) for p in part]
+                passes += 1
+            assert staged.first + staged.used == first + done, "staged prompts out of order (engine bug)"
+            k = min(n - done, staged.left)
+            lo = staged.used
+            copy_prefilled(st.cache, idx[done:done + k], staged.cache, lo, k, max(staged.lens[lo:lo + k]) - 1)
+            lasts.append(staged.last[lo:lo + k])
+            staged.used += k
+            done += k
+        self._refill(rows, list(prompts[first:first + n]), seeds, max_new_tokens,
+                     last=lasts[0] if len(lasts) == 1 else torch.cat(lasts))
+        return passes
 
     def _records(self, rows: list[int], prompts, seeds, which: list[int], mode: str) -> list[RowRecord]:
         """The records of engine rows `rows`, which hold prompts number `which` (one host copy of their rows)."""
@@ -693,13 +803,17 @@ class DecodeEngine:
         records equal `generate`'s (per-row uniforms keyed by seed and verify pass; the same passes), whichever
         rows are refilled when.
 
-        refill_min: None (default): the adaptive rule `should_refill`: a refill (one eager prefill pass, costing
-          about the same for 1 row as for B) waits until the throughput lost to idle rows since the last refill
-          reaches its measured cost (`self.refill_cost`, seconds; decode step seconds measured per call). An int:
-          refill once that many rows are free (the fixed count rule). Both refill an idle batch at once.
+        Prompts are prefilled ahead of their refill (`prefill_ahead_tokens`): one eager pass stages the next
+        prompts in a scratch cache, and a refill whose prompts are staged only copies their cache rows.
+
+        refill_min: None (default): the adaptive rule `should_refill`: a refill waits until the throughput lost to
+          idle rows since the last refill reaches its measured cost (`self.refill_cost`, seconds, by kind: a copy of
+          staged prompts, or one eager prefill pass, costing about the same for 1 row as for B; decode step seconds
+          measured per call). An int: refill once that many rows are free (the fixed count rule). Both refill an
+          idle batch at once.
         on_rows: called with each harvested group of records (progress display).
         prefill_s counts every prefill (the refills too, host-synchronized); decode_s the rest of the loop;
-        refills the prefill passes after the first fill."""
+        refills the refills after the first fill; prefill_passes every prefill pass."""
         eos, seeds = self._check_call(prompts, max_new_tokens, seeds, eos_token_ids, mode, None)
         with self._fused():
             return self._generate_many(prompts, max_new_tokens, sampling, seeds, eos, mode, refill_min, on_rows)
@@ -716,27 +830,31 @@ class DecodeEngine:
         owner: list[int | None] = [None] * self.B
         nxt, done = 0, 0
         records: list[RowRecord | None] = [None] * n
-        steps = refills = 0
+        steps = refills = passes = 0
         idle = 0  # row-steps spent idle since the last refill (free rows x steps of each window)
         window_s = 0.0  # seconds of the decode windows (host-synchronized), for the step time
+        staged = _Staged()  # prompts prefilled ahead (prefill_ahead_tokens)
         while done < n:
             free = [b for b in range(self.B) if owner[b] is None]
+            # what a refill now costs: a copy when its prompts are staged, else a pass (and a copy)
+            kind = "copy" if staged.left >= min(len(free), n - nxt) else "pass"
             if fixed_min is not None:
                 go = nxt < n and bool(free) and (len(free) >= fixed_min or len(free) == self.B)
             else:
                 step_s = window_s / steps if steps else 0.0
-                go = should_refill(len(free), self.B, idle, step_s, self.refill_cost.seconds(step_s), n - nxt)
+                go = should_refill(len(free), self.B, idle, step_s, self.refill_cost.seconds(step_s, kind), n - nxt)
             if go:
                 rows = free[: n - nxt]
                 take = list(range(nxt, nxt + len(rows)))
                 ta = time.perf_counter()
-                self._refill(rows, [prompts[i] for i in take], [seeds[i] for i in take], max_new_tokens)
+                ran = self._refill_staged(rows, prompts, nxt, [seeds[i] for i in take], max_new_tokens, staged)
                 sync()
                 dt = time.perf_counter() - ta
                 prefill_s += dt
+                passes += ran
                 if nxt > 0:  # (the first fill of a call is not a refill the rule could have saved)
                     refills += 1
-                    self.refill_cost.observe(dt)
+                    self.refill_cost.observe(dt, "pass" if ran else "copy")
                 for b, i in zip(rows, take):
                     owner[b] = i
                 nxt += len(rows)
@@ -766,7 +884,7 @@ class DecodeEngine:
         sync()
         total = time.perf_counter() - t0
         return GenerateResult(list(records), mode, prefill_s, total - prefill_s, steps, self.B, self.cuda_graphs,
-                              refills)
+                              refills, passes)
 
     def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,

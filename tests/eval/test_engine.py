@@ -206,6 +206,11 @@ def test_cuda_graphs_match_eager_on_gpu(dtype):
             outs[sp.temperature, mode] = [r.tokens for r in b]
     if dtype == torch.float32:
         assert outs[0.0, "spec"] == outs[0.0, "ar"]
+        # continuous batching with prompts staged ahead (one pass, then copies of cache rows), under the graphs
+        for mode in ("spec", "ar"):
+            many = graph.generate_many(prompts, 30, SamplingParams(0.0), seeds, eos_token_ids=[5], mode=mode,
+                                       refill_min=1)
+            assert [r.tokens for r in many.rows] == outs[0.0, mode] and many.prefill_passes == 1
 
 
 def test_compiled_steps_match_eager(qwen3_model):
@@ -452,19 +457,114 @@ def test_padded_prefill_equals_the_unpadded_pass(qwen3_model, chunk):
     assert bool((last0[-1] == 0).all())  # a one-token prompt has nothing to prefill
 
 
-def test_warm_prefill_runs_every_bucket_and_changes_no_result(qwen3_model):
-    """DecodeEngine.warm_prefill: one pass per (row bucket, length bucket) the prompts can need (batch 6: 1, 2, 4, 8
-    rows; lengths 3..70: buckets 64 and 128), untimed; the calls after it give what they give without it."""
+def test_warm_prefill_runs_every_shape_a_call_needs_and_changes_no_result(qwen3_model, monkeypatch):
+    """DecodeEngine.warm_prefill: one pass per (row bucket, length bucket) the prompts can need: rows up to the batch
+    and up to what a staging pass runs at that length (prefill_ahead_tokens 512: 8 rows at length bucket 64, 4 at
+    128; batch 6 -> 1, 2, 4, 8 rows at both), untimed; every pass shape a generate_many call then runs was warmed,
+    and the call gives what it gives without the warm-up."""
+    from orthrus_train.decode import engine as E
+
     prompts = random_prompts(9, (3, 70), seed=4)
-    eng = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch")
+    eng = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch", prefill_ahead_tokens=512)
     want = eng.generate_many(prompts, 12, mode="spec").rows
-    fresh = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch")
-    calls = []
-    real = fresh._refill
-    fresh._refill = lambda rows, ps, seeds, n: (calls.append((len(rows), len(ps[0]))), real(rows, ps, seeds, n))
+    fresh = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch", prefill_ahead_tokens=512)
+    shapes = []
+    real = E.prefill_pass
+    monkeypatch.setattr(E, "prefill_pass", lambda m, ps, *a, **k: (
+        shapes.append(E.prefill_shape(len(ps), max(len(p) for p in ps) - 1)), real(m, ps, *a, **k))[1])
     lengths = [len(p) for p in prompts]
     assert fresh.warm_prefill(lengths + [1, 500]) == 4 * 2  # a 1-token prompt needs no pass; 500 > max_len: skipped
-    assert sorted({r for r, _ in calls}) == [1, 2, 4, 6] and {(n - 1 + 63) // 64 for _, n in calls} == {1, 2}
+    warmed = set(shapes)
+    assert warmed == {(r, L) for r in (1, 2, 4, 8) for L in (64, 128)}
     assert not bool(fresh._st.active.any())
-    fresh._refill = real
-    assert fresh.generate_many(prompts, 12, mode="spec").rows == want
+    shapes.clear()
+    got = fresh.generate_many(prompts, 12, mode="spec")
+    assert got.rows == want and shapes and set(shapes) <= warmed
+    wide = DecodeEngine(qwen3_model, batch_size=6, max_len=160, verify_backend="torch", prefill_ahead_tokens=2048)
+    assert wide.warm_prefill([10, 100]) == 6 + 5  # up to 32 rows at 64 slots, 16 at 128
+
+
+def test_ahead_count(qwen3_model):
+    """How many prompts a staging pass prefills: at least the rows to fill, grown by powers of two while the padded
+    pass (rows to a power of two x length to a multiple of 64) fits prefill_ahead_tokens, at most the prompts left."""
+    prompts = [[1] * 10] * 20 + [[1] * 100] + [[1] * 10] * 20
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=160, verify_backend="torch", prefill_ahead_tokens=512)
+    assert eng._ahead_count(prompts, 0, 3) == 8  # 8 x 64 slots = 512
+    assert eng._ahead_count(prompts, 0, 5) == 8
+    assert eng._ahead_count(prompts, 16, 2) == 4  # 8 rows would reach the 100-token prompt: 8 x 128 > 512
+    assert eng._ahead_count(prompts, 20, 3) == 4  # the long prompt leads: 4 x 128
+    assert eng._ahead_count(prompts, 0, 12) == 12  # the rows to fill always fit, whatever the budget
+    assert eng._ahead_count(prompts, 38, 1) == 3  # the prompts left
+    eng.prefill_ahead_tokens = 0
+    assert eng._ahead_count(prompts, 0, 3) == 3
+
+
+@pytest.mark.parametrize("ahead", [0, 256, 16384])
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+def test_prefill_ahead_changes_no_row_and_saves_passes(qwen3_model, mode, ahead):
+    """Prompts staged ahead of their refill (prefill_ahead_tokens) give every row of the fixed-batch decode, greedy
+    and sampled, with refills of one row at a time; staging many prompts per pass runs fewer passes than refills
+    (0: one pass per fill, as before)."""
+    prompts = random_prompts(11, (1, 20), seed=5)
+    eos_src = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch").generate(
+        prompts[:3], 20, mode="ar").rows
+    eos = sorted({eos_src[0].tokens[3], eos_src[2].tokens[9]})
+    for sp in (SamplingParams(), SamplingParams(1.0, top_k=20)):
+        seeds = [3 + i for i in range(len(prompts))]
+        eng = DecodeEngine(qwen3_model, batch_size=3, max_len=96, verify_backend="torch", prefill_ahead_tokens=ahead)
+        want = rows_of(eng.generate_all(prompts, 20, sp, seeds, eos, mode))
+        many = eng.generate_many(prompts, 20, sp, seeds, eos, mode, refill_min=1)
+        assert many.rows == want
+        assert many.refills >= 3 and 1 <= many.prefill_passes <= many.refills + 1
+        if ahead == 0:
+            assert many.prefill_passes == many.refills + 1
+        elif ahead == 16384:
+            assert many.prefill_passes == 1  # 11 short prompts: one staging pass holds them all
+        else:  # 256 tokens: 4 rows of 64 slots per pass
+            assert 2 <= many.prefill_passes < many.refills + 1
+
+
+def test_refill_rule_prices_a_staged_refill_as_a_copy(qwen3_model):
+    """The adaptive rule prices a refill whose prompts are staged at the copy estimate, one that needs a pass at
+    the pass estimate: with copies free and passes dear (priors, not the clock), free rows are refilled at the
+    first look when prompts are staged, and wait for company when they are not (prefill_ahead_tokens=0)."""
+    pool = random_prompts(24, (2, 10), seed=8)
+    eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
+    long_ids, short = _long_and_short_rows(eng, pool, 4, 12, 8)
+    prompts = []
+    for k in range(4):  # three short rows, then a long one
+        prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
+    eos = sorted({t for _, t in short})
+    want = rows_of(eng.generate_all(prompts, 30, eos_token_ids=eos))
+    got = {}
+    for ahead in (0, 16384):
+        e = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch", prefill_ahead_tokens=ahead)
+        e.refill_cost = RefillCost(prior_steps=8, copy_prior_steps=0, learn=False)
+        got[ahead] = e.generate_many(prompts, 30, eos_token_ids=eos)
+        assert got[ahead].rows == want
+    one = eng.generate_many(prompts, 30, eos_token_ids=eos, refill_min=1)
+    assert got[16384].refills == one.refills > got[0].refills and got[16384].steps <= got[0].steps
+
+
+def test_staged_refill_launches_a_fraction_of_a_pass():
+    """A refill of staged prompts copies cache rows instead of running a prefill pass: on the SmolLM2 shape (30
+    layers, reduced width), a 2-row refill of 200-token prompts issues under a fifth of the ops (the CPU proxy
+    for kernel launches, `decode/opcount.py`) of one that runs its pass."""
+    from orthrus_train.decode.engine import _Staged
+    from orthrus_train.decode.opcount import build_engine, counting
+
+    eng, prompts = build_engine("smollm2-135m", 4, 16, True, prompt_len=200, slots=256)
+    prompts = prompts * 4
+    counts = {}
+    with torch.no_grad(), eng._fused():
+        staged = _Staged()
+        eng._refill_staged([0, 1, 2, 3], prompts, 0, [0] * 4, 8, staged)  # first fill: stages all 16 prompts
+        assert staged.left == 12
+        with counting() as c:
+            eng._refill_staged([1, 2], prompts, 4, [0, 0], 8, staged)
+        counts["copy"] = c.total
+        eng._refill_staged([1, 2], prompts, 0, [0] * 2, 8, _Staged())  # untimed: the pass's lazy set-up
+        with counting() as c:
+            assert eng._refill_staged([1, 2], prompts, 0, [0] * 2, 8, _Staged()) == 1
+        counts["pass"] = c.total
+    assert counts["copy"] * 5 < counts["pass"], counts
