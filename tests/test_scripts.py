@@ -296,3 +296,26 @@ def test_compare_evals_pairs_prompts_by_uid(tmp_path):
                          ([str(a), str(b), "--method", "medusa"], "no benchmark and temperature")):
         bad = _run(["scripts/compare_evals.py", *args], tmp_path, rc=2)
         assert needle in bad.stderr and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_simulate_refills_replays_a_real_eval(tmp_path):
+    """scripts/simulate_refills.py on session 15's GPU eval (report + samples kept in docs/results): the replay with
+    the measured fill cost gives the measured engine steps within 3% and refills within 1 on every benchmark; prompts
+    staged ahead give fewer idle rows than one pass per fill at the same pass cost; a wrong path is one line."""
+    d = ROOT / "docs/results/2026-12-01-s15-self-prompts"
+    out = tmp_path / "sim.json"
+    _run(["scripts/simulate_refills.py", "--report", str(d / "curve_step800_report.json"),
+          "--samples", str(d / "curve_step800_samples.jsonl.gz"), "--out", str(out)], tmp_path)
+    rep = json.loads(out.read_text())
+    assert rep["batch"] == 16 and set(rep["benchmarks"]) == {"gsm8k", "humaneval", "arena_hard"}
+    for name, res in rep["benchmarks"].items():
+        for method in ("spec", "ar"):
+            meas, rep_ = res[method]["measured"], res[method]["replay"]
+            assert abs(rep_["engine_steps"] - meas["engine_steps"]) <= 0.03 * meas["engine_steps"], (name, method)
+            assert abs(rep_["refills"] - meas["refills"]) <= 2, (name, method)
+            assert res[method]["staged"]["occupancy"] >= res[method]["pass"]["occupancy"] - 0.02, (name, method)
+        assert res["staged"]["speedup"] > res["measured"]["speedup"]
+        assert res["spec"]["staged"]["prefill_passes"] < res["spec"]["staged"]["refills"]
+    r = _run(["scripts/simulate_refills.py", "--report", str(tmp_path / "nope.json"), "--samples", str(out)],
+             tmp_path, rc=2)
+    assert "nope.json does not exist" in r.stderr and "Traceback" not in r.stderr
