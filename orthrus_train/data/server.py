@@ -21,7 +21,8 @@ Wire format, decided once per generator by a probe request (`connect`):
 
 Model and tokenizer check (before the first prompt is sent): `/v1/models` must list `model` (or exactly one
 model when `model` is None), and the server must tokenize a probe conversation, rendered with the local chat
-template, into exactly the local ids: through its `/tokenize` endpoint (vLLM, SGLang) when present, else
+template, into exactly the local ids: through its tokenize endpoint when present (vLLM, SGLang, llama.cpp's
+llama-server: `/tokenize`; llama-cpp-python: `/extras/tokenize`), else
 through `prompt_token_ids` of a 1-token text completion, else (weakest) its `usage.prompt_tokens` count.
 Two checkpoints with the same tokenizer (e.g. two sizes of one family) are told apart only by their name.
 
@@ -160,8 +161,9 @@ class ServerGenerator:
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
-    def _call(self, path: str, body: dict | None = None, *, retry: bool = True) -> dict:
-        """JSON in, JSON out; retries transient failures; raises ServerError or _HTTPStatusError."""
+    def _call(self, path: str, body: dict | None = None, *, retry: bool = True, final: tuple[int, ...] = ()) -> dict:
+        """JSON in, JSON out; retries transient failures; raises ServerError or _HTTPStatusError (also for the
+        statuses in `final`: a probe that must tell a refused request from a broken server)."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -184,7 +186,7 @@ class ServerGenerator:
                 if e.code in (401, 403):
                     raise ServerError(f"{url}: HTTP {e.code} ({message}); set data.server.api_key_env to the "
                                       "environment variable holding the server's API key") from None
-                if e.code not in (408, 429) and e.code < 500:
+                if (e.code not in (408, 429) and e.code < 500) or e.code in final:
                     raise _HTTPStatusError(e.code, message) from None
                 last = f"HTTP {e.code}: {message}"
                 retry_after = e.headers.get("Retry-After") if e.headers else None
@@ -251,14 +253,24 @@ class ServerGenerator:
             f"(server {list(remote[k:k + 4])}, local {list(local[k:k + 4])}); serve the target model, or set "
             "data.model / data.tokenizer to the checkpoint the server runs")
 
+    def _tokenize_requests(self, text: str) -> list[tuple[str, dict]]:
+        """The tokenize endpoints of the servers we know, each with its request body: vLLM and SGLang (`/tokenize`,
+        `/v1/tokenize`: prompt), llama.cpp's llama-server (`/tokenize`: content), llama-cpp-python (`/extras/
+        tokenize`: input). All answer {"tokens": [ids]}."""
+        vllm = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        return [("/tokenize", vllm), ("/v1/tokenize", vllm),
+                ("/tokenize", {"content": text, "add_special": False, "with_pieces": False}),
+                ("/extras/tokenize", {"model": self.model, "input": text})]
+
     def _check_tokenizer(self, text: str, local: list[int]) -> str:
-        for path in ("/tokenize", "/v1/tokenize"):
+        for path, body in self._tokenize_requests(text):
             try:
-                d = self._call(path, {"model": self.model, "prompt": text, "add_special_tokens": False}, retry=False)
+                d = self._call(path, body, retry=False)
             except (_HTTPStatusError, ServerError):
                 continue  # no such endpoint here
             tokens = d.get("tokens") if isinstance(d, dict) else None
-            if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens):
+            # an empty list for a non-empty probe: the endpoint did not read this body (llama-server without content)
+            if isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens):
                 if tokens != local:
                     raise self._mismatch(f"its {path} of", local, tokens)
                 return path
@@ -277,10 +289,15 @@ class ServerGenerator:
 
     def _accepts_token_ids(self, ids: list[int]) -> bool:
         try:
-            d = self._completion(ids, 1, 0.0, None)
+            d = self._completion(ids, 1, 0.0, None, final=(500,))
         except _HTTPStatusError as e:
-            warnings.warn(f"{self.url} refuses token-id prompts ({e}); sending the decoded prompt text instead "
-                          "(add_special_tokens: false)", stacklevel=3)
+            if e.status == 500:  # llama-cpp-python answers 500 to a prompt it cannot parse: is it the token ids?
+                try:
+                    self._completion(self.tokenizer.decode(ids, skip_special_tokens=False), 1, 0.0, None)
+                except _HTTPStatusError as e2:
+                    raise ServerError(f"{self.url}/v1/completions refused a 1-token probe completion: {e2}") from None
+            warnings.warn(f"{self.url} refuses token-id prompts ({_snippet(str(e), 160)}); sending the decoded "
+                          "prompt text instead (add_special_tokens: false)", stacklevel=3)
             return False
         n = (d.get("usage") or {}).get("prompt_tokens")
         if isinstance(n, int) and n != len(ids):
@@ -292,7 +309,8 @@ class ServerGenerator:
 
     # ---------------------------------------------------------------------------------------- completions
 
-    def _completion(self, prompt: str | list[int], max_tokens: int, temperature: float, seed: int | None) -> dict:
+    def _completion(self, prompt: str | list[int], max_tokens: int, temperature: float, seed: int | None, *,
+                    final: tuple[int, ...] = ()) -> dict:
         body: dict[str, Any] = {
             "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "n": 1, "stream": False, "stop_token_ids": self.eos_token_ids, "skip_special_tokens": False,
@@ -302,7 +320,7 @@ class ServerGenerator:
             body["add_special_tokens"] = False  # the rendered text already holds every special token
         if seed is not None:
             body["seed"] = seed
-        return self._call("/v1/completions", body)
+        return self._call("/v1/completions", body, final=final)
 
     def _one(self, prompt: str | list[int], n_tokens: int, max_new_tokens: int, temperature: float,
              seed: int | None) -> dict:

@@ -29,9 +29,14 @@ class OpenAIStub:
                  token_prompts: bool = True, token_ids_field: bool = True, logprob_ids: bool = True,
                  tokenize_endpoint: bool = True, prompt_ids_field: bool = True, fail_first: int = 0,
                  fail_status: int = 503, retry_after: str | None = None, api_key: str | None = None,
-                 delay_s: float = 0.0, slow_first: int = 0, lifetime_s: float = 300.0, model: Any = None):
+                 delay_s: float = 0.0, slow_first: int = 0, lifetime_s: float = 300.0, model: Any = None,
+                 token_prompt_status: int = 400, tokenize_style: str = "vllm"):
         """fail_first: answer the first N completion requests with fail_status. slow_first: sleep SLOW_S before
-        answering the first N completion requests (client timeouts). delay_s: extra time per completion."""
+        answering the first N completion requests (client timeouts). delay_s: extra time per completion.
+        token_prompt_status: the status refusing a token-id prompt (token_prompts=False; llama-cpp-python's
+        server answers 500). tokenize_style: the tokenize endpoint when tokenize_endpoint is on: "vllm" (POST
+        /tokenize {prompt}), "llama-server" (POST /tokenize {content}; {"tokens": []} without content, as
+        llama.cpp's server), "llama-cpp-python" (POST /extras/tokenize {input})."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +45,7 @@ class OpenAIStub:
         self.served_name = served_name
         self.token_prompts, self.token_ids_field, self.logprob_ids = token_prompts, token_ids_field, logprob_ids
         self.tokenize_endpoint, self.prompt_ids_field = tokenize_endpoint, prompt_ids_field
+        self.token_prompt_status, self.tokenize_style = token_prompt_status, tokenize_style
         self.fail_first, self.fail_status, self.retry_after = fail_first, fail_status, retry_after
         self.api_key, self.delay_s, self.slow_first = api_key, delay_s, slow_first
         self.lifetime_s = lifetime_s
@@ -119,7 +125,8 @@ class OpenAIStub:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if not self.token_prompts:
-                return 400, {"error": {"message": "prompt must be a string", "type": "BadRequestError"}}
+                return self.token_prompt_status, {"error": {"message": "prompt must be a string",
+                                                            "type": "BadRequestError"}}
             ids = list(prompt)
         elif isinstance(prompt, str):
             ids = list(self.tokenizer(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"])
@@ -194,8 +201,15 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         if not self._authorized():
             return
-        if self.path == "/tokenize" and s.tokenize_endpoint:
-            ids = s.tokenizer(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        if s.tokenize_endpoint and (self.path, s.tokenize_style) in (
+                ("/tokenize", "vllm"), ("/tokenize", "llama-server"), ("/extras/tokenize", "llama-cpp-python")):
+            if s.tokenize_style == "vllm":
+                text, special = body["prompt"], bool(body.get("add_special_tokens", True))
+            elif s.tokenize_style == "llama-server":  # no content: an empty list, not an error
+                text, special = body.get("content", ""), bool(body.get("add_special", False))
+            else:
+                text, special = body["input"], False
+            ids = s.tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
             self._send(200, {"tokens": list(ids), "count": len(ids), "max_model_len": s.max_model_len})
             return
         if self.path != "/v1/completions":

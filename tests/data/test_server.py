@@ -104,7 +104,12 @@ def test_regenerate_through_server_equals_local_greedy(tmp_path, tok, model, pro
     (dict(token_prompts=False), "/tokenize", "refuses token-id prompts"),
     (dict(tokenize_endpoint=False), "prompt_token_ids", None),
     (dict(tokenize_endpoint=False, prompt_ids_field=False), "usage.prompt_tokens", "only by the prompt's token"),
-], ids=["logprob-ids", "text-reply", "text-prompt", "no-tokenize", "count-only"])
+    # llama-cpp-python's server: 500 to a token-id prompt, /extras/tokenize, text replies
+    (dict(token_prompts=False, token_prompt_status=500, tokenize_style="llama-cpp-python", token_ids_field=False,
+          logprob_ids=False), "/extras/tokenize", "refuses token-id prompts"),
+    # llama.cpp's llama-server: /tokenize reads "content" (an empty list for vLLM's body)
+    (dict(tokenize_style="llama-server"), "/tokenize", None),
+], ids=["logprob-ids", "text-reply", "text-prompt", "no-tokenize", "count-only", "llama-cpp-python", "llama-server"])
 def test_wire_fallbacks_give_the_same_responses(tok, model, prompts, stop_id, reference, features, check, warns):
     with stub(model, **features) as srv, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -117,6 +122,9 @@ def test_wire_fallbacks_give_the_same_responses(tok, model, prompts, stop_id, re
         assert all(isinstance(p, str) for p in srv.prompts) and all(b["add_special_tokens"] is False for b in srv.bodies)
     msgs = [str(w.message) for w in caught]
     assert any(warns in m for m in msgs) if warns else not any("server" in m or "127.0.0.1" in m for m in msgs)
+    if features.get("token_prompt_status") == 500:  # a refusal, not an outage: one token-id attempt, no retries
+        assert sum(isinstance(p, list) for p in srv.prompts) == 0
+        assert srv.completion_attempts == srv.completions + 1
 
 
 def test_sampling_sends_per_prompt_seeds(tok, model, prompts, stop_id):
