@@ -159,6 +159,13 @@ class ServerGenerator:
                    concurrency=server.concurrency, timeout_s=server.timeout_s, max_retries=server.max_retries,
                    api_key=api_key)
 
+    def wire_info(self) -> dict:
+        """For the data report: the server, the model it serves, how its tokenizer was checked, and how prompts
+        and responses travelled (token ids, or text: tokenized again here)."""
+        return {"url": self.url, "model": self.model, "tokenizer_check": self.tokenizer_check,
+                "prompts_as": None if self.token_prompts is None else "token ids" if self.token_prompts else "text",
+                "responses_as": "text, tokenized again" if self._retokenize_warned else "token ids"}
+
     # ------------------------------------------------------------------------------------------------ HTTP
 
     def _call(self, path: str, body: dict | None = None, *, retry: bool = True, final: tuple[int, ...] = ()) -> dict:

@@ -137,6 +137,16 @@ class LazyGenerator:
         return getattr(self._gen, "compile_info", None)
 
     @property
+    def backend_info(self) -> dict | None:
+        """What generated this run's responses (None when nothing did): the backend, and for a server how the
+        prompts and responses travelled and how its tokenizer was checked (`ServerGenerator.wire_info`)."""
+        if self._gen is None:
+            return None
+        if self.cfg.regen_backend == "server":
+            return {"backend": "server", **self._gen.wire_info()}
+        return {"backend": "engine" if isinstance(self._gen, EngineGenerator) else "hf"}
+
+    @property
     def eos_token_ids(self) -> list[int]:
         return list(getattr(self._gen, "eos_token_ids", ())) if self._gen is not None else []
 
@@ -318,6 +328,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             regen_report["self_prompts"] = self_report
         if getattr(generator, "compile_info", None):  # the engine backend, when it decoded anything this run
             regen_report["compile"] = generator.compile_info
+        if getattr(generator, "backend_info", None):  # what generated this run's responses (resumed: nothing)
+            regen_report["generator"] = generator.backend_info
         val_docs = []
         if val_prompts:
             val_responses, val_totals = load_responses(val_dir, len(val_prompts), cfg.shard_size)

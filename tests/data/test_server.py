@@ -397,7 +397,12 @@ def test_cli_data_stage_through_a_server(tmp_path, model):
         bad = orthrus(*common, f"run_dir={tmp_path / 'bad'}", "data.regen_backend=server",
                       f"data.server.url={srv.url}", "data.server.model=my-qwen3", check=False)
     assert responses(tmp_path / "srv") == responses(tmp_path / "hf")
-    assert json.loads((tmp_path / "srv/data/report.json").read_text())["regeneration"]["prompts"] > 0
+    regen = {r: json.loads((tmp_path / r / "data/report.json").read_text())["regeneration"] for r in ("srv", "hf")}
+    assert regen["srv"]["prompts"] > 0 and regen["hf"]["generator"] == {"backend": "hf"}
+    # the report says what generated the responses and how they travelled
+    assert regen["srv"]["generator"] == {"backend": "server", "url": srv.url, "model": "tiny-qwen3",
+                                         "tokenizer_check": "/tokenize", "prompts_as": "token ids",
+                                         "responses_as": "token ids"}
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "serves ['tiny-qwen3'], not data.server.model='my-qwen3'" in errors[0]
