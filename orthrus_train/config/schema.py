@@ -232,7 +232,7 @@ def validate(cfg: RootConfig) -> None:
     for key in ("seq_len", "anchors_per_row", "micro_batch", "global_batch", "loss_chunk", "save_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
-    for key, ok, want in (("lr", t.lr > 0, "> 0"), ("epochs", t.epochs > 0, "> 0 (train.max_steps caps the steps)"),
+    for key, ok, want in (("lr", t.lr >= 0, ">= 0 (0: the heads stay as initialised)"), ("epochs", t.epochs > 0, "> 0 (train.max_steps caps the steps)"),
                           ("temperature", t.temperature > 0, "> 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
                           ("grad_clip", t.grad_clip >= 0, ">= 0 (0 = no clipping)"),
                           ("warmup_ratio", 0 <= t.warmup_ratio <= 1, "in [0, 1]"),

@@ -251,7 +251,7 @@ def test_an_unreachable_hub_id_is_one_line(tmp_path, run_cli, monkeypatch):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.lr=-1", "error: train.lr must be a finite number > 0, got -1.0"),  # was a torch traceback after the data stage
+    ("train.lr=-1", "error: train.lr must be a finite number >= 0 (0: the heads stay as initialised), got -1.0"),  # was a torch traceback after the data stage
     ("train.epochs=-1", "error: train.epochs must be a finite number > 0"),  # was one silent training step
     ("train.temperature=0", "error: train.temperature must be a finite number > 0, got 0.0"),
     ("train.warmup_ratio=2", "error: train.warmup_ratio must be a finite number in [0, 1], got 2.0"),
