@@ -116,7 +116,8 @@ def compose_unvalidated(recipe: str, overrides: list[str] | None = None):
             key = msg.split("'")[1] if "'" in msg else "?"
             msg = f"unknown key {key!r}: it is not in the schema (orthrus_train/config/schema.py) or the recipe"
             inner = _inner_unknown_key(e)
-            if inner is not None and inner[0] != key.rsplit(".", 1)[-1]:  # the key is known, an entry's key is not
+            # the key is known, an entry's key is not (a misspelt section, e.g. 'trian' of trian.max_steps, is no entry)
+            if inner is not None and inner[0] not in key.split("."):
                 bad, fields = inner
                 msg = (f"{key}: unknown key {bad!r} in one of its entries"
                        + (f"; an entry takes {', '.join(fields)}" if fields else ""))

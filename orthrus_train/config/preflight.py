@@ -7,6 +7,7 @@ eval benchmark files, for the stages that read them), and the stages asked for c
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -83,6 +84,10 @@ def preflight(cfg, run_root: Path, *, submitting: bool = False) -> list[str]:
     note on a dry run (the data may be copied in before the real submission)."""
     stages = stages_of(cfg)
     notes: list[str] = []
+    existing = next(p for p in (run_root, *run_root.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir={run_root}: {existing} is a file, not a folder; set run_dir to a new folder or "
+                          "to the folder of an earlier run")
     m = cfg.model
     if m.init == "random" and m.shape != "tiny" and "data" in stages:
         raise ConfigError(
@@ -112,6 +117,40 @@ def preflight(cfg, run_root: Path, *, submitting: bool = False) -> list[str]:
         err = missing(key, value, what)
         if err:
             raise ConfigError(err)
+    if model_stages and m.init == "pretrained" and m.path and os.path.exists(os.path.expanduser(m.path)):
+        local = Path(os.path.expanduser(m.path))
+        if local.is_dir() and not (local / "config.json").is_file():
+            inside = sorted(p.parent.name for p in local.glob("*/config.json"))[:3]
+            raise ConfigError(f"model.path={m.path}: no config.json in this folder, so it is no Hugging Face model folder; "
+                              + (f"did you mean a folder inside it ({', '.join(inside)})?" if inside else
+                                 "point model.path at the folder holding config.json and the weights, or at a .gguf file"))
+        if local.is_file() and local.suffix != ".gguf":
+            raise ConfigError(f"model.path={m.path}: a file that is not a .gguf; set model.path to {MODEL_WHAT}")
+    if "data" in stages and not data_done:
+        from ..data.sources import LOCAL_SUFFIXES
+        for i, s in enumerate(cfg.data.sources):
+            if os.path.isfile(s.path_or_id) and not s.path_or_id.endswith(LOCAL_SUFFIXES):
+                raise ConfigError(f"data.sources[{i}].path_or_id={s.path_or_id}: unknown file type; convert it to one of "
+                                  f"{', '.join(LOCAL_SUFFIXES)} (e.g. JSONL, one JSON object a line)")
+    if cfg.resume not in ("auto", "never") and "train" in stages:
+        if not (Path(os.path.expanduser(cfg.resume)) / "COMPLETE").is_file():
+            raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint folder; set resume=auto (the newest "
+                              "complete checkpoint of the run folder), resume=never or RUN/checkpoints/step-N")
+    newest = _newest_checkpoint(run_root / "checkpoints")
+    if newest is not None and cfg.resume == "never" and "train" in stages:
+        # the new checkpoints would be pruned against the earlier training's (by step) and could vanish at once
+        raise ConfigError(f"resume=never: {run_root / 'checkpoints'} already holds {newest.name} of an earlier training; "
+                          "use a new run_dir to train from scratch (or move that checkpoints folder away), or resume=auto "
+                          "to continue it")
+    reads_checkpoint = set(stages) & {"eval", "export"} or ("train" in stages and cfg.resume == "auto")
+    if newest is not None and reads_checkpoint:
+        try:
+            trained = json.loads((newest / "trainer_state.json").read_text()).get("head_type")
+        except (OSError, ValueError):
+            trained = None  # a damaged checkpoint: the stage reports it and takes the previous one
+        if trained and trained != cfg.heads.type:
+            raise ConfigError(f"heads.type={cfg.heads.type}, but {newest} holds {trained} heads (this run folder trained "
+                              f"heads.type={trained}); use a new run_dir for {cfg.heads.type} heads")
     if "train" in stages and "data" not in stages and not (run_root / "data" / "train").exists():
         msg = (f"stage=train: {run_root / 'data' / 'train'} not found; run stage=data first (same run_dir), or copy "
                "data/ of a run on the same tokenizer and train.seq_len into the run folder")
@@ -119,4 +158,25 @@ def preflight(cfg, run_root: Path, *, submitting: bool = False) -> list[str]:
             notes.append(msg + " before submitting")
         else:
             raise ConfigError(msg)
+    for stage in ("eval", "export"):
+        needs_checkpoint = not (stage == "eval" and cfg.heads.init_from) and not (stage == "export"
+                                                                                 and cfg.heads.type != "orthrus")
+        if stage in stages and "train" not in stages and needs_checkpoint and newest is None:
+            msg = (f"stage={stage}: no complete checkpoint in {run_root / 'checkpoints'}; run stage=train first "
+                   "(same run_dir)" + (" or set heads.init_from=PATH to evaluate exported or published heads"
+                                       if stage == "eval" else ""))
+            if submitting and cfg.launcher.dry_run:
+                notes.append(msg + " before submitting")
+            else:
+                raise ConfigError(msg)
     return notes
+
+
+def _newest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint folder `latest` names, else the newest step-* with its COMPLETE marker (files unchecked)."""
+    latest = root / "latest"
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and (named / "COMPLETE").is_file():
+        return named
+    done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
+    return done[-1] if done else None

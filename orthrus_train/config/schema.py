@@ -232,16 +232,25 @@ def validate(cfg: RootConfig) -> None:
     for key in ("seq_len", "anchors_per_row", "micro_batch", "global_batch", "loss_chunk", "save_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    for key, ok, want in (("lr", t.lr >= 0, ">= 0 (0: the heads stay as initialised)"), ("epochs", t.epochs > 0, "> 0 (train.max_steps caps the steps)"),
+                          ("temperature", t.temperature > 0, "> 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
+                          ("grad_clip", t.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+                          ("warmup_ratio", 0 <= t.warmup_ratio <= 1, "in [0, 1]"),
+                          ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+                          ("keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0 = keep every checkpoint)")):
+        value = getattr(t, key)
+        if not ok or not math.isfinite(value):
+            raise ConfigError(f"train.{key} must be a finite number {want}, got {value}")
     if t.val_every is not None and t.val_every < 0:
         raise ConfigError(f"train.val_every must be >= 0 (0 = off) or null (at every checkpoint), got {t.val_every}")
     if t.val_rows is not None and t.val_rows <= 0:
         raise ConfigError(f"train.val_rows must be > 0 or null (every row of data/val), got {t.val_rows}")
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
-    if len(t.betas) != 2:
-        raise ConfigError(f"train.betas must have two values, got {t.betas}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two values in [0, 1), got {t.betas}")
     if cfg.data.seq_len != t.seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} and train.seq_len={t.seq_len} differ; set both "
-                          "(recipes interpolate data.seq_len: ${{train.seq_len}})")
+                          "(recipes interpolate data.seq_len: ${train.seq_len})")
     if cfg.stage == "publish" and not cfg.hub.repo_id:
         raise ConfigError("stage=publish needs hub.repo_id=ORG/NAME")

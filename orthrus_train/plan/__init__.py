@@ -158,9 +158,11 @@ def make(cfg) -> dict:
     if p.gpu not in devices:
         raise ConfigError(f"plan.gpu={p.gpu!r} is not a device kind of {THROUGHPUT.name}; "
                           f"choose one of {sorted(devices)}")
-    gpus = p.gpus or cfg.launcher.nodes * cfg.launcher.gpus_per_node
+    gpus = p.gpus if p.gpus is not None else cfg.launcher.nodes * cfg.launcher.gpus_per_node
     if gpus < 1:
         raise ConfigError(f"plan.gpus must be >= 1, got {gpus}")
+    if p.prompts is not None and p.prompts < 1:
+        raise ConfigError(f"plan.prompts must be >= 1 or null (data.num_samples), got {p.prompts}")
     prompts = p.prompts if p.prompts is not None else d.num_samples
     prompts_from = "plan.prompts" if p.prompts is not None else "data.num_samples"
     if not prompts:  # every prompt of the sources: count them where they are local files

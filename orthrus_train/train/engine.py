@@ -424,10 +424,11 @@ def _run_train(cfg, run: RunDir, dist, model, data, log) -> dict:
             folder = ckpt.find_resumable(run.checkpoints, rank, log=log if rank == 0 else (lambda *_: None))
         else:
             from pathlib import Path
-            folder = Path(cfg.resume)
+            folder = Path(cfg.resume).expanduser()
             bad = ckpt.problems(folder, rank)
             if bad:
-                raise ValueError(f"resume={cfg.resume} is not a loadable checkpoint: " + "; ".join(bad))
+                from ..config.schema import ConfigError
+                raise ConfigError(f"resume={cfg.resume} is not a loadable checkpoint: " + "; ".join(bad))
         if folder is not None:
             state = ckpt.load(engine, folder, rank)
             start = state["step"]

@@ -245,3 +245,110 @@ def test_an_unreachable_hub_id_is_one_line(tmp_path, run_cli, monkeypatch):
     line = _error_line(p)
     assert "could not read a tokenizer from 'no-such-org/no-such-model'" in line and "set model.path to" in line
     assert "HF_HUB_OFFLINE=1" in line
+
+
+# ----------------------------------------------------------------------------------- values, paths, run folders
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-1", "error: train.lr must be a finite number >= 0 (0: the heads stay as initialised), got -1.0"),  # was a torch traceback after the data stage
+    ("train.epochs=-1", "error: train.epochs must be a finite number > 0"),  # was one silent training step
+    ("train.temperature=0", "error: train.temperature must be a finite number > 0, got 0.0"),
+    ("train.warmup_ratio=2", "error: train.warmup_ratio must be a finite number in [0, 1], got 2.0"),
+    ("train.keep_checkpoints=-1", "error: train.keep_checkpoints must be a finite number >= 0"),
+    ("train.betas=[0.9,1.5]", "error: train.betas must be two values in [0, 1), got [0.9, 1.5]"),
+    # a misspelt section is an unknown key, not "an unknown key in one of its entries"
+    ("trian.max_steps=3", "error: unknown key 'trian.max_steps': it is not in the schema"),
+])
+def test_bad_training_value_is_one_line_before_anything_is_written(tmp_path, run_cli, override, message):
+    run = _guarded_run(tmp_path)
+    p = run_cli("recipe=tiny", override, f"run_dir={run}")
+    assert p.returncode == 2 and _untouched(run)
+    assert _error_line(p).startswith(message), p.stderr
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, run_cli):
+    f = tmp_path / "notes.txt"
+    f.write_text("precious")
+    for run_dir in (f, f / "sub"):
+        p = run_cli("recipe=tiny", f"run_dir={run_dir}")
+        assert p.returncode == 2 and f.read_text() == "precious"
+        assert _error_line(p) == (f"error: run_dir={run_dir}: {f} is a file, not a folder; set run_dir to a new folder "
+                                  "or to the folder of an earlier run")
+
+
+def test_a_csv_source_is_refused_before_anything_is_written(tmp_path, run_cli):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\nSay hi.\n")
+    run = _guarded_run(tmp_path)
+    p = run_cli("recipe=tiny", f"data.sources=[{{path_or_id: {csv}, format: prompt, field: prompt}}]", f"run_dir={run}")
+    assert p.returncode == 2 and _untouched(run)
+    assert _error_line(p).startswith(f"error: data.sources[0].path_or_id={csv}: unknown file type; convert it to "
+                                     "one of .jsonl, ")
+
+
+def test_a_folder_that_holds_the_model_is_not_taken_for_it(tmp_path, run_cli):
+    """model.path at the folder above the model (or any folder without config.json) raised transformers' tokenizer
+    ValueError as a traceback in the data stage; now one line names the model folder inside it."""
+    models = tmp_path / "models"
+    (models / "my-qwen").mkdir(parents=True)
+    (models / "my-qwen" / "config.json").write_text("{}")
+    run = _guarded_run(tmp_path)
+    p = run_cli("recipe=tiny", f"model.path={models}", f"run_dir={run}")
+    assert p.returncode == 2 and _untouched(run)
+    assert "no config.json in this folder" in _error_line(p) and "(my-qwen)" in _error_line(p)
+    p = run_cli("recipe=tiny", f"model.path={models / 'my-qwen' / 'config.json'}", f"run_dir={run}")
+    assert p.returncode == 2 and "a file that is not a .gguf" in _error_line(p) and _untouched(run)
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path, run_cli):
+    run = _guarded_run(tmp_path)
+    (run / "data" / "train").mkdir(parents=True)
+    p = run_cli("recipe=tiny", "stage=train", "resume=/no/such/step-00000020", f"run_dir={run}")
+    assert p.returncode == 2  # was a ValueError traceback from the trainer
+    assert _error_line(p).startswith("error: resume=/no/such/step-00000020: not a complete checkpoint folder")
+    assert sorted(x.name for x in run.iterdir()) == ["data", "keep.txt"]
+
+
+@pytest.mark.parametrize("stage", ["eval", "export"])
+def test_eval_or_export_before_training_writes_nothing(tmp_path, run_cli, stage):
+    run = _guarded_run(tmp_path)
+    p = run_cli("recipe=tiny", f"stage={stage}", f"run_dir={run}")
+    assert p.returncode == 2 and _untouched(run)  # was exit 1 after writing config.yaml, with no "error:"
+    assert _error_line(p).startswith(f"error: stage={stage}: no complete checkpoint in {run / 'checkpoints'}; "
+                                     "run stage=train first")
+
+
+def _trained(run, step=20, head_type="orthrus"):
+    """What preflight reads of a finished training: checkpoints/latest and that checkpoint's COMPLETE and
+    trainer_state.json (written by train/checkpoint.save, head_type included)."""
+    ck = run / "checkpoints" / f"step-{step:08d}"
+    ck.mkdir(parents=True)
+    (ck / "COMPLETE").write_text("ok\n")
+    (ck / "trainer_state.json").write_text(json.dumps({"step": step, "head_type": head_type, "block_size": 8}))
+    (run / "checkpoints" / "latest").write_text(ck.name + "\n")
+    (run / "data" / "train").mkdir(parents=True)
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+@pytest.mark.parametrize("stage", ["all", "train", "eval"])
+def test_other_heads_type_in_a_trained_run_folder_is_one_line(tmp_path, run_cli, stage):
+    """heads.type=medusa in a folder that trained Orthrus heads: 'train: complete, skipped' and then a ValueError
+    traceback from the eval, or (more steps) a DeepSpeed traceback resuming the Orthrus optimizer state."""
+    run = _guarded_run(tmp_path)
+    before = _trained(run)
+    p = run_cli("recipe=tiny", f"stage={stage}", "heads.type=medusa", "train.max_steps=30", f"run_dir={run}")
+    assert p.returncode == 2 and sorted(str(x.relative_to(run)) for x in run.rglob("*")) == before
+    assert _error_line(p) == (f"error: heads.type=medusa, but {run / 'checkpoints' / 'step-00000020'} holds orthrus "
+                              "heads (this run folder trained heads.type=orthrus); use a new run_dir for medusa heads")
+
+
+def test_resume_never_over_earlier_checkpoints_is_refused(tmp_path, run_cli):
+    """resume=never in a folder with checkpoints at higher steps: each new checkpoint was pruned (by step) as soon
+    as it was written, `latest` named a deleted folder, and the eval then read the earlier training's heads."""
+    run = _guarded_run(tmp_path)
+    before = _trained(run)
+    p = run_cli("recipe=tiny", "stage=train", "resume=never", "train.max_steps=6", f"run_dir={run}")
+    assert p.returncode == 2 and sorted(str(x.relative_to(run)) for x in run.rglob("*")) == before
+    assert _error_line(p).startswith(f"error: resume=never: {run / 'checkpoints'} already holds step-00000020 of an "
+                                     "earlier training; use a new run_dir")

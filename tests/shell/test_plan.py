@@ -123,6 +123,9 @@ def test_shape_from_config_json_and_prompts_from_plan():
     (["recipe=qwen3-8b", "plan.gpus=3"], "split evenly over 3 processes"),
     # the GPU count the plan assumed is named, and where it came from (the tiny demo's launcher default: 8)
     (["recipe=tiny"], "(planned for 8 GPUs: launcher.nodes x launcher.gpus_per_node; plan.gpus=N plans another count)"),
+    # an explicit 0 is refused, not taken for "unset" (it planned the launcher's 8 GPUs and blamed their split)
+    (["recipe=tiny", "plan.gpus=0"], "plan.gpus must be >= 1, got 0"),
+    (["recipe=qwen3-8b", "plan.gpus=8", "plan.prompts=-5"], "plan.prompts must be >= 1 or null (data.num_samples), got -5"),
 ])
 def test_bad_plan_input_is_one_line(args, needle):
     p = _plan(*args, check=False)
