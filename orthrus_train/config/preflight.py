@@ -132,6 +132,12 @@ def preflight(cfg, run_root: Path, *, submitting: bool = False) -> list[str]:
             if os.path.isfile(s.path_or_id) and not s.path_or_id.endswith(LOCAL_SUFFIXES):
                 raise ConfigError(f"data.sources[{i}].path_or_id={s.path_or_id}: unknown file type; convert it to one of "
                                   f"{', '.join(LOCAL_SUFFIXES)} (e.g. JSONL, one JSON object a line)")
+    init = cfg.heads.init_from
+    if init and set(stages) & {"train", "eval", "export"} and not Path(os.path.expanduser(init)).is_dir():
+        from ..model.warm_start import hub_problem  # a Hub id (schema.validate refused anything else)
+        problem = hub_problem(init)
+        if problem:
+            raise ConfigError(problem)
     if cfg.resume not in ("auto", "never") and "train" in stages:
         if not (Path(os.path.expanduser(cfg.resume)) / "COMPLETE").is_file():
             raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint folder; set resume=auto (the newest "

@@ -67,6 +67,25 @@ def source_problem(path: str) -> str | None:
     return None
 
 
+def hub_problem(repo_id: str) -> str | None:
+    """Why the Hub id `repo_id` cannot be read here, or None: checked before any stage runs (a data stage can take
+    hours, and the heads are read only after it). Cached in the local Hub cache: fine. Otherwise one metadata
+    request (10 s timeout), which HF_HUB_OFFLINE=1 turns into an error at once."""
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise RuntimeError("HF_HUB_OFFLINE=1 and not in the local Hub cache")
+        HfApi().model_info(repo_id, timeout=10)
+        return None
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated, no network: all the user's to fix
+        return (f"heads.init_from={repo_id}: not a local folder, and the Hub does not give it here "
+                f"({exc_line(e, 160)}); download it where the Hub is reachable (huggingface-cli download {repo_id} "
+                "--local-dir DIR) and set heads.init_from=DIR")
+
+
 def _folder(path: str) -> Path:
     """A local folder, or a Hub id downloaded without the backbone-only files it does not need."""
     bad = source_problem(path)

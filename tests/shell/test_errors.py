@@ -247,6 +247,19 @@ def test_an_unreachable_hub_id_is_one_line(tmp_path, run_cli, monkeypatch):
     assert "HF_HUB_OFFLINE=1" in line
 
 
+def test_an_unreachable_hub_id_for_the_heads_stops_before_the_data_stage(tmp_path, run_cli, monkeypatch):
+    """heads.init_from as a Hub id the Hub cannot give here is refused before any stage runs (it was read only
+    by the train stage, after a data stage that takes hours on a real model), with one line saying what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    p = run_cli("recipe=tiny", "heads.init_from=no-such-org/no-such-heads", f"run_dir={run}")
+    assert p.returncode == 2
+    line = _error_line(p)
+    assert line.startswith("error: heads.init_from=no-such-org/no-such-heads: not a local folder, and the Hub does "
+                           "not give it here") and "huggingface-cli download no-such-org/no-such-heads" in line
+    assert not run.exists()
+
+
 # ----------------------------------------------------------------------------------- values, paths, run folders
 
 
