@@ -445,6 +445,7 @@ class DecodeEngine:
         self._fusion = DecodeFusion(model) if fuse_projections else None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._scratch: ScratchCache | None = None  # prefill scratch caches of the refills (made on first use)
+        self._warmed: set[tuple[int, int]] = set()  # prefill shapes warm_prefill ran
         self.prefill_ahead_tokens = prefill_ahead_tokens
         # the adaptive refill rule's estimates of one refill's seconds (generate_many; kept across calls)
         self.refill_cost = RefillCost(copy_prior_steps=1.0)
@@ -692,7 +693,8 @@ class DecodeEngine:
         specialisation and selection: 0.1-1 s each on an H200, session 15) is paid before a timed call and not
         inside it: rows up to the batch (a batch of 12 pads its 9-12-row refills to 16), and up to what
         `generate_many` stages ahead at that length (`_ahead_count`). The passes write only the scratch cache; the
-        engine's rows are untouched. Returns the passes run."""
+        engine's rows are untouched. A shape warmed once is not run again (the engine remembers). Returns the passes
+        run."""
         by_len: dict[int, int] = {}
         for n in prompt_lengths:  # one real length per length bucket
             if 2 <= n <= self.S:
@@ -706,7 +708,10 @@ class DecodeEngine:
                 ahead = self.prefill_ahead_tokens // Lp  # the most rows a staging pass at this length runs
                 most = max(self.B, 1 << (ahead.bit_length() - 1) if ahead else 0)
                 for m in sorted({prefill_shape(m, 1)[0]: m for m in range(1, most + 1)}.values()):
+                    if prefill_shape(m, n - 1) in self._warmed:
+                        continue
                     prefill_pass(self.model, [[0] * n] * m, self.device, self.dtype, self._scratch)
+                    self._warmed.add(prefill_shape(m, n - 1))
                     runs += 1
         return runs
 

@@ -190,7 +190,8 @@ def _warm_up(engines: _Engines, first_ids: list[list[int]], max_new: int, sp: Sa
     eng = engines.get(eng_slots(engines, first_ids, max_new))
     # every prefill shape the run's fills can need (rows and length bucketed: `decode.engine.prefill_shape`): a
     # new shape's first pass cost 0.1-1 s on an H200 (session 15), more than a whole fill
-    eng.warm_prefill([len(x) for x in first_ids])
+    if eng.device.type == "cuda":  # (the CPU has no per-shape first cost: the passes would only cost time)
+        eng.warm_prefill([len(x) for x in first_ids])
     gen = _engine_gen(engines, min(WARM_UP_TOKENS, max_new), sp, eos, mode)
     batch = first_ids[: engines.B]
     gen(batch, [0] * len(batch))

@@ -476,6 +476,7 @@ def test_warm_prefill_runs_every_shape_a_call_needs_and_changes_no_result(qwen3_
     assert fresh.warm_prefill(lengths + [1, 500]) == 4 * 2  # a 1-token prompt needs no pass; 500 > max_len: skipped
     warmed = set(shapes)
     assert warmed == {(r, L) for r in (1, 2, 4, 8) for L in (64, 128)}
+    assert fresh.warm_prefill(lengths) == 0 and len(shapes) == 8  # warmed shapes are not run again
     assert not bool(fresh._st.active.any())
     shapes.clear()
     got = fresh.generate_many(prompts, 12, mode="spec")
