@@ -347,18 +347,24 @@ def _long_and_short_rows(eng, pool, n_long: int, n_short: int, within: int):
     return long_ids, short
 
 
+def _three_short_then_long(eng):
+    """16 prompts for batch 4, each group of four three short rows (ended early by an end-of-sequence id) and then a
+    long one, and those ids: (prompts, eos)."""
+    pool = random_prompts(24, (2, 10), seed=8)
+    long_ids, short = _long_and_short_rows(eng, pool, 4, 12, 8)
+    prompts = []
+    for k in range(4):
+        prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
+    return prompts, sorted({t for _, t in short})
+
+
 @pytest.mark.parametrize("mode", ["spec", "ar"])
 def test_adaptive_refills_fewer_times_than_refill_min_one(qwen3_model, mode):
     """Short and long rows at batch 4: refilling every free row at once (refill_min=1) runs many one-row refills;
     the adaptive rule with a refill priced like the GPU's (8 decode steps; the CPU clock does not decide) lets
     free rows gather and refills fewer times, with the same rows; the real clock gives the same rows too."""
-    pool = random_prompts(24, (2, 10), seed=8)
     eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
-    long_ids, short = _long_and_short_rows(eng, pool, 4, 12, 8)
-    prompts = []
-    for k in range(4):  # three short rows, then a long one
-        prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
-    eos = sorted({t for _, t in short})
+    prompts, eos = _three_short_then_long(eng)
     want = rows_of(eng.generate_all(prompts, 30, eos_token_ids=eos, mode=mode))
     lengths = [len(r.tokens) for r in want]
     assert sum(n <= 8 for n in lengths) == 12 and sum(n == 30 for n in lengths) == 4, lengths
@@ -529,13 +535,8 @@ def test_refill_rule_prices_a_staged_refill_as_a_copy(qwen3_model):
     """The adaptive rule prices a refill whose prompts are staged at the copy estimate, one that needs a pass at
     the pass estimate: with copies free and passes dear (priors, not the clock), free rows are refilled at the
     first look when prompts are staged, and wait for company when they are not (prefill_ahead_tokens=0)."""
-    pool = random_prompts(24, (2, 10), seed=8)
     eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch")
-    long_ids, short = _long_and_short_rows(eng, pool, 4, 12, 8)
-    prompts = []
-    for k in range(4):  # three short rows, then a long one
-        prompts += [pool[i] for i, _ in short[3 * k:3 * k + 3]] + [pool[long_ids[k]]]
-    eos = sorted({t for _, t in short})
+    prompts, eos = _three_short_then_long(eng)
     want = rows_of(eng.generate_all(prompts, 30, eos_token_ids=eos))
     got = {}
     for ahead in (0, 16384):
