@@ -2,7 +2,7 @@
 
 The eval's wall-clock speed depends on how busy the engine's rows are, and that depends on what a refill costs
 against a decode step (the adaptive rule `decode.engine.should_refill` waits for idle rows to cost as much as a
-refill). This script takes an eval's `report.json` and its `samples.jsonl.gz` (every row's verify passes and
+refill). This script takes an eval's `report.json` and its `samples.jsonl` (or .gz; every row's verify passes and
 prompt length, in the order the eval decoded them) and runs the scheduling loop of
 `DecodeEngine.generate_many` over them, with the engine's own rule, cost estimate (`RefillCost`) and staging
 count (`ahead_count`), and a cost model: a decode step costs the report's measured seconds per step (decode
@@ -98,7 +98,7 @@ def load_calls(samples: Path, benchmark: str, method: str, temperature: float) -
     """The eval's generate_many calls for one cell: one per turn (turn k: the prompts with more than k turns), each
     a list of (verify passes, prompt length) in the eval's order."""
     turns: list[list[dict]] = []
-    with gzip.open(samples, "rt") as f:
+    with (gzip.open(samples, "rt") if samples.suffix == ".gz" else open(samples)) as f:
         for line in f:
             d = json.loads(line)
             if d["benchmark"] == benchmark and d["method"] == method and float(d["temperature"]) == temperature:
@@ -124,7 +124,7 @@ def scenario(calls, batch, step_s, pass_s, copy_s, ahead, sync_every, staged, em
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", required=True, type=Path, help="the eval's report.json")
-    ap.add_argument("--samples", required=True, type=Path, help="the same eval's samples.jsonl.gz")
+    ap.add_argument("--samples", required=True, type=Path, help="the same eval's samples.jsonl (or .jsonl.gz)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--benchmarks", nargs="*", help="default: every benchmark of the report")
     ap.add_argument("--batch", type=int, help="engine batch (default: the report's eval.batch_size)")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     for p in (a.report, a.samples):
         if not p.is_file():
-            print(f"error: {p} does not exist; give an eval's report.json and samples.jsonl.gz", file=sys.stderr)
+            print(f"error: {p} does not exist; give an eval's report.json and samples.jsonl", file=sys.stderr)
             return 2
     rep = json.loads(a.report.read_text())
     settings = rep.get("settings", {})

@@ -316,6 +316,13 @@ def test_simulate_refills_replays_a_real_eval(tmp_path):
             assert res[method]["staged"]["occupancy"] >= res[method]["pass"]["occupancy"] - 0.02, (name, method)
         assert res["staged"]["speedup"] > res["measured"]["speedup"]
         assert res["spec"]["staged"]["prefill_passes"] < res["spec"]["staged"]["refills"]
+    # an eval's own uncompressed samples.jsonl reads the same
+    import gzip
+    plain = tmp_path / "samples.jsonl"
+    plain.write_bytes(gzip.decompress((d / "curve_step800_samples.jsonl.gz").read_bytes()))
+    _run(["scripts/simulate_refills.py", "--report", str(d / "curve_step800_report.json"), "--samples", str(plain),
+          "--benchmarks", "gsm8k", "--out", str(tmp_path / "plain.json")], tmp_path)
+    assert json.loads((tmp_path / "plain.json").read_text())["benchmarks"]["gsm8k"] == rep["benchmarks"]["gsm8k"]
     r = _run(["scripts/simulate_refills.py", "--report", str(tmp_path / "nope.json"), "--samples", str(out)],
              tmp_path, rc=2)
     assert "nope.json does not exist" in r.stderr and "Traceback" not in r.stderr
