@@ -113,6 +113,10 @@ class EvalConfig:
     # are the same either way, only the speed columns change. false: fixed batches of batch_size prompts,
     # each running until its longest row ends (the reports before 2026-11-30 session 5).
     continuous_batching: bool = True
+    # Continuous batching prefills the next prompts ahead of their refill: one pass stages as many as fit this many
+    # padded tokens, and a refill of staged prompts only copies cache rows (cheap refills, fewer idle rows; costs
+    # this many tokens of K/V in a scratch cache). 0: each refill prefills exactly its own prompts.
+    prefill_ahead_tokens: int = 16384
     # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
     verify_backend: str = "auto"
     # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).
@@ -160,6 +164,8 @@ class EvalConfig:
         for key in ("num_prompts", "max_new_tokens", "batch_size", "sync_every"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.prefill_ahead_tokens < 0:
+            bad("prefill_ahead_tokens", f"must be >= 0 (0 = no staging), got {self.prefill_ahead_tokens}")
         if self.temperatures is not None and not self.temperatures:
             bad("temperatures", "is empty; e.g. [0, 1] (or leave it unset: [0, the sampling temperature])")
         if any(t < 0 for t in self.temperatures or ()):

@@ -68,7 +68,8 @@ class _Engines:
             on_cuda = next(self.model.backbone.parameters()).is_cuda
             self.engine = DecodeEngine(self.model, self.B, S, use_cuda_graphs=self.cfg.use_cuda_graphs and on_cuda,
                                        sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend,
-                                       compile_steps=self.compile_steps)
+                                       compile_steps=self.compile_steps,
+                                       prefill_ahead_tokens=self.cfg.prefill_ahead_tokens)
         return self.engine
 
 

@@ -405,6 +405,23 @@ def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3
             for mode in ("spec", "ar"):
                 assert cell[mode]["refills"] >= 2 if on else cell[mode]["refills"] == 0, (on, T, cell[mode])
     assert reps[True]["settings"]["continuous_batching"] is True
+    # eval.prefill_ahead_tokens: staged prompts (the default) run fewer prefill passes than fills; 0 one per fill;
+    # fixed batches one per batch. The records stay the same.
+    for on in (True, False):
+        for T in ("T=0", "T=1"):
+            for mode in ("spec", "ar"):
+                c = reps[on]["benchmarks"]["chat"]["results"][T][mode]
+                # two turns of 5 prompts: one staging pass per turn; fixed: 3 batches of 2 per turn
+                assert c["prefill_passes"] == (2 if on else 6), (on, T, mode, c)
+    rep0 = run_eval(qwen3_model, tok, {**base, "prefill_ahead_tokens": 0}, tmp_path / "ahead0")
+    for T in ("T=0", "T=1"):
+        for mode in ("spec", "ar"):
+            c = rep0["benchmarks"]["chat"]["results"][T][mode]
+            assert c["prefill_passes"] == c["refills"] + 2 >= 4, c  # one pass per fill, two calls (turns)
+    assert ([json.loads(x) for x in (tmp_path / "ahead0" / "eval" / "samples.jsonl").read_text().splitlines()]
+            == samples[True])
+    with pytest.raises(ValueError, match="eval.prefill_ahead_tokens: must be >= 0"):
+        run_eval(qwen3_model, tok, {**base, "prefill_ahead_tokens": -1}, tmp_path / "bad")
 
 
 def test_speedups_timed_long_enough_get_no_timing_warning(qwen3_model, tmp_path, monkeypatch):
