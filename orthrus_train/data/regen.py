@@ -157,6 +157,7 @@ class EngineGenerator:
         self.compile_min_steps = compile_policy.DEFAULT_MIN_STEPS if compile_min_steps is None else compile_min_steps
         self.compile_cache = compile_cache
         self._compile_info: dict | None = None
+        self._retired: dict = {}  # counts of engines replaced by a larger one (engine_stats)
         self.engine = None
 
     def sampling_defaults(self) -> tuple[float, int, float]:
@@ -169,6 +170,7 @@ class EngineGenerator:
         slots = -(-slots // step) * step
         compile_step = bool(self._compile_info and self._compile_info["used"])
         if self.engine is None or self.engine.S < slots or (self.engine._compiled is not None) != compile_step:
+            self._retire()
             self.engine = None  # free the old cache first
             self.engine = GenerationEngine(self.model, self._fit_batch(slots), slots,
                                            use_cuda_graphs=self.use_cuda_graphs, compile_step=compile_step,
@@ -188,6 +190,26 @@ class EngineGenerator:
         if self._compile_info is None or info["used"] != self._compile_info["used"]:
             print(f"[data] compiled decode step: {'yes' if info['used'] else 'no'} ({info['reason']})", flush=True)
         self._compile_info = info
+
+    def _retire(self) -> None:
+        """Keep the counts of an engine about to be replaced (engine_stats covers every engine of the run)."""
+        e = self.engine
+        if e is not None:
+            for k, v in (("decode_steps", e.steps), ("refills", e.refills), ("refill_host_seconds", e.prefill_s)):
+                self._retired[k] = self._retired.get(k, 0) + v
+
+    @property
+    def engine_stats(self) -> dict | None:
+        """What the engines of this process ran: decode steps, refills (prefill passes of the rows refilled
+        together) and the host seconds those refills took (launch-bound passes: about their cost). None before
+        any generation."""
+        if self.engine is None and not self._retired:
+            return None
+        e = self.engine
+        now = {"decode_steps": e.steps, "refills": e.refills, "refill_host_seconds": e.prefill_s} if e else {}
+        out = {k: self._retired.get(k, 0) + now.get(k, 0) for k in ("decode_steps", "refills", "refill_host_seconds")}
+        out["refill_host_seconds"] = round(out["refill_host_seconds"], 3)
+        return out
 
     @property
     def compile_info(self) -> dict | None:

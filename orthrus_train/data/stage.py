@@ -137,6 +137,10 @@ class LazyGenerator:
         return getattr(self._gen, "compile_info", None)
 
     @property
+    def engine_stats(self) -> dict | None:
+        return getattr(self._gen, "engine_stats", None)
+
+    @property
     def backend_info(self) -> dict | None:
         """What generated this run's responses (None when nothing did): the backend, and for a server how the
         prompts and responses travelled and how its tokenizer was checked (`ServerGenerator.wire_info`)."""
@@ -330,6 +334,8 @@ def run_data_stage(cfg_like: Any, run_dir: str | os.PathLike, generator: Generat
             regen_report["compile"] = generator.compile_info
         if getattr(generator, "backend_info", None):  # what generated this run's responses (resumed: nothing)
             regen_report["generator"] = generator.backend_info
+        if getattr(generator, "engine_stats", None):  # the engine backend: where its time went (this run)
+            regen_report["engine"] = generator.engine_stats
         val_docs = []
         if val_prompts:
             val_responses, val_totals = load_responses(val_dir, len(val_prompts), cfg.shard_size)

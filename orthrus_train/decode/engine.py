@@ -1064,7 +1064,8 @@ class GenerationEngine:
         self.eos = torch.full((16,), -1, **z)
         self.out = torch.zeros(self.B, 1, **z)
         self.steps = 0  # decode steps run (all calls)
-        self.prefill_s = 0.0
+        self.prefill_s = 0.0  # host seconds spent in refills (their passes are launch-bound: about their cost)
+        self.refills = 0  # refills run (each one prefill of the rows refilled together, in chunks of prefill_tokens)
         self._settings: tuple = ()
         # dynamic=None: the first width compiles static, the second makes the width dynamic (two compiles in all)
         self.compile_error: str | None = None  # set where the compiled step fell back to eager
@@ -1153,6 +1154,7 @@ class GenerationEngine:
         put(self.n_out, [0] * len(rows))
         put(self.active, [True] * len(rows), torch.bool)
         self.prefill_s += time.perf_counter() - t0
+        self.refills += 1
 
     # ------------------------------------------------------------------------------- the stream
     @torch.no_grad()

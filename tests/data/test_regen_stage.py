@@ -90,8 +90,12 @@ def test_samples_per_prompt_dedup_and_accounting(tmp_path, byte_tok, model, back
     assert g["samples_per_prompt"] == 3 and g["responses"] == 36 and g["shards"] == 9
     if backend == "engine":  # data.compile_steps' decision is part of the report (auto: no compile on the CPU)
         assert g["compile"]["setting"] == "auto" and g["compile"]["used"] is False, g.get("compile")
+        # where the engine's time went: decode steps, refills and their host seconds (this process, so far)
+        e = g["engine"]
+        assert e["decode_steps"] > 0 and e["refills"] >= 1 and e["refill_host_seconds"] > 0, e
+        assert one["regeneration"]["engine"]["decode_steps"] < e["decode_steps"]  # counts grow with the work
     else:
-        assert "compile" not in g
+        assert "compile" not in g and "engine" not in g
     assert g["responses"] == g["duplicate_responses"] + g["documents_dropped_overlong"] + g["documents_packed"]
     assert rep["documents_packed"] > one["documents_packed"] == 12
     assert rep["supervised_tokens"] > 2 * one["supervised_tokens"]
