@@ -191,11 +191,14 @@ class EngineGenerator:
             print(f"[data] compiled decode step: {'yes' if info['used'] else 'no'} ({info['reason']})", flush=True)
         self._compile_info = info
 
+    @staticmethod
+    def _counts(e) -> dict:
+        return {"decode_steps": e.steps, "refills": e.refills, "refill_host_seconds": e.prefill_s}
+
     def _retire(self) -> None:
         """Keep the counts of an engine about to be replaced (engine_stats covers every engine of the run)."""
-        e = self.engine
-        if e is not None:
-            for k, v in (("decode_steps", e.steps), ("refills", e.refills), ("refill_host_seconds", e.prefill_s)):
+        if self.engine is not None:
+            for k, v in self._counts(self.engine).items():
                 self._retired[k] = self._retired.get(k, 0) + v
 
     @property
@@ -205,9 +208,8 @@ class EngineGenerator:
         any generation."""
         if self.engine is None and not self._retired:
             return None
-        e = self.engine
-        now = {"decode_steps": e.steps, "refills": e.refills, "refill_host_seconds": e.prefill_s} if e else {}
-        out = {k: self._retired.get(k, 0) + now.get(k, 0) for k in ("decode_steps", "refills", "refill_host_seconds")}
+        now = self._counts(self.engine) if self.engine is not None else {}
+        out = {k: self._retired.get(k, 0) + now.get(k, 0) for k in (now or self._retired)}
         out["refill_host_seconds"] = round(out["refill_host_seconds"], 3)
         return out
 
