@@ -708,10 +708,11 @@ class DecodeEngine:
                 ahead = self.prefill_ahead_tokens // Lp  # the most rows a staging pass at this length runs
                 most = max(self.B, 1 << (ahead.bit_length() - 1) if ahead else 0)
                 for m in sorted({prefill_shape(m, 1)[0]: m for m in range(1, most + 1)}.values()):
-                    if prefill_shape(m, n - 1) in self._warmed:
+                    shape = prefill_shape(m, n - 1)
+                    if shape in self._warmed:
                         continue
                     prefill_pass(self.model, [[0] * n] * m, self.device, self.dtype, self._scratch)
-                    self._warmed.add(prefill_shape(m, n - 1))
+                    self._warmed.add(shape)
                     runs += 1
         return runs
 
