@@ -390,6 +390,14 @@ class CompiledOrEager:
         return self.fn(*args)
 
 
+def _drop_graphs(engine) -> None:
+    """Forget an engine's captured CUDA graphs and their memory pool with them. Once a pool's graphs are gone the
+    caching allocator releases the pool, and a capture into its old handle fails an internal assertion
+    (`use_count > 0`; torch 2.11 on an H200, session 17), which left the engine silently eager: the next capture
+    takes a fresh pool."""
+    engine._graphs.clear()
+    engine._pool = None
+
 class DecodeEngine:
     """Batched speculative / AR decoding on one static cache.
 
@@ -461,7 +469,7 @@ class DecodeEngine:
         if self._fusion is None:
             return contextlib.nullcontext()
         if self._fusion.refresh():
-            self._graphs.clear()
+            _drop_graphs(self)
             self._compiled.clear()
         return self._fusion
 
@@ -570,7 +578,7 @@ class DecodeEngine:
                 self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
                 warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly")
                 self.cuda_graphs = False
-                self._graphs.clear()
+                _drop_graphs(self)
                 try:
                     torch.cuda.synchronize()
                 except Exception:  # the failed capture may have left an error on the stream
@@ -1112,7 +1120,7 @@ class GenerationEngine:
                     self.graph_error = f"{e.__class__.__name__}: {str(e)[:500]}"
                     warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
                     self.cuda_graphs = False
-                    self._graphs.clear()
+                    _drop_graphs(self)
         if self.cuda_graphs:
             g = self._graphs[(W, self._settings)]
             return lambda: [g.replay() for _ in range(self.sync_every)]
@@ -1170,7 +1178,7 @@ class GenerationEngine:
             raise ValueError(f"at most {self.eos.numel()} end-of-sequence ids, got {eos}")
         self._settings = tuple(settings)
         if self._fusion is not None and self._fusion.refresh():  # parameters moved since: refuse, recapture
-            self._graphs.clear()
+            _drop_graphs(self)
         with self._fusion or contextlib.nullcontext():
             yield from self._stream(requests, max_new_tokens, eos)
 
@@ -1192,7 +1200,7 @@ class GenerationEngine:
             self.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
         if self.out.shape[1] != max_new_tokens + 1:  # last column: sink of inactive rows' writes
             self.out = torch.zeros(self.B, max_new_tokens + 1, device=self.device, dtype=torch.long)
-            self._graphs.clear()
+            _drop_graphs(self)
         self.active.zero_()
         pin = self.device.type == "cuda"
         snaps = [_Snapshot(self.B, max_new_tokens + 1, pin) for _ in range(2)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+import weakref
 from types import SimpleNamespace
 from typing import Callable
 
@@ -402,6 +403,10 @@ def _fuse(mods) -> tuple:
     return W, b, tuple(m.out_features for m in mods)
 
 
+# model.decoder -> {(id(owner module), attribute): fused}: each model's fused weights, shared by its DecodeFusions
+_SHARED_FUSION: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class DecodeFusion:
     """The fused decode projections of one model (a DraftModel, or anything with `.decoder.layers`)."""
 
@@ -410,14 +415,21 @@ class DecodeFusion:
         self.entries: list = []  # (owner, attribute, fused)
 
     def refresh(self) -> bool:
-        """Fuse what is not fused yet or no longer (parameters moved or replaced). True if anything was
-        (re)fused now: CUDA graphs or compiled steps made before read the old weights."""
-        old = {(id(o), a): f for o, a, f in self.entries}
+        """Fuse what is not fused yet or no longer (parameters moved or replaced). True if this object's fused
+        weights changed since its last refresh: CUDA graphs or compiled steps made before read the old weights.
+        The fused weights are shared by every DecodeFusion of the same model (`_SHARED_FUSION`): two engines on
+        one model (an eval's drafted and AR engines, a test's eager and graphed ones) reuse one fusion instead of
+        each re-fusing the parameters away from the other, which made every call of each drop its CUDA graphs
+        and compiled steps (session 17) and kept two copies of the projection weights."""
+        mine = {(id(o), a): f for o, a, f in self.entries}
+        shared = _SHARED_FUSION.setdefault(self.model.decoder, {})
         new, changed = [], False
         for owner, attr, mods in _fusable(self.model):
-            fused = old.get((id(owner), attr))
+            key = (id(owner), attr)
+            fused = shared.get(key)
             if fused is None or not _fused_ok(fused, mods):
-                fused, changed = _fuse(mods), True
+                fused = shared[key] = _fuse(mods)
+            changed |= mine.get(key) is not fused
             new.append((owner, attr, fused))
         self.entries = new
         return changed

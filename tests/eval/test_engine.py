@@ -570,3 +570,23 @@ def test_staged_refill_launches_a_fraction_of_a_pass():
             assert eng._refill_staged([1, 2], prompts, 0, [0] * 2, 8, _Staged()) == 1
         counts["pass"] = c.total
     assert counts["copy"] * 5 < counts["pass"], counts
+
+
+def test_two_engines_on_one_model_keep_each_others_steps(qwen3_model):
+    """An eager and a graphed engine (or an eval's two engines) on one model: a call of one leaves the other's
+    captured graphs, compiled steps and graph pool alone (session 17: each call re-fused the shared projection
+    weights away from the other engine, which then dropped its graphs every call, and its recapture into the
+    released pool failed on the GPU, leaving it eager), and both still decode what a lone engine does."""
+    prompts = random_prompts(4, LENGTHS, seed=29)
+    sp = SamplingParams(0.0)
+    ref = rows_of(DecodeEngine(qwen3_model, batch_size=2, max_len=96).generate_all(
+        prompts, 10, sp, list(range(4)), eos_token_ids=[5]))
+    a = DecodeEngine(qwen3_model, batch_size=2, max_len=96)
+    b = DecodeEngine(qwen3_model, batch_size=2, max_len=96)
+    a.generate_all(prompts, 10, sp, list(range(4)), eos_token_ids=[5])
+    pool = object()
+    a._graphs["kept"], a._compiled["kept"], a._pool = "graph", "step", pool
+    for eng in (b, a, b):
+        out = rows_of(eng.generate_all(prompts, 10, sp, list(range(4)), eos_token_ids=[5]))
+        assert [r.tokens for r in out] == [r.tokens for r in ref]
+    assert a._graphs.get("kept") == "graph" and a._compiled.get("kept") == "step" and a._pool is pool

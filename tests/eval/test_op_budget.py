@@ -194,3 +194,24 @@ def test_hoisted_uniforms_equal_the_reference_hash():
         ref = uniforms_ref(seeds, counters, offset, n)
         assert torch.equal(rng.counter_uniforms(seeds, counters, offset, n), ref)
         assert torch.equal(rng.uniforms_from_hashes(rng.seed_hash(seeds), counters, rng.slot_hash(offset, n)), ref)
+
+
+def test_two_fusions_of_one_model_share_the_fused_weights():
+    """Two engines on one model (an eager and a graphed one, or an eval's engines) share one fusion: neither
+    re-fuses the parameters away from the other, so neither drops its CUDA graphs or compiled steps on every
+    call (session 17: the second engine's re-fusion dropped the first's graphs, and the recapture into the
+    released pool failed on the GPU), and the projection weights are not held twice."""
+    from types import SimpleNamespace
+
+    bb = build_random(tiny_config("qwen3", vocab_size=64, layers=2), seed=0)
+    dec = bb.model
+    a, b = layers.DecodeFusion(SimpleNamespace(decoder=dec)), layers.DecodeFusion(SimpleNamespace(decoder=dec))
+    assert a.refresh() is True and b.refresh() is True  # each one's first look
+    assert a.refresh() is False and b.refresh() is False and a.refresh() is False
+    assert [f[0] for _, _, f in a.entries] and all(fa is fb for (_, _, fa), (_, _, fb) in zip(a.entries, b.entries))
+    # a replaced parameter: whichever refreshes first re-fuses, and both see the change once
+    attn = dec.layers[0].self_attn
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.detach().clone())
+    assert b.refresh() is True and a.refresh() is True and a.refresh() is False and b.refresh() is False
+    with a:
+        assert attn.q_proj.weight.data_ptr() == attn.__dict__["_orthrus_qkv"][0].data_ptr()
