@@ -99,3 +99,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def checkpoint_candidates(root: Path) -> list[Path]:
+    """The checkpoint folders of `root` (a run's checkpoints/) in the order a resume tries them: the one `latest`
+    names first, then the step-* folders newest first. Whether each is complete and readable is the caller's
+    check (`train.checkpoint.find_resumable` loads every file; the CLI's preflight only looks for COMPLETE)."""
+    if not root.is_dir():
+        return []
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    latest = root / "latest"
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+        candidates.insert(0, named)
+    return candidates

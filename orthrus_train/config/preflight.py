@@ -179,10 +179,7 @@ def preflight(cfg, run_root: Path, *, submitting: bool = False) -> list[str]:
 
 
 def _newest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint folder `latest` names, else the newest step-* with its COMPLETE marker (files unchecked)."""
-    latest = root / "latest"
-    named = root / latest.read_text().strip() if latest.is_file() else None
-    if named is not None and (named / "COMPLETE").is_file():
-        return named
-    done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
-    return done[-1] if done else None
+    """The first of the folders a resume would try (`checkpoint_candidates`) that has its COMPLETE marker; its
+    files are not loaded here (the stage does that, and skips a damaged one for the one before)."""
+    from ..run_dir import checkpoint_candidates
+    return next((c for c in checkpoint_candidates(root) if (c / "COMPLETE").is_file()), None)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..run_dir import atomic_write_json, atomic_write_text
+from ..run_dir import atomic_write_json, atomic_write_text, checkpoint_candidates
 
 LATEST = "latest"
 
@@ -129,16 +129,7 @@ def problems(folder: Path, rank: int | None = None) -> list[str]:
 
 def find_resumable(root: Path, rank: int | None = None, log=print) -> Path | None:
     """The newest complete, readable checkpoint; damaged candidates are reported and skipped."""
-    if not root.is_dir():
-        return None
-    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    latest = root / LATEST
-    if latest.exists():
-        named = root / latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-        candidates.insert(0, named)
-    for c in candidates:
+    for c in checkpoint_candidates(root):
         bad = problems(c, rank)
         if not bad:
             return c

@@ -142,6 +142,12 @@ def test_checkpoint_validation_and_fallback(tmp_path):
     # a partial write (no COMPLETE) is never chosen
     (root / ".tmp-step-00000006").mkdir()
     assert ckpt.find_resumable(root) == root / "step-00000004"
+    # the CLI's preflight picks the folder a resume takes (same order; it checks COMPLETE only, loads nothing)
+    from orthrus_train.config.preflight import _newest_checkpoint
+    assert _newest_checkpoint(root) == root / "step-00000004"
+    (root / "latest").write_text("step-00000002\n")  # `latest` wins over a newer step, as in a resume
+    assert _newest_checkpoint(root) == ckpt.find_resumable(root) == root / "step-00000002"
+    (root / "latest").write_text("step-00000004\n")
     # corrupt the newest: truncated file -> reported and the previous complete one is used
     f = root / "step-00000004" / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[:50])
