@@ -707,6 +707,62 @@ def test_generation_engine_with_prefill_graphs_gives_the_eager_tokens(qwen3_mode
         assert outs[0] == outs[1] and len({len(o) for o in outs[0]}) >= 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefill_graphs_match_eager_on_gpu():
+    """Prefill passes replayed as CUDA graphs (`PrefillGraphs`, float32) give exactly the eager passes' rows: the
+    DecodeEngine's continuous batching (prompts staged ahead) and fixed batches, spec and AR, greedy and sampled,
+    against the same engine with prefill_graphs=False; GenerationEngine against an eager one. Every pass replays, no
+    capture fails, and longer prompts after shorter ones grow the scratch (every prefill graph dropped with its pool
+    and captured again), then shorter ones again: still equal."""
+    from orthrus_train.decode.engine import GenerationEngine
+
+    m = copy.deepcopy(trained_model("qwen3")).to("cuda", torch.float32)
+    short = random_prompts(9, (2, 40), seed=19)
+    long = random_prompts(5, (140, 180), seed=20)  # 192 slots each
+    kw = dict(batch_size=3, max_len=256, use_cuda_graphs=True, sync_every=4, prefill_ahead_tokens=256)
+    eager = DecodeEngine(m, prefill_graphs=False, **kw)
+    graph = DecodeEngine(m, **kw)
+    for sp in (SamplingParams(0.0), SamplingParams(1.0, top_k=20)):
+        for mode in ("spec", "ar"):
+            for prompts in (short, long, short):
+                seeds = list(range(len(prompts)))
+                version = graph._pg.scratch.version if graph._pg is not None else 0
+                a = rows_of(eager.generate_all(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode))
+                b = graph.generate_all(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode)
+                assert rows_of(b) == a and sum(r.prefill_graph_replays for r in b) >= len(b)
+                if prompts is long and sp.greedy and mode == "spec":  # (3, 192) > what (3, 64) needed
+                    assert graph._pg.scratch.version > version
+                x = eager.generate_many(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode, refill_min=1)
+                y = graph.generate_many(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode, refill_min=1)
+                assert y.rows == x.rows == a
+                assert y.prefill_graph_replays == y.prefill_passes > 0 and x.prefill_graph_replays == 0
+    assert graph.cuda_graphs and graph.graph_error is None and graph.prefill_graph_error is None
+    assert graph.prefill_eager_passes == 0 and graph.prefill_graph_replays > graph._pg.captures > 2
+    assert eager.cuda_graphs and eager.prefill_graph_replays == 0
+    # warm_prefill captures every shape a call needs: the timed call then captures nothing
+    fresh = DecodeEngine(m, **kw)
+    assert fresh.warm_prefill([len(p) for p in short + long]) == len(fresh._pg) > 0
+    captures = fresh._pg.captures
+    assert fresh.generate_many(short + long, 24, eos_token_ids=[5]).rows == eager.generate_many(
+        short + long, 24, eos_token_ids=[5]).rows
+    assert fresh._pg.captures == captures and fresh.prefill_graph_error is None
+    # GenerationEngine (prefill_tokens 128: a 192-slot prompt grows the scratch reserved for 128)
+    gen_kw = dict(batch_size=3, max_len=256, sync_every=2, width_step=32, refill_min=1, prefill_tokens=128)
+    plain = GenerationEngine(m.backbone, use_cuda_graphs=False, **gen_kw)
+    graphed = GenerationEngine(m.backbone, use_cuda_graphs=True, **gen_kw)
+    for prompts in (short, long, short):
+        seeds = list(range(len(prompts)))
+        version = graphed._pg.scratch.version
+        want = plain.generate(prompts, 24, SamplingParams(), seeds, eos_token_ids=[5])
+        assert graphed.generate(prompts, 24, SamplingParams(), seeds, eos_token_ids=[5]) == want
+        if prompts is long:
+            assert graphed._pg.scratch.version > version
+    assert graphed.cuda_graphs and graphed.graph_error is None and graphed.prefill_graph_error is None
+    assert graphed.prefill_graph_replays > 0 and graphed.prefill_eager_passes == 0
+    assert plain.prefill_graph_replays == 0 and plain.prefill_eager_passes > 0
+
+
 def test_ahead_count(qwen3_model):
     """How many prompts a staging pass prefills: at least the rows to fill, grown by powers of two while the padded
     pass (rows to a power of two x length to a multiple of 64) fits prefill_ahead_tokens, at most the prompts left."""
