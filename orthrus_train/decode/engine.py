@@ -266,7 +266,8 @@ class ScratchCache:
     only grows, so a refill allocates and zero-fills nothing (61 fewer launches on a 30-layer model). Its K/V
     slots hold stale values, which no prefill reads: a pass over L tokens at lengths 0 writes every slot 0..L-1
     of a layer before that layer attends (`DraftModel._cached_pass`). Not for a caller that reads slots it did
-    not write. `ar_cached` does not advance `lengths`, which stay zero."""
+    not write. `ar_cached` does not advance `lengths`, which stay zero. `reserve` sizes the storage ahead: a
+    `PrefillGraphs` graph writes the addresses it had at capture, and `version` counts the moves."""
 
     def __init__(self, model: DraftModel, device, dtype):
         self.model, self.device, self.dtype = model, device, dtype
@@ -629,12 +630,12 @@ class DecodeEngine:
 
     @property
     def prefill_graph_replays(self) -> int:
-        """Prefill passes (all calls) that replayed a CUDA graph."""
+        """Prefill passes that replayed a CUDA graph (every call so far, warm-ups included)."""
         return self._pg.replays if self._pg is not None else 0
 
     @property
     def prefill_eager_passes(self) -> int:
-        """Prefill passes (all calls) that ran eagerly."""
+        """Prefill passes that ran eagerly (every call so far, warm-ups included)."""
         return self._pg.eager if self._pg is not None else 0
 
     @property
@@ -1275,12 +1276,12 @@ class GenerationEngine:
 
     @property
     def prefill_graph_replays(self) -> int:
-        """Prefill passes (all calls) that replayed a CUDA graph."""
+        """Prefill passes that replayed a CUDA graph (every call so far, warm-ups included)."""
         return self._pg.replays
 
     @property
     def prefill_eager_passes(self) -> int:
-        """Prefill passes (all calls) that ran eagerly."""
+        """Prefill passes that ran eagerly (every call so far, warm-ups included)."""
         return self._pg.eager
 
     @property
