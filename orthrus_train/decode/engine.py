@@ -749,6 +749,8 @@ class DecodeEngine:
                 warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly")
                 self.cuda_graphs = False
                 _drop_graphs(self)
+                if self._pg is not None:  # prefill graphs replay only beside the step graphs: free their pool
+                    self._pg.drop()
                 try:
                     torch.cuda.synchronize()
                 except Exception:  # the failed capture may have left an error on the stream
@@ -1327,6 +1329,7 @@ class GenerationEngine:
                     warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
                     self.cuda_graphs = False
                     _drop_graphs(self)
+                    self._pg.drop()  # prefill graphs replay only beside the step graphs: free their pool
         if self.cuda_graphs:
             g = self._graphs[(W, self._settings)]
             return lambda: [g.replay() for _ in range(self.sync_every)]
