@@ -200,7 +200,7 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
                  chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None,
                  align: int = PREFILL_ALIGN, graphs: "PrefillGraphs | None" = None) -> torch.Tensor:
     """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
-    theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
+    theirs: one padded pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
     cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
     (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. Host values go to the device
     with `to_device` (no stream stall). scratch: where the scratch caches come from (default: a new one per
@@ -1203,8 +1203,9 @@ class GenerationEngine:
     GPU speed: one static KV cache of `batch_size` rows, continuous batching, CUDA graphs.
 
     * Continuous batching: a row whose response ended (end-of-sequence or `max_new_tokens`) is refilled with
-      the next prompt of the stream: the prompt minus its last token is prefilled eagerly into that row's
-      cache slots (rows refilled together share one padded prefill), the batch keeps its fixed shape.
+      the next prompt of the stream: the prompt minus its last token is prefilled into that row's cache slots
+      (rows refilled together share one padded prefill, replayed as a CUDA graph beside the step's graphs:
+      `prefill_graphs`), the batch keeps its fixed shape.
     * Fixed-shape decode step (one token per row), captured once per (cache width, sampling settings) as a
       CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the
       cache, W the smallest multiple of `width_step` that holds every busy row for the next window: short
