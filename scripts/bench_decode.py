@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--graphs", choices=["both", "on", "off"], default="both")
     p.add_argument("--sync-every", type=int, default=4)
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="run the prefill passes eagerly (default: replayed CUDA graphs where the steps are graphed)")
     p.add_argument("--verify-backend", choices=["auto", "triton", "torch"], default="auto")
     p.add_argument("--hf", nargs="*", choices=["dynamic", "static"], default=["dynamic", "static"],
                    help="transformers generate variants to time (none: --hf with no value)")
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
     for B in args.batch_sizes:
         for graphs in graph_opts:
             eng = DecodeEngine(model, B, slots, use_cuda_graphs=graphs, sync_every=args.sync_every,
-                               verify_backend=args.verify_backend)
+                               verify_backend=args.verify_backend, prefill_graphs=not args.no_prefill_graphs)
             for T in args.temperatures:
                 ar_tps = None
                 runs = [("ar", None)] + [("spec", dt) for dt in (draft_temps if T > 0 else [None])]
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
                                prompts=len(prompts), emitted_tokens=s["emitted_tokens"], seconds=secs,
                                tokens_per_s=s["tokens_per_s"], decode_tokens_per_s=s["decode_tokens_per_s"],
                                acceptance_length=s["acceptance_length"], tpf=s["tpf"],
-                               graph_error=eng.graph_error)
+                               graph_error=eng.graph_error, prefill_s=sum(x.prefill_s for x in res),
+                               prefill_graph_replays=sum(x.prefill_graph_replays for x in res))
                     if mode == "ar":
                         ar_tps = s["tokens_per_s"]
                     else:

@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--refill-min", type=int, default=None, help="engine: free rows before a refill "
                                                                 "(default batch/8)")
     p.add_argument("--no-graphs", action="store_true", help="engine: run the decode step eagerly")
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="engine: run the refills' prefill passes eagerly (default: replayed CUDA graphs, with graphs)")
     p.add_argument("--compile", action="store_true", help="engine: torch.compile the step before capture "
                                                           "(compilation time included in the timing)")
     p.add_argument("--decode-attn", default=None, choices=["auto", "sdpa", "fold", "math"],
@@ -187,14 +189,17 @@ def main(argv=None) -> dict:
     for name in args.backends.split(","):
         if name == "engine":
             kw = dict(sync_every=args.sync_every, width_step=args.width_step, refill_min=args.refill_min,
-                      compile_steps=args.compile)  # exactly as asked (no `auto` decision in a benchmark)
+                      compile_steps=args.compile,  # exactly as asked (no `auto` decision in a benchmark)
+                      prefill_graphs=not args.no_prefill_graphs)
             gen = EngineGenerator(model, eos, batch_size=bs, use_cuda_graphs=not args.no_graphs, **kw)
             outs, secs = stage_run(gen)  # cold: allocation, prefill, graph capture included
             eng = gen.engine
             info = dict(how="regenerate + EngineGenerator (cold: prefill and graph capture included)",
                         engine_batch=eng.B, cache_slots=eng.S, cuda_graphs=eng.cuda_graphs,
                         graphs_captured=len(eng._graphs), graph_error=eng.graph_error, decode_steps=eng.steps,
-                        prefill_s=round(eng.prefill_s, 3), **kw)
+                        prefill_s=round(eng.prefill_s, 3), refills=eng.refills,
+                        prefill_graph_replays=eng.prefill_graph_replays, prefill_graph_error=eng.prefill_graph_error,
+                        **kw)
             if args.warm:
                 eng.steps, eng.prefill_s = 0, 0.0
                 warm_outs, warm_secs = stage_run(gen)

@@ -23,7 +23,9 @@ CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several sha
 row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
 --refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
 per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time;
-"staged_refill_ms": the same refill from prompts staged ahead (`generate_many`: a copy of cache rows, no pass).
+"staged_refill_ms": the same refill from prompts staged ahead (`generate_many`: a copy of cache rows, no pass);
+"graph_refill_ms" (with CUDA graphs): the same refill with its prefill pass replayed as a CUDA graph (`PrefillGraphs`;
+"refill_ms" is the eager pass's).
 --refill-lengths L [L ...]: "refill_lengths", one refill of --refill-rows rows of each prompt length L in turn (each
 length new to the process), then the same lengths again: "first_ms" against "again_ms" tells a cost paid once per
 new prompt shape (kernel specialisation, allocator growth) from the steady cost of a refill (session 15: the eval's
@@ -91,15 +93,27 @@ def time_refill(eng, prompts, n: int, sync, profile: bool, top: int, dev) -> dic
     from torch.profiler import ProfilerActivity, profile as prof_ctx
 
     rows, seeds = list(range(n)), list(range(n))
-    times = []
-    for _ in range(6):
-        sync()
-        t = time.perf_counter()
-        eng._refill(rows, prompts[:n], seeds, 10 ** 6)
-        sync()
-        times.append(time.perf_counter() - t)
-    timed = sorted(times[1:])
-    out = {"refill_rows": n, "refill_ms": timed[len(timed) // 2] * 1e3}
+
+    def median_refill_ms() -> float:
+        times = []
+        for _ in range(6):
+            sync()
+            t = time.perf_counter()
+            eng._refill(rows, prompts[:n], seeds, 10 ** 6)
+            sync()
+            times.append(time.perf_counter() - t)
+        timed = sorted(times[1:])
+        return timed[len(timed) // 2] * 1e3
+
+    graphs_on = eng.prefill_graphs
+    eng.prefill_graphs = False  # refill_ms: the eager pass (as before prefill graphs), its ops profiled below
+    out = {"refill_rows": n, "refill_ms": median_refill_ms()}
+    if eng.cuda_graphs and graphs_on:  # the same refill, its pass replayed (the first run captures: untimed)
+        eng.prefill_graphs = True
+        out["graph_refill_ms"] = median_refill_ms()
+        if eng.prefill_graph_error:
+            out["prefill_graph_error"] = eng.prefill_graph_error
+        eng.prefill_graphs = False
     # the same rows from prompts staged ahead (generate_many: one pass stages many prompts, a refill copies rows)
     from orthrus_train.decode.engine import _Staged
 
@@ -127,15 +141,18 @@ def time_refill(eng, prompts, n: int, sync, profile: bool, top: int, dev) -> dic
         out["refill_device_us"] = sum(getattr(e, "self_device_time_total", 0) for e in evs)
         out["refill_top"] = [{"name": e.key[:90], "us": round(e.self_cpu_time_total, 1), "calls": e.count}
                              for e in sorted(evs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+    eng.prefill_graphs = graphs_on
     return out
 
 
 def time_refill_lengths(eng, V: int, lengths, n: int, sync) -> list[dict]:
     """One refill of `n` rows per prompt length (random tokens), every length once in turn and then all again:
-    [{"prompt_len", "rows", "first_ms", "again_ms"}] (host-synchronized, as the eval times a fill)."""
+    [{"prompt_len", "rows", "first_ms", "again_ms"}] (host-synchronized, as the eval times a fill). Eager passes, as
+    session 15 measured them (a replayed pass would time its capture first: `time_refill`'s graph_refill_ms)."""
     g = torch.Generator().manual_seed(1)
     rows = list(range(n))
     out = []
+    graphs_on, eng.prefill_graphs = eng.prefill_graphs, False
     for rnd in ("first_ms", "again_ms"):
         for i, L in enumerate(lengths):
             prompts = [torch.randint(0, V, (L,), generator=g).tolist() for _ in rows]
@@ -148,6 +165,7 @@ def time_refill_lengths(eng, V: int, lengths, n: int, sync) -> list[dict]:
                 out.append({"prompt_len": L, "rows": n, "first_ms": ms})
             else:
                 out[i]["again_ms"] = ms
+    eng.prefill_graphs = graphs_on
     return out
 
 

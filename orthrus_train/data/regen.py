@@ -193,7 +193,8 @@ class EngineGenerator:
 
     @staticmethod
     def _counts(e) -> dict:
-        return {"decode_steps": e.steps, "refills": e.refills, "refill_host_seconds": e.prefill_s}
+        return {"decode_steps": e.steps, "refills": e.refills, "refill_host_seconds": e.prefill_s,
+                "prefill_graph_replays": e.prefill_graph_replays}
 
     def _retire(self) -> None:
         """Keep the counts of an engine about to be replaced (engine_stats covers every engine of the run)."""
@@ -204,8 +205,8 @@ class EngineGenerator:
     @property
     def engine_stats(self) -> dict | None:
         """What the engines of this process ran: decode steps, refills (prefill passes of the rows refilled
-        together) and the host seconds those refills took (launch-bound passes: about their cost). None before
-        any generation."""
+        together) and the host seconds those refills took (launch-bound passes: about their cost), and the prefill
+        passes that replayed a CUDA graph. None before any generation."""
         if self.engine is None and not self._retired:
             return None
         now = self._counts(self.engine) if self.engine is not None else {}

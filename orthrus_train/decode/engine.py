@@ -117,6 +117,7 @@ class GenerateResult:
     cuda_graphs: bool
     refills: int = 0  # generate_many: refills after the first fill (each host-synchronized)
     prefill_passes: int = 0  # generate_many: prefill passes, the first fill's included (staged ahead: < refills + 1)
+    prefill_graph_replays: int = 0  # prefill passes of the call that replayed a CUDA graph (`PrefillGraphs`)
 
     @property
     def total_s(self) -> float:
@@ -154,12 +155,14 @@ def prefill_shape(rows: int, length: int, align: int = PREFILL_ALIGN) -> tuple[i
 
 
 def prefill_pass(model: DraftModel, prompts: Sequence[Sequence[int]], device, dtype,
-                 scratch: "ScratchCache | None" = None, align: int = PREFILL_ALIGN) -> tuple[StaticKVCache, torch.Tensor]:
-    """One padded eager pass caching each prompt minus its last token in rows 0..n-1 of a scratch cache (slots
+                 scratch: "ScratchCache | None" = None, align: int = PREFILL_ALIGN,
+                 graphs: "PrefillGraphs | None" = None) -> tuple[StaticKVCache, torch.Tensor]:
+    """One padded pass caching each prompt minus its last token in rows 0..n-1 of a scratch cache (slots
     0..len-2; the pass runs at `prefill_shape`, so the cache has at least n rows and the bucketed length).
     Returns (that cache, each prompt's final hidden state at its second-to-last position, (n, H), zeros for a
     one-token prompt). `prefill_rows` copies the rows into an engine's cache; `DecodeEngine.generate_many` keeps
-    them staged until rows are free (`_Staged`)."""
+    them staged until rows are free (`_Staged`). graphs: replay the shape's CUDA graph where `graphs` is enabled
+    (`PrefillGraphs`: its scratch is the one used); None, disabled or its capture failed: the eager pass."""
     n = len(prompts)
     lens = [len(p) for p in prompts]
     L = max(1, max(lens) - 1)
@@ -167,11 +170,21 @@ def prefill_pass(model: DraftModel, prompts: Sequence[Sequence[int]], device, dt
     ids = torch.zeros(m, Lp, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p) - 1] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
+    if graphs is not None:
+        out = graphs.run(ids, lens)
+        if out is not None:
+            return out
+        graphs.eager += 1
     tmp = scratch.get(m, Lp) if scratch is not None else model.new_cache(m, Lp, device=device, dtype=dtype)
     h = model.ar_cached(to_device(ids, device), tmp)[:n]  # (n, Lp, H): the real rows
-    pl = to_device(lens, device)
-    h_last = h[torch.arange(n, device=device), (pl - 2).clamp(min=0)]
-    return tmp, torch.where((pl >= 2)[:, None], h_last.to(dtype), 0)
+    return tmp, _final_hidden(h, to_device(lens, device), dtype)
+
+
+def _final_hidden(h: torch.Tensor, pl: torch.Tensor, dtype) -> torch.Tensor:
+    """Row i's hidden state at position pl[i] - 2 of a prefill pass's output h (rows, Lp, H); zeros where
+    pl[i] < 2 (a one-token prompt caches nothing; padded rows have pl 0)."""
+    h_last = h[torch.arange(h.shape[0], device=h.device), (pl - 2).clamp(min=0)]
+    return torch.where((pl >= 2)[:, None], h_last.to(dtype), 0)
 
 
 def copy_prefilled(cache: StaticKVCache, idx: torch.Tensor, tmp: StaticKVCache, lo: int, n: int, L: int) -> None:
@@ -185,15 +198,15 @@ def copy_prefilled(cache: StaticKVCache, idx: torch.Tensor, tmp: StaticKVCache, 
 
 def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], prompts: Sequence[Sequence[int]],
                  chunk_tokens: int | None = None, scratch: "ScratchCache | None" = None,
-                 align: int = PREFILL_ALIGN) -> torch.Tensor:
+                 align: int = PREFILL_ALIGN, graphs: "PrefillGraphs | None" = None) -> torch.Tensor:
     """Cache each prompt minus its last token in its row of `cache` (slots 0..len-2) while the other rows keep
-    theirs: one padded eager pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
+    theirs: one padded pass per chunk of rows (at most `chunk_tokens` padded tokens) into a scratch
     cache, copied into the rows' slots. Returns each prompt's final hidden state at its second-to-last position,
     (n, H), zeros for a one-token prompt. `cache.lengths` is left to the caller. Host values go to the device
     with `to_device` (no stream stall). scratch: where the scratch caches come from (default: a new one per
     chunk, `model.new_cache`); a `ScratchCache` hands out the same shapes without allocating or zero-filling
     (bit-identical results). align: each pass runs at `prefill_shape` (padded rows and length: few distinct
-    shapes); 0: at the chunk's own shape."""
+    shapes); 0: at the chunk's own shape. graphs: each pass as `prefill_pass(graphs=...)`."""
     dev, dtype = cache.lengths.device, cache.k[0].dtype
     lens = [len(p) for p in prompts]
     L = max(lens) - 1
@@ -206,7 +219,7 @@ def prefill_rows(model: DraftModel, cache: StaticKVCache, rows: list[int], promp
         step = 1 << (step.bit_length() - 1)
     for lo in range(0, len(rows), step):
         part = prompts[lo:lo + step]
-        tmp, h_last = prefill_pass(model, part, dev, dtype, scratch, align)
+        tmp, h_last = prefill_pass(model, part, dev, dtype, scratch, align, graphs)
         copy_prefilled(cache, to_device(rows[lo:lo + step], dev), tmp, 0, len(part), max(len(p) for p in part) - 1)
         last[lo:lo + len(part)] = h_last
     return last
@@ -253,7 +266,8 @@ class ScratchCache:
     only grows, so a refill allocates and zero-fills nothing (61 fewer launches on a 30-layer model). Its K/V
     slots hold stale values, which no prefill reads: a pass over L tokens at lengths 0 writes every slot 0..L-1
     of a layer before that layer attends (`DraftModel._cached_pass`). Not for a caller that reads slots it did
-    not write. `ar_cached` does not advance `lengths`, which stay zero."""
+    not write. `ar_cached` does not advance `lengths`, which stay zero. `reserve` sizes the storage ahead: a
+    `PrefillGraphs` graph writes the addresses it had at capture, and `version` counts the moves."""
 
     def __init__(self, model: DraftModel, device, dtype):
         self.model, self.device, self.dtype = model, device, dtype
@@ -262,23 +276,138 @@ class ScratchCache:
         self._lengths = torch.zeros(0, dtype=torch.long, device=device)
         self._tokens = 0  # row-slots the storage holds
         self._shape = (0, 0)  # (kv heads, head dim)
+        self.version = 0  # bumped whenever the storage moves (a CUDA graph that wrote the old one is stale)
 
-    def get(self, m: int, L: int) -> StaticKVCache:
-        if m * L > self._tokens:
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(row-slots, rows) the storage holds."""
+        return self._tokens, self._lengths.numel()
+
+    def reserve(self, tokens: int, rows: int = 0) -> None:
+        """Storage for at least `tokens` row-slots and `rows` rows (grown, never shrunk)."""
+        if tokens > self._tokens:
             self._k, self._v = [], []  # drop the old storage before taking the new
             like = self.model.new_cache(1, 1, device=self.device, dtype=self.dtype)
             per_token = like.k[0][0, :, 0].numel()  # kv heads x head dim
-            self._tokens = m * L
+            self._tokens = tokens
             n = self._tokens * per_token
             self._k = [torch.empty(n, device=self.device, dtype=self.dtype) for _ in like.k]
             self._v = [torch.empty(n, device=self.device, dtype=self.dtype) for _ in like.v]
             self._shape = like.k[0].shape[1], like.k[0].shape[3]
-        if m > self._lengths.numel():
-            self._lengths = torch.zeros(m, dtype=torch.long, device=self.device)
+            self.version += 1
+        if rows > self._lengths.numel():
+            self._lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.version += 1
+
+    def get(self, m: int, L: int) -> StaticKVCache:
+        self.reserve(m * L, m)
         H, D = self._shape
         size = m * H * L * D
         return StaticKVCache([t[:size].view(m, H, L, D) for t in self._k], [t[:size].view(m, H, L, D) for t in self._v],
                              self._lengths[:m])
+
+
+class _PrefillGraph:
+    """One captured prefill pass: its static input (token ids (m, Lp) then prompt lengths (m,), flat), graph and
+    static output (each row's final hidden state, (m, H))."""
+
+    def __init__(self, graph, inp: torch.Tensor, out: torch.Tensor):
+        self.graph, self.inp, self.out = graph, inp, out
+
+
+class PrefillGraphs:
+    """CUDA graphs of `prefill_pass`, one per padded shape (m, Lp) (`prefill_shape`: few shapes), for an engine that
+    runs CUDA graphs: an eager pass is launch-bound (an H200, SmolLM2 shape: 21-30 ms whether 2 or 16 rows, hundreds
+    of kernels launched from Python), a replay launches one graph. A shape is captured when first needed (side-stream
+    warm-up, then the capture, as the decode steps are); a replay copies the host ids and lengths into the shape's
+    static input in one non-blocking copy, replays, and returns (the scratch cache view, a fresh copy of the final
+    hidden states): the same values as the eager pass (the same kernels at the same shape).
+
+    The graphs write the K/V into `scratch` (the engine's `ScratchCache`) at the addresses it had at capture: when
+    the scratch's storage moves (`ScratchCache.version`, it grew), every graph is dropped and recaptured as needed.
+    Dropping takes a fresh memory pool (see `_drop_graphs`); the pool is this object's alone, apart from the decode
+    steps' (dropping either leaves the other). A capture failure: a warning, `error` set, and the eager pass from
+    then on (`run` returns None). `enabled` False (the engine runs no CUDA graphs, or its prefill_graphs switch is
+    off): `run` returns None and touches nothing. Counts: `replays` (graphed passes), `eager` (passes `prefill_pass`
+    ran eagerly with this object given), `captures`."""
+
+    def __init__(self, model: DraftModel, scratch: ScratchCache, enabled: bool = True):
+        self.model, self.scratch = model, scratch
+        self.enabled = enabled
+        self.error: str | None = None
+        self.replays = self.eager = self.captures = 0
+        self._graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._pool = None
+        self._version = scratch.version
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def drop(self) -> None:
+        """Forget every graph and the pool (parameters or scratch storage moved)."""
+        self._graphs.clear()
+        self._pool = None
+
+    def run(self, ids: torch.Tensor, lens: Sequence[int]) -> tuple[StaticKVCache, torch.Tensor] | None:
+        """The pass over host `ids` (m, Lp) (a padded `prefill_pass` batch) and the real rows' prompt lengths, by
+        graph replay; None where not enabled or the capture failed (the caller runs the eager pass)."""
+        if not self.enabled or self.error is not None:
+            return None
+        m, Lp = ids.shape
+        n = len(lens)
+        cache = self.scratch.get(m, Lp)
+        if self.scratch.version != self._version:  # the storage the graphs write into moved
+            self.drop()
+            self._version = self.scratch.version
+        host = torch.zeros(m * Lp + m, dtype=torch.long)
+        host[: m * Lp] = ids.reshape(-1)
+        host[m * Lp: m * Lp + n] = torch.tensor(list(lens), dtype=torch.long)
+        g = self._graphs.get((m, Lp))
+        if g is None:
+            try:
+                g = self._graphs[(m, Lp)] = self._capture(cache, m, Lp)
+            except Exception as e:  # noqa: BLE001 - e.g. a model with host syncs: the eager pass, for good
+                self.error = exc_line(e, 500)
+                warnings.warn(f"CUDA graph capture of a prefill pass failed ({self.error}); prefilling eagerly")
+                self.drop()
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 - the failed capture may have left an error on the stream
+                    pass
+                return None
+        # one non-blocking copy from pinned memory (the caching host allocator keeps it until the copy is done)
+        g.inp.copy_(host.pin_memory() if g.inp.is_cuda else host, non_blocking=True)
+        g.graph.replay()
+        self.replays += 1
+        # a copy: the static output is rewritten by the next replay, and a staged pass's states outlive it
+        return cache, g.out[:n].clone()
+
+    def _capture(self, cache: StaticKVCache, m: int, Lp: int) -> _PrefillGraph:
+        inp = torch.zeros(m * Lp + m, dtype=torch.long, device=self.scratch.device)  # outside the pool
+        ids, pl = inp[: m * Lp].view(m, Lp), inp[m * Lp:]
+        dtype = self.scratch.dtype
+
+        def pass_():
+            return _final_hidden(self.model.ar_cached(ids, cache), pl, dtype)
+
+        g, out = self._record(pass_)
+        self.captures += 1
+        return _PrefillGraph(g, inp, out)
+
+    def _record(self, fn: Callable[[], torch.Tensor]):
+        """`fn` as a CUDA graph in this object's pool, after a side-stream warm-up: (the graph, fn's output)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):  # warm up (kernel selection, Triton compilation) outside the graph
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g, pool=self._pool):
+            out = fn()  # one pool for every shape: passes never overlap, outputs are copied after each replay
+        return g, out
 
 
 def should_refill(free: int, batch: int, idle_row_steps: float, step_s: float, refill_s: float,
@@ -420,11 +549,16 @@ class DecodeEngine:
       SmolLM2 shape: 26 ms for 16 rows of 200 tokens, 23 ms for 2), so one pass for many refills makes each refill
       cheap, and the adaptive rule then refills sooner (fewer idle rows). Costs scratch memory: this many tokens of
       K/V. 0: each refill prefills exactly its own prompts.
+    prefill_graphs: with CUDA graphs, replay each prefill pass (refills, staging passes, `warm_prefill`) as a
+      CUDA graph per padded shape (`PrefillGraphs`) instead of launching it eagerly; ignored without CUDA graphs.
+      The attribute of that name can be changed between calls. Counts: `prefill_graph_replays`,
+      `prefill_eager_passes`; a failed capture: `prefill_graph_error` (the eager pass from then on).
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
                  sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None,
-                 compile_steps: bool = False, fuse_projections: bool = True, prefill_ahead_tokens: int = 16384):
+                 compile_steps: bool = False, fuse_projections: bool = True, prefill_ahead_tokens: int = 16384,
+                 prefill_graphs: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefill_ahead_tokens < 0:
@@ -453,6 +587,8 @@ class DecodeEngine:
         self._fusion = DecodeFusion(model) if fuse_projections else None
         self._st = _State(model, self.B, self.S, self.K, self.S + self.K + 1, self.dtype, self.device)
         self._scratch: ScratchCache | None = None  # prefill scratch caches of the refills (made on first use)
+        self.prefill_graphs = bool(prefill_graphs)
+        self._pg: PrefillGraphs | None = None  # the prefill passes' graphs, over the scratch (made with it)
         self._warmed: set[tuple[int, int]] = set()  # prefill shapes warm_prefill ran
         self.prefill_ahead_tokens = prefill_ahead_tokens
         # the adaptive refill rule's estimates of one refill's seconds (generate_many; kept across calls)
@@ -471,7 +607,41 @@ class DecodeEngine:
         if self._fusion.refresh():
             _drop_graphs(self)
             self._compiled.clear()
+            if self._pg is not None:
+                self._pg.drop()
         return self._fusion
+
+    def _prefill_graphs(self) -> PrefillGraphs:
+        """The prefill passes' scratch cache and graphs (made on first use); the graphs replay only while the engine
+        runs CUDA graphs and `prefill_graphs` is on."""
+        if self._pg is None:
+            if self._scratch is None:
+                self._scratch = ScratchCache(self.model, self.device, self.dtype)
+            self._pg = PrefillGraphs(self.model, self._scratch)
+        self._pg.enabled = self.cuda_graphs and self.prefill_graphs
+        return self._pg
+
+    def _reserve_scratch(self, tokens: int, rows: int) -> None:
+        """Size the scratch for the passes ahead at once where graphs replay (a growth drops every prefill graph);
+        eager passes grow it as they need."""
+        pg = self._prefill_graphs()
+        if pg.enabled and pg.error is None:
+            pg.scratch.reserve(tokens, rows)
+
+    @property
+    def prefill_graph_replays(self) -> int:
+        """Prefill passes that replayed a CUDA graph (every call so far, warm-ups included)."""
+        return self._pg.replays if self._pg is not None else 0
+
+    @property
+    def prefill_eager_passes(self) -> int:
+        """Prefill passes that ran eagerly (every call so far, warm-ups included)."""
+        return self._pg.eager if self._pg is not None else 0
+
+    @property
+    def prefill_graph_error(self) -> str | None:
+        """Why a prefill pass's capture failed (prefill passes then run eagerly); None otherwise."""
+        return self._pg.error if self._pg is not None else None
 
     # ------------------------------------------------------------------------------- step functions
     def _uniforms(self, slots: str) -> torch.Tensor:
@@ -579,6 +749,8 @@ class DecodeEngine:
                 warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly")
                 self.cuda_graphs = False
                 _drop_graphs(self)
+                if self._pg is not None:  # prefill graphs replay only beside the step graphs: free their pool
+                    self._pg.drop()
                 try:
                     torch.cuda.synchronize()
                 except Exception:  # the failed capture may have left an error on the stream
@@ -665,6 +837,7 @@ class DecodeEngine:
         n = len(prompts)
         st = self._st
         sync, steps_fns = self._begin(mode, sampling)
+        replays = self.prefill_graph_replays
         t0 = time.perf_counter()
         self._prefill(prompts, max_new_tokens, seeds, eos)
         sync()
@@ -679,7 +852,8 @@ class DecodeEngine:
         t2 = time.perf_counter()
 
         rows = self._records(list(range(n)), prompts, seeds, list(range(n)), mode)
-        return GenerateResult(rows, mode, t1 - t0, t2 - t1, steps, self.B, self.cuda_graphs)
+        return GenerateResult(rows, mode, t1 - t0, t2 - t1, steps, self.B, self.cuda_graphs,
+                              prefill_graph_replays=self.prefill_graph_replays - replays)
 
     def _prefill(self, prompts, max_new_tokens, seeds, eos):
         """A fixed batch: every row disarmed, then rows 0..n-1 armed with the prompts."""
@@ -700,41 +874,43 @@ class DecodeEngine:
         PREFILL_ALIGN) that prompts of these lengths can need here, so that each shape's first-pass cost (kernel
         specialisation and selection: 0.1-1 s each on an H200, session 15) is paid before a timed call and not
         inside it: rows up to the batch (a batch of 12 pads its 9-12-row refills to 16), and up to what
-        `generate_many` stages ahead at that length (`_ahead_count`). The passes write only the scratch cache; the
+        `generate_many` stages ahead at that length (`_ahead_count`). With prefill graphs each shape's graph is
+        captured here (the scratch sized for the largest shape first). The passes write only the scratch cache; the
         engine's rows are untouched. A shape warmed once is not run again (the engine remembers). Returns the passes
         run."""
         by_len: dict[int, int] = {}
         for n in prompt_lengths:  # one real length per length bucket
             if 2 <= n <= self.S:
                 by_len.setdefault(prefill_shape(1, n - 1)[1], n)
-        if self._scratch is None:
-            self._scratch = ScratchCache(self.model, self.device, self.dtype)
-        runs = 0
+        todo: list[tuple[int, int]] = []  # (rows, prompt length) of each pass to run
+        for n in by_len.values():
+            Lp = prefill_shape(1, n - 1)[1]
+            ahead = self.prefill_ahead_tokens // Lp  # the most rows a staging pass at this length runs
+            most = max(self.B, 1 << (ahead.bit_length() - 1) if ahead else 0)
+            for m in sorted({prefill_shape(m, 1)[0]: m for m in range(1, most + 1)}.values()):
+                if prefill_shape(m, n - 1) not in self._warmed:
+                    todo.append((m, n))
+        if not todo:
+            return 0
+        shapes = [prefill_shape(m, n - 1) for m, n in todo]
+        # the scratch sized for the largest shape before any capture: a later growth would drop the graphs made here
+        self._reserve_scratch(max(m * L for m, L in shapes), max(m for m, _ in shapes))
+        graphs = self._prefill_graphs()
         with self._fused():
-            for n in by_len.values():
-                Lp = prefill_shape(1, n - 1)[1]
-                ahead = self.prefill_ahead_tokens // Lp  # the most rows a staging pass at this length runs
-                most = max(self.B, 1 << (ahead.bit_length() - 1) if ahead else 0)
-                for m in sorted({prefill_shape(m, 1)[0]: m for m in range(1, most + 1)}.values()):
-                    shape = prefill_shape(m, n - 1)
-                    if shape in self._warmed:
-                        continue
-                    prefill_pass(self.model, [[0] * n] * m, self.device, self.dtype, self._scratch)
-                    self._warmed.add(shape)
-                    runs += 1
-        return runs
+            for (m, n), shape in zip(todo, shapes):
+                prefill_pass(self.model, [[0] * n] * m, self.device, self.dtype, self._scratch, graphs=graphs)
+                self._warmed.add(shape)
+        return len(todo)
 
     # ------------------------------------------------------------------------------- continuous batching
     def _refill(self, rows: list[int], prompts: list[Sequence[int]], seeds: list[int], max_new_tokens: int,
                 last: torch.Tensor | None = None) -> None:
         """Arm `rows` with new prompts while the other rows keep their state: the prompts are prefilled into
-        the rows' slots (`prefill_rows`, scratch caches reused; `last` given: the caller copied them already and
-        these are their last hidden states) and the rows' counters, flags and last hidden state are reset. No host
-        sync: the row indices and per-row integers (`ROW_VARS`, seed hashes computed on the host: the same integer
-        arithmetic) travel in one pinned, non-blocking copy and land in one write."""
+        the rows' slots (`prefill_rows`, scratch caches reused, graphed where `prefill_graphs`; `last` given: the
+        caller copied them already and these are their last hidden states) and the rows' counters, flags and last
+        hidden state are reset. No host sync: the row indices and per-row integers (`ROW_VARS`, seed hashes computed
+        on the host: the same integer arithmetic) travel in one pinned, non-blocking copy and land in one write."""
         st = self._st
-        if self._scratch is None:
-            self._scratch = ScratchCache(self.model, self.device, self.dtype)
         n = len(rows)
         sd = torch.tensor(seeds, dtype=torch.long)
         vals = {"lengths": [len(p) - 1 for p in prompts], "last_token": [int(p[-1]) for p in prompts],
@@ -749,7 +925,8 @@ class DecodeEngine:
         dev = to_device(host, self.device)
         idx = dev[0]
         if last is None:
-            last = prefill_rows(self.model, st.cache, rows, prompts, scratch=self._scratch)
+            graphs = self._prefill_graphs()
+            last = prefill_rows(self.model, st.cache, rows, prompts, scratch=graphs.scratch, graphs=graphs)
         st.row_vars[:, idx] = dev[1:]
         st.last_hidden[idx] = last
         st.acc[idx] = -1
@@ -765,8 +942,7 @@ class DecodeEngine:
                        max_new_tokens: int, staged: _Staged) -> int:
         """Arm `rows` with prompts first..first+len(rows)-1 of the call: staged ones are copied from the staging
         cache; when it runs out, one `prefill_pass` stages the next `_ahead_count` prompts. Returns the passes run."""
-        if self._scratch is None:
-            self._scratch = ScratchCache(self.model, self.device, self.dtype)
+        graphs = self._prefill_graphs()
         n, done, passes, lasts = len(rows), 0, 0, []
         idx = to_device(rows, self.device)
         st = self._st
@@ -774,7 +950,8 @@ class DecodeEngine:
             if staged.left == 0:
                 count = self._ahead_count(prompts, first + done, n - done)
                 part = prompts[first + done: first + done + count]
-                staged.cache, staged.last = prefill_pass(self.model, part, self.device, self.dtype, self._scratch)
+                staged.cache, staged.last = prefill_pass(self.model, part, self.device, self.dtype, graphs.scratch,
+                                                         graphs=graphs)
                 staged.first, staged.n, staged.used = first + done, count, 0
                 staged.lens = [len(p) for p in part]
                 passes += 1
@@ -838,6 +1015,10 @@ class DecodeEngine:
         fixed_min = None if refill_min is None else max(1, int(refill_min))
         st = self._st
         sync, steps_fns = self._begin(mode, sampling)
+        # a staging pass runs up to prefill_ahead_tokens padded tokens (more only when the rows to fill need it)
+        self._reserve_scratch(self.prefill_ahead_tokens,
+                              max(prefill_shape(self.B, 1)[0], self.prefill_ahead_tokens // PREFILL_ALIGN))
+        replays = self.prefill_graph_replays
         t0 = time.perf_counter()
         prefill_s = 0.0
         self._reset(eos)
@@ -898,7 +1079,7 @@ class DecodeEngine:
         sync()
         total = time.perf_counter() - t0
         return GenerateResult(list(records), mode, prefill_s, total - prefill_s, steps, self.B, self.cuda_graphs,
-                              refills, passes)
+                              refills, passes, self.prefill_graph_replays - replays)
 
     def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      sampling: SamplingParams | None = None, seeds: Sequence[int] | None = None,
@@ -1022,8 +1203,9 @@ class GenerationEngine:
     GPU speed: one static KV cache of `batch_size` rows, continuous batching, CUDA graphs.
 
     * Continuous batching: a row whose response ended (end-of-sequence or `max_new_tokens`) is refilled with
-      the next prompt of the stream: the prompt minus its last token is prefilled eagerly into that row's
-      cache slots (rows refilled together share one padded prefill), the batch keeps its fixed shape.
+      the next prompt of the stream: the prompt minus its last token is prefilled into that row's cache slots
+      (rows refilled together share one padded prefill, replayed as a CUDA graph beside the step's graphs:
+      `prefill_graphs`), the batch keeps its fixed shape.
     * Fixed-shape decode step (one token per row), captured once per (cache width, sampling settings) as a
       CUDA graph and replayed `sync_every` times per window. Its attention reads only the first W slots of the
       cache, W the smallest multiple of `width_step` that holds every busy row for the next window: short
@@ -1037,11 +1219,15 @@ class GenerationEngine:
 
     The model is any supported backbone (`model.backbones.FAMILIES`); its cached pass is the same code as the
     decode engine's (`DraftModel.ar_cached`). compile_step: torch.compile the step before capturing it (fewer,
-    fused kernels for launch-bound models; costs compilation time, twice: the width becomes dynamic)."""
+    fused kernels for launch-bound models; costs compilation time, twice: the width becomes dynamic).
+    prefill_graphs: with CUDA graphs, each refill's prefill passes replay a CUDA graph per padded shape
+    (`PrefillGraphs`) instead of launching eagerly; ignored without CUDA graphs (the attribute can be changed
+    between calls). Counts: `prefill_graph_replays`, `prefill_eager_passes`; `prefill_graph_error`."""
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
-                 prefill_tokens: int = 16384, compile_step: bool = False, fuse_projections: bool = True):
+                 prefill_tokens: int = 16384, compile_step: bool = False, fuse_projections: bool = True,
+                 prefill_graphs: bool = True):
         if batch_size < 1 or sync_every < 1 or width_step < 1:
             raise ValueError("batch_size, sync_every and width_step must be >= 1")
         # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
@@ -1062,6 +1248,10 @@ class GenerationEngine:
         self._graphs: dict = {}
         self._pool = None
         self.cache = self.model.new_cache(self.B, self.S, device=self.device, dtype=self.dtype)
+        # the refills' prefill passes: scratch caches reused (nothing allocated or zero-filled per refill), and
+        # their CUDA graphs
+        self.prefill_graphs = bool(prefill_graphs)
+        self._pg = PrefillGraphs(self.model, ScratchCache(self.model, self.device, self.dtype))
         self._views: dict[int, StaticKVCache] = {}
         z = dict(device=self.device, dtype=torch.long)
         self.last_token = torch.zeros(self.B, **z)
@@ -1082,6 +1272,25 @@ class GenerationEngine:
 
     def _step_fn(self, W: int) -> None:
         (self._compiled or self._step)(W)
+
+    def _prefill_graphs(self) -> PrefillGraphs:
+        self._pg.enabled = self.cuda_graphs and self.prefill_graphs
+        return self._pg
+
+    @property
+    def prefill_graph_replays(self) -> int:
+        """Prefill passes that replayed a CUDA graph (every call so far, warm-ups included)."""
+        return self._pg.replays
+
+    @property
+    def prefill_eager_passes(self) -> int:
+        """Prefill passes that ran eagerly (every call so far, warm-ups included)."""
+        return self._pg.eager
+
+    @property
+    def prefill_graph_error(self) -> str | None:
+        """Why a prefill pass's capture failed (prefill passes then run eagerly); None otherwise."""
+        return self._pg.error
 
     # ------------------------------------------------------------------------------- the step
     def _view(self, W: int) -> StaticKVCache:
@@ -1121,6 +1330,7 @@ class GenerationEngine:
                     warnings.warn(f"CUDA graph capture failed ({self.graph_error}); generating eagerly")
                     self.cuda_graphs = False
                     _drop_graphs(self)
+                    self._pg.drop()  # prefill graphs replay only beside the step graphs: free their pool
         if self.cuda_graphs:
             g = self._graphs[(W, self._settings)]
             return lambda: [g.replay() for _ in range(self.sync_every)]
@@ -1149,7 +1359,9 @@ class GenerationEngine:
         """Cache each prompt minus its last token in its row (slots 0..P-2); arm the row."""
         t0 = time.perf_counter()
         lens = [len(r.prompt) for r in reqs]
-        prefill_rows(self.model, self.cache, rows, [r.prompt for r in reqs], self.prefill_tokens)
+        graphs = self._prefill_graphs()
+        prefill_rows(self.model, self.cache, rows, [r.prompt for r in reqs], self.prefill_tokens, graphs.scratch,
+                     graphs=graphs)
         idx = to_device(rows, self.device)
 
         def put(t, values, dtype=torch.long):
@@ -1179,6 +1391,7 @@ class GenerationEngine:
         self._settings = tuple(settings)
         if self._fusion is not None and self._fusion.refresh():  # parameters moved since: refuse, recapture
             _drop_graphs(self)
+            self._pg.drop()
         with self._fusion or contextlib.nullcontext():
             yield from self._stream(requests, max_new_tokens, eos)
 
@@ -1202,6 +1415,10 @@ class GenerationEngine:
             self.out = torch.zeros(self.B, max_new_tokens + 1, device=self.device, dtype=torch.long)
             _drop_graphs(self)
         self.active.zero_()
+        graphs = self._prefill_graphs()
+        if graphs.enabled and graphs.error is None:  # the largest pass a refill can run, at once (a growth of the
+            rows, Lp = prefill_shape(self.B, self.S)  # scratch drops every prefill graph)
+            graphs.scratch.reserve(min(self.prefill_tokens or rows * Lp, rows * Lp), rows)
         pin = self.device.type == "cuda"
         snaps = [_Snapshot(self.B, max_new_tokens + 1, pin) for _ in range(2)]
         queue = iter(requests)

@@ -84,6 +84,7 @@ class _Run:
     engine_steps: int = 0  # batch steps the engine ran (all batches / the continuous batch)
     refills: int = 0  # continuous batching: refills after each call's first fill (fixed batches, HF: 0)
     prefill_passes: int = 0  # the engine's prefill passes (continuous batching stages prompts ahead; HF: 0)
+    prefill_graph_replays: int = 0  # of those, the passes replayed as CUDA graphs (`decode.engine.PrefillGraphs`)
 
     def merged(self) -> list[dict[str, Any]]:
         """One record per prompt (turns summed), for per-prompt spread."""
@@ -101,7 +102,7 @@ class _Run:
 
 
 def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
-               gen: Callable[[list[list[int]], list[int]], tuple[list, float, float, int, int, int]],
+               gen: Callable[[list[list[int]], list[int]], tuple[list, float, float, int, int, int, int]],
                seed_of: Callable[[EvalPrompt, int], int]) -> _Run:
     """Ask every prompt's turns in order, each after the model's own previous answers."""
     run = _Run(per_prompt=[[] for _ in prompts], prompt_ids=[[] for _ in prompts], tokens=[[] for _ in prompts])
@@ -109,12 +110,13 @@ def _run_turns(prompts: Sequence[EvalPrompt], renderer: PromptRenderer,
     for turn in range(max(len(p.turns) for p in prompts)):
         idx = [i for i, p in enumerate(prompts) if len(p.turns) > turn]
         ids = [renderer.encode(prompts[i].turns, answers[i]) for i in idx]
-        recs, secs, dsecs, steps, refills, passes = gen(ids, [seed_of(prompts[i], turn) for i in idx])
+        recs, secs, dsecs, steps, refills, passes, replays = gen(ids, [seed_of(prompts[i], turn) for i in idx])
         run.seconds += secs
         run.decode_seconds += dsecs
         run.engine_steps += steps
         run.refills += refills
         run.prefill_passes += passes
+        run.prefill_graph_replays += replays
         for i, p_ids, rec in zip(idx, ids, recs):
             toks = rec.tokens if isinstance(rec, RowRecord) else rec
             if isinstance(rec, RowRecord):
@@ -133,7 +135,7 @@ def _engine_gen(engines: _Engines, max_new: int, sp: SamplingParams, eos: list[i
             on_rows = None if progress is None else (
                 lambda rows: progress.update(len(rows), sum(len(r.tokens) for r in rows)))
             r = eng.generate_many(ids, max_new, sp, seeds, eos, mode, on_rows=on_rows)
-            return r.rows, r.total_s, r.decode_s, r.steps, r.refills, r.prefill_passes
+            return r.rows, r.total_s, r.decode_s, r.steps, r.refills, r.prefill_passes, r.prefill_graph_replays
         res = []
         for i in range(0, len(ids), eng.B):
             res.append(eng.generate(ids[i:i + eng.B], max_new, sp, seeds[i:i + eng.B], eos, mode))
@@ -141,7 +143,8 @@ def _engine_gen(engines: _Engines, max_new: int, sp: SamplingParams, eos: list[i
                 progress.update(len(res[-1].rows), sum(len(r.tokens) for r in res[-1].rows))
         recs = [r for x in res for r in x.rows]
         return (recs, sum(x.total_s for x in res), sum(x.decode_s for x in res), sum(x.steps for x in res),
-                sum(x.refills for x in res), len(res))  # (one prefill pass per fixed batch)
+                sum(x.refills for x in res), len(res),  # (one prefill pass per fixed batch)
+                sum(x.prefill_graph_replays for x in res))
     return gen
 
 
@@ -155,7 +158,7 @@ def _hf_gen(model, cfg: EvalConfig, max_new: int, sampling: SamplingParams, eos:
                         static_cache=True, seed=seeds[0] if seeds else 0)
         if r.note and r.note not in notes:
             notes.append(r.note)
-        return r.tokens, r.seconds, r.seconds, 0, 0, 0  # (no engine steps, no refills, no engine prefill)
+        return r.tokens, r.seconds, r.seconds, 0, 0, 0, 0  # (no engine steps, no refills, no engine prefill)
     return gen
 
 
@@ -329,6 +332,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                 cell[mode]["engine_steps"] = run.engine_steps
                 cell[mode]["refills"] = run.refills
                 cell[mode]["prefill_passes"] = run.prefill_passes
+                cell[mode]["prefill_graph_replays"] = run.prefill_graph_replays
                 for p, recs in zip(b.prompts, run.per_prompt):
                     samples_f.write(json.dumps({"benchmark": name, "uid": p.uid, "temperature": T, "method": mode,
                                                 "turns": [r.to_json() for r in recs]}) + "\n")
@@ -337,6 +341,8 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                 cell["cuda_graphs"] = engines.engine.cuda_graphs
                 if engines.engine.graph_error:
                     cell["cuda_graph_error"] = engines.engine.graph_error
+                if engines.engine.prefill_graph_error:  # (its prefill passes ran eagerly from then on)
+                    cell["prefill_graph_error"] = engines.engine.prefill_graph_error
             if "ar" in runs:
                 cell["speedup"] = metrics.speedup(cell["spec"]["tokens_per_s"], cell["ar"]["tokens_per_s"])
                 timed = min(cell[m]["seconds"] for m in ("spec", "ar"))

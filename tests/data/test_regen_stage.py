@@ -93,6 +93,7 @@ def test_samples_per_prompt_dedup_and_accounting(tmp_path, byte_tok, model, back
         # where the engine's time went: decode steps, refills and their host seconds (this process, so far)
         e = g["engine"]
         assert e["decode_steps"] > 0 and e["refills"] >= 1 and e["refill_host_seconds"] > 0, e
+        assert e["prefill_graph_replays"] == 0  # (the CPU: no CUDA graphs, every prefill pass eager)
         assert one["regeneration"]["engine"]["decode_steps"] < e["decode_steps"]  # counts grow with the work
     else:
         assert "compile" not in g and "engine" not in g

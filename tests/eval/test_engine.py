@@ -491,6 +491,278 @@ def test_warm_prefill_runs_every_shape_a_call_needs_and_changes_no_result(qwen3_
     assert wide.warm_prefill([10, 100]) == 6 + 5  # up to 32 rows at 64 slots, 16 at 128
 
 
+# ------------------------------------------------------------------------------- prefill graphs
+class _ReplayedClosure:
+    """A CPU stand-in for a captured CUDA graph: a replay runs the captured function again and writes its result
+    into the output captured. Like a graph, it writes the K/V into the scratch cache view it was captured with (so a
+    graph kept over a scratch that moved writes where nothing reads) and reads its static input at replay time."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def _record_on_cpu(self, fn):
+    out = fn()
+    return _ReplayedClosure(fn, out), out
+
+
+@pytest.fixture
+def cpu_prefill_graphs(monkeypatch):
+    """PrefillGraphs on the CPU: captures are `_ReplayedClosure`s, and both engines use their prefill graphs without
+    CUDA graphs (only their `prefill_graphs` switch decides)."""
+    from orthrus_train.decode import engine as E
+
+    monkeypatch.setattr(E.PrefillGraphs, "_record", _record_on_cpu)
+    for cls in (E.DecodeEngine, E.GenerationEngine):
+        orig = cls._prefill_graphs
+
+        def forced(self, orig=orig):
+            pg = orig(self)
+            pg.enabled = self.prefill_graphs
+            return pg
+
+        monkeypatch.setattr(cls, "_prefill_graphs", forced)
+    return E
+
+
+def test_scratch_reserve_keeps_its_storage_until_a_shape_needs_more(qwen3_model):
+    """ScratchCache.reserve sizes the storage once; every shape within it is carved from the same storage (the
+    addresses a prefill graph captured stay valid), and only a shape beyond it (row-slots or rows) moves the
+    storage, which `version` tells."""
+    from orthrus_train.decode.engine import ScratchCache
+
+    sc = ScratchCache(qwen3_model, torch.device("cpu"), torch.float32)
+    assert sc.capacity == (0, 0)
+    sc.reserve(512, 8)
+    v = sc.version
+    ptrs = {(sc.get(m, L).k[0].data_ptr(), sc.get(m, L).lengths.data_ptr()) for m, L in
+            [(8, 64), (2, 128), (1, 256), (4, 128), (1, 64)]}
+    assert len(ptrs) == 1 and sc.version == v and sc.capacity == (512, 8)
+    c = sc.get(2, 128)
+    assert c.k[0].shape == qwen3_model.new_cache(2, 128).k[0].shape and not bool(c.lengths.any())
+    sc.reserve(100, 2)  # never shrinks
+    assert sc.version == v and sc.capacity == (512, 8)
+    sc.get(4, 192)  # 768 row-slots
+    assert sc.version == v + 1 and sc.capacity == (768, 8)
+    sc.get(16, 64)  # 1024 row-slots and 16 rows: both move
+    assert sc.version == v + 3 and sc.capacity == (1024, 16)
+
+
+@pytest.mark.parametrize("chunk", [None, 130])
+def test_prefill_graphs_replay_the_eager_pass_and_drop_when_the_scratch_moves(qwen3_model, cpu_prefill_graphs, chunk):
+    """prefill_rows through PrefillGraphs (captures stood in for on the CPU) leaves the rows' cache slots and returns
+    the hidden states bit for bit as the eager pass does: one capture per padded shape, replayed with new prompts of
+    that shape; longer prompts grow the scratch, which drops every graph (they wrote the old storage) and captures
+    again; disabled, nothing is captured or replayed and the pass runs eagerly."""
+    E = cpu_prefill_graphs
+    m, cpu = qwen3_model, torch.device("cpu")
+    pg = E.PrefillGraphs(m, E.ScratchCache(m, cpu, torch.float32))
+
+    def both(prompts, rows):
+        out = []
+        for graphs in (None, pg):
+            cache = m.new_cache(8, 384, dtype=torch.float32)
+            for k in cache.k + cache.v:
+                k.fill_(0.25)
+            scratch = graphs.scratch if graphs is not None else E.ScratchCache(m, cpu, torch.float32)
+            last = E.prefill_rows(m, cache, rows, prompts, chunk_tokens=chunk, scratch=scratch, graphs=graphs)
+            out.append((last, cache))
+        (a, ca), (b, cb) = out
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(ca.k + ca.v, cb.k + cb.v))
+        return b
+
+    # whole power-of-two chunks: 6 rows as 4 + 2 (two shapes); 130 tokens: 2 rows of 64 slots per pass (one shape)
+    passes, shapes = (3, 1) if chunk else (2, 2)
+    short = random_prompts(5, (2, 40), seed=21) + [[7]]
+    last = both(short, [5, 0, 3, 1, 6, 2])
+    assert bool((last[-1] == 0).all()) and not bool((last[0] == 0).all())
+    assert (pg.captures, pg.replays, pg.eager, len(pg)) == (shapes, passes, 0, shapes)
+    both(random_prompts(6, (2, 40), seed=22), [1, 2, 3, 4, 5, 6])  # the same shapes, other tokens: replays
+    assert (pg.captures, pg.replays, len(pg)) == (shapes, 2 * passes, shapes)
+    v = pg.scratch.version
+    both(random_prompts(1, (300, 300), seed=23), [4])  # one row of 320 slots: the scratch grows
+    assert pg.scratch.version > v and pg.captures == shapes + 1 and len(pg) == 1
+    both(short, [5, 0, 3, 1, 6, 2])  # the short shapes were dropped with the old storage: captured again
+    assert pg.captures == 2 * shapes + 1 and len(pg) == shapes + 1
+    pg.enabled = False
+    replays = pg.replays
+    both(short, [5, 0, 3, 1, 6, 2])
+    assert (pg.captures, pg.replays, pg.eager) == (2 * shapes + 1, replays, passes)
+
+
+def test_prefill_graph_capture_failure_falls_back_to_the_eager_pass(qwen3_model, cpu_prefill_graphs, monkeypatch):
+    """A failed capture: a warning, the error kept, this pass and every later one eager (never captured again), and
+    the same values as the eager pass."""
+    E = cpu_prefill_graphs
+    m, cpu = qwen3_model, torch.device("cpu")
+
+    def broken(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(E.PrefillGraphs, "_record", broken)
+    pg = E.PrefillGraphs(m, E.ScratchCache(m, cpu, torch.float32))
+    prompts = random_prompts(3, (2, 30), seed=3)
+    want = E.prefill_pass(m, prompts, cpu, torch.float32)
+    with pytest.warns(UserWarning, match="prefilling eagerly"):
+        got = E.prefill_pass(m, prompts, cpu, torch.float32, pg.scratch, graphs=pg)
+    assert torch.equal(got[1], want[1]) and "stream is capturing" in pg.error
+    E.prefill_pass(m, random_prompts(5, (2, 100), seed=4), cpu, torch.float32, pg.scratch, graphs=pg)
+    assert (pg.captures, pg.replays, pg.eager, len(pg)) == (0, 0, 2, 0)
+
+
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+def test_engines_with_prefill_graphs_give_the_eager_rows(cpu_prefill_graphs, mode):
+    """DecodeEngine with prefill graphs (captures stood in for on the CPU) gives the eager engine's records (greedy
+    and sampled), with fixed batches and with continuous batching, prompts staged ahead or not (a Medusa model: its
+    drafts read each row's prefilled hidden state). Every pass replays; warm_prefill captures every shape a call
+    needs first, so the call captures nothing; the switch off runs every pass eagerly."""
+    E = cpu_prefill_graphs
+    bb = build_random(tiny_config("qwen3", vocab_size=128, initializer_range=0.2), seed=2)
+    m = MedusaModel(bb, block_size=3, vocab_len=VOCAB_LEN).eval()
+    prompts = random_prompts(11, (1, 60), seed=6)
+    seeds = list(range(11))
+    kw = dict(batch_size=3, max_len=128, verify_backend="torch", prefill_ahead_tokens=256)
+    eager = DecodeEngine(m, prefill_graphs=False, **kw)
+    graphed = DecodeEngine(m, **kw)
+    for sp in (SamplingParams(), SamplingParams(1.0, top_k=20)):
+        want = rows_of(eager.generate_all(prompts, 16, sp, seeds, mode=mode))
+        fixed = graphed.generate_all(prompts, 16, sp, seeds, mode=mode)
+        assert rows_of(fixed) == want
+        assert sum(r.prefill_graph_replays for r in fixed) >= len(fixed) and graphed.prefill_eager_passes == 0
+        assert eager.generate(prompts[:3], 2).prefill_graph_replays == 0
+        for ahead in (256, 0):
+            graphed.prefill_ahead_tokens = eager.prefill_ahead_tokens = ahead
+            a = eager.generate_many(prompts, 16, sp, seeds, mode=mode, refill_min=1)
+            b = graphed.generate_many(prompts, 16, sp, seeds, mode=mode, refill_min=1)
+            assert a.rows == b.rows == want
+            assert b.prefill_graph_replays == b.prefill_passes > 2 and a.prefill_graph_replays == 0
+    assert graphed.prefill_eager_passes == 0 and graphed.prefill_graph_error is None
+    assert eager.prefill_graph_replays == 0 and eager.prefill_eager_passes > 0 and len(eager._pg) == 0
+    fresh = DecodeEngine(m, **kw)
+    assert fresh.warm_prefill([len(p) for p in prompts]) == len(fresh._pg) > 0
+    captures = fresh._pg.captures
+    assert fresh.generate_many(prompts, 16, seeds=seeds, mode=mode).rows == rows_of(
+        eager.generate_all(prompts, 16, seeds=seeds, mode=mode))
+    assert fresh._pg.captures == captures and fresh.prefill_graph_replays > captures
+
+
+def test_staged_hidden_states_outlive_the_next_replay(qwen3_model, cpu_prefill_graphs):
+    """A refill that takes the last staged prompt and then runs the next staging pass of the same shape keeps the
+    staged prompt's hidden state (the graph's static output is rewritten by that replay: runs return a copy)."""
+    E = cpu_prefill_graphs
+    prompts = random_prompts(6, (5, 40), seed=9)
+    got = []
+    for on in (False, True):
+        eng = DecodeEngine(qwen3_model, batch_size=4, max_len=96, verify_backend="torch", prefill_ahead_tokens=128,
+                           prefill_graphs=on)
+        staged = E._Staged()
+        with torch.no_grad(), eng._fused():
+            assert eng._refill_staged([0], prompts, 0, [0], 8, staged) == 1  # stages 2 prompts: (2, 64)
+            assert eng._refill_staged([1, 2], prompts, 1, [1, 2], 8, staged) == 1  # 1 staged + a (2, 64) pass
+        assert eng.prefill_graph_replays == (2 if on else 0)
+        got.append(eng._st.last_hidden[:3].clone())
+    assert not bool((got[0] == 0).any()) and torch.equal(got[0], got[1])
+
+
+def test_prefill_graphs_are_dropped_when_the_parameters_move(qwen3_model, cpu_prefill_graphs):
+    """A parameter replaced between calls (the fused projections made again, the step graphs dropped) drops the
+    prefill graphs too: they read the old weights."""
+    m = copy.deepcopy(qwen3_model)
+    prompts = random_prompts(2, (3, 6), seed=1)
+    eng = DecodeEngine(m, batch_size=2, max_len=64, verify_backend="torch")
+    eng.generate(prompts, 4)
+    assert len(eng._pg) == eng._pg.captures == 1
+    eng.generate(prompts, 4)
+    assert eng._pg.captures == 1
+    attn = m.decoder.layers[0].self_attn
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach() * 3)
+    with eng._fused():
+        assert len(eng._pg) == 0
+    eng.generate(prompts, 4)
+    assert eng._pg.captures == 2
+
+
+def test_generation_engine_with_prefill_graphs_gives_the_eager_tokens(qwen3_model, cpu_prefill_graphs):
+    """GenerationEngine's refills through its scratch cache and prefill graphs (captures stood in for on the CPU):
+    the eager engine's tokens (greedy and sampled, prompts longer than the first ones on later refills); every
+    refill's passes replay; the switch off: none."""
+    bb = qwen3_model.backbone
+    prompts = random_prompts(9, (2, 20), seed=2) + random_prompts(5, (70, 100), seed=3)
+    E = cpu_prefill_graphs
+    for sp in (SamplingParams(), SamplingParams(1.0, top_k=20)):
+        outs = []
+        for on in (False, True):
+            eng = E.GenerationEngine(bb, batch_size=3, max_len=128, sync_every=2, width_step=32, refill_min=1,
+                                     prefill_tokens=256, prefill_graphs=on)
+            outs.append(eng.generate(prompts, 10, sp, seeds=list(range(14))))
+            if on:
+                assert eng.prefill_graph_replays > eng.refills > 4 and eng.prefill_eager_passes == 0
+                assert eng._pg.captures >= 2 and eng.prefill_graph_error is None
+            else:
+                assert eng.prefill_graph_replays == 0 and eng.prefill_eager_passes >= eng.refills > 4
+        assert outs[0] == outs[1] and len({len(o) for o in outs[0]}) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefill_graphs_match_eager_on_gpu():
+    """Prefill passes replayed as CUDA graphs (`PrefillGraphs`, float32) give exactly the eager passes' rows: the
+    DecodeEngine's continuous batching (prompts staged ahead) and fixed batches, spec and AR, greedy and sampled,
+    against the same engine with prefill_graphs=False; GenerationEngine against an eager one. Every pass replays, no
+    capture fails, and longer prompts after shorter ones grow the scratch (every prefill graph dropped with its pool
+    and captured again), then shorter ones again: still equal."""
+    from orthrus_train.decode.engine import GenerationEngine
+
+    m = copy.deepcopy(trained_model("qwen3")).to("cuda", torch.float32)
+    short = random_prompts(9, (2, 40), seed=19)
+    long = random_prompts(5, (140, 180), seed=20)  # 192 slots each
+    kw = dict(batch_size=3, max_len=256, use_cuda_graphs=True, sync_every=4, prefill_ahead_tokens=256)
+    eager = DecodeEngine(m, prefill_graphs=False, **kw)
+    graph = DecodeEngine(m, **kw)
+    for sp in (SamplingParams(0.0), SamplingParams(1.0, top_k=20)):
+        for mode in ("spec", "ar"):
+            for prompts in (short, long, short):
+                seeds = list(range(len(prompts)))
+                version = graph._pg.scratch.version if graph._pg is not None else 0
+                a = rows_of(eager.generate_all(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode))
+                b = graph.generate_all(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode)
+                assert rows_of(b) == a and sum(r.prefill_graph_replays for r in b) >= len(b)
+                if prompts is long and sp.greedy and mode == "spec":  # (3, 192) > what (3, 64) needed
+                    assert graph._pg.scratch.version > version
+                x = eager.generate_many(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode, refill_min=1)
+                y = graph.generate_many(prompts, 24, sp, seeds, eos_token_ids=[5], mode=mode, refill_min=1)
+                assert y.rows == x.rows == a
+                assert y.prefill_graph_replays == y.prefill_passes > 0 and x.prefill_graph_replays == 0
+    assert graph.cuda_graphs and graph.graph_error is None and graph.prefill_graph_error is None
+    assert graph.prefill_eager_passes == 0 and graph.prefill_graph_replays > graph._pg.captures > 2
+    assert eager.cuda_graphs and eager.prefill_graph_replays == 0
+    # warm_prefill captures every shape a call needs: the timed call then captures nothing
+    fresh = DecodeEngine(m, **kw)
+    assert fresh.warm_prefill([len(p) for p in short + long]) == len(fresh._pg) > 0
+    captures = fresh._pg.captures
+    assert fresh.generate_many(short + long, 24, eos_token_ids=[5]).rows == eager.generate_many(
+        short + long, 24, eos_token_ids=[5]).rows
+    assert fresh._pg.captures == captures and fresh.prefill_graph_error is None
+    # GenerationEngine (prefill_tokens 128: a 192-slot prompt grows the scratch reserved for 128)
+    gen_kw = dict(batch_size=3, max_len=256, sync_every=2, width_step=32, refill_min=1, prefill_tokens=128)
+    plain = GenerationEngine(m.backbone, use_cuda_graphs=False, **gen_kw)
+    graphed = GenerationEngine(m.backbone, use_cuda_graphs=True, **gen_kw)
+    for prompts in (short, long, short):
+        seeds = list(range(len(prompts)))
+        version = graphed._pg.scratch.version
+        want = plain.generate(prompts, 24, SamplingParams(), seeds, eos_token_ids=[5])
+        assert graphed.generate(prompts, 24, SamplingParams(), seeds, eos_token_ids=[5]) == want
+        if prompts is long:
+            assert graphed._pg.scratch.version > version
+    assert graphed.cuda_graphs and graphed.graph_error is None and graphed.prefill_graph_error is None
+    assert graphed.prefill_graph_replays > 0 and graphed.prefill_eager_passes == 0
+    assert plain.prefill_graph_replays == 0 and plain.prefill_eager_passes > 0
+
+
 def test_ahead_count(qwen3_model):
     """How many prompts a staging pass prefills: at least the rows to fill, grown by powers of two while the padded
     pass (rows to a power of two x length to a multiple of 64) fits prefill_ahead_tokens, at most the prompts left."""

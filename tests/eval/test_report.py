@@ -413,6 +413,7 @@ def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3
                 c = reps[on]["benchmarks"]["chat"]["results"][T][mode]
                 # two turns of 5 prompts: one staging pass per turn; fixed: 3 batches of 2 per turn
                 assert c["prefill_passes"] == (2 if on else 6), (on, T, mode, c)
+                assert c["prefill_graph_replays"] == 0  # (the CPU: no CUDA graphs, every pass eager)
     rep0 = run_eval(qwen3_model, tok, {**base, "prefill_ahead_tokens": 0}, tmp_path / "ahead0")
     for T in ("T=0", "T=1"):
         for mode in ("spec", "ar"):
