@@ -32,7 +32,8 @@
 # DATA_SEED=N: data.seed (other samples than an earlier run's). INIT_FROM=PATH: heads.init_from for the main run
 # (a checkpoint folder or a copy of its heads.safetensors: continue earlier heads on new data, optimizer fresh).
 # HOLDOUT=N: data.holdout_count (prompts kept out of training; with a validation metric, what it is measured on)
-# DATA_EXTRA="KEY=V ...": more data-stage overrides (MAIN_EXTRA: the main training run's).
+# DATA_EXTRA="KEY=V ...": more data-stage overrides (MAIN_EXTRA: the main training run's; EVAL_EXTRA: the curve evals',
+# e.g. "eval.prefill_graphs=false").
 # SELF_PROMPTS=N: data.self_prompts.count (N more training prompts written by the backbone itself, then answered like
 # the others; SELF_SEED_WORDS=W: each starts with the first W words of a source prompt, keeping the mix's domains)
 # MB=N: micro batch per GPU [16].
@@ -84,7 +85,7 @@ TRAIN=(train.micro_batch=$MB train.global_batch=$GB ${LR:+train.lr=$LR} train.mi
 # Medusa keeps the learning rate and uniform offsets it was measured with (sessions 5 and 6)
 MEDUSA=(train.lr=${MEDUSA_LR:-1e-3} train.offset_decay=0)
 EVAL=(eval.num_prompts=$EVAL_N eval.max_new_tokens=$EVAL_NEW eval.batch_size=$EVAL_BS eval.lossless.enabled=false
-      eval.hf_generate_reference=false eval.plots=false)
+      eval.hf_generate_reference=false eval.plots=false ${EVAL_EXTRA:-})  # EVAL_EXTRA: more eval overrides
 run() { local name=$1; shift; local t0=$(date +%s)
   ${LAUNCH:-python -m orthrus_train} "${BASE[@]}" "${DATA[@]}" "$@" > "$RES/$name.log" 2>&1
   local rc=$?

@@ -156,6 +156,9 @@ class DataConfig:
     # Compiled kernels are cached in RUN/cache/torchinductor (decode/compile_policy.py).
     compile_steps: str = "auto"
     compile_min_steps: int = 50000
+    # The engine's refills replay each prefill pass as a CUDA graph (one per padded shape) instead of launching its
+    # kernels one by one (engine backend with CUDA graphs; false: eager passes). Speed only: the same responses.
+    prefill_graphs: bool = True
     # Length of a packed training row, in tokens.
     seq_len: int = 4096
     # Conversation longer than seq_len: "truncate" (keep the first seq_len tokens) or "drop" it.
@@ -275,7 +278,7 @@ class DataConfig:
             d.pop("tokenizer")
             d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
             d.pop("regen_backend")  # who writes the responses, not what they are asked to be
-            d.pop("compile_steps"), d.pop("compile_min_steps")  # how fast, not what
+            d.pop("compile_steps"), d.pop("compile_min_steps"), d.pop("prefill_graphs")  # how fast, not what
             if d["samples_per_prompt"] == 1:
                 d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
             if d["sample_temperature"] is None:

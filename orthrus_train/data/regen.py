@@ -137,7 +137,7 @@ class EngineGenerator:
     def __init__(self, model: Any, eos_token_ids: Sequence[int], batch_size: int = 256,
                  use_cuda_graphs: bool = True, compile_steps: Any = "auto", compile_min_steps: int | None = None,
                  compile_cache: Any = None, **engine_kw: Any):
-        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens).
+        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens, prefill_graphs).
         compile_steps: auto | true | false, decided per call from the decode steps ahead
         (`decode/compile_policy.py`); the decision is kept in `compile_info`. compile_cache: the on-disk
         cache folder for compiled kernels (set only when compiling; a user's TORCHINDUCTOR_CACHE_DIR wins)."""

@@ -117,6 +117,9 @@ class EvalConfig:
     # padded tokens, and a refill of staged prompts only copies cache rows (cheap refills, fewer idle rows; costs
     # this many tokens of K/V in a scratch cache). 0: each refill prefills exactly its own prompts.
     prefill_ahead_tokens: int = 16384
+    # With CUDA graphs, replay each prefill pass (staging passes, refills) as a CUDA graph captured once per padded
+    # shape, in the warm-up, instead of launching its kernels one by one; false: eager passes. Speed only.
+    prefill_graphs: bool = True
     # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
     verify_backend: str = "auto"
     # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).

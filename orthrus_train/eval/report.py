@@ -69,7 +69,8 @@ class _Engines:
             self.engine = DecodeEngine(self.model, self.B, S, use_cuda_graphs=self.cfg.use_cuda_graphs and on_cuda,
                                        sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend,
                                        compile_steps=self.compile_steps,
-                                       prefill_ahead_tokens=self.cfg.prefill_ahead_tokens)
+                                       prefill_ahead_tokens=self.cfg.prefill_ahead_tokens,
+                                       prefill_graphs=self.cfg.prefill_graphs)
         return self.engine
 
 

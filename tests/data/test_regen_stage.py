@@ -36,6 +36,11 @@ def test_backend_choice(byte_tok, model, tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path)
     assert cfg.regen_backend == "auto" and regen_backend(cfg, model.config) == "engine"
     assert isinstance(build_generator(cfg, model, byte_tok), EngineGenerator)
+    # data.prefill_graphs reaches the engine the generator builds (default on; false: eager prefill passes)
+    for on in (True, False):
+        gen = build_generator(cfg_for(tmp_path, prefill_graphs=on), model, byte_tok)
+        gen.generate([[1, 2, 3]], 2)
+        assert gen.engine.prefill_graphs is on
     assert isinstance(build_generator(cfg_for(tmp_path, regen_backend="hf"), model, byte_tok), HFGenerator)
     unsupported = types.SimpleNamespace(model_type="gpt2")
     assert regen_backend(cfg, unsupported) == "hf"

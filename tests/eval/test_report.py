@@ -423,6 +423,18 @@ def test_continuous_batching_key_reaches_the_engine_and_keeps_every_record(qwen3
             == samples[True])
     with pytest.raises(ValueError, match="eval.prefill_ahead_tokens: must be >= 0"):
         run_eval(qwen3_model, tok, {**base, "prefill_ahead_tokens": -1}, tmp_path / "bad")
+    # eval.prefill_graphs reaches the eval's engine (it replays prefill passes only under CUDA graphs: none here)
+    import orthrus_train.eval.report as report_mod
+    seen = []
+
+    class Recording(report_mod.DecodeEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.prefill_graphs)
+    monkeypatch.setattr(report_mod, "DecodeEngine", Recording)
+    run_eval(qwen3_model, tok, {**base, "prefill_graphs": False}, tmp_path / "nographs")
+    run_eval(qwen3_model, tok, base, tmp_path / "graphs")
+    assert seen and seen[0] is False and seen[-1] is True
 
 
 def test_speedups_timed_long_enough_get_no_timing_warning(qwen3_model, tmp_path, monkeypatch):
