@@ -34,6 +34,11 @@ DEFINITIONS: dict[str, str] = {
         "batches) for the same prompts, settings, batch size and engine; `decode_tokens_per_s` excludes the "
         "prefill time."),
     "speedup": "tokens_per_s of the drafted decoding / tokens_per_s of the AR baseline of the same engine.",
+    "efficiency": (
+        "speedup / TPF: the share of the ideal speedup the drafted decoding reached in wall clock (1 when a drafted "
+        "step costs two AR steps and nothing else costs anything: the draft and verify passes of a step cost as "
+        "much as the two AR steps TPF counts them as); below 1 from the drafted step's own cost above two AR steps, "
+        "idle rows and prefills. Issue 17's target is 0.7."),
     "tpf_std": (
         f"population standard deviation over prompts of per-prompt TPF (spread, not an error bar); "
         f"headline numbers backed by fewer than {MIN_PROMPTS_FOR_HEADLINE} prompts carry a warning."),
@@ -217,6 +222,13 @@ def headline_warnings(n_prompts: int, label: str = "") -> list[str]:
         warnings.warn(msg, stacklevel=3)
         return [msg]
     return []
+
+
+def efficiency(speedup_: float, tpf: float) -> float:
+    """See DEFINITIONS['efficiency']."""
+    if not tpf or math.isnan(tpf) or math.isnan(speedup_):
+        return float("nan")
+    return speedup_ / tpf
 
 
 def speedup(spec_tokens_per_s: float, ar_tokens_per_s: float) -> float:

@@ -346,6 +346,7 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                     cell["prefill_graph_error"] = engines.engine.prefill_graph_error
             if "ar" in runs:
                 cell["speedup"] = metrics.speedup(cell["spec"]["tokens_per_s"], cell["ar"]["tokens_per_s"])
+                cell["efficiency"] = metrics.efficiency(cell["speedup"], cell["spec"]["tpf"])
                 timed = min(cell[m]["seconds"] for m in ("spec", "ar"))
                 if timed < metrics.MIN_TIMED_SECONDS:
                     short_cells.append(f"{name} {_tkey(T)} {timed:.1f} s")
@@ -627,14 +628,14 @@ def _cells(report):
 
 def summary_table(report: dict[str, Any]) -> str:
     """The one-screen summary printed by run_eval."""
-    head = f"{'benchmark':<14}{'temp':<7}{'prompts':>8}{'acc.len':>9}{'± SE':>8}{'TPF':>7}{'TPF sd':>8}{'speedup':>9}"
+    head = f"{'benchmark':<14}{'temp':<7}{'prompts':>8}{'acc.len':>9}{'± SE':>8}{'TPF':>7}{'TPF sd':>8}{'speedup':>9}{'effic.':>8}"
     lines = [f"Orthrus eval: {report['model']['head_type']} K={report['model']['block_size']} "
              f"on {report['model']['backbone']} ({report['model']['dtype']}, {report['model']['device']})", head,
              "-" * len(head)]
     for name, tk, c in _cells(report):
         s = c["spec"]
         lines.append(f"{name:<14}{tk:<7}{s['prompts']:>8}{_f(s['acceptance_length']):>9}{_pm(s.get('acceptance_length_se')):>8}{_f(s['tpf']):>7}"
-                     f"{_f(s['tpf_std']):>8}{_f(c.get('speedup')):>9}")
+                     f"{_f(s['tpf_std']):>8}{_f(c.get('speedup')):>9}{_f(c.get('efficiency')):>8}")
     ll = report.get("lossless")
     if ll:
         g, ks, ex = ll["greedy"], ll["ks"], ll["exact_sampler"]
@@ -674,14 +675,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Sampling (T > 0): {sampling.describe(samp)}.", ""]
     out += ["## Results", "",
             "| benchmark | temp | prompts | acceptance length ± SE | TPF | TPF std | tok/s Orthrus | tok/s AR | speedup "
-            "| tok/s HF generate |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| efficiency | tok/s HF generate |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, tk, c in _cells(report):
         sp, ar, hf = c["spec"], c.get("ar", {}), c.get("hf_generate", {})
         out.append(f"| {name} | {tk} | {sp['prompts']} | {_f(sp['acceptance_length'])}{_pm(sp.get('acceptance_length_se'), ' ')} | "
                    f"{_f(sp['tpf'])} | "
                    f"{_f(sp['tpf_std'])} | {_f(sp.get('tokens_per_s'), 1)} | {_f(ar.get('tokens_per_s'), 1)} | "
-                   f"{_f(c.get('speedup'))} | {_f(hf.get('tokens_per_s'), 1)} |")
+                   f"{_f(c.get('speedup'))} | {_f(c.get('efficiency'))} | {_f(hf.get('tokens_per_s'), 1)} |")
     shown = min(K - 1, 16)
     out += ["", "## Per-position acceptance", "", "P(draft slot i accepted | slot i reached)"
             + (f" (first {shown} of {K - 1} slots; all in report.json)" if shown < K - 1 else ""), "",

@@ -87,7 +87,8 @@ def test_headline_warning_threshold():
     assert metrics.headline_warnings(100) == []
     assert set(metrics.DEFINITIONS) >= {"acceptance_length", "tpf", "per_position_acceptance", "accept_histogram",
                                         "tokens_per_s", "speedup", "tpf_std", "acceptance_length_se",
-                                        "tpf_se"}
+                                        "tpf_se", "efficiency"}
+    assert metrics.efficiency(1.5, 2.5) == 0.6 and math.isnan(metrics.efficiency(1.5, 0.0))
 
 
 def test_paired_difference_by_hand_and_against_unpaired_errors():

@@ -48,6 +48,7 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
             assert 1.0 <= s["acceptance_length"] <= 4.0 and s["tpf"] == s["emitted_tokens"] / (2 * s["verify_passes"])
             assert a["acceptance_length"] == a["tpf"] == 1.0 and a["draft_passes"] == 0
             assert cell["speedup"] > 0 and cell["hf_generate"]["tokens_per_s"] > 0
+            assert cell["efficiency"] == cell["speedup"] / s["tpf"]  # issue 17's measure, in every cell
             assert len(s["per_position_acceptance"]) == 3 and abs(sum(s["accept_histogram"]) - 1) < 1e-9
             assert s["warnings"]  # fewer than 100 prompts
         assert b["results"]["T=0"]["hf_generate"]["greedy_first_turn_match_rate"] == 1.0
@@ -73,6 +74,8 @@ def test_run_eval_writes_report(qwen3_model, tmp_path, capsys):
 
     md = (out / "report.md").read_text()
     assert "| benchmark | temp | prompts | acceptance length ± SE | TPF |" in md and "Lossless checks: **PASS**" in md
+    eff = on_disk["benchmarks"]["chat"]["results"]["T=0"]["efficiency"]
+    assert "| speedup | efficiency |" in md and f" | {eff:.2f} | " in md and "- **efficiency**: speedup / TPF" in md
     for b in ("holdout", "chat"):  # the error bar over the prompts, in the json and beside each acceptance length
         se = on_disk["benchmarks"][b]["results"]["T=0"]["spec"]["acceptance_length_se"]
         al = on_disk["benchmarks"][b]["results"]["T=0"]["spec"]["acceptance_length"]
