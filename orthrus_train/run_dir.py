@@ -101,6 +101,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+LATEST = "latest"  # the file in checkpoints/ naming the newest complete checkpoint folder
+
+
 def checkpoint_candidates(root: Path) -> list[Path]:
     """The checkpoint folders of `root` (a run's checkpoints/) in the order a resume tries them: the one `latest`
     names first, then the step-* folders newest first. Whether each is complete and readable is the caller's
@@ -108,7 +111,7 @@ def checkpoint_candidates(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    latest = root / "latest"
+    latest = root / LATEST
     if latest.is_file():
         named = root / latest.read_text().strip()
         if named in candidates:

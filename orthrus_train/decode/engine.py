@@ -345,8 +345,7 @@ class PrefillGraphs:
 
     def drop(self) -> None:
         """Forget every graph and the pool (parameters or scratch storage moved)."""
-        self._graphs.clear()
-        self._pool = None
+        _drop_graphs(self)
 
     def run(self, ids: torch.Tensor, lens: Sequence[int]) -> tuple[StaticKVCache, torch.Tensor] | None:
         """The pass over host `ids` (m, Lp) (a padded `prefill_pass` batch) and the real rows' prompt lengths, by

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..run_dir import atomic_write_json, atomic_write_text, checkpoint_candidates
+from ..run_dir import LATEST, atomic_write_json, atomic_write_text, checkpoint_candidates
 
-LATEST = "latest"
 
 
 def tag_for(step: int) -> str:
