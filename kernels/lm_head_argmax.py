@@ -31,7 +31,7 @@ weight's dtype can round the other way than in the unfused path, and the argmax 
 logits tie or nearly tie after rounding. Tested on the CPU (Triton interpreter) against
 ``torch.argmax(F.linear(h, W))`` on random inputs in float32 / bfloat16 / float16, odd vocabularies, 1 and 256
 tokens, and constructed exact ties (tests/kernels/test_lm_head_argmax.py); NOT yet run or timed on a GPU (block
-sizes untuned). NaN logits: not handled as torch does (torch returns the first NaN); a NaN never wins here.
+sizes untuned). NaN logits (a broken model): not tested, the pick is unspecified (torch returns the first NaN).
 
 Under the Triton interpreter (CPU tests) the dots run on float32 operands (16-bit products are exact in float32;
 the interpreter's 16-bit ``tl.dot`` is not trustworthy, see ``fused_kl._logit_tiles``) and the float32 ->
