@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from orthrus_kernels import decode_attn, rmsnorm, rope
+from orthrus_kernels import decode_attn, lm_head_argmax as _lm_head_argmax, rmsnorm, rope
 
 
 @torch.library.custom_op("orthrus::rms_norm", mutates_args=())
@@ -67,3 +67,13 @@ def live_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def _(q, k, v, mask, kv_len, scale, splits=None):
     B, Hq, T, D = q.shape
     return torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+@torch.library.custom_op("orthrus::lm_head_argmax", mutates_args=())
+def lm_head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _lm_head_argmax.lm_head_argmax(hidden, weight)
+
+
+@lm_head_argmax.register_fake
+def _(hidden, weight):
+    return torch.empty(hidden.shape[:-1], dtype=torch.long, device=hidden.device)

@@ -21,6 +21,19 @@ CPU-only op counter is `scripts/count_decode_ops.py`). --shape takes several sha
 "{shape}" or name a directory (then <dir>/<shape>.json). --tiny: reduced width (CPU smoke runs).
 --norm torch triton: also time the decode passes' RMSNorm as one Triton kernel (layers.set_decode_norm); each
 row records its "norm". --rope torch triton: the same for their RoPE (layers.set_decode_rope; "rope").
+--fused-argmax off on: also time the engine with its fused greedy LM head (`DecodeEngine(fused_argmax=True)`:
+greedy drafts, the greedy verify and the AR step take their argmax from orthrus_kernels.lm_head_argmax without the
+logits); each row records "fused_argmax" (asked), "fused_argmax_active" (it ran) and "fused_argmax_error" (why
+not). The steps are timed greedy, so with it on both LM heads of a drafted step and the AR step's take the kernel.
+--lm-head: also time the LM head alone at the step's token counts (B: AR, B*(K-1): draft, B*K: verify), the
+logits + argmax against the kernel (CUDA events, median of 20 after 3 untimed): "lm_head" rows with unfused_us,
+fused_us and "same_ids" (the two argmaxes agree on every token; they may differ where rounded logits nearly tie).
+The next GPU lease's command for the fused greedy LM head (SmolLM2 shape, batch 16, K = 16, as profiled):
+
+    python scripts/profile_decode_step.py --batch 16 --prompt-len 100 1000 --attn auto --fused-argmax off on \
+        --lm-head --profile --out docs/results/<date>-lmhead/smollm2-135m.json
+
+(and --shape qwen3-8b --batch 1 16 for the bandwidth-bound head). Nothing of it has been timed on a GPU yet.
 --refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
 per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time;
 "staged_refill_ms": the same refill from prompts staged ahead (`generate_many`: a copy of cache rows, no pass);
@@ -169,6 +182,57 @@ def time_refill_lengths(eng, V: int, lengths, n: int, sync) -> list[dict]:
     return out
 
 
+def time_lm_heads(model, B: int, K: int, dev, sync, reps: int = 20) -> list[dict]:
+    """The LM head alone at a decode step's token counts (B: the AR step, B*(K-1): the draft, B*K: the verify) on
+    random hidden states: the logits and their argmax (what the engine runs without fused_argmax) against
+    orthrus_kernels.lm_head_argmax. Per count: median microseconds of `reps` calls after 3 untimed (CUDA events on a
+    GPU, wall clock elsewhere), "same_ids" (both pick the same token for every row), or "fused_error" where the
+    kernel cannot run here."""
+    import torch.nn.functional as F
+
+    W = model.lm_weight()
+    g = torch.Generator().manual_seed(0)
+    out = []
+    try:
+        from orthrus_kernels import lm_head_argmax as lha
+    except ImportError as e:
+        lha, err = None, f"{type(e).__name__}: {e}"
+
+    def median_us(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e) * 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e6)
+        return sorted(times)[len(times) // 2]
+
+    for n in sorted({B, B * (K - 1), B * K}):
+        h = torch.randn(n, W.shape[1], generator=g).to(dev, W.dtype)
+        with torch.no_grad():
+            row = {"tokens": n, "vocab": W.shape[0], "hidden": W.shape[1],
+                   "unfused_us": median_us(lambda: F.linear(h, W).argmax(-1))}
+            try:
+                if lha is None:
+                    raise RuntimeError(err)
+                row["fused_us"] = median_us(lambda: lha.lm_head_argmax(h, W))
+                row["same_ids"] = bool(torch.equal(lha.lm_head_argmax(h, W), F.linear(h, W).argmax(-1)))
+            except Exception as e:  # noqa: BLE001 - a CPU without the interpreter, a compile failure: recorded
+                row["fused_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        sync()
+        out.append(row)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["smollm2-135m"])
@@ -193,6 +257,12 @@ def main(argv=None):
                     help="decode RoPE implementations to compare (orthrus_train.model.layers.DECODE_ROPE_CHOICES: "
                          "'torch', 4 eager kernels per RoPE; 'triton', one kernel; 'auto' (default) as --norm; "
                          "rope_resolved in the row)")
+    ap.add_argument("--fused-argmax", nargs="+", default=["off"], choices=["off", "on"],
+                    help="the engine's fused greedy LM head (DecodeEngine(fused_argmax=...)): 'off' (default) the "
+                         "logits and argmax, 'on' one Triton kernel (CUDA, or TRITON_INTERPRET=1 for a CPU smoke run; "
+                         "where it cannot run the row records fused_argmax_error and the logits' path ran)")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also time the LM head alone at the step's token counts: logits + argmax vs the kernel")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
@@ -238,19 +308,22 @@ def profile_shape(a, shape, dev, gbps, out):
     floor_ms = wbytes / (gbps * 1e9) * 1e3 if gbps else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
-    for rp, nrm, impl, B, P in [(r, n, i, b, p) for r in a.rope for n in a.norm for i in a.attn for b in a.batch
-                                for p in a.prompt_len]:
+    for fa, rp, nrm, impl, B, P in [(f, r, n, i, b, p) for f in a.fused_argmax for r in a.rope for n in a.norm
+                                    for i in a.attn for b in a.batch for p in a.prompt_len]:
         layers.set_decode_rope(rp)
         layers.set_decode_norm(nrm)
         layers.set_decode_attention(impl)
         S = -(-(P + a.steps * a.block_size + a.block_size + 2) // 256) * 256
         eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda", compile_steps=a.compile,
-                           fuse_projections=not a.no_fuse)
+                           fuse_projections=not a.no_fuse, fused_argmax=fa == "on")
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
         row = {"attn": impl, "norm": nrm, "rope": rp, "norm_resolved": layers.resolved_decode_norm(dev),
                "rope_resolved": layers.resolved_decode_rope(dev), "compile": a.compile,
-               "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P, "slots": S}
+               "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P, "slots": S,
+               "fused_argmax": fa, "fused_argmax_active": eng.fused_argmax_active}
+        if eng.fused_argmax_error:
+            row["fused_argmax_error"] = eng.fused_argmax_error
         fusion = eng._fused()  # the fused decode projections, attached as during the engine's own calls
         fusion.__enter__()
         for mode in ("ar", "spec"):
@@ -297,6 +370,10 @@ def profile_shape(a, shape, dev, gbps, out):
                                              if getattr(e, "self_device_time_total", 0) > 0)
                 row[f"{mode}_gpu_us_eager"] = sum(getattr(e, "self_device_time_total", 0)
                                                   for e in prof.key_averages())
+        if a.lm_head and fa == a.fused_argmax[0]:  # (once per batch and prompt length: the head ignores both)
+            row["lm_head"] = time_lm_heads(m, B, a.block_size, dev, sync)
+            for r in row["lm_head"]:
+                print(json.dumps(r), flush=True)
         if a.refill:
             row["refills"] = [time_refill(eng, prompts, min(n, B), sync, a.profile, a.top, dev) for n in a.refill]
         if a.refill_lengths:

@@ -37,6 +37,23 @@ def test_profile_decode_step_smoke(tmp_path):
         assert all(x["first_ms"] > 0 and x["again_ms"] > 0 for x in r["refill_lengths"])
 
 
+def test_profile_decode_step_fused_argmax(tmp_path):
+    """--fused-argmax off on --lm-head (the next GPU lease's comparison), on the CPU with the kernel in the Triton
+    interpreter: each row says whether the fused greedy LM head ran; the LM head alone timed both ways at the step's
+    token counts (B, B*(K-1), B*K), the same tokens."""
+    pytest.importorskip("triton")
+    out = tmp_path / "f.json"
+    _run(["scripts/profile_decode_step.py", "--tiny", "--batch", "2", "--prompt-len", "6", "--steps", "1", "--attn",
+          "sdpa", "--block-size", "4", "--fused-argmax", "off", "on", "--lm-head", "--out", str(out)], tmp_path,
+         env={"TRITON_INTERPRET": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["fused_argmax"], r["fused_argmax_active"]) for r in rows] == [("off", False), ("on", True)]
+    assert all("fused_argmax_error" not in r and r["spec_ms_per_step"] > 0 for r in rows)
+    heads = rows[0]["lm_head"]
+    assert [x["tokens"] for x in heads] == [2, 6, 8]
+    assert all(x["same_ids"] and x["fused_us"] > 0 and x["unfused_us"] > 0 for x in heads)
+
+
 def test_profile_decode_step_one_json_per_shape(tmp_path):
     """The next GPU session's command, on the CPU at reduced width: one JSON per shape, op counts, floor fields."""
     _run(["scripts/profile_decode_step.py", "--tiny", "--shape", "smollm2-135m", "qwen3-8b", "--batch", "1", "2",

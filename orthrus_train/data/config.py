@@ -159,6 +159,10 @@ class DataConfig:
     # The engine's refills replay each prefill pass as a CUDA graph (one per padded shape) instead of launching its
     # kernels one by one (engine backend with CUDA graphs; false: eager passes). Speed only: the same responses.
     prefill_graphs: bool = True
+    # Greedy responses (engine backend) take each token from one Triton kernel that computes the LM head's argmax
+    # without writing the logits (decode/lm_head.py; sampled responses keep the logits). Off by default: not yet run
+    # or timed on a GPU. Where it cannot run: the logits, and the report's regeneration.engine.fused_argmax_error.
+    fused_argmax: bool = False
     # Length of a packed training row, in tokens.
     seq_len: int = 4096
     # Conversation longer than seq_len: "truncate" (keep the first seq_len tokens) or "drop" it.
@@ -278,7 +282,8 @@ class DataConfig:
             d.pop("tokenizer")
             d.pop("server")  # where the responses come from, not what they are (the tokenizer check guards that)
             d.pop("regen_backend")  # who writes the responses, not what they are asked to be
-            d.pop("compile_steps"), d.pop("compile_min_steps"), d.pop("prefill_graphs")  # how fast, not what
+            for k in ("compile_steps", "compile_min_steps", "prefill_graphs", "fused_argmax"):
+                d.pop(k)  # how fast, not what
             if d["samples_per_prompt"] == 1:
                 d.pop("samples_per_prompt")  # fingerprints of one-sample configs stay what they were
             if d["sample_temperature"] is None:

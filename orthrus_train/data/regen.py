@@ -137,7 +137,8 @@ class EngineGenerator:
     def __init__(self, model: Any, eos_token_ids: Sequence[int], batch_size: int = 256,
                  use_cuda_graphs: bool = True, compile_steps: Any = "auto", compile_min_steps: int | None = None,
                  compile_cache: Any = None, **engine_kw: Any):
-        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens, prefill_graphs).
+        """engine_kw: GenerationEngine options (sync_every, width_step, refill_min, prefill_tokens, prefill_graphs,
+        fused_argmax).
         compile_steps: auto | true | false, decided per call from the decode steps ahead
         (`decode/compile_policy.py`); the decision is kept in `compile_info`. compile_cache: the on-disk
         cache folder for compiled kernels (set only when compiling; a user's TORCHINDUCTOR_CACHE_DIR wins)."""
@@ -206,12 +207,17 @@ class EngineGenerator:
     def engine_stats(self) -> dict | None:
         """What the engines of this process ran: decode steps, refills (prefill passes of the rows refilled
         together) and the host seconds those refills took (launch-bound passes: about their cost), and the prefill
-        passes that replayed a CUDA graph. None before any generation."""
+        passes that replayed a CUDA graph; with data.fused_argmax, whether the current engine runs the fused greedy
+        LM head ("fused_argmax") or why not ("fused_argmax_error"). None before any generation."""
         if self.engine is None and not self._retired:
             return None
         now = self._counts(self.engine) if self.engine is not None else {}
         out = {k: self._retired.get(k, 0) + now.get(k, 0) for k in (now or self._retired)}
         out["refill_host_seconds"] = round(out["refill_host_seconds"], 3)
+        if self.engine is not None and self.engine.fused_argmax:  # data.fused_argmax: whether it ran, else why not
+            out["fused_argmax"] = self.engine.fused_argmax_active
+            if self.engine.fused_argmax_error:
+                out["fused_argmax_error"] = self.engine.fused_argmax_error
         return out
 
     @property

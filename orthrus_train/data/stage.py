@@ -100,7 +100,7 @@ def build_generator(cfg: DataConfig, backbone: Any, tokenizer: Any, stop_ids: An
     if regen_backend(cfg, backbone.config) == "engine":
         return EngineGenerator(backbone, eos, batch_size=cfg.batch_size, compile_steps=cfg.compile_steps,
                                compile_min_steps=cfg.compile_min_steps, compile_cache=compile_cache,
-                               prefill_graphs=cfg.prefill_graphs)
+                               prefill_graphs=cfg.prefill_graphs, fused_argmax=cfg.fused_argmax)
     pad = tokenizer.pad_token_id
     return HFGenerator(backbone, eos, eos[0] if pad is None else pad, static_cache=cfg.static_cache)
 

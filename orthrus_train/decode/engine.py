@@ -39,6 +39,7 @@ from ..model.cache import StaticKVCache
 from ..model.layers import DecodeFusion, prepare_decode_kernels
 from ..model.orthrus import DecodeState, DraftModel
 from . import verify
+from .lm_head import resolve_fused_argmax
 from .rng import counter_uniforms, seed_hash, slot_hash, uniforms_from_hashes
 
 MODES = ("spec", "ar")
@@ -552,12 +553,20 @@ class DecodeEngine:
       CUDA graph per padded shape (`PrefillGraphs`) instead of launching it eagerly; ignored without CUDA graphs.
       The attribute of that name can be changed between calls. Counts: `prefill_graph_replays`,
       `prefill_eager_passes`; a failed capture: `prefill_graph_error` (the eager pass from then on).
+    fused_argmax: the greedy paths take each position's argmax token straight from the final hidden states with
+      one Triton kernel (`decode.lm_head`, `orthrus_kernels.lm_head_argmax`), without writing the logits: greedy
+      drafts (`SamplingParams.greedy_drafts`), and at temperature 0 the verify step and the AR step (the greedy rule
+      needs only the target's argmax: `verify.greedy_accept`; with an injected `verify_fn` the verify step keeps
+      the logits, the rule under test reads them). Sampled paths are unchanged. Decided when the engine is built:
+      where the kernel cannot run (no Triton, not a CUDA device nor the interpreter, a biased lm_head, its probe
+      failing) one warning, the unfused path, and the reason in `fused_argmax_error`; `fused_argmax_active` says
+      whether it runs. Off by default: token-identical in the CPU tests, not yet run on a GPU.
     """
 
     def __init__(self, model: DraftModel, batch_size: int, max_len: int, use_cuda_graphs: bool = False,
                  sync_every: int = 4, verify_backend: str = "auto", verify_fn: Callable | None = None,
                  compile_steps: bool = False, fuse_projections: bool = True, prefill_ahead_tokens: int = 16384,
-                 prefill_graphs: bool = True):
+                 prefill_graphs: bool = True, fused_argmax: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefill_ahead_tokens < 0:
@@ -597,6 +606,28 @@ class DecodeEngine:
         # the slot part of the counter-based uniforms (fixed per engine: rng.counter_uniforms in three parts)
         self._slot_h = {"draft": slot_hash(0, self.K - 1, self.device),
                         "spec": slot_hash(self.K - 1, self.K, self.device), "ar": slot_hash(self.K - 1, 1, self.device)}
+        # the fused greedy LM head: probed at the layouts the steps hand over (draft: a (B, K-1) view of the K-token
+        # pass, Medusa's stacked heads contiguous; verify (B, K); AR (B, 1))
+        self.fused_argmax = bool(fused_argmax)
+        self.fused_argmax_error: str | None = None
+        self._argmax = None
+        if self.fused_argmax:
+            draft = (self.B, self.K - 1, self.K if model.draft_passes_per_step else self.K - 1)
+            self._argmax, self.fused_argmax_error = resolve_fused_argmax(
+                model, [draft, (self.B, self.K, self.K), (self.B, 1, 1)])
+            if self.fused_argmax_error:
+                warnings.warn(f"fused_argmax: the fused greedy LM head cannot run here ({self.fused_argmax_error}); "
+                              "using the LM head's logits and argmax")
+        # greedy drafts by the kernel need the drafter's hidden states: a model whose `propose` is its own (not the
+        # logits of `propose_hidden`) keeps proposing logits
+        self._argmax_drafts = (self._argmax is not None and "propose" not in vars(model)
+                               and type(model).propose is DraftModel.propose)
+
+    @property
+    def fused_argmax_active(self) -> bool:
+        """Whether the fused greedy LM head runs in this engine's greedy paths (`fused_argmax` asked for it and it
+        could run here; else `fused_argmax_error` says why not)."""
+        return self._argmax is not None
 
     def _fused(self):
         """Context of one call: the fused decode projections (re)made if the parameters moved since the last call
@@ -650,8 +681,12 @@ class DecodeEngine:
 
     def _propose_step(self) -> None:
         st, m = self._st, self.model
-        logits = m.propose(DecodeState(st.cache, st.last_token, st.last_hidden))
+        state = DecodeState(st.cache, st.last_token, st.last_hidden)
         sp = self._sampling
+        if sp.greedy_drafts and self._argmax_drafts:  # the argmax without the logits (fused_argmax)
+            st.drafts.copy_(self._argmax(m.propose_hidden(state), m.lm_weight()))
+            return
+        logits = m.propose(state)
         if sp.greedy_drafts:  # greedy decoding, or argmax proposals: the rule never reads the draft logits
             torch.argmax(logits, -1, out=st.drafts)
             return
@@ -668,13 +703,17 @@ class DecodeEngine:
         T = ids.shape[1]
         # ids are sampled tokens (never the mask token): no mask-embedding handling
         hidden = model.ar_cached(ids, st.cache, real_tokens=True)  # (B, T, H)
-        target = model.logits(hidden)  # (B, T, V)
         drafts = st.drafts if spec else st.drafts[:, :0]
-        dlog = st.draft_logits if spec else st.draft_logits[:, :0]
-        u = None if sp.greedy else self._uniforms(self._mode)  # the greedy rule draws nothing
-        extra = {"draft_is_greedy": True} if spec and not sp.greedy and sp.greedy_drafts else {}
-        m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
-                                top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend, **extra)
+        if sp.greedy and self._argmax is not None and self.verify_fn is verify.verify:
+            # the greedy rule on the target's argmax, taken without the logits (fused_argmax)
+            m, nxt = verify.greedy_accept(drafts, self._argmax(hidden, model.lm_weight()))
+        else:
+            target = model.logits(hidden)  # (B, T, V)
+            dlog = st.draft_logits if spec else st.draft_logits[:, :0]
+            u = None if sp.greedy else self._uniforms(self._mode)  # the greedy rule draws nothing
+            extra = {"draft_is_greedy": True} if spec and not sp.greedy and sp.greedy_drafts else {}
+            m, nxt = self.verify_fn(drafts, dlog, target, u, temperature=sp.temperature, top_k=sp.top_k,
+                                    top_p=sp.top_p, min_p=sp.min_p, backend=self.verify_backend, **extra)
         m, nxt = m.long(), nxt.long()
         if spec:
             self._commit_block(drafts, m, nxt, hidden)
@@ -1221,12 +1260,16 @@ class GenerationEngine:
     fused kernels for launch-bound models; costs compilation time, twice: the width becomes dynamic).
     prefill_graphs: with CUDA graphs, each refill's prefill passes replay a CUDA graph per padded shape
     (`PrefillGraphs`) instead of launching eagerly; ignored without CUDA graphs (the attribute can be changed
-    between calls). Counts: `prefill_graph_replays`, `prefill_eager_passes`; `prefill_graph_error`."""
+    between calls). Counts: `prefill_graph_replays`, `prefill_eager_passes`; `prefill_graph_error`.
+    fused_argmax: when every sampling setting of a stream is greedy, the step takes each row's token straight from
+    the final hidden state with one Triton kernel (`decode.lm_head`), without the logits; streams with a sampled
+    setting keep the logits. As `DecodeEngine`'s: decided when the engine is built, `fused_argmax_error` (one
+    warning, the unfused path) where it cannot run, `fused_argmax_active`; off by default (not yet run on a GPU)."""
 
     def __init__(self, backbone, batch_size: int, max_len: int, use_cuda_graphs: bool = True,
                  sync_every: int = 8, width_step: int = 128, refill_min: int | None = None,
                  prefill_tokens: int = 16384, compile_step: bool = False, fuse_projections: bool = True,
-                 prefill_graphs: bool = True):
+                 prefill_graphs: bool = True, fused_argmax: bool = False):
         if batch_size < 1 or sync_every < 1 or width_step < 1:
             raise ValueError("batch_size, sync_every and width_step must be >= 1")
         # a draft model without heads: only its cached AR pass is used (mask id 0 is never fed)
@@ -1268,6 +1311,19 @@ class GenerationEngine:
         # dynamic=None: the first width compiles static, the second makes the width dynamic (two compiles in all)
         self.compile_error: str | None = None  # set where the compiled step fell back to eager
         self._compiled = CompiledOrEager(self, self._step, dynamic=None) if compile_step else None
+        self.fused_argmax = bool(fused_argmax)
+        self.fused_argmax_error: str | None = None
+        self._argmax = None
+        if self.fused_argmax:  # the step hands over (B, H) rows of its (B, 1, H) pass
+            self._argmax, self.fused_argmax_error = resolve_fused_argmax(self.model, [(1, self.B, self.B)])
+            if self.fused_argmax_error:
+                warnings.warn(f"fused_argmax: the fused greedy LM head cannot run here ({self.fused_argmax_error}); "
+                              "using the LM head's logits and argmax")
+
+    @property
+    def fused_argmax_active(self) -> bool:
+        """Whether greedy streams take their tokens from the fused greedy LM head (else `fused_argmax_error`)."""
+        return self._argmax is not None
 
     def _step_fn(self, W: int) -> None:
         (self._compiled or self._step)(W)
@@ -1302,12 +1358,15 @@ class GenerationEngine:
         """One token for every row (fixed shapes; rows that are not active change nothing that is read)."""
         cache = self._view(W)
         h = self.model.ar_cached(self.last_token[:, None], cache)[:, 0]
-        logits = self.model.logits(h)
-        tok = logits.argmax(-1)
-        for i, sp in enumerate(self._settings):
-            if not sp.greedy:
-                u = counter_uniforms(self.seeds, self.n_out, 0, 1)[:, 0]
-                tok = torch.where(self.setting == i, verify.inverse_cdf(draft_probs(logits, sp), u), tok)
+        if self._argmax is not None and all(sp.greedy for sp in self._settings):  # no logits (fused_argmax)
+            tok = self._argmax(h, self.model.lm_weight())
+        else:
+            logits = self.model.logits(h)
+            tok = logits.argmax(-1)
+            for i, sp in enumerate(self._settings):
+                if not sp.greedy:
+                    u = counter_uniforms(self.seeds, self.n_out, 0, 1)[:, 0]
+                    tok = torch.where(self.setting == i, verify.inverse_cdf(draft_probs(logits, sp), u), tok)
         act = self.active
         sink = self.out.shape[1] - 1
         self.out.scatter_(1, torch.where(act, self.n_out, sink)[:, None], tok[:, None])

@@ -51,6 +51,7 @@ import torch
 __all__ = [
     "verify",
     "verify_reference",
+    "greedy_accept",
     "outcome_distribution",
     "processed_logits",
     "filter_threshold",
@@ -170,6 +171,23 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
+def greedy_accept(draft_tokens: torch.Tensor, target_ids: torch.Tensor, n_valid: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The greedy rule on the target's argmax tokens ``target_ids`` (B, K) (slot i: argmax of ``p_i``): accept the
+    longest prefix with ``d_i == target_ids[:, i]``, next token ``target_ids[:, m]``. Returns ``(num_accepted,
+    next_token)``, int64. The one definition of the greedy rule: :func:`verify_reference` calls it on the argmax of
+    its logits; the engines' fused greedy LM head (``decode.lm_head``) computes the argmax without logits.
+    ``n_valid`` (B,) (already clamped to 0..K-1) or None (every draft valid). Few ops: a decode step runs this."""
+    K = target_ids.shape[1]
+    if K == 1:
+        return torch.zeros_like(target_ids[:, 0]), target_ids[:, 0]
+    ok = draft_tokens.long() == target_ids[:, : K - 1]
+    if n_valid is not None:
+        ok &= torch.arange(K - 1, device=target_ids.device)[None, :] < n_valid[:, None]
+    acc = ok.cumprod(dim=-1).sum(dim=-1)  # leading accepted drafts (int64)
+    return acc, target_ids.gather(1, acc[:, None]).squeeze(1)
+
+
 def verify_reference(
     draft_tokens: torch.Tensor,
     draft_logits: Optional[torch.Tensor],
@@ -189,15 +207,8 @@ def verify_reference(
                        draft_is_greedy)
     dev = target_logits.device
 
-    if greedy:  # (few ops: a decode step runs this; no mask when every draft is valid)
-        am = target_logits.argmax(dim=-1)
-        if K == 1:
-            return torch.zeros_like(am[:, 0]), am[:, 0]
-        ok = draft_tokens.long() == am[:, : K - 1]
-        if n_valid is not None:
-            ok &= torch.arange(K - 1, device=dev)[None, :] < n[:, None]
-        acc = ok.cumprod(dim=-1).sum(dim=-1)  # leading accepted drafts (int64)
-        return acc, am.gather(1, acc[:, None]).squeeze(1)
+    if greedy:
+        return greedy_accept(draft_tokens, target_logits.argmax(dim=-1), n if n_valid is not None else None)
 
     slots = torch.arange(K - 1, device=dev)
     valid = slots[None, :] < n[:, None]

@@ -120,6 +120,11 @@ class EvalConfig:
     # With CUDA graphs, replay each prefill pass (staging passes, refills) as a CUDA graph captured once per padded
     # shape, in the warm-up, instead of launching its kernels one by one; false: eager passes. Speed only.
     prefill_graphs: bool = True
+    # The greedy paths (greedy drafts; at temperature 0 the verify and AR steps) take each position's token from
+    # one Triton kernel that computes the LM head's argmax without writing the logits (decode/lm_head.py). Off by
+    # default: token-identical in the CPU tests, not yet run or timed on a GPU. Where it cannot run, the cell
+    # records fused_argmax_error and decodes from the logits.
+    fused_argmax: bool = False
     # Backend of the acceptance rule: "auto" (Triton on CUDA), "triton" or "torch".
     verify_backend: str = "auto"
     # Also run the AR baseline of the same engine (needed for speedups and the greedy exactness check).

@@ -70,7 +70,8 @@ class _Engines:
                                        sync_every=self.cfg.sync_every, verify_backend=self.cfg.verify_backend,
                                        compile_steps=self.compile_steps,
                                        prefill_ahead_tokens=self.cfg.prefill_ahead_tokens,
-                                       prefill_graphs=self.cfg.prefill_graphs)
+                                       prefill_graphs=self.cfg.prefill_graphs,
+                                       fused_argmax=self.cfg.fused_argmax)
         return self.engine
 
 
@@ -344,6 +345,10 @@ def run_eval(model, tokenizer, eval_cfg, run_dir, train_prompt_hashes: set[str] 
                     cell["cuda_graph_error"] = engines.engine.graph_error
                 if engines.engine.prefill_graph_error:  # (its prefill passes ran eagerly from then on)
                     cell["prefill_graph_error"] = engines.engine.prefill_graph_error
+                if engines.engine.fused_argmax:  # eval.fused_argmax: whether the kernel ran, else why not
+                    cell["fused_argmax"] = engines.engine.fused_argmax_active
+                    if engines.engine.fused_argmax_error:
+                        cell["fused_argmax_error"] = engines.engine.fused_argmax_error
             if "ar" in runs:
                 cell["speedup"] = metrics.speedup(cell["spec"]["tokens_per_s"], cell["ar"]["tokens_per_s"])
                 cell["efficiency"] = metrics.efficiency(cell["speedup"], cell["spec"]["tpf"])

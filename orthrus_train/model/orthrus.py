@@ -152,6 +152,17 @@ class DraftModel(nn.Module):
         return torch.where(is_mask[..., None], self.mask_embedding.to(h.dtype), h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head over hidden (..., H) as one GEMM over all rows: leading dims are flattened to (rows, H) first (a
+        view of a contiguous input; a copy of a strided one, e.g. the draft pass's `h[:, :-1]`). `F.linear` on a
+        strided 3-D input dispatches to `bmm` with the weight expanded over the batch (stride 0), which re-read
+        the whole weight once per batch row on a GPU (an H200 profile, SmolLM2 shape, batch 16: 172 us for the
+        draft pass's LM head). The values: those of the bmm for the profiled step's shape at the CPU tests' reduced
+        width (tests/model/test_lm_head.py); elsewhere a BLAS may block one GEMM differently from its batched
+        ones (an ulp apart, e.g. float32 at SmolLM2's full width on the CPU); the verify pass's LM head was
+        already this one GEMM."""
+        if hidden.dim() > 2:
+            flat = self.backbone.lm_head(hidden.reshape(-1, hidden.shape[-1]))
+            return flat.view(*hidden.shape[:-1], flat.shape[-1])
         return self.backbone.lm_head(hidden)
 
     def rope(self, h, positions):
@@ -255,9 +266,14 @@ class DraftModel(nn.Module):
         raise NotImplementedError
 
     # ---- decoding ---------------------------------------------------------------------------
+    def propose_hidden(self, state: DecodeState) -> torch.Tensor:
+        """Final hidden states (B, K-1, H) whose LM head gives the draft logits (`propose`); the greedy decode paths
+        take their argmax without the logits (`decode.lm_head`). May be a strided view."""
+        raise NotImplementedError
+
     def propose(self, state: DecodeState) -> torch.Tensor:
         """Draft logits (B, K-1, V) for the next K-1 tokens after x_a."""
-        raise NotImplementedError
+        return self.logits(self.propose_hidden(state))
 
     def forward(self, input_ids, **kw):
         """Diffusion off: the stock backbone, untouched."""
@@ -345,9 +361,10 @@ class OrthrusModel(DraftModel):
     def _draft(self, h: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         return self._cached_pass(h, cache, masks.draft_cached_mask(cache.lengths, cache.slots, h.shape[1]), "diff")
 
-    def propose(self, state: DecodeState) -> torch.Tensor:
-        # == self.draft([x_a, mask, ..., mask]), with the block embedded without building its ids
-        return self.logits(self._draft(self.embed_block(state.last_token, self.block_size), state.cache)[:, :-1])
+    def propose_hidden(self, state: DecodeState) -> torch.Tensor:
+        # == self.draft([x_a, mask, ..., mask]), with the block embedded without building its ids; the last
+        # position predicts past the block (unused): a (B, K-1, H) view of the pass's output
+        return self._draft(self.embed_block(state.last_token, self.block_size), state.cache)[:, :-1]
 
 
 class ResBlock(nn.Module):
@@ -392,8 +409,8 @@ class MedusaModel(DraftModel):
                 out = out.index_put((sel.nonzero(as_tuple=True)[0],), head(base[sel]))
         return out
 
-    def propose(self, state: DecodeState) -> torch.Tensor:
-        return self.logits(self._apply_heads(state.last_hidden))
+    def propose_hidden(self, state: DecodeState) -> torch.Tensor:
+        return self._apply_heads(state.last_hidden)
 
 
 def build_draft_model(head_type: str, backbone, **kw) -> DraftModel:

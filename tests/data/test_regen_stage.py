@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -41,6 +42,21 @@ def test_backend_choice(byte_tok, model, tmp_path, monkeypatch):
         gen = build_generator(cfg_for(tmp_path, prefill_graphs=on), model, byte_tok)
         gen.generate([[1, 2, 3]], 2)
         assert gen.engine.prefill_graphs is on
+    # data.fused_argmax reaches the engine too (default off); where the kernel cannot run (no CUDA device, and the
+    # interpreter's variable unset) the engine decodes from the logits and the stats say why
+    gen = build_generator(cfg, model, byte_tok)
+    gen.generate([[1, 2, 3]], 2)
+    assert gen.engine.fused_argmax is False and "fused_argmax" not in gen.engine_stats
+    gen = build_generator(cfg_for(tmp_path, fused_argmax=True), model, byte_tok)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate([[1, 2, 3]], 2)
+    stats = gen.engine_stats
+    assert gen.engine.fused_argmax is True and stats["fused_argmax"] is gen.engine.fused_argmax_active
+    if not gen.engine.fused_argmax_active:  # a CPU box: one warning, the reason recorded, the same response
+        assert stats["fused_argmax_error"] and any("fused_argmax" in str(w.message) for w in caught)
+        assert out == build_generator(cfg, model, byte_tok).generate([[1, 2, 3]], 2)
     assert isinstance(build_generator(cfg_for(tmp_path, regen_backend="hf"), model, byte_tok), HFGenerator)
     unsupported = types.SimpleNamespace(model_type="gpt2")
     assert regen_backend(cfg, unsupported) == "hf"

@@ -524,3 +524,42 @@ def test_no_engine_is_built_and_no_first_fill_shape_is_new_inside_a_timed_run(qw
         assert events[i + 1] == "end", events  # nothing was built between "timed" and "end"
     assert events.count("build") >= 1 and events[0] == "build"
     assert rep["compile"]["setup_s"] > 0
+
+
+def test_fused_argmax_key_reaches_the_engine(qwen3_model, tmp_path, monkeypatch):
+    """eval.fused_argmax reaches the eval's engine (default off); on, the greedy cell decodes through the fused
+    greedy LM head (the Triton interpreter on a CPU) with the same samples, and the cell says whether it ran; where
+    it cannot run (TRITON_INTERPRET unset on a CPU) the cell records why and the samples are still the same."""
+    import orthrus_train.eval.report as report_mod
+    from orthrus_kernels._backend import interpreting
+
+    tok = word_tokenizer()
+    _, chat = write_prompt_files(tmp_path, n=3)
+    base = dict(benchmarks=["chat"], benchmark_paths={"chat": str(chat)}, benchmark_fields={"chat": "turns"},
+                num_prompts=3, max_new_tokens=8, temperatures=[0.0], batch_size=2, verify_backend="torch",
+                plots=False, lossless=dict(enabled=False))
+    seen = []
+
+    class Recording(report_mod.DecodeEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.fused_argmax)
+    monkeypatch.setattr(report_mod, "DecodeEngine", Recording)
+
+    def run(name, **kw):
+        rep = run_eval(qwen3_model, tok, {**base, **kw}, tmp_path / name)
+        rows = (tmp_path / name / "eval" / "samples.jsonl").read_text().splitlines()
+        return rep["benchmarks"]["chat"]["results"]["T=0"], [json.loads(x)["turns"] for x in rows]
+
+    cell, samples = run("off")
+    assert seen == [False] and "fused_argmax" not in cell and "fused_argmax_error" not in cell
+    if not interpreting():
+        pytest.skip("the rest runs the kernel in the Triton interpreter (kernels built for it: a CPU test)")
+    with pytest.warns(UserWarning, match="fused_argmax: .*TRITON_INTERPRET is not set now"):
+        cell, fell_back = run("unset", fused_argmax=True)
+    assert seen[-1] is True and cell["fused_argmax"] is False and "TRITON_INTERPRET" in cell["fused_argmax_error"]
+    assert fell_back == samples
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cell, fused = run("on", fused_argmax=True)
+    assert seen[-1] is True and cell["fused_argmax"] is True and "fused_argmax_error" not in cell
+    assert fused == samples

@@ -55,3 +55,37 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
     assert out[True] == out[False]
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] >= 2  # the AR and the drafted step, each one graph
+
+
+def test_compiled_steps_with_the_fused_greedy_lm_head_have_no_graph_break(monkeypatch):
+    """fused_argmax in compiled steps: the kernel reaches Dynamo as the custom op torch.ops.orthrus.lm_head_argmax
+    (decode/lm_head.py), no graph break, the tokens of the eager unfused steps (greedy drafted decoding)."""
+    from torch._dynamo.utils import counters
+
+    from orthrus_train.decode.engine import DecodeEngine
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    from orthrus_kernels import lm_head_argmax as lha
+
+    use_interpreter(monkeypatch)
+    calls = []
+    real = lha.lm_head_argmax
+    monkeypatch.setattr(lha, "lm_head_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=64, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    out = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch", compile_steps=compiled,
+                           fused_argmax=compiled)
+        calls.clear()
+        # the drafted step only (its draft and verify both take the kernel; the AR step is the verify at T = 1)
+        out[compiled] = [r.tokens for r in eng.generate(prompts, 8).rows]
+        assert eng.compile_error is None and eng.fused_argmax_active is compiled
+        assert bool(calls) is compiled
+    assert out[True] == out[False]
+    assert dict(counters["graph_break"]) == {}
