@@ -345,7 +345,15 @@ def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
 # inside `with fusion:` (an engine's call), and only the decode passes (`decode=True`) read them, so no other
 # use of the model (training, the backbone's forward, a deepcopy, `.to()`) can meet a stale fused weight;
 # `refresh()` (each engine call, before attaching) redoes a fusion whose parameters were moved or replaced.
+# The joint q/k norm weight of `project_qkv` (q_norm's row Hq times, then k_norm's Hkv times: (Hq + Hkv, D)) is
+# built once per fusion too (it was a `torch.cat` per layer and pass: 36 of them, 60 us, in a Qwen3-8B AR step on an
+# H200, session 18), attached as `_QK_NORM[view]` on the attention module. It is a copy, not a view, so `refresh()`
+# keys it on the norm weights' storage and version counters: a replaced or moved weight builds a new one (and
+# reports the change), an in-place write (load_state_dict, an optimizer step) refills it in place (the same
+# address: CUDA graphs that read it stay valid). Writes through `.data` bypass the version counter (as they
+# bypass autograd) and are not noticed: replace the parameter instead.
 _FUSED = {"ar": "_orthrus_qkv", "diff": "_orthrus_qkv_diff", "mlp": "_orthrus_gate_up"}
+_QK_NORM = {"ar": "_orthrus_qk_norm", "diff": "_orthrus_qk_norm_diff"}
 
 
 def _linears(owner, names) -> list | None:
@@ -403,12 +411,58 @@ def _fuse(mods) -> tuple:
     return W, b, tuple(m.out_features for m in mods)
 
 
+def _joint_norms(model):
+    """(attention module, attribute, (q_norm, k_norm, Hq, Hkv)) of every view whose q/k norms `project_qkv` runs as
+    one joint norm (RMSNorms of one eps, beside Linear q/k projections)."""
+    for layer in model.decoder.layers:
+        attn = layer.self_attn
+        D = getattr(attn, "head_dim", None)
+        for view, sfx in (("ar", ""), ("diff", "_diff")):
+            qn, kn = getattr(attn, "q_norm" + sfx, None), getattr(attn, "k_norm" + sfx, None)
+            qp, kp = getattr(attn, "q_proj" + sfx, None), getattr(attn, "k_proj" + sfx, None)
+            if (not D or qn is None or kn is None or not (is_rms_norm(qn) and is_rms_norm(kn))
+                    or qn.variance_epsilon != kn.variance_epsilon
+                    or not (isinstance(qp, torch.nn.Linear) and isinstance(kp, torch.nn.Linear))):
+                continue
+            yield attn, _QK_NORM[view], (qn, kn, qp.out_features // D, kp.out_features // D)
+
+
+class _JointNormWeight:
+    """The (Hq + Hkv, D) joint q/k norm weight of one view, and what it was built from (see `_QK_NORM`)."""
+
+    def __init__(self, qn, kn, hq: int, hkv: int):
+        self.weight = torch.empty((hq + hkv,) + tuple(qn.weight.shape), dtype=qn.weight.dtype,
+                                  device=qn.weight.device)
+        self.hq = hq
+        self.key = self._key(qn, kn, hq, hkv)
+        self.versions = None
+        self.sync(qn, kn)
+
+    @staticmethod
+    def _key(qn, kn, hq, hkv):
+        return tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in (qn.weight, kn.weight)) + (hq, hkv)
+
+    def matches(self, qn, kn, hq: int, hkv: int) -> bool:
+        """Built from these very tensors (same storage, shape, dtype, device) for this head layout."""
+        return self.key == self._key(qn, kn, hq, hkv)
+
+    def sync(self, qn, kn) -> None:
+        """Refill in place if either weight was written since the last fill (its version counter moved)."""
+        versions = (qn.weight._version, kn.weight._version)
+        if versions != self.versions:
+            with torch.no_grad():
+                self.weight[:self.hq].copy_(qn.weight.detach().expand(self.hq, -1))
+                self.weight[self.hq:].copy_(kn.weight.detach().expand(self.weight.shape[0] - self.hq, -1))
+            self.versions = versions
+
+
 # model.decoder -> {(id(owner module), attribute): fused}: each model's fused weights, shared by its DecodeFusions
 _SHARED_FUSION: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class DecodeFusion:
-    """The fused decode projections of one model (a DraftModel, or anything with `.decoder.layers`)."""
+    """The fused decode projections and joint q/k norm weights (`_QK_NORM`) of one model (a DraftModel, or anything
+    with `.decoder.layers`)."""
 
     def __init__(self, model):
         self.model = model
@@ -431,6 +485,15 @@ class DecodeFusion:
                 fused = shared[key] = _fuse(mods)
             changed |= mine.get(key) is not fused
             new.append((owner, attr, fused))
+        for owner, attr, (qn, kn, hq, hkv) in _joint_norms(self.model):
+            key = (id(owner), attr)
+            joint = shared.get(key)
+            if joint is None or not joint.matches(qn, kn, hq, hkv):
+                joint = shared[key] = _JointNormWeight(qn, kn, hq, hkv)
+            else:
+                joint.sync(qn, kn)
+            changed |= mine.get(key) is not joint.weight
+            new.append((owner, attr, joint.weight))
         self.entries = new
         return changed
 
@@ -470,7 +533,9 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
         # (B, T, Hq + Hkv, D): q heads then k heads, a view of the fused output (no cat)
         qk = qkv[..., :nq + nk].view(B, T, Hq + Hkv, D) if fused is not None else torch.cat([q, k], 2)
         if qn is not None:
-            w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
+            w = attn.__dict__.get(_QK_NORM[view])  # built once per fusion (`_JointNormWeight`)
+            if w is None or w.shape != (Hq + Hkv, D):  # no fusion attached: built here, as before
+                w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
         qk = decode_apply_rope(qk.transpose(1, 2), cos, sin)
         return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
