@@ -47,6 +47,17 @@ def _(x, cos, sin):
     return rope._eager_layout_empty(x)
 
 
+@torch.library.custom_op("orthrus::rope_kv_write", mutates_args=("k_cache", "v_cache"))
+def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int) -> torch.Tensor:
+    return rope.rope_kv_write(x, v, cos, sin, k_cache, v_cache, index, q_heads)
+
+
+@rope_kv_write.register_fake
+def _(x, v, cos, sin, k_cache, v_cache, index, q_heads):
+    return rope._eager_layout_empty(x)
+
+
 @torch.library.custom_op("orthrus::live_lengths", mutates_args=())
 def live_lengths(mask: torch.Tensor) -> torch.Tensor:
     return decode_attn.live_lengths(mask)

@@ -95,7 +95,9 @@ _KERNEL_MODULES: dict[tuple[str, str], object] = {}  # (module, device type) -> 
 _COMPILED_KERNELS = {
     "rmsnorm": SimpleNamespace(rms_norm=lambda x, w, eps: torch.ops.orthrus.rms_norm(x, w, eps),
                                add_rms_norm=lambda x, r, w, eps: torch.ops.orthrus.add_rms_norm(x, r, w, eps)),
-    "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin)),
+    "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin),
+                            rope_kv_write=lambda x, v, cos, sin, kc, vc, idx, hq: torch.ops.orthrus.rope_kv_write(
+                                x, v, cos, sin, kc, vc, idx, hq)),
     "decode_attn": SimpleNamespace(
         live_lengths=lambda mask: torch.ops.orthrus.live_lengths(mask),
         live_attention=lambda q, k, v, mask, kv_len, scale: torch.ops.orthrus.live_attention(q, k, v, mask, kv_len,
@@ -265,6 +267,79 @@ def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     if resolved_decode_rope(x.device) == "triton":
         return _rope_kernels(x).apply_rope(x, cos, sin)
     return apply_rope(x, cos, sin)
+
+
+# The K/V cache write of the decode passes (`project_qkv` given the layer's `cache.LayerSlots`):
+#   "torch"   the RoPE (`decode_apply_rope`), then `LayerSlots.write`: one scatter_ for K, one for V (60 scatter_,
+#             235 us of session 18's SmolLM2 AR step at batch 16 on an H200; 72, 262 us, of Qwen3-8B's at batch 1);
+#   "triton"  where the decode RoPE is "triton" too: orthrus_kernels.rope.rope_kv_write, the RoPE kernel storing the
+#             rotated k heads and v into the slots as well: one launch per layer and pass instead of three. The
+#             same cache contents and attention inputs bit for bit as the RoPE kernel + scatter_
+#             (tests/model/test_decode_kv_write.py, CPU interpreter). Not timed on a GPU yet. A pass takes "torch"
+#             where the kernel does not apply: the decode RoPE not "triton" (that setting wins: "torch" RoPE keeps
+#             today's path whole), a cache dtype other than the pass's, q/k norms that cannot be joint, rotary
+#             tables narrower than the head (partial rotary). Asked for where Triton cannot run, it raises as the
+#             RoPE does;
+#   "auto"    (default) "triton" on CUDA devices where the kernel agrees with the RoPE kernel + scatter_ on a probe
+#             (`resolved_decode_kv_write`), "torch" elsewhere (never the CPU interpreter).
+# Set with ORTHRUS_DECODE_KV_WRITE or `set_decode_kv_write`; an engine captures its CUDA graphs with the setting
+# current at capture time.
+DECODE_KV_WRITE_CHOICES = ("auto", "torch", "triton")
+_decode_kv_write = os.environ.get("ORTHRUS_DECODE_KV_WRITE", "auto")
+_TRITON_KV_WRITE_RUNS: dict[torch.device, bool] = {}
+
+
+def set_decode_kv_write(impl: str) -> None:
+    global _decode_kv_write
+    _decode_kv_write = _choice(impl, DECODE_KV_WRITE_CHOICES, "decode kv write")
+
+
+def decode_kv_write() -> str:
+    return _choice(_decode_kv_write, DECODE_KV_WRITE_CHOICES, "ORTHRUS_DECODE_KV_WRITE")
+
+
+def _probe_kv_write_kernel(device: torch.device) -> None:
+    """The RoPE + K/V write kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (the
+    joint q/k view of a fused projection output, rows at different lengths), and checked bit for bit against the
+    RoPE kernel followed by `LayerSlots.write`; raises if it cannot run or disagrees."""
+    from .cache import LayerSlots
+
+    kernels = _rope_kernels(torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 64, 8
+    index = (torch.tensor([[0], [4]]) + torch.arange(T))[:, None, :, None].to(device)
+    for dt in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(device, dt)
+        x = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D).transpose(1, 2)
+        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+        ang = torch.rand(B, T, D // 2, generator=g) * 6.3
+        cos, sin = rope_tables(*(f(torch.cat((ang, ang), -1)).to(device, dt) for f in (torch.cos, torch.sin)))
+        caches = [torch.randn(B, Hkv, S, D, generator=g).to(device, dt) for _ in range(2)]
+        ref_k, ref_v = (c.clone() for c in caches)
+        out = kernels.rope_kv_write(x, v, cos, sin, *caches, index, Hq)
+        ref = kernels.apply_rope(x, cos, sin)
+        LayerSlots(ref_k, ref_v, index).write(ref[:, Hq:], v)
+        for got, want in ((out, ref), (caches[0], ref_k), (caches[1], ref_v)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def resolved_decode_kv_write(device: torch.device | str) -> str:
+    """What writes the decode passes' K/V on `device` under the current settings: "triton" (the RoPE kernel) only
+    where the decode RoPE resolves to "triton" too, and "auto" where the kernel's probe passed there; else "torch"."""
+    if resolved_decode_rope(device) != "triton":
+        return "torch"
+    return _resolved(decode_kv_write(), _TRITON_KV_WRITE_RUNS, _probe_kv_write_kernel, "kv write", device)
+
+
+def _kv_write_kernels(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, kv):
+    """orthrus_kernels.rope where its RoPE kernel writes this pass's K/V into `kv` (`resolved_decode_kv_write` and
+    the pass fits it: the cache in the pass's dtype with contiguous rows, full-width rotary tables); else None."""
+    if resolved_decode_kv_write(qk.device) != "triton":
+        return None
+    if (kv.k.dtype != qk.dtype or kv.v.dtype != qk.dtype or v.dtype != qk.dtype or kv.k.stride(-1) != 1
+            or kv.v.stride(-1) != 1 or cos.shape[-1] != qk.shape[-1]):
+        return None
+    return _opt_in_kernels("rope", "decode kv write 'triton'", "ORTHRUS_DECODE_KV_WRITE=torch", qk)
 
 
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
@@ -508,12 +583,14 @@ class DecodeFusion:
         return False
 
 
-def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False):
+def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False, kv=None):
     """q (B, Hq, T, D), k and v (B, Hkv, T, D): post-norm, post-RoPE, exactly as the backbone does.
     cos, sin: `rope_tables`. joint (decode passes): q and k heads side by side in one tensor get the q/k norms
     (one RMSNorm over Hq + Hkv rows, per-row weights) and RoPE once instead of twice (`decode_apply_rope`):
     about half the ops of that part. Row for row the same arithmetic (bit-identical on the CPU; a device whose
-    reduction kernel picks its strategy by the number of rows could round a row's mean differently, by an ulp)."""
+    reduction kernel picks its strategy by the number of rows could round a row's mean differently, by an ulp).
+    kv (decode passes: the layer's `cache.LayerSlots`): k and v are also written into those cache slots, right after
+    the RoPE; with the decode K/V write "triton" by the RoPE kernel itself (`set_decode_kv_write`)."""
     sfx = "" if view == "ar" else "_diff"
     B, T, _ = h.shape
     D = attn.head_dim
@@ -537,13 +614,22 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
             if w is None or w.shape != (Hq + Hkv, D):  # no fusion attached: built here, as before
                 w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
-        qk = decode_apply_rope(qk.transpose(1, 2), cos, sin)
-        return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
-    if qn is not None:
-        q, k = norm(qn, q), norm(kn, k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    rope = decode_apply_rope if joint else train_apply_rope  # decode passes whose q/k norms cannot be joint: still decode
-    return rope(q, cos, sin), rope(k, cos, sin), v
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)
+        fused_kv = None if kv is None else _kv_write_kernels(qk, v, cos, kv)
+        if fused_kv is not None:  # the RoPE and the cache write in one kernel
+            qk = fused_kv.rope_kv_write(qk, v, cos, sin, kv.k, kv.v, kv.index, Hq)
+            return qk[:, :Hq], qk[:, Hq:], v
+        qk = decode_apply_rope(qk, cos, sin)
+        q, k = qk[:, :Hq], qk[:, Hq:]
+    else:
+        if qn is not None:
+            q, k = norm(qn, q), norm(kn, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        rope = decode_apply_rope if joint else train_apply_rope  # decode passes whose q/k norms cannot be joint: still decode
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if kv is not None:
+        kv.write(k, v)
+    return q, k, v
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False):
@@ -611,10 +697,11 @@ def live_attention_runs(device: torch.device | str) -> bool:
 
 def prepare_decode_kernels(device: torch.device | str) -> None:
     """What an engine does once when it is built, outside compiled or captured steps: "auto" resolved on `device`
-    for the norm, the RoPE and the live attention (their probes run here, once per device), and
+    for the norm, the RoPE, the K/V write and the live attention (their probes run here, once per device), and
     `torch.ops.orthrus.*` registered for compiled steps."""
     resolved_decode_norm(device)
     resolved_decode_rope(device)
+    resolved_decode_kv_write(device)
     live_attention_runs(device)
     register_kernel_ops()
 
@@ -721,13 +808,14 @@ def _add_norm(module, h: torch.Tensor, r: torch.Tensor | None, decode: bool):
     return h, norm(module, h)
 
 
-def _residual_block(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str, attend, decode: bool):
+def _residual_block(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str, attend, decode: bool,
+                    kv=None):
     """The one definition of a decoder layer's residual block. h + r (r: the previous layer's MLP output not yet
     added, or None) is this layer's input; returns (h', m): h' the residual stream after attention, m this
-    layer's MLP output, not added (the layer's output is h' + m)."""
+    layer's MLP output, not added (the layer's output is h' + m). kv: see `decode_layer_step`."""
     attn = layer.self_attn
     h, x = _add_norm(layer.input_layernorm, h, r, decode)
-    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode)
+    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode, kv=kv)
     o = attend(q, k, v)
     B, T = h.shape[:2]
     o = o.transpose(1, 2).reshape(B, T, -1)
@@ -747,9 +835,11 @@ def layer_step(layer, h: torch.Tensor, cos, sin, view: str,
 
 
 def decode_layer_step(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str,
-                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], kv=None):
     """`layer_step(..., decode=True)` of the layer input h + r, returning (h', r'): the layer's output is h' + r',
     r' (the MLP output) still pending, so that the next layer's input norm (or the final norm:
     `decode_add_rms_norm(decoder.norm, h', r')`) does the add; with the "triton" decode norm each add runs in the
-    norm's kernel (`decode_add_rms_norm`). r None: no pending residual (the first layer)."""
-    return _residual_block(layer, h, r, cos, sin, view, attend, decode=True)
+    norm's kernel (`decode_add_rms_norm`). r None: no pending residual (the first layer). kv: the layer's
+    `cache.LayerSlots`, written with this layer's new keys and values before `attend` runs (`project_qkv`); None:
+    `attend` sees them and writes them if it must."""
+    return _residual_block(layer, h, r, cos, sin, view, attend, decode=True, kv=kv)
