@@ -98,6 +98,7 @@ _COMPILED_KERNELS = {
     "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin),
                             rope_kv_write=lambda x, v, cos, sin, kc, vc, idx, hq: torch.ops.orthrus.rope_kv_write(
                                 x, v, cos, sin, kc, vc, idx, hq)),
+    "swiglu": SimpleNamespace(silu_mul=lambda g, u: torch.ops.orthrus.silu_mul(g, u)),
     "decode_attn": SimpleNamespace(
         live_lengths=lambda mask: torch.ops.orthrus.live_lengths(mask),
         live_attention=lambda q, k, v, mask, kv_len, scale: torch.ops.orthrus.live_attention(q, k, v, mask, kv_len,
@@ -697,11 +698,12 @@ def live_attention_runs(device: torch.device | str) -> bool:
 
 def prepare_decode_kernels(device: torch.device | str) -> None:
     """What an engine does once when it is built, outside compiled or captured steps: "auto" resolved on `device`
-    for the norm, the RoPE, the K/V write and the live attention (their probes run here, once per device), and
+    for the norm, the RoPE, the K/V write, the MLP product and the live attention (their probes run here, once per device), and
     `torch.ops.orthrus.*` registered for compiled steps."""
     resolved_decode_norm(device)
     resolved_decode_rope(device)
     resolved_decode_kv_write(device)
+    resolved_decode_mlp(device)
     live_attention_runs(device)
     register_kernel_ops()
 
@@ -788,13 +790,89 @@ def flex(q, k, v, block_mask, scale: float):
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+# The SwiGLU product `act(gate) * up` of the decode passes' dense MLP (`mlp_out(decode=True)` with the fused
+# gate/up projection of `DecodeFusion`):
+#   "torch"   `mlp.act_fn(g) * u`: 2 eager kernels (silu, mul; 30 + 30 were 152 us of session 18's SmolLM2 AR step at
+#             batch 16 on an H200, 36 + 36 were 97 us of Qwen3-8B's at batch 1);
+#   "triton"  for SiLU (`act_fn` torch's SiLU or transformers' SiLUActivation; any other activation keeps "torch"):
+#             orthrus_kernels.swiglu.silu_mul, the same arithmetic in one kernel with torch's two roundings (silu in
+#             float32 rounded to the dtype, then the product rounded again). bfloat16 bit-identical to torch's for
+#             every normal gate value in the CPU interpreter (tests/model/test_decode_mlp.py); float16/float32 there
+#             within the ulp or few by which numpy's exp differs from torch's; on CUDA it calls the CUDA math
+#             library's expf as torch's kernel does (bit-identity there not checked on a GPU yet). Not timed yet.
+#             Needs Triton on a CUDA device, or TRITON_INTERPRET=1 (CPU tests); elsewhere asking for it raises;
+#   "auto"    (default) "triton" on CUDA devices where the kernel passes its probe (bfloat16 exact over every gate
+#             value, float32 within float32's tolerance: `resolved_decode_mlp`), "torch" elsewhere (never the CPU
+#             interpreter).
+# Set with ORTHRUS_DECODE_MLP or `set_decode_mlp`; an engine captures its CUDA graphs with the setting current at
+# capture time.
+DECODE_MLP_CHOICES = ("auto", "torch", "triton")
+_decode_mlp = os.environ.get("ORTHRUS_DECODE_MLP", "auto")
+_TRITON_MLP_RUNS: dict[torch.device, bool] = {}
+
+
+def set_decode_mlp(impl: str) -> None:
+    global _decode_mlp
+    _decode_mlp = _choice(impl, DECODE_MLP_CHOICES, "decode mlp")
+
+
+def decode_mlp() -> str:
+    return _choice(_decode_mlp, DECODE_MLP_CHOICES, "ORTHRUS_DECODE_MLP")
+
+
+def _mlp_kernels(x: torch.Tensor):
+    return _opt_in_kernels("swiglu", "decode mlp 'triton'", "ORTHRUS_DECODE_MLP=torch", x)
+
+
+def _probe_mlp_kernel(device: torch.device) -> None:
+    """The SwiGLU kernel compiled and run on `device` on the two halves of a gate/up output: in bfloat16 over every
+    finite gate value, checked bit for bit against `F.silu(g) * u` where no subnormal number is involved (gate,
+    silu or product: `_no_subnormals`); in float32 within float32's tolerance. Raises if it cannot run or disagrees.
+    (Subnormals are left to the tests: a device that flushes them inside the kernel is no reason to refuse it, and
+    the CPU interpreter widens bfloat16 subnormals wrongly.)"""
+    kernels = _mlp_kernels(torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = gate[torch.isfinite(gate)].view(-1, 255)  # 65,280 finite values
+    up = ((torch.rand(gate.shape, generator=g) * 3.5 + 0.5) * (torch.randint(0, 2, gate.shape, generator=g) * 2 - 1))
+    gu = torch.cat([gate, up.to(torch.bfloat16)], -1).to(device)
+    n = gate.shape[-1]
+    want = F.silu(gu[..., :n]) * gu[..., n:]
+    keep = _no_subnormals(gu[..., :n], F.silu(gu[..., :n]), want)
+    torch.testing.assert_close(kernels.silu_mul(gu[..., :n], gu[..., n:])[keep], want[keep], rtol=0, atol=0)
+    gu = (torch.randn(7, 2 * 1536, generator=g) * 4).to(device)
+    torch.testing.assert_close(kernels.silu_mul(gu[..., :1536], gu[..., 1536:]), F.silu(gu[..., :1536]) * gu[..., 1536:])
+
+
+def _no_subnormals(*ts: torch.Tensor) -> torch.Tensor:
+    """Where none of `ts` (one shape) holds a subnormal number (nonzero, below the dtype's smallest normal)."""
+    keep = None
+    for t in ts:
+        ok = (t == 0) | (t.abs() >= torch.finfo(t.dtype).tiny) | ~torch.isfinite(t)
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+def resolved_decode_mlp(device: torch.device | str) -> str:
+    """The decode MLP product that runs on `device` under the current setting ("auto" resolved; SiLU MLPs only)."""
+    return _resolved(decode_mlp(), _TRITON_MLP_RUNS, _probe_mlp_kernel, "mlp", device)
+
+
+def is_silu(act) -> bool:
+    """An activation module (or function) that computes `F.silu`: what the "triton" decode MLP product replaces."""
+    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 def mlp_out(layer, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
     mlp = layer.mlp
     fused = mlp.__dict__.get(_FUSED["mlp"]) if decode else None
     if fused is not None:  # down(act(gate(h)) * up(h)) with gate and up in one matmul
         gu = F.linear(h, fused[0], fused[1])
         n = fused[2][0]
-        return mlp.down_proj(mlp.act_fn(gu[..., :n]) * gu[..., n:])
+        g, u = gu[..., :n], gu[..., n:]
+        if is_silu(mlp.act_fn) and resolved_decode_mlp(h.device) == "triton":  # silu(g) * u in one kernel
+            return mlp.down_proj(_mlp_kernels(gu).silu_mul(g, u))
+        return mlp.down_proj(mlp.act_fn(g) * u)
     out = mlp(h)
     return out[0] if isinstance(out, tuple) else out  # older MoE blocks also return router logits
 

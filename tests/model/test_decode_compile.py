@@ -1,5 +1,5 @@
-"""Compiled decode steps with the Triton decode kernels (norm, fused add, RoPE, RoPE + K/V write, live attention):
-the kernels
+"""Compiled decode steps with the Triton decode kernels (norm, fused add, RoPE, RoPE + K/V write, SwiGLU product,
+live attention): the kernels
 reach Dynamo as opaque custom ops (orthrus_kernels.ops), so a step compiles without graph breaks (a break
 inside a decode layer compiled each layer as its own frame and hit the recompile limit on an H200, session 9)
 and decodes the same tokens as the eager steps. On a CPU the kernels run in the Triton interpreter."""
@@ -17,9 +17,11 @@ pytestmark = requires_triton
 @pytest.fixture
 def all_kernels(monkeypatch):
     use_interpreter(monkeypatch)
-    setters = (layers.set_decode_norm, layers.set_decode_rope, layers.set_decode_attention, layers.set_decode_kv_write)
-    prev = layers.decode_norm(), layers.decode_rope(), layers.decode_attention(), layers.decode_kv_write()
-    for set_, v in zip(setters, ("triton", "triton", "live", "triton")):
+    setters = (layers.set_decode_norm, layers.set_decode_rope, layers.set_decode_attention, layers.set_decode_kv_write,
+               layers.set_decode_mlp)
+    prev = (layers.decode_norm(), layers.decode_rope(), layers.decode_attention(), layers.decode_kv_write(),
+            layers.decode_mlp())
+    for set_, v in zip(setters, ("triton", "triton", "live", "triton", "triton")):
         set_(v)
     yield
     for set_, v in zip(setters, prev):
@@ -32,11 +34,11 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
     from orthrus_train.decode.engine import DecodeEngine
     from orthrus_train.model import OrthrusModel, build_random, tiny_config
 
-    from orthrus_kernels import decode_attn, rmsnorm, rope
+    from orthrus_kernels import decode_attn, rmsnorm, rope, swiglu
 
     calls = []
     for mod, name in ((rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"), (rope, "apply_rope"), (rope, "rope_kv_write"),
-                      (decode_attn, "live_attention")):
+                      (swiglu, "silu_mul"), (decode_attn, "live_attention")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
@@ -57,7 +59,7 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
             layers.set_decode_kv_write(kv_write)
             out[compiled].append([r.tokens for r in eng.generate(prompts, 8, mode=mode).rows])
         assert eng.compile_error is None
-        assert set(calls) == {"rms_norm", "add_rms_norm", "apply_rope", "rope_kv_write",
+        assert set(calls) == {"rms_norm", "add_rms_norm", "apply_rope", "rope_kv_write", "silu_mul",
                               "live_attention"}  # every kernel ran
     assert out[True] == out[False]
     assert dict(counters["graph_break"]) == {}
