@@ -17,7 +17,8 @@ if __name__ == "orthrus_kernels":
     from orthrus_kernels import verify  # noqa: F401  (decorate every kernel under one interpreter mode)
     from orthrus_kernels import decode_attn  # noqa: F401  (the same: layers' "live" decode attention)
     from orthrus_kernels import rmsnorm  # noqa: F401  (the same: layers' "triton" decode RMSNorm)
-    from orthrus_kernels import rope  # noqa: F401  (the same: layers' "triton" decode RoPE)
+    from orthrus_kernels import rope  # noqa: F401  (the same: layers' "triton" decode RoPE and K/V write)
+    from orthrus_kernels import swiglu  # noqa: F401  (the same: layers' "triton" decode MLP product)
     from orthrus_kernels import lm_head_argmax  # noqa: F401  (the same: the engines' fused greedy LM head)
     from orthrus_kernels import ops  # noqa: F401  (torch.ops.orthrus.*: the decode kernels in compiled steps)
     from orthrus_kernels.fused_kl import (
@@ -36,6 +37,7 @@ __all__ = [
     "decode_attn",
     "rmsnorm",
     "rope",
+    "swiglu",
     "lm_head_argmax",
     "ops",
     "fused_linear_kl",

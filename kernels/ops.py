@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from orthrus_kernels import decode_attn, lm_head_argmax as _lm_head_argmax, rmsnorm, rope
+from orthrus_kernels import decode_attn, lm_head_argmax as _lm_head_argmax, rmsnorm, rope, swiglu
 
 
 @torch.library.custom_op("orthrus::rms_norm", mutates_args=())
@@ -45,6 +45,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @apply_rope.register_fake
 def _(x, cos, sin):
     return rope._eager_layout_empty(x)
+
+
+@torch.library.custom_op("orthrus::rope_kv_write", mutates_args=("k_cache", "v_cache"))
+def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int) -> torch.Tensor:
+    return rope.rope_kv_write(x, v, cos, sin, k_cache, v_cache, index, q_heads)
+
+
+@rope_kv_write.register_fake
+def _(x, v, cos, sin, k_cache, v_cache, index, q_heads):
+    return rope._eager_layout_empty(x)
+
+
+@torch.library.custom_op("orthrus::silu_mul", mutates_args=())
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return swiglu.silu_mul(g, u)
+
+
+@silu_mul.register_fake
+def _(g, u):
+    return torch.empty(g.shape, dtype=g.dtype, device=g.device)
 
 
 @torch.library.custom_op("orthrus::live_lengths", mutates_args=())

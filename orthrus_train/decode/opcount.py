@@ -7,6 +7,11 @@ measures the lever without a GPU. Differences from a real CUDA count: a few ops 
 per device (SDPA picks a per-device kernel, some ops launch two kernels on CUDA, cuBLAS may add a
 split-K reduction), so treat the count as a proxy, exact for before/after comparisons of our own code.
 
+Triton kernels (the opt-in decode kernels: `layers.set_decode_norm` & co) launch no aten op: `counting()` counts
+each launch as one op named "triton:<kernel>", and not the aten ops the Triton interpreter (TRITON_INTERPRET=1,
+CPU) runs inside a launch to move tensors in and out of numpy. So, run with TRITON_INTERPRET=1 and the kernels
+selected by name ("auto" resolves to torch on a CPU), the count is that of the kernels a GPU step launches.
+
 `count_steps` builds an engine, prefills it, and counts one AR step (`_verify_step` in "ar" mode) and
 one drafted step (`_propose_step` + `_verify_step` in "spec" mode). Op counts per layer do not depend
 on the model's width or vocabulary, so `shape_config(..., reduced=True)` keeps the layer count and the
@@ -40,14 +45,18 @@ def is_kernel(func) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every non-view aten op by name (`self.ops`), and host syncs (`.item()` & co, `self.syncs`)."""
+    """Counts every non-view aten op by name (`self.ops`), and host syncs (`.item()` & co, `self.syncs`); inside
+    `counting()` also each Triton launch ("triton:<kernel>"), without the ops the Triton interpreter runs inside it."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
         self.syncs = 0
+        self.in_triton = 0  # > 0 while a Triton launch runs (its interpreter's tensor traffic is not counted)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_triton:
+            return func(*args, **(kwargs or {}))
         name = op_name(func)
         if name in ("_local_scalar_dense", "is_nonzero", "nonzero"):
             self.syncs += 1
@@ -60,10 +69,53 @@ class OpCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+def _launch_classes() -> list:
+    """The Triton classes whose `run` launches a kernel: JITFunction (GPU) and InterpretedFunction (the CPU
+    interpreter); none where Triton is not importable."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return []
+    out = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        out.append(InterpretedFunction)
+    except ImportError:
+        pass
+    return out
+
+
+@contextmanager
+def _triton_launches(counter: OpCounter):
+    """Count each (outermost) Triton kernel launch into `counter` as one op, "triton:<kernel name>"."""
+    patched = []
+    for cls in _launch_classes():
+        real = cls.__dict__.get("run")
+        if real is None:
+            continue
+
+        def run(self, *args, _real=real, **kwargs):
+            if not counter.in_triton:
+                name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "kernel")
+                counter.ops[f"triton:{name}"] += 1
+            counter.in_triton += 1
+            try:
+                return _real(self, *args, **kwargs)
+            finally:
+                counter.in_triton -= 1
+        cls.run = run
+        patched.append((cls, real))
+    try:
+        yield
+    finally:
+        for cls, real in patched:
+            cls.run = real
+
+
 @contextmanager
 def counting():
     c = OpCounter()
-    with c:
+    with _triton_launches(c), c:
         yield c
 
 

@@ -172,13 +172,15 @@ def _environment(device) -> dict[str, Any]:
 
     from orthrus_train.model import layers
 
-    # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / _NORM / _ROPE): they change the speed
+    # the decode kernels the engine ran with (ORTHRUS_DECODE_ATTN / _NORM / _ROPE / _KV_WRITE / _MLP): they change the speed
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
             "decode_attention": layers.decode_attention(),
             "decode_attention_live": layers.live_attention_runs(device) or layers.decode_attention() == "live",
             "decode_norm": layers.resolved_decode_norm(device),
-            "decode_rope": layers.resolved_decode_rope(device)}
+            "decode_rope": layers.resolved_decode_rope(device),
+            "decode_kv_write": layers.resolved_decode_kv_write(device),
+            "decode_mlp": layers.resolved_decode_mlp(device)}
 
 
 WARM_UP_TOKENS = 8

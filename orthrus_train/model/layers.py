@@ -95,7 +95,10 @@ _KERNEL_MODULES: dict[tuple[str, str], object] = {}  # (module, device type) -> 
 _COMPILED_KERNELS = {
     "rmsnorm": SimpleNamespace(rms_norm=lambda x, w, eps: torch.ops.orthrus.rms_norm(x, w, eps),
                                add_rms_norm=lambda x, r, w, eps: torch.ops.orthrus.add_rms_norm(x, r, w, eps)),
-    "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin)),
+    "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin),
+                            rope_kv_write=lambda x, v, cos, sin, kc, vc, idx, hq: torch.ops.orthrus.rope_kv_write(
+                                x, v, cos, sin, kc, vc, idx, hq)),
+    "swiglu": SimpleNamespace(silu_mul=lambda g, u: torch.ops.orthrus.silu_mul(g, u)),
     "decode_attn": SimpleNamespace(
         live_lengths=lambda mask: torch.ops.orthrus.live_lengths(mask),
         live_attention=lambda q, k, v, mask, kv_len, scale: torch.ops.orthrus.live_attention(q, k, v, mask, kv_len,
@@ -267,6 +270,79 @@ def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return apply_rope(x, cos, sin)
 
 
+# The K/V cache write of the decode passes (`project_qkv` given the layer's `cache.LayerSlots`):
+#   "torch"   the RoPE (`decode_apply_rope`), then `LayerSlots.write`: one scatter_ for K, one for V (60 scatter_,
+#             235 us of session 18's SmolLM2 AR step at batch 16 on an H200; 72, 262 us, of Qwen3-8B's at batch 1);
+#   "triton"  where the decode RoPE is "triton" too: orthrus_kernels.rope.rope_kv_write, the RoPE kernel storing the
+#             rotated k heads and v into the slots as well: one launch per layer and pass instead of three. The
+#             same cache contents and attention inputs bit for bit as the RoPE kernel + scatter_
+#             (tests/model/test_decode_kv_write.py, CPU interpreter). Not timed on a GPU yet. A pass takes "torch"
+#             where the kernel does not apply: the decode RoPE not "triton" (that setting wins: "torch" RoPE keeps
+#             today's path whole), a cache dtype other than the pass's, q/k norms that cannot be joint, rotary
+#             tables narrower than the head (partial rotary). Asked for where Triton cannot run, it raises as the
+#             RoPE does;
+#   "auto"    (default) "triton" on CUDA devices where the kernel agrees with the RoPE kernel + scatter_ on a probe
+#             (`resolved_decode_kv_write`), "torch" elsewhere (never the CPU interpreter).
+# Set with ORTHRUS_DECODE_KV_WRITE or `set_decode_kv_write`; an engine captures its CUDA graphs with the setting
+# current at capture time.
+DECODE_KV_WRITE_CHOICES = ("auto", "torch", "triton")
+_decode_kv_write = os.environ.get("ORTHRUS_DECODE_KV_WRITE", "auto")
+_TRITON_KV_WRITE_RUNS: dict[torch.device, bool] = {}
+
+
+def set_decode_kv_write(impl: str) -> None:
+    global _decode_kv_write
+    _decode_kv_write = _choice(impl, DECODE_KV_WRITE_CHOICES, "decode kv write")
+
+
+def decode_kv_write() -> str:
+    return _choice(_decode_kv_write, DECODE_KV_WRITE_CHOICES, "ORTHRUS_DECODE_KV_WRITE")
+
+
+def _probe_kv_write_kernel(device: torch.device) -> None:
+    """The RoPE + K/V write kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (the
+    joint q/k view of a fused projection output, rows at different lengths), and checked bit for bit against the
+    RoPE kernel followed by `LayerSlots.write`; raises if it cannot run or disagrees."""
+    from .cache import LayerSlots
+
+    kernels = _rope_kernels(torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 64, 8
+    index = (torch.tensor([[0], [4]]) + torch.arange(T))[:, None, :, None].to(device)
+    for dt in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(device, dt)
+        x = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D).transpose(1, 2)
+        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+        ang = torch.rand(B, T, D // 2, generator=g) * 6.3
+        cos, sin = rope_tables(*(f(torch.cat((ang, ang), -1)).to(device, dt) for f in (torch.cos, torch.sin)))
+        caches = [torch.randn(B, Hkv, S, D, generator=g).to(device, dt) for _ in range(2)]
+        ref_k, ref_v = (c.clone() for c in caches)
+        out = kernels.rope_kv_write(x, v, cos, sin, *caches, index, Hq)
+        ref = kernels.apply_rope(x, cos, sin)
+        LayerSlots(ref_k, ref_v, index).write(ref[:, Hq:], v)
+        for got, want in ((out, ref), (caches[0], ref_k), (caches[1], ref_v)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def resolved_decode_kv_write(device: torch.device | str) -> str:
+    """What writes the decode passes' K/V on `device` under the current settings: "triton" (the RoPE kernel) only
+    where the decode RoPE resolves to "triton" too, and "auto" where the kernel's probe passed there; else "torch"."""
+    if resolved_decode_rope(device) != "triton":
+        return "torch"
+    return _resolved(decode_kv_write(), _TRITON_KV_WRITE_RUNS, _probe_kv_write_kernel, "kv write", device)
+
+
+def _kv_write_kernels(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, kv):
+    """orthrus_kernels.rope where its RoPE kernel writes this pass's K/V into `kv` (`resolved_decode_kv_write` and
+    the pass fits it: the cache in the pass's dtype with contiguous rows, full-width rotary tables); else None."""
+    if resolved_decode_kv_write(qk.device) != "triton":
+        return None
+    if (kv.k.dtype != qk.dtype or kv.v.dtype != qk.dtype or v.dtype != qk.dtype or kv.k.stride(-1) != 1
+            or kv.v.stride(-1) != 1 or cos.shape[-1] != qk.shape[-1]):
+        return None
+    return _opt_in_kernels("rope", "decode kv write 'triton'", "ORTHRUS_DECODE_KV_WRITE=torch", qk)
+
+
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     """module(x); fast: `rms_norm` where it applies (decode passes; `decode_rms_norm`). Training passes with
     `train.compile_norm_rope` on a CUDA device: the same RMSNorm as one compiled (fused) function."""
@@ -345,7 +421,15 @@ def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
 # inside `with fusion:` (an engine's call), and only the decode passes (`decode=True`) read them, so no other
 # use of the model (training, the backbone's forward, a deepcopy, `.to()`) can meet a stale fused weight;
 # `refresh()` (each engine call, before attaching) redoes a fusion whose parameters were moved or replaced.
+# The joint q/k norm weight of `project_qkv` (q_norm's row Hq times, then k_norm's Hkv times: (Hq + Hkv, D)) is
+# built once per fusion too (it was a `torch.cat` per layer and pass: 36 of them, 60 us, in a Qwen3-8B AR step on an
+# H200, session 18), attached as `_QK_NORM[view]` on the attention module. It is a copy, not a view, so `refresh()`
+# keys it on the norm weights' storage and version counters: a replaced or moved weight builds a new one (and
+# reports the change), an in-place write (load_state_dict, an optimizer step) refills it in place (the same
+# address: CUDA graphs that read it stay valid). Writes through `.data` bypass the version counter (as they
+# bypass autograd) and are not noticed: replace the parameter instead.
 _FUSED = {"ar": "_orthrus_qkv", "diff": "_orthrus_qkv_diff", "mlp": "_orthrus_gate_up"}
+_QK_NORM = {"ar": "_orthrus_qk_norm", "diff": "_orthrus_qk_norm_diff"}
 
 
 def _linears(owner, names) -> list | None:
@@ -403,12 +487,58 @@ def _fuse(mods) -> tuple:
     return W, b, tuple(m.out_features for m in mods)
 
 
+def _joint_norms(model):
+    """(attention module, attribute, (q_norm, k_norm, Hq, Hkv)) of every view whose q/k norms `project_qkv` runs as
+    one joint norm (RMSNorms of one eps, beside Linear q/k projections)."""
+    for layer in model.decoder.layers:
+        attn = layer.self_attn
+        D = getattr(attn, "head_dim", None)
+        for view, sfx in (("ar", ""), ("diff", "_diff")):
+            qn, kn = getattr(attn, "q_norm" + sfx, None), getattr(attn, "k_norm" + sfx, None)
+            qp, kp = getattr(attn, "q_proj" + sfx, None), getattr(attn, "k_proj" + sfx, None)
+            if (not D or qn is None or kn is None or not (is_rms_norm(qn) and is_rms_norm(kn))
+                    or qn.variance_epsilon != kn.variance_epsilon
+                    or not (isinstance(qp, torch.nn.Linear) and isinstance(kp, torch.nn.Linear))):
+                continue
+            yield attn, _QK_NORM[view], (qn, kn, qp.out_features // D, kp.out_features // D)
+
+
+class _JointNormWeight:
+    """The (Hq + Hkv, D) joint q/k norm weight of one view, and what it was built from (see `_QK_NORM`)."""
+
+    def __init__(self, qn, kn, hq: int, hkv: int):
+        self.weight = torch.empty((hq + hkv,) + tuple(qn.weight.shape), dtype=qn.weight.dtype,
+                                  device=qn.weight.device)
+        self.hq = hq
+        self.key = self._key(qn, kn, hq, hkv)
+        self.versions = None
+        self.sync(qn, kn)
+
+    @staticmethod
+    def _key(qn, kn, hq, hkv):
+        return tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in (qn.weight, kn.weight)) + (hq, hkv)
+
+    def matches(self, qn, kn, hq: int, hkv: int) -> bool:
+        """Built from these very tensors (same storage, shape, dtype, device) for this head layout."""
+        return self.key == self._key(qn, kn, hq, hkv)
+
+    def sync(self, qn, kn) -> None:
+        """Refill in place if either weight was written since the last fill (its version counter moved)."""
+        versions = (qn.weight._version, kn.weight._version)
+        if versions != self.versions:
+            with torch.no_grad():
+                self.weight[:self.hq].copy_(qn.weight.detach().expand(self.hq, -1))
+                self.weight[self.hq:].copy_(kn.weight.detach().expand(self.weight.shape[0] - self.hq, -1))
+            self.versions = versions
+
+
 # model.decoder -> {(id(owner module), attribute): fused}: each model's fused weights, shared by its DecodeFusions
 _SHARED_FUSION: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class DecodeFusion:
-    """The fused decode projections of one model (a DraftModel, or anything with `.decoder.layers`)."""
+    """The fused decode projections and joint q/k norm weights (`_QK_NORM`) of one model (a DraftModel, or anything
+    with `.decoder.layers`)."""
 
     def __init__(self, model):
         self.model = model
@@ -431,6 +561,15 @@ class DecodeFusion:
                 fused = shared[key] = _fuse(mods)
             changed |= mine.get(key) is not fused
             new.append((owner, attr, fused))
+        for owner, attr, (qn, kn, hq, hkv) in _joint_norms(self.model):
+            key = (id(owner), attr)
+            joint = shared.get(key)
+            if joint is None or not joint.matches(qn, kn, hq, hkv):
+                joint = shared[key] = _JointNormWeight(qn, kn, hq, hkv)
+            else:
+                joint.sync(qn, kn)
+            changed |= mine.get(key) is not joint.weight
+            new.append((owner, attr, joint.weight))
         self.entries = new
         return changed
 
@@ -445,12 +584,14 @@ class DecodeFusion:
         return False
 
 
-def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False):
+def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False, kv=None):
     """q (B, Hq, T, D), k and v (B, Hkv, T, D): post-norm, post-RoPE, exactly as the backbone does.
     cos, sin: `rope_tables`. joint (decode passes): q and k heads side by side in one tensor get the q/k norms
     (one RMSNorm over Hq + Hkv rows, per-row weights) and RoPE once instead of twice (`decode_apply_rope`):
     about half the ops of that part. Row for row the same arithmetic (bit-identical on the CPU; a device whose
-    reduction kernel picks its strategy by the number of rows could round a row's mean differently, by an ulp)."""
+    reduction kernel picks its strategy by the number of rows could round a row's mean differently, by an ulp).
+    kv (decode passes: the layer's `cache.LayerSlots`): k and v are also written into those cache slots, right after
+    the RoPE; with the decode K/V write "triton" by the RoPE kernel itself (`set_decode_kv_write`)."""
     sfx = "" if view == "ar" else "_diff"
     B, T, _ = h.shape
     D = attn.head_dim
@@ -470,15 +611,26 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False)
         # (B, T, Hq + Hkv, D): q heads then k heads, a view of the fused output (no cat)
         qk = qkv[..., :nq + nk].view(B, T, Hq + Hkv, D) if fused is not None else torch.cat([q, k], 2)
         if qn is not None:
-            w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
+            w = attn.__dict__.get(_QK_NORM[view])  # built once per fusion (`_JointNormWeight`)
+            if w is None or w.shape != (Hq + Hkv, D):  # no fusion attached: built here, as before
+                w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
-        qk = decode_apply_rope(qk.transpose(1, 2), cos, sin)
-        return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
-    if qn is not None:
-        q, k = norm(qn, q), norm(kn, k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    rope = decode_apply_rope if joint else train_apply_rope  # decode passes whose q/k norms cannot be joint: still decode
-    return rope(q, cos, sin), rope(k, cos, sin), v
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)
+        fused_kv = None if kv is None else _kv_write_kernels(qk, v, cos, kv)
+        if fused_kv is not None:  # the RoPE and the cache write in one kernel
+            qk = fused_kv.rope_kv_write(qk, v, cos, sin, kv.k, kv.v, kv.index, Hq)
+            return qk[:, :Hq], qk[:, Hq:], v
+        qk = decode_apply_rope(qk, cos, sin)
+        q, k = qk[:, :Hq], qk[:, Hq:]
+    else:
+        if qn is not None:
+            q, k = norm(qn, q), norm(kn, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        rope = decode_apply_rope if joint else train_apply_rope  # decode passes whose q/k norms cannot be joint: still decode
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if kv is not None:
+        kv.write(k, v)
+    return q, k, v
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False):
@@ -546,10 +698,12 @@ def live_attention_runs(device: torch.device | str) -> bool:
 
 def prepare_decode_kernels(device: torch.device | str) -> None:
     """What an engine does once when it is built, outside compiled or captured steps: "auto" resolved on `device`
-    for the norm, the RoPE and the live attention (their probes run here, once per device), and
+    for the norm, the RoPE, the K/V write, the MLP product and the live attention (their probes run here, once per device), and
     `torch.ops.orthrus.*` registered for compiled steps."""
     resolved_decode_norm(device)
     resolved_decode_rope(device)
+    resolved_decode_kv_write(device)
+    resolved_decode_mlp(device)
     live_attention_runs(device)
     register_kernel_ops()
 
@@ -636,13 +790,89 @@ def flex(q, k, v, block_mask, scale: float):
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+# The SwiGLU product `act(gate) * up` of the decode passes' dense MLP (`mlp_out(decode=True)` with the fused
+# gate/up projection of `DecodeFusion`):
+#   "torch"   `mlp.act_fn(g) * u`: 2 eager kernels (silu, mul; 30 + 30 were 152 us of session 18's SmolLM2 AR step at
+#             batch 16 on an H200, 36 + 36 were 97 us of Qwen3-8B's at batch 1);
+#   "triton"  for SiLU (`act_fn` torch's SiLU or transformers' SiLUActivation; any other activation keeps "torch"):
+#             orthrus_kernels.swiglu.silu_mul, the same arithmetic in one kernel with torch's two roundings (silu in
+#             float32 rounded to the dtype, then the product rounded again). bfloat16 bit-identical to torch's for
+#             every normal gate value in the CPU interpreter (tests/model/test_decode_mlp.py); float16/float32 there
+#             within the ulp or few by which numpy's exp differs from torch's; on CUDA it calls the CUDA math
+#             library's expf as torch's kernel does (bit-identity there not checked on a GPU yet). Not timed yet.
+#             Needs Triton on a CUDA device, or TRITON_INTERPRET=1 (CPU tests); elsewhere asking for it raises;
+#   "auto"    (default) "triton" on CUDA devices where the kernel passes its probe (bfloat16 exact over every gate
+#             value, float32 within float32's tolerance: `resolved_decode_mlp`), "torch" elsewhere (never the CPU
+#             interpreter).
+# Set with ORTHRUS_DECODE_MLP or `set_decode_mlp`; an engine captures its CUDA graphs with the setting current at
+# capture time.
+DECODE_MLP_CHOICES = ("auto", "torch", "triton")
+_decode_mlp = os.environ.get("ORTHRUS_DECODE_MLP", "auto")
+_TRITON_MLP_RUNS: dict[torch.device, bool] = {}
+
+
+def set_decode_mlp(impl: str) -> None:
+    global _decode_mlp
+    _decode_mlp = _choice(impl, DECODE_MLP_CHOICES, "decode mlp")
+
+
+def decode_mlp() -> str:
+    return _choice(_decode_mlp, DECODE_MLP_CHOICES, "ORTHRUS_DECODE_MLP")
+
+
+def _mlp_kernels(x: torch.Tensor):
+    return _opt_in_kernels("swiglu", "decode mlp 'triton'", "ORTHRUS_DECODE_MLP=torch", x)
+
+
+def _probe_mlp_kernel(device: torch.device) -> None:
+    """The SwiGLU kernel compiled and run on `device` on the two halves of a gate/up output: in bfloat16 over every
+    finite gate value, checked bit for bit against `F.silu(g) * u` where no subnormal number is involved (gate,
+    silu or product: `_no_subnormals`); in float32 within float32's tolerance. Raises if it cannot run or disagrees.
+    (Subnormals are left to the tests: a device that flushes them inside the kernel is no reason to refuse it, and
+    the CPU interpreter widens bfloat16 subnormals wrongly.)"""
+    kernels = _mlp_kernels(torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(0)
+    gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = gate[torch.isfinite(gate)].view(-1, 255)  # 65,280 finite values
+    up = ((torch.rand(gate.shape, generator=g) * 3.5 + 0.5) * (torch.randint(0, 2, gate.shape, generator=g) * 2 - 1))
+    gu = torch.cat([gate, up.to(torch.bfloat16)], -1).to(device)
+    n = gate.shape[-1]
+    want = F.silu(gu[..., :n]) * gu[..., n:]
+    keep = _no_subnormals(gu[..., :n], F.silu(gu[..., :n]), want)
+    torch.testing.assert_close(kernels.silu_mul(gu[..., :n], gu[..., n:])[keep], want[keep], rtol=0, atol=0)
+    gu = (torch.randn(7, 2 * 1536, generator=g) * 4).to(device)
+    torch.testing.assert_close(kernels.silu_mul(gu[..., :1536], gu[..., 1536:]), F.silu(gu[..., :1536]) * gu[..., 1536:])
+
+
+def _no_subnormals(*ts: torch.Tensor) -> torch.Tensor:
+    """Where none of `ts` (one shape) holds a subnormal number (nonzero, below the dtype's smallest normal)."""
+    keep = None
+    for t in ts:
+        ok = (t == 0) | (t.abs() >= torch.finfo(t.dtype).tiny) | ~torch.isfinite(t)
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+def resolved_decode_mlp(device: torch.device | str) -> str:
+    """The decode MLP product that runs on `device` under the current setting ("auto" resolved; SiLU MLPs only)."""
+    return _resolved(decode_mlp(), _TRITON_MLP_RUNS, _probe_mlp_kernel, "mlp", device)
+
+
+def is_silu(act) -> bool:
+    """An activation module (or function) that computes `F.silu`: what the "triton" decode MLP product replaces."""
+    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 def mlp_out(layer, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
     mlp = layer.mlp
     fused = mlp.__dict__.get(_FUSED["mlp"]) if decode else None
     if fused is not None:  # down(act(gate(h)) * up(h)) with gate and up in one matmul
         gu = F.linear(h, fused[0], fused[1])
         n = fused[2][0]
-        return mlp.down_proj(mlp.act_fn(gu[..., :n]) * gu[..., n:])
+        g, u = gu[..., :n], gu[..., n:]
+        if is_silu(mlp.act_fn) and resolved_decode_mlp(h.device) == "triton":  # silu(g) * u in one kernel
+            return mlp.down_proj(_mlp_kernels(gu).silu_mul(g, u))
+        return mlp.down_proj(mlp.act_fn(g) * u)
     out = mlp(h)
     return out[0] if isinstance(out, tuple) else out  # older MoE blocks also return router logits
 
@@ -656,13 +886,14 @@ def _add_norm(module, h: torch.Tensor, r: torch.Tensor | None, decode: bool):
     return h, norm(module, h)
 
 
-def _residual_block(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str, attend, decode: bool):
+def _residual_block(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str, attend, decode: bool,
+                    kv=None):
     """The one definition of a decoder layer's residual block. h + r (r: the previous layer's MLP output not yet
     added, or None) is this layer's input; returns (h', m): h' the residual stream after attention, m this
-    layer's MLP output, not added (the layer's output is h' + m)."""
+    layer's MLP output, not added (the layer's output is h' + m). kv: see `decode_layer_step`."""
     attn = layer.self_attn
     h, x = _add_norm(layer.input_layernorm, h, r, decode)
-    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode)
+    q, k, v = project_qkv(attn, x, view, cos, sin, joint=decode, kv=kv)
     o = attend(q, k, v)
     B, T = h.shape[:2]
     o = o.transpose(1, 2).reshape(B, T, -1)
@@ -682,9 +913,11 @@ def layer_step(layer, h: torch.Tensor, cos, sin, view: str,
 
 
 def decode_layer_step(layer, h: torch.Tensor, r: torch.Tensor | None, cos, sin, view: str,
-                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], kv=None):
     """`layer_step(..., decode=True)` of the layer input h + r, returning (h', r'): the layer's output is h' + r',
     r' (the MLP output) still pending, so that the next layer's input norm (or the final norm:
     `decode_add_rms_norm(decoder.norm, h', r')`) does the add; with the "triton" decode norm each add runs in the
-    norm's kernel (`decode_add_rms_norm`). r None: no pending residual (the first layer)."""
-    return _residual_block(layer, h, r, cos, sin, view, attend, decode=True)
+    norm's kernel (`decode_add_rms_norm`). r None: no pending residual (the first layer). kv: the layer's
+    `cache.LayerSlots`, written with this layer's new keys and values before `attend` runs (`project_qkv`); None:
+    `attend` sees them and writes them if it must."""
+    return _residual_block(layer, h, r, cos, sin, view, attend, decode=True, kv=kv)

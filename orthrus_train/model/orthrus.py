@@ -210,7 +210,9 @@ class DraftModel(nn.Module):
         under `mask` (B, 1, T, S). Returns final hidden (B, T, H); `cache.lengths` is not advanced.
         What every layer shares is built once per pass: RoPE tables, the cache write index, the prepared mask.
         Each layer's MLP output stays pending (`decode_layer_step`) and is added by the next layer's input norm, the
-        last one by the final norm: with the "triton" decode norm each residual add runs in its norm's kernel."""
+        last one by the final norm: with the "triton" decode norm each residual add runs in its norm's kernel.
+        Each layer writes its K/V right after its RoPE (`cache.layer_slots`: with the "triton" K/V write, in the RoPE's
+        kernel), before it attends."""
         T = h.shape[1]
         pos = cache.lengths[:, None] + torch.arange(T, device=h.device)[None]
         cos, sin = self.rope(h, pos)
@@ -219,11 +221,10 @@ class DraftModel(nn.Module):
                         self.decoder.layers[0].self_attn.head_dim)
         r = None  # the previous layer's MLP output, not yet added to h
         for i, layer in enumerate(self.decoder.layers):
-            def attend(q, k, v, i=i, layer=layer):
-                cache.write(i, k, v, idx)
+            def attend(q, k, v, i=i, layer=layer):  # k, v: already in the cache (written by the layer step)
                 return cached_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), dm,
                                         layer.self_attn.scaling)
-            h, r = decode_layer_step(layer, h, r, cos, sin, view, attend)
+            h, r = decode_layer_step(layer, h, r, cos, sin, view, attend, cache.layer_slots(i, idx))
         return decode_add_rms_norm(self.decoder.norm, h, r)[1]
 
     def new_cache(self, batch: int, slots: int, device=None, dtype=None) -> StaticKVCache:

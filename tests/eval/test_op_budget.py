@@ -19,9 +19,11 @@ from orthrus_train.model import build_random, layers, tiny_config
 # The drafted step at batch > 1 then gained one op (copy): its LM head runs as one GEMM over the (B*(K-1), H) rows,
 # copied out of the draft pass's (B, K, H) output, instead of a bmm over the strided slice that read the weight
 # expanded over the batch (re-read once per row on a GPU: 172 us on an H200 at batch 16; tests/model/test_lm_head.py).
+# The joint q/k norm weight built once per fusion (no cat per layer and pass; after session 18's profile): Qwen3
+# from (128, 255), (267, 497), (128, 265), (267, 507).
 BUDGET = {  # (shape, batch, sampled): (AR step, drafted step)
-    ("tiny-qwen3", 1, False): (128, 255), ("tiny-qwen3", 1, True): (267, 497),
-    ("tiny-qwen3", 2, False): (128, 265), ("tiny-qwen3", 2, True): (267, 507),
+    ("tiny-qwen3", 1, False): (126, 251), ("tiny-qwen3", 1, True): (265, 493),
+    ("tiny-qwen3", 2, False): (126, 261), ("tiny-qwen3", 2, True): (265, 503),
     ("tiny-llama", 1, False): (112, 223), ("tiny-llama", 1, True): (251, 465),
     ("tiny-llama", 2, False): (112, 233), ("tiny-llama", 2, True): (251, 475),
 }
@@ -218,3 +220,81 @@ def test_two_fusions_of_one_model_share_the_fused_weights():
     assert b.refresh() is True and a.refresh() is True and a.refresh() is False and b.refresh() is False
     with a:
         assert attn.q_proj.weight.data_ptr() == attn.__dict__["_orthrus_qkv"][0].data_ptr()
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """(op name, output shape) of every op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.log.append((opcount.op_name(func), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_qk_norm_weight_is_built_once_per_fusion(dtype):
+    """The joint q/k norm weight (q_norm's row Hq times, k_norm's Hkv times) is built by the fusion, not by a
+    `torch.cat` in every layer of every decode pass (60 us of a Qwen3-8B AR step on an H200, session 18): with the
+    fusion attached, a verify pass and a draft pass of a tiny Qwen3 run no cat of that shape (without it: one per
+    layer and pass, as before), and the hidden states and cache contents are bit-identical. An in-place write into
+    a norm weight (load_state_dict, an optimizer step) reaches it at the next refresh, at the same address (CUDA
+    graphs that read it stay valid: refresh reports no change); a replaced norm weight builds a new one."""
+    from orthrus_train.model import OrthrusModel
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=128, layers=2, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:  # the q/k norms away from 1 and from each other (and the twins from the AR norms)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).to(dtype) * 0.3)
+    attn = m.decoder.layers[0].self_attn
+    Hq, Hkv, D = m.config.num_attention_heads, m.config.num_key_value_heads, attn.head_dim
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 120, (2, 5), generator=g)
+
+    def passes():
+        """Hidden states and cache contents of a prefill, a verify and a draft pass; the ops they ran."""
+        cache = m.new_cache(2, 16)
+        with torch.no_grad(), _OpLog() as log:
+            out = [m.ar_cached(ids, cache)]
+            cache.lengths += 5
+            out += [m.ar_cached(ids[:, :4], cache), m.draft(ids[:, :4], cache)]
+        return out + cache.k + cache.v, [shape for name, shape in log.log if name == "cat"]
+
+    ref, cats = passes()
+    layer_cats = cats.count((Hq + Hkv, D))
+    assert layer_cats == 3 * len(m.decoder.layers)  # without the fusion: one per layer and pass, as before
+    fusion = layers.DecodeFusion(m)
+    assert fusion.refresh() is True
+    with fusion:
+        got, cats = passes()
+    assert (Hq + Hkv, D) not in cats
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    joint = attn.__dict__.get("_orthrus_qk_norm")
+    assert joint is None  # attached only inside `with fusion:`
+    with fusion:
+        joint, joint_diff = attn.__dict__["_orthrus_qk_norm"], attn.__dict__["_orthrus_qk_norm_diff"]
+    assert torch.equal(joint, torch.cat([attn.q_norm.weight.expand(Hq, D), attn.k_norm.weight.expand(Hkv, D)]))
+    assert not torch.equal(joint, joint_diff)
+    # an in-place write (what load_state_dict and optimizers do): refilled at the same address, no change reported
+    with torch.no_grad():
+        attn.k_norm_diff.weight.mul_(1.5)
+    ref, _ = passes()
+    assert fusion.refresh() is False
+    with fusion:
+        got, _ = passes()
+        assert attn.__dict__["_orthrus_qk_norm_diff"] is joint_diff
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # a replaced weight: a new joint weight, reported as a change (graphs over the old one are dropped)
+    attn.q_norm.weight = torch.nn.Parameter(attn.q_norm.weight.detach() * 0.5, requires_grad=False)
+    ref, _ = passes()
+    assert fusion.refresh() is True
+    with fusion:
+        got, _ = passes()
+        assert attn.__dict__["_orthrus_qk_norm"] is not joint
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))

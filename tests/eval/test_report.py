@@ -340,7 +340,8 @@ def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp
     assert seen and not any(seen) and c["setup_s"] > 0
     assert "Compiled steps: no (auto: not on a CUDA device" in (tmp_path / "auto" / "eval" / "report.md").read_text()
     env = rep["environment"]  # the decode kernels the speeds were measured with
-    assert (env["decode_attention"], env["decode_norm"], env["decode_rope"]) == ("auto", "torch", "torch")
+    assert (env["decode_attention"], env["decode_norm"], env["decode_rope"], env["decode_kv_write"],
+            env["decode_mlp"]) == ("auto", "torch", "torch", "torch", "torch")
     seen.clear()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     from orthrus_train.model import layers

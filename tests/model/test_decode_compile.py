@@ -1,4 +1,5 @@
-"""Compiled decode steps with the Triton decode kernels (norm, fused add, RoPE, live attention): the kernels
+"""Compiled decode steps with the Triton decode kernels (norm, fused add, RoPE, RoPE + K/V write, SwiGLU product,
+live attention): the kernels
 reach Dynamo as opaque custom ops (orthrus_kernels.ops), so a step compiles without graph breaks (a break
 inside a decode layer compiled each layer as its own frame and hit the recompile limit on an H200, session 9)
 and decodes the same tokens as the eager steps. On a CPU the kernels run in the Triton interpreter."""
@@ -16,12 +17,14 @@ pytestmark = requires_triton
 @pytest.fixture
 def all_kernels(monkeypatch):
     use_interpreter(monkeypatch)
-    prev = layers.decode_norm(), layers.decode_rope(), layers.decode_attention()
-    layers.set_decode_norm("triton")
-    layers.set_decode_rope("triton")
-    layers.set_decode_attention("live")
+    setters = (layers.set_decode_norm, layers.set_decode_rope, layers.set_decode_attention, layers.set_decode_kv_write,
+               layers.set_decode_mlp)
+    prev = (layers.decode_norm(), layers.decode_rope(), layers.decode_attention(), layers.decode_kv_write(),
+            layers.decode_mlp())
+    for set_, v in zip(setters, ("triton", "triton", "live", "triton", "triton")):
+        set_(v)
     yield
-    for set_, v in zip((layers.set_decode_norm, layers.set_decode_rope, layers.set_decode_attention), prev):
+    for set_, v in zip(setters, prev):
         set_(v)
 
 
@@ -31,11 +34,11 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
     from orthrus_train.decode.engine import DecodeEngine
     from orthrus_train.model import OrthrusModel, build_random, tiny_config
 
-    from orthrus_kernels import decode_attn, rmsnorm, rope
+    from orthrus_kernels import decode_attn, rmsnorm, rope, swiglu
 
     calls = []
-    for mod, name in ((rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"), (rope, "apply_rope"),
-                      (decode_attn, "live_attention")):
+    for mod, name in ((rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"), (rope, "apply_rope"), (rope, "rope_kv_write"),
+                      (swiglu, "silu_mul"), (decode_attn, "live_attention")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
@@ -49,9 +52,15 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
     for compiled in (False, True):
         calls.clear()
         eng = DecodeEngine(m, batch_size=3, max_len=40, verify_backend="torch", compile_steps=compiled)
-        out[compiled] = [[r.tokens for r in eng.generate(prompts, 8, mode=mode).rows] for mode in ("ar", "spec")]
+        out[compiled] = []
+        # the AR steps with the K/V written by scatter_ after the RoPE kernel, the drafted steps with the K/V written
+        # by the RoPE kernel (rope_kv_write, a custom op that mutates the cache): both RoPE ops compiled, one test
+        for mode, kv_write in (("ar", "torch"), ("spec", "triton")):
+            layers.set_decode_kv_write(kv_write)
+            out[compiled].append([r.tokens for r in eng.generate(prompts, 8, mode=mode).rows])
         assert eng.compile_error is None
-        assert set(calls) == {"rms_norm", "add_rms_norm", "apply_rope", "live_attention"}  # every kernel ran
+        assert set(calls) == {"rms_norm", "add_rms_norm", "apply_rope", "rope_kv_write", "silu_mul",
+                              "live_attention"}  # every kernel ran
     assert out[True] == out[False]
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] >= 2  # the AR and the drafted step, each one graph

@@ -127,3 +127,22 @@ def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):
 
 
 real_rope = rope.apply_rope
+
+
+def test_op_counter_counts_a_triton_launch_as_one_op():
+    """The op counter (the CPU proxy for a step's kernels, orthrus_train/decode/opcount.py) counts a Triton launch
+    as one op named after its kernel, and none of the aten ops the interpreter runs inside it (tensor copies in
+    and out of numpy: dozens per launch); the eager RoPE's ops are counted as before."""
+    from orthrus_train.decode import opcount
+
+    x, cos, sin = joint_qk(2, 3, 4, 2, 64, torch.bfloat16)
+    with opcount.counting() as c:
+        rope.apply_rope(x, cos, sin)
+    assert dict(c.ops) == {"triton:_rope_kernel": 1}
+    with opcount.counting() as c:
+        layers.apply_rope(x, cos, sin)
+    assert dict(c.ops) == {"mul": 2, "roll": 1, "add": 1}
+    with opcount.counting() as c:  # the launch classes are restored afterwards: nothing counts outside
+        pass
+    rope.apply_rope(x, cos, sin)
+    assert c.total == 0
