@@ -34,6 +34,25 @@ The next GPU lease's command for the fused greedy LM head (SmolLM2 shape, batch 
         --lm-head --profile --out docs/results/<date>-lmhead/smollm2-135m.json
 
 (and --shape qwen3-8b --batch 1 16 for the bandwidth-bound head). Nothing of it has been timed on a GPU yet.
+--kv-write torch triton: the K/V cache write as two scatter_ after the RoPE, or in the RoPE kernel itself
+(layers.set_decode_kv_write; "kv_write"; "triton" applies only where the RoPE is "triton": "kv_write_resolved"
+says what ran). --mlp torch triton: the SwiGLU product as silu + mul or one kernel (layers.set_decode_mlp; "mlp").
+Every row also holds "decode_kernels", what each switch resolved to on the device.
+
+The next lease (kvrope branch: one step's kernels fused; nothing of it timed yet): the unfused Triton path against
+the fused one, SmolLM2 at batch 16 and Qwen3-8B at batch 1, CUDA-graph step times, op counts and one profiled eager
+step each (after `pip install -e .`):
+
+    python scripts/profile_decode_step.py --shape smollm2-135m --batch 16 --prompt-len 200 --attn auto \
+        --kv-write torch triton --mlp torch triton --count-ops --profile --out docs/results/<date>-kvrope/smollm2.json
+    python scripts/profile_decode_step.py --shape qwen3-8b --batch 1 --prompt-len 100 --attn auto \
+        --kv-write torch triton --mlp torch triton --count-ops --profile --out docs/results/<date>-kvrope/qwen3-8b.json
+
+and the tests of the kernels on the GPU (bit-identity there: the MLP product's expf against torch's, subnormal
+gates, the fused K/V write against RoPE kernel + scatter_; every check exact on CUDA):
+
+    python -m pytest -q tests/model/test_decode_kv_write.py tests/model/test_decode_mlp.py \
+        tests/model/test_decode_compile.py tests/eval/test_op_budget.py
 --refill N [N ...]: also "refills", one continuous-batching refill of N rows of P tokens for each N (the eval spends about 0.1 s
 per fill on SmolLM2 at batch 16: docs/benchmarks.md, session 14); with --profile its host and device time;
 "staged_refill_ms": the same refill from prompts staged ahead (`generate_many`: a copy of cache rows, no pass);
@@ -263,6 +282,13 @@ def main(argv=None):
                          "where it cannot run the row records fused_argmax_error and the logits' path ran)")
     ap.add_argument("--lm-head", action="store_true",
                     help="also time the LM head alone at the step's token counts: logits + argmax vs the kernel")
+    ap.add_argument("--kv-write", nargs="+", default=["auto"],
+                    help="decode K/V cache writes to compare (layers.DECODE_KV_WRITE_CHOICES: 'torch', two scatter_ "
+                         "after the RoPE; 'triton', stored by the RoPE kernel itself, where the RoPE is 'triton'; "
+                         "'auto' (default) as --norm; kv_write_resolved in the row)")
+    ap.add_argument("--mlp", nargs="+", default=["auto"],
+                    help="decode SwiGLU products to compare (layers.DECODE_MLP_CHOICES: 'torch', silu + mul; "
+                         "'triton', one kernel (SiLU MLPs); 'auto' (default) as --norm; mlp_resolved in the row)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the step functions (compile_steps)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v and gate/up matmuls (the engine before session 5), for comparison")
@@ -308,10 +334,13 @@ def profile_shape(a, shape, dev, gbps, out):
     floor_ms = wbytes / (gbps * 1e9) * 1e3 if gbps else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
-    for fa, rp, nrm, impl, B, P in [(f, r, n, i, b, p) for f in a.fused_argmax for r in a.rope for n in a.norm
-                                    for i in a.attn for b in a.batch for p in a.prompt_len]:
+    for fa, rp, nrm, kvw, mlp, impl, B, P in [(f, r, n, k, ml, i, b, p) for f in a.fused_argmax for r in a.rope
+                                              for n in a.norm for k in a.kv_write for ml in a.mlp for i in a.attn
+                                              for b in a.batch for p in a.prompt_len]:
         layers.set_decode_rope(rp)
         layers.set_decode_norm(nrm)
+        layers.set_decode_kv_write(kvw)
+        layers.set_decode_mlp(mlp)
         layers.set_decode_attention(impl)
         S = -(-(P + a.steps * a.block_size + a.block_size + 2) // 256) * 256
         eng = DecodeEngine(m, B, S, use_cuda_graphs=dev.type == "cuda", compile_steps=a.compile,
@@ -319,7 +348,10 @@ def profile_shape(a, shape, dev, gbps, out):
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(B)]
         row = {"attn": impl, "norm": nrm, "rope": rp, "norm_resolved": layers.resolved_decode_norm(dev),
-               "rope_resolved": layers.resolved_decode_rope(dev), "compile": a.compile,
+               "rope_resolved": layers.resolved_decode_rope(dev), "kv_write": kvw,
+               "kv_write_resolved": layers.resolved_decode_kv_write(dev), "mlp": mlp,
+               "mlp_resolved": layers.resolved_decode_mlp(dev), "decode_kernels": layers.resolved_decode_kernels(dev),
+               "compile": a.compile,
                "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P, "slots": S,
                "fused_argmax": fa, "fused_argmax_active": eng.fused_argmax_active}
         if eng.fused_argmax_error:

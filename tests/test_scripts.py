@@ -1,5 +1,6 @@
 """CPU smoke runs of the GPU benchmark scripts: they must run end to end and write what they promise (their
 numbers mean nothing on the CPU)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -64,6 +65,46 @@ def test_profile_decode_step_one_json_per_shape(tmp_path):
         assert [r["batch"] for r in rep["rows"]] == [1, 2]
         for r in rep["rows"]:
             assert 0 < r["ar_ops"] < r["spec_ops"] and "ar_over_floor" in r and r["spec_over_ar"] > 0
+
+
+def test_profile_decode_step_compares_the_fused_kernels(tmp_path):
+    """--kv-write / --mlp: one row per setting, each recording what it asked for and what ran: here (a CPU, no
+    interpreter) the RoPE resolves to torch, so the K/V write asked for as "triton" ran as "torch" (the RoPE setting
+    wins), and the row says so. (The fused kernels' op counts: the next test.)"""
+    out = tmp_path / "p.json"
+    _run(["scripts/profile_decode_step.py", "--tiny", "--batch", "2", "--prompt-len", "6", "--steps", "1",
+          "--block-size", "4", "--attn", "auto", "--kv-write", "torch", "triton", "--mlp", "torch", "--count-ops",
+          "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kv_write"], r["kv_write_resolved"], r["mlp"], r["mlp_resolved"]) for r in rows] == [
+        ("torch", "torch", "torch", "torch"), ("triton", "torch", "torch", "torch")]
+    assert rows[1]["decode_kernels"] == {"norm": "torch", "rope": "torch", "kv_write": "torch", "mlp": "torch",
+                                         "attention": "auto"}
+    assert rows[0]["ar_ops"] == rows[1]["ar_ops"] > 0
+
+
+def test_count_decode_ops_counts_the_fused_decode_kernels(tmp_path):
+    """In the Triton interpreter with the kernels named, the count is a GPU step's kernels: per layer and pass one
+    RoPE + K/V write kernel instead of the RoPE kernel and two scatter_, one SwiGLU kernel instead of silu + mul, no
+    cat of the joint q/k norm weight; the JSON records what ran."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (the interpreter)")
+    reps = {}
+    for tag, fused in (("unfused", "torch"), ("fused", "triton")):
+        _run(["scripts/count_decode_ops.py", "--shape", "tiny-qwen3", "--batch", "1", "--block-size", "4",
+              "--norm", "triton", "--rope", "triton", "--kv-write", fused, "--mlp", fused, "--out-dir", str(tmp_path),
+              "--tag", tag], tmp_path, env={"TRITON_INTERPRET": "1"})
+        reps[tag] = json.loads((tmp_path / f"ops_{tag}_tiny-qwen3.json").read_text())
+    assert reps["fused"]["decode_kernels"] == {"norm": "triton", "rope": "triton", "kv_write": "triton",
+                                               "mlp": "triton", "attention": "auto"}
+    assert reps["unfused"]["decode_kernels"]["kv_write"] == reps["unfused"]["decode_kernels"]["mlp"] == "torch"
+    for mode, passes in (("ar", 1), ("spec", 2)):
+        u, f = (reps[t]["rows"][0][mode]["layer_ops"] for t in ("unfused", "fused"))
+        assert u["scatter_"] == 2 * passes and u["triton:_rope_kernel"] == u["silu"] == u["mul"] == passes
+        assert f["triton:_rope_kv_kernel"] == f["triton:_silu_mul_kernel"] == passes
+        assert not {"scatter_", "triton:_rope_kernel", "silu", "cat"} & set(f) and "mul" not in f
+        assert (reps["unfused"]["rows"][0][mode]["ops_per_layer"] - reps["fused"]["rows"][0][mode]["ops_per_layer"]
+                == 3 * passes)
 
 
 def test_count_decode_ops_smoke(tmp_path):

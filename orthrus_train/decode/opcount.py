@@ -186,20 +186,33 @@ def count_engine(eng, prompts, sampled: bool) -> dict:
     return out
 
 
+def _extrapolated(c1: dict, c2: dict, L: int) -> dict:
+    """The counts of an L-layer model from those of its 1- and 2-layer models (counts are linear in the layers)."""
+    out = {}
+    for mode in ("ar", "spec"):
+        per = c2[mode] - c1[mode]
+        out[mode] = Counter({k: c1[mode][k] + (L - 1) * per[k] for k in set(c1[mode]) | set(per)})
+        s = f"{mode}_syncs"
+        out[s] = c1[s] + (L - 1) * (c2[s] - c1[s])
+    return out
+
+
 def count_steps(shape: str, batches=(1, 16), block_size: int = 16, reduced: bool = True, top: int = 15,
-                dtype=torch.bfloat16) -> dict:
+                dtype=torch.bfloat16, extrapolate: bool = False) -> dict:
     """Per-step op totals (in `dtype`, bf16 by default as on the GPU: fp32 skips the norms' dtype casts),
     per-layer counts (from a 1-layer and a 2-layer model: counts are linear in the layer
-    count) and the top op names, for every (batch, greedy/sampled, ar/spec)."""
+    count) and the top op names, for every (batch, greedy/sampled, ar/spec). extrapolate: the shape's full layer
+    count is not built, its counts are the 1- and 2-layer models' extrapolated (the Triton interpreter takes many
+    minutes over a 30-layer step)."""
     cfg, _ = shape_config(shape, reduced)
     L = cfg.num_hidden_layers
     rows = []
     for B in batches:
         engines = {n: build_engine(shape, B, block_size, reduced, layers=n, dtype=dtype) for n in (1, 2)}
-        full = build_engine(shape, B, block_size, reduced, dtype=dtype) if L not in (1, 2) else engines[L]
+        full = None if extrapolate or L in (1, 2) else build_engine(shape, B, block_size, reduced, dtype=dtype)
         for sampled in (False, True):
             c1, c2 = (count_engine(*engines[n], sampled) for n in (1, 2))
-            cf = count_engine(*full, sampled)
+            cf = count_engine(*full, sampled) if full is not None else _extrapolated(c1, c2, L)
             row = {"batch": B, "sampling": "sampled" if sampled else "greedy"}
             for mode in ("ar", "spec"):
                 per_layer = c2[mode].total() - c1[mode].total()
@@ -213,7 +226,10 @@ def count_steps(shape: str, batches=(1, 16), block_size: int = 16, reduced: bool
                 }
             row["spec_over_ar_ops"] = round(row["spec"]["ops_per_step"] / row["ar"]["ops_per_step"], 3)
             rows.append(row)
+    from ..model.layers import resolved_decode_kernels
+
     return {"shape": shape, "layers": L, "dtype": str(dtype).replace("torch.", ""), "block_size": block_size,
-            "reduced_width": reduced,
+            "reduced_width": reduced, "extrapolated": full is None and L not in (1, 2),
+            "decode_kernels": resolved_decode_kernels("cpu"),
             "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
             "torch": torch.__version__, "rows": rows}

@@ -708,6 +708,14 @@ def prepare_decode_kernels(device: torch.device | str) -> None:
     register_kernel_ops()
 
 
+def resolved_decode_kernels(device: torch.device | str) -> dict[str, str]:
+    """What the decode switches run on `device` under the current settings ("auto" resolved), by switch: what a
+    measurement records beside its numbers."""
+    return {"norm": resolved_decode_norm(device), "rope": resolved_decode_rope(device),
+            "kv_write": resolved_decode_kv_write(device), "mlp": resolved_decode_mlp(device),
+            "attention": decode_attention()}
+
+
 def auto_decode_attention(batch: int, queries: int, head_dim: int | None, live_runs: bool) -> str:
     """What "auto" runs for a cached pass of `queries` queries in `batch` rows (the rule above)."""
     if (live_runs and head_dim in LIVE_HEAD_DIMS and batch <= LIVE_AUTO_MAX_BATCH and (batch > 1 or queries > 1)):

@@ -298,3 +298,14 @@ def test_joint_qk_norm_weight_is_built_once_per_fusion(dtype):
         got, _ = passes()
         assert attn.__dict__["_orthrus_qk_norm"] is not joint
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_extrapolated_counts_equal_the_full_model():
+    """`count_steps(extrapolate=True)` (the interpreter's fast mode: 1- and 2-layer models only) gives the counts of
+    the model with all its layers: op by op, for both steps, greedy and sampled (a 4-layer SmolLM2 shape)."""
+    e1, e2, e4 = (opcount.build_engine("smollm2-135m", 2, 4, layers=n, slots=32, prompt_len=5) for n in (1, 2, 4))
+    for sampled in (False, True):
+        c1, c2, c4 = (opcount.count_engine(*e, sampled) for e in (e1, e2, e4))
+        x = opcount._extrapolated(c1, c2, 4)
+        assert x["ar"] == c4["ar"] and x["spec"] == c4["spec"] and x["spec_syncs"] == c4["spec_syncs"]
+        assert c4["ar"].total() > c2["ar"].total() > c1["ar"].total()
