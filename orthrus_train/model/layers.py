@@ -427,7 +427,9 @@ def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
 # keys it on the norm weights' storage and version counters: a replaced or moved weight builds a new one (and
 # reports the change), an in-place write (load_state_dict, an optimizer step) refills it in place (the same
 # address: CUDA graphs that read it stay valid). Writes through `.data` bypass the version counter (as they
-# bypass autograd) and are not noticed: replace the parameter instead.
+# bypass autograd) and are not noticed: replace the parameter instead. Inference tensors (a model built under
+# torch.inference_mode) keep no version counter: theirs is refilled at every refresh (two copies per view and layer
+# per engine call).
 _FUSED = {"ar": "_orthrus_qkv", "diff": "_orthrus_qkv_diff", "mlp": "_orthrus_gate_up"}
 _QK_NORM = {"ar": "_orthrus_qk_norm", "diff": "_orthrus_qk_norm_diff"}
 
@@ -523,9 +525,13 @@ class _JointNormWeight:
         return self.key == self._key(qn, kn, hq, hkv)
 
     def sync(self, qn, kn) -> None:
-        """Refill in place if either weight was written since the last fill (its version counter moved)."""
-        versions = (qn.weight._version, kn.weight._version)
-        if versions != self.versions:
+        """Refill in place if either weight was written since the last fill (its version counter moved), and at
+        every call for weights that keep no version counter (inference tensors: made under torch.inference_mode)."""
+        try:
+            versions = (qn.weight._version, kn.weight._version)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            versions = None
+        if versions is None or versions != self.versions:
             with torch.no_grad():
                 self.weight[:self.hq].copy_(qn.weight.detach().expand(self.hq, -1))
                 self.weight[self.hq:].copy_(kn.weight.detach().expand(self.weight.shape[0] - self.hq, -1))

@@ -309,3 +309,22 @@ def test_extrapolated_counts_equal_the_full_model():
         x = opcount._extrapolated(c1, c2, 4)
         assert x["ar"] == c4["ar"] and x["spec"] == c4["spec"] and x["spec_syncs"] == c4["spec_syncs"]
         assert c4["ar"].total() > c2["ar"].total() > c1["ar"].total()
+
+
+def test_joint_qk_norm_weight_of_inference_tensors():
+    """A model built under torch.inference_mode (parameters without a version counter) still fuses, and its joint
+    q/k norm weight follows a write into the norm weight (refilled at every refresh: nothing tells a write)."""
+    from types import SimpleNamespace
+
+    with torch.inference_mode():
+        bb = build_random(tiny_config("qwen3", vocab_size=64, layers=1), seed=0)
+    fusion = layers.DecodeFusion(SimpleNamespace(decoder=bb.model))
+    assert fusion.refresh() is True
+    attn = bb.model.layers[0].self_attn
+    with torch.inference_mode():
+        attn.q_norm.weight.mul_(3)
+    assert fusion.refresh() is False
+    with fusion:
+        joint = attn.__dict__["_orthrus_qk_norm"]
+    Hq = bb.config.num_attention_heads
+    assert torch.equal(joint[:Hq], attn.q_norm.weight.expand(Hq, -1)) and not torch.equal(joint[0], joint[-1])
