@@ -78,10 +78,13 @@ def test_switch_and_refusals(monkeypatch):
 
 def test_engine_greedy_tokens_unchanged_with_triton_rope(monkeypatch):
     """The engine's greedy drafted and AR decode of a tiny Qwen3 in float32 gives the same tokens with "triton" as
-    with "torch", and the kernel really served the passes' joint q/k RoPE (x of Hq + Hkv heads)."""
+    with "torch", and the kernel really served the passes' joint q/k RoPE (x of Hq + Hkv heads; `rope_kv_write`
+    where the K/V write runs in it)."""
     calls = []
-    real = rope.apply_rope
+    real, real_kv = rope.apply_rope, rope.rope_kv_write
     monkeypatch.setattr(rope, "apply_rope", lambda x, c, s: calls.append(tuple(x.shape[1::2])) or real(x, c, s))
+    # where the K/V write runs in the RoPE kernel (decode K/V write "auto" on CUDA), the same rotation
+    monkeypatch.setattr(rope, "rope_kv_write", lambda x, *a: calls.append(tuple(x.shape[1::2])) or real_kv(x, *a))
     out, accepted, m = tiny_engine_tokens(layers.set_decode_rope, ("torch", "triton"), 12)
     assert out["triton"] == out["torch"]
     assert all(len(t) == 12 for t in out["triton"][0])

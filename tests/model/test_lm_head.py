@@ -33,9 +33,13 @@ class MatmulLog(TorchDispatchMode):
 
 
 def expanded(calls):
-    """The calls with an operand expanded over a dimension (stride 0 where the size is > 1)."""
-    return [c for c in calls if any(any(st == 0 and sz > 1 for sz, st in zip(shape, stride))
-                                    for shape, stride in c[1])]
+    """The calls with a matrix operand expanded over a dimension (stride 0 where the size is > 1, and two more
+    dimensions over 1): a weight re-read per batch row. Not a vector's outer product (transformers 5.17's rotary
+    embedding runs `inv_freq[None, :, None].expand(B, -1, 1) @ positions`: (B, 8, 1) at stride (0, 1, 1))."""
+    def weight_expanded(shape, stride):
+        return (any(st == 0 and sz > 1 for sz, st in zip(shape, stride))
+                and sum(sz > 1 for sz, st in zip(shape, stride) if st != 0) >= 2)
+    return [c for c in calls if any(weight_expanded(shape, stride) for shape, stride in c[1])]
 
 
 def step_matmuls(eng, prompts, sampling: SamplingParams):
@@ -89,3 +93,11 @@ def test_draft_logits_keep_their_values(dtype):
         assert torch.equal(m.propose(state), F.linear(h, W))
         assert m.logits(h[0, 0]).shape == (W.shape[0],)
         torch.testing.assert_close(m.logits(h[:3, :2]), F.linear(h[:3, :2], W))
+
+
+def test_expanded_names_a_weight_read_per_row_and_not_an_outer_product():
+    """The filter the tests above rest on: the draft LM head's old bmm (the (V, H) weight expanded over 16 batch
+    rows) is named; the rotary embedding's (B, 8, 1) frequency vector expanded over B is not."""
+    weight = ("bmm", [((16, 15, 576), (8640, 576, 1)), ((16, 576, 49152), (0, 1, 576))])
+    rotary = ("bmm", [((3, 8, 1), (0, 1, 1)), ((3, 1, 4), (4, 4, 1))])
+    assert expanded([weight, rotary]) == [weight]
