@@ -124,6 +124,20 @@ def test_bench_kernels_smoke(tmp_path):
     assert all(r["ms"] > 0 for r in rep["verify"])
 
 
+def test_sweep_decode_kernels_smoke(tmp_path):
+    """Every setting of the sweep runs (here in the interpreter) and agrees with its reference: the SiLU tiles bit
+    for bit with eager torch, the attention's split counts within bfloat16 rounding of one split."""
+    out = tmp_path / "s.json"
+    _run(["scripts/sweep_decode_kernels.py", "--smoke", "--out", str(out), "--silu", "smollm2_b16_ar", "--attn",
+          "smollm2_b1_k16"], tmp_path, env={"TRITON_INTERPRET": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    silu = [r for r in rows if r["kernel"] == "silu_mul"]
+    attn = [r for r in rows if r["kernel"] == "live_attention"]
+    assert len(silu) == 7 and all(r["max_diff"] == 0 for r in silu)
+    assert [r["setting"] for r in attn][1:] == ["splits1", "splits2", "splits3", "splits4", "splits6"]
+    assert all(r["max_diff"] <= 2 ** -7 for r in attn)
+
+
 def test_bench_train_real_model_several_micro_batches(tmp_path):
     """The next lease's training-throughput command on a model file (here the tiny checkpoint, on the CPU): one
     row per micro batch, each run with its own global batch (micro x world) and measured steps."""
