@@ -176,9 +176,15 @@ def live_lengths(mask: torch.Tensor) -> torch.Tensor:
 def num_splits(programs: int, slots: int, device: torch.device) -> int:
     """How many programs share each (row, kv head, query tile) along the key axis: about PROGRAMS_PER_SM
     programs per SM in all, while a split of a full cache of `slots` keeps at least MIN_SPLIT_KEYS slots; 1 when
-    the grid already fills the GPU or the cache is short. A function of the shape only (CUDA-graph safe)."""
+    the grid already fills the GPU or the cache is short. A function of the shape only (CUDA-graph safe).
+
+    Rounded down to a power of two: a split's key range is rounded up to whole BLOCK_N blocks, so at a live
+    length of a few blocks 3 or 6 splits leave programs idle and cost the merge more partials (measured on an
+    H200, session 19, `scripts/sweep_decode_kernels.py`: SmolLM2's drafted pass at batch 16, live length 216, 9.8
+    us per call at 6 splits, 8.8 at 4; the AR pass 6.9 and 6.3; no SmolLM2 shape was faster at 3 or 6)."""
     want = -(-PROGRAMS_PER_SM * sm_count(device) // programs)
-    return max(1, min(want, slots // MIN_SPLIT_KEYS, MAX_SPLITS))
+    n = max(1, min(want, slots // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def check_head_dim(head_dim: int) -> None:

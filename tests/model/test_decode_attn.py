@@ -175,15 +175,18 @@ def test_live_split_fully_masked_rows_are_zero():
 
 def test_num_splits_fills_small_grids_only(monkeypatch):
     """The split count: about PROGRAMS_PER_SM programs per SM for a small grid on a long cache (SmolLM2 at batch
-    1 on an H200: 3 kv heads, one query tile), bounded by the cache length and MAX_SPLITS; 1 for a grid that
-    already fills the GPU or a short cache."""
+    1 on an H200: 3 kv heads, one query tile), bounded by the cache length and MAX_SPLITS, rounded down to a power
+    of two; 1 for a grid that already fills the GPU or a short cache."""
     monkeypatch.setattr(decode_attn, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    assert decode_attn.num_splits(3, 2048, cuda) == 2048 // decode_attn.MIN_SPLIT_KEYS
-    assert decode_attn.num_splits(3, 8192, cuda) == decode_attn.MAX_SPLITS
+    assert decode_attn.num_splits(3, 2048, cuda) == 2048 // decode_attn.MIN_SPLIT_KEYS == 16
+    assert decode_attn.num_splits(3, 8192, cuda) == decode_attn.MAX_SPLITS == 32
     assert decode_attn.num_splits(3, 100, cuda) == 1
-    assert decode_attn.num_splits(16 * 8, 8192, cuda) == 3  # ceil(264 / 128)
+    assert decode_attn.num_splits(16 * 8, 8192, cuda) == 2  # ceil(264 / 128) = 3, rounded down
     assert decode_attn.num_splits(64 * 8, 8192, cuda) == 1
+    # SmolLM2 (3 kv heads, one query tile) on a 768-slot cache: 6 by the cache, 4 taken (batch 1 and 16)
+    assert decode_attn.num_splits(3, 768, cuda) == decode_attn.num_splits(48, 768, cuda) == 4
+    assert decode_attn.num_splits(3, 1536, cuda) == 8 and decode_attn.num_splits(3, 1535, cuda) == 8
 
 
 def test_engine_greedy_tokens_unchanged_with_split_live(monkeypatch):
