@@ -66,6 +66,7 @@ fills took 65-117 ms where a repeated same-length refill took 23-26 ms).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -301,6 +302,11 @@ def main(argv=None):
     ap.add_argument("--refill-rows", type=int, default=4, help="rows per --refill-lengths refill")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    forced = [f"--{k.replace('_', '-')} {v}" for k in ("attn", "norm", "rope", "kv_write", "mlp")
+              for v in getattr(a, k) if v in ("live", "triton")]
+    if forced and importlib.util.find_spec("orthrus_kernels") is None:
+        ap.error(f"{' '.join(forced)} needs the Triton kernels, and orthrus_kernels is not importable: install the "
+                 "project (`pip install -e .`), which maps kernels/ to it")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gbps = copy_bandwidth_gbps(dev)
     if gbps:

@@ -396,3 +396,24 @@ def test_simulate_refills_replays_a_real_eval(tmp_path):
     r = _run(["scripts/simulate_refills.py", "--report", str(tmp_path / "nope.json"), "--samples", str(out)],
              tmp_path, rc=2)
     assert "nope.json does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_profile_decode_step_asks_for_the_install_when_the_kernels_are_missing(monkeypatch, capsys):
+    """A forced kernel (`--attn live`, `--kv-write triton`, ...) without an importable orthrus_kernels (the checkout
+    on PYTHONPATH, not installed) is refused before anything is built, in one line naming the install; "auto"
+    settings alone run on (each falls back to torch with a warning, and the JSON records what ran)."""
+    spec = importlib.util.spec_from_file_location("profile_decode_step", ROOT / "scripts" / "profile_decode_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "orthrus_kernels" else real(name, *a))
+    monkeypatch.setattr(mod, "profile_shape", lambda *a: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--tiny", "--attn", "auto", "live", "--kv-write", "triton"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--attn live --kv-write triton needs the Triton kernels" in err and "pip install -e ." in err
+    ran = []
+    monkeypatch.setattr(mod, "profile_shape", lambda *a: ran.append(a[1]))
+    mod.main(["--tiny", "--attn", "auto", "sdpa"])
+    assert ran == ["smollm2-135m"]
