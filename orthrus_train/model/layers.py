@@ -53,40 +53,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y
 
 
-# RMSNorm of the decode passes (`norm(fast=True)`, the joint q/k norm of `project_qkv`; training never changes):
-#   "auto"    (default) "triton" on a CUDA device where Triton runs, else "torch";
-#   "torch"   `rms_norm` above (7 eager kernels per norm);
-#   "triton"  orthrus_kernels.rmsnorm: the same arithmetic in one kernel (one program per row). Bit-identical up
-#             to the order of the float32 sum of squares (bf16 / fp16 bit-identical in the CPU tests; greedy
-#             decode token-identical, tests/model/test_decode_norm.py, also run on an H200). Measured on an
-#             H200 (docs/benchmarks.md, session 7): the AR step 33% faster on the SmolLM2 shape at batch 1
-#             (2.19 -> 1.47 ms), 19% on Qwen3-8B (7.13 -> 5.74 ms). Needs Triton on a CUDA device, or
-#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
-#             raises, it does not fall back. With it the decode passes also fuse each residual add into the norm
-#             after it (`decode_add_rms_norm`, `decode_layer_step`: the post-attention norm, the next layer's
-#             input norm, the final norm; add_rms_norm rounds the sum exactly as torch's add): 2 kernels fewer
-#             per layer and pass. "torch" keeps the eager add, then the norm (unchanged ops and bits).
-# Set with ORTHRUS_DECODE_NORM or `set_decode_norm`; an engine captures its CUDA graphs with the setting current at
-# capture time; `resolved_decode_norm(device)` names what "auto" runs there.
-DECODE_NORM_CHOICES = ("auto", "torch", "triton")
-_decode_norm = os.environ.get("ORTHRUS_DECODE_NORM", "auto")
-
-
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
     """`value` if it is one of `choices`, else a ValueError naming `what` was set (a decode switch's setter or
     its environment variable)."""
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
     return value
-
-
-def set_decode_norm(impl: str) -> None:
-    global _decode_norm
-    _decode_norm = _choice(impl, DECODE_NORM_CHOICES, "decode norm")
-
-
-def decode_norm() -> str:
-    return _choice(_decode_norm, DECODE_NORM_CHOICES, "ORTHRUS_DECODE_NORM")
 
 
 _KERNEL_MODULES: dict[tuple[str, str], object] = {}  # (module, device type) -> module, once it could run there
@@ -141,14 +113,95 @@ def _opt_in_kernels(module: str, what: str, instead: str, x: torch.Tensor):
     raise RuntimeError(f"{what} cannot run here: {why} {instead}")
 
 
-_TRITON_NORM_RUNS: dict[torch.device, bool] = {}  # a plain dict, not lru_cache: compiled steps trace this lookup
+class DecodeSwitch:
+    """One decode switch (the decode passes' norm, RoPE, K/V write, MLP product and attention: the instances below,
+    each with what its choices do and what they measured). `get()`: the setting, the environment variable `env`
+    ("auto" where unset) until `set(impl)`; both check it against `choices` (naming the setter or `env`).
+    `kernels(x)`: its opt-in kernels, the orthrus_kernels module `module` (`_opt_in_kernels`; the setting `kernel`
+    asks for them, `fallback` needs no Triton). `resolved(device)`: the setting with "auto" resolved on `device` by
+    the switch's probe (`@switch.prober`), decided once per device in `runs`. `get` and `resolved` run inside
+    compiled steps: attribute reads and a plain dict (not lru_cache: compiled steps trace the lookup). `name`
+    names the switch in messages."""
+
+    def __init__(self, name: str, env: str, choices: tuple[str, ...], module: str, kernel: str = "triton",
+                 fallback: str = "torch"):
+        self.name, self.env, self.choices, self.module = name, env, choices, module
+        self.what, self.instead = f"decode {name} '{kernel}'", f"{env}={fallback}"  # for `_opt_in_kernels`
+        self.value = os.environ.get(env, "auto")
+        self.runs: dict[torch.device, bool] = {}
+        self.probe: Callable[[torch.device], None] | None = None
+
+    def prober(self, probe: Callable[[torch.device], None]):
+        """Decorator: `probe(device)` compiles and runs the switch's kernels on `device` on a small input and
+        checks them against eager torch; it raises if they cannot run or disagree."""
+        self.probe = probe
+        return probe
+
+    def set(self, impl: str) -> None:
+        self.value = _choice(impl, self.choices, f"decode {self.name}")
+
+    def get(self) -> str:
+        return _choice(self.value, self.choices, self.env)
+
+    def kernels(self, x: torch.Tensor):
+        return _opt_in_kernels(self.module, self.what, self.instead, x)
+
+    def _auto_takes_triton(self, device: torch.device) -> bool:
+        """Whether "auto" takes the switch's Triton kernels on `device`: CUDA only (never the CPU interpreter),
+        and `probe(device)` (the kernels compiled, run in float32 and bfloat16 on a tiny input and checked against
+        eager torch) passing; a compiler or driver problem then means the torch path with one warning, not a
+        failed decode. Cached per device in `runs`. Engines resolve this when they are built, outside compiled or
+        captured steps."""
+        if device not in self.runs:
+            ok = device.type == "cuda"
+            if ok:
+                try:
+                    self.probe(device)
+                except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch path
+                    what = self.name
+                    warnings.warn(f"decode {what} 'auto': the Triton {what} kernels cannot run on {device} "
+                                  f"({exc_line(e, 200)}); using the torch {what}")
+                    ok = False
+            self.runs[device] = ok
+        return self.runs[device]
+
+    def resolved(self, device: torch.device | str) -> str:
+        """The setting with "auto" resolved on `device` (`_auto_takes_triton`: "triton" or "torch")."""
+        impl = self.get()
+        if impl != "auto":
+            return impl
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device: probe it once
+            device = torch.device("cuda", torch.cuda.current_device())
+        return "triton" if self._auto_takes_triton(device) else "torch"
 
 
+# RMSNorm of the decode passes (`norm(fast=True)`, the joint q/k norm of `project_qkv`; training never changes):
+#   "auto"    (default) "triton" on a CUDA device where Triton runs, else "torch";
+#   "torch"   `rms_norm` above (7 eager kernels per norm);
+#   "triton"  orthrus_kernels.rmsnorm: the same arithmetic in one kernel (one program per row). Bit-identical up
+#             to the order of the float32 sum of squares (bf16 / fp16 bit-identical in the CPU tests; greedy
+#             decode token-identical, tests/model/test_decode_norm.py, also run on an H200). Measured on an
+#             H200 (docs/benchmarks.md, session 7): the AR step 33% faster on the SmolLM2 shape at batch 1
+#             (2.19 -> 1.47 ms), 19% on Qwen3-8B (7.13 -> 5.74 ms). Needs Triton on a CUDA device, or
+#             TRITON_INTERPRET=1 set before orthrus_kernels is imported (CPU tests); elsewhere asking for it
+#             raises, it does not fall back. With it the decode passes also fuse each residual add into the norm
+#             after it (`decode_add_rms_norm`, `decode_layer_step`: the post-attention norm, the next layer's
+#             input norm, the final norm; add_rms_norm rounds the sum exactly as torch's add): 2 kernels fewer
+#             per layer and pass. "torch" keeps the eager add, then the norm (unchanged ops and bits).
+# Set with ORTHRUS_DECODE_NORM or `set_decode_norm`; an engine captures its CUDA graphs with the setting current at
+# capture time; `resolved_decode_norm(device)` names what "auto" runs there.
+DECODE_NORM_CHOICES = ("auto", "torch", "triton")
+_NORM_SWITCH = DecodeSwitch("norm", "ORTHRUS_DECODE_NORM", DECODE_NORM_CHOICES, "rmsnorm")
+set_decode_norm, decode_norm, resolved_decode_norm = _NORM_SWITCH.set, _NORM_SWITCH.get, _NORM_SWITCH.resolved
+
+
+@_NORM_SWITCH.prober
 def _probe_norm_kernels(device: torch.device) -> None:
     """Both norm kernels compiled and run on `device` in float32 and bfloat16 on a small input, and checked
     against the eager arithmetic (the residual sum exactly, the norm within an ulp-level tolerance); raises
     if they cannot run or disagree."""
-    kernels = _norm_kernels(torch.empty(1, device=device))
+    kernels = _NORM_SWITCH.kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
         x, r = (torch.randn(3, 576, generator=g).to(device, dt) for _ in range(2))
@@ -160,54 +213,15 @@ def _probe_norm_kernels(device: torch.device) -> None:
             torch.testing.assert_close(got.float(), rms_norm(s, w, 1e-6).float(), atol=1e-2, rtol=1e-2)
 
 
-def _auto_takes_triton(cache: dict, probe, what: str, device: torch.device) -> bool:
-    """Whether an "auto" decode switch takes its Triton kernel on `device`: CUDA only (never the CPU interpreter),
-    and `probe(device)` (the kernels compiled, run in float32 and bfloat16 on a tiny input and checked against
-    eager torch) passing; a compiler or driver problem then means the torch path with one warning, not a failed
-    decode. Cached per device in `cache` (a plain dict, not lru_cache: compiled steps trace the lookup). Engines
-    resolve this when they are built, outside compiled or captured steps."""
-    if device not in cache:
-        ok = device.type == "cuda"
-        if ok:
-            try:
-                probe(device)
-            except Exception as e:  # noqa: BLE001 - any failure of the optional kernels: the torch path
-                warnings.warn(f"decode {what} 'auto': the Triton {what} kernels cannot run on {device} "
-                              f"({exc_line(e, 200)}); using the torch {what}")
-                ok = False
-        cache[device] = ok
-    return cache[device]
-
-
-def _resolved(impl: str, cache: dict, probe, what: str, device: torch.device | str) -> str:
-    """A decode switch's setting with "auto" resolved on `device` (`_auto_takes_triton`)."""
-    if impl != "auto":
-        return impl
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device: probe it once
-        device = torch.device("cuda", torch.cuda.current_device())
-    return "triton" if _auto_takes_triton(cache, probe, what, device) else "torch"
-
-
-def resolved_decode_norm(device: torch.device | str) -> str:
-    """The decode norm that runs on `device` under the current setting ("auto": the Triton `rms_norm` and
-    `add_rms_norm` where their probe passes)."""
-    return _resolved(decode_norm(), _TRITON_NORM_RUNS, _probe_norm_kernels, "norm", device)
-
-
 def _triton_norm_selected(x: torch.Tensor) -> bool:
     """Whether a decode pass's norm of `x` takes the kernel."""
     return resolved_decode_norm(x.device) == "triton"
 
 
-def _norm_kernels(x: torch.Tensor):
-    return _opt_in_kernels("rmsnorm", "decode norm 'triton'", "ORTHRUS_DECODE_NORM=torch", x)
-
-
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm` of a decode pass, by the implementation `decode_norm()` names ("auto": `resolved_decode_norm`)."""
     if _triton_norm_selected(x):
-        return _norm_kernels(x).rms_norm(x, weight, eps)
+        return _NORM_SWITCH.kernels(x).rms_norm(x, weight, eps)
     return rms_norm(x, weight, eps)
 
 
@@ -224,28 +238,16 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 # Set with ORTHRUS_DECODE_ROPE or `set_decode_rope`; an engine captures its CUDA graphs with the setting current at
 # capture time; `resolved_decode_rope(device)` names what "auto" runs there.
 DECODE_ROPE_CHOICES = ("auto", "torch", "triton")
-_decode_rope = os.environ.get("ORTHRUS_DECODE_ROPE", "auto")
-_TRITON_ROPE_RUNS: dict[torch.device, bool] = {}
+_ROPE_SWITCH = DecodeSwitch("rope", "ORTHRUS_DECODE_ROPE", DECODE_ROPE_CHOICES, "rope")
+set_decode_rope, decode_rope, resolved_decode_rope = _ROPE_SWITCH.set, _ROPE_SWITCH.get, _ROPE_SWITCH.resolved
 
 
-def set_decode_rope(impl: str) -> None:
-    global _decode_rope
-    _decode_rope = _choice(impl, DECODE_ROPE_CHOICES, "decode rope")
-
-
-def decode_rope() -> str:
-    return _choice(_decode_rope, DECODE_ROPE_CHOICES, "ORTHRUS_DECODE_ROPE")
-
-
-def _rope_kernels(x: torch.Tensor):
-    return _opt_in_kernels("rope", "decode rope 'triton'", "ORTHRUS_DECODE_ROPE=torch", x)
-
-
+@_ROPE_SWITCH.prober
 def _probe_rope_kernel(device: torch.device) -> None:
     """The RoPE kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (a strided
     view, as the fused q/k/v output gives it), and checked against `apply_rope`; raises if it cannot run or
     disagrees."""
-    kernels = _rope_kernels(torch.empty(1, device=device))
+    kernels = _ROPE_SWITCH.kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     B, T, H, D = 2, 3, 5, 64
     for dt in (torch.float32, torch.bfloat16):
@@ -258,15 +260,10 @@ def _probe_rope_kernel(device: torch.device) -> None:
                                    atol=1e-2, rtol=1e-2)
 
 
-def resolved_decode_rope(device: torch.device | str) -> str:
-    """The decode RoPE that runs on `device` under the current setting ("auto" resolved)."""
-    return _resolved(decode_rope(), _TRITON_ROPE_RUNS, _probe_rope_kernel, "rope", device)
-
-
 def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` of a decode pass, by the implementation `decode_rope()` names ("auto": `resolved_decode_rope`)."""
     if resolved_decode_rope(x.device) == "triton":
-        return _rope_kernels(x).apply_rope(x, cos, sin)
+        return _ROPE_SWITCH.kernels(x).apply_rope(x, cos, sin)
     return apply_rope(x, cos, sin)
 
 
@@ -286,26 +283,18 @@ def decode_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 # Set with ORTHRUS_DECODE_KV_WRITE or `set_decode_kv_write`; an engine captures its CUDA graphs with the setting
 # current at capture time.
 DECODE_KV_WRITE_CHOICES = ("auto", "torch", "triton")
-_decode_kv_write = os.environ.get("ORTHRUS_DECODE_KV_WRITE", "auto")
-_TRITON_KV_WRITE_RUNS: dict[torch.device, bool] = {}
+_KV_WRITE_SWITCH = DecodeSwitch("kv write", "ORTHRUS_DECODE_KV_WRITE", DECODE_KV_WRITE_CHOICES, "rope")
+set_decode_kv_write, decode_kv_write = _KV_WRITE_SWITCH.set, _KV_WRITE_SWITCH.get
 
 
-def set_decode_kv_write(impl: str) -> None:
-    global _decode_kv_write
-    _decode_kv_write = _choice(impl, DECODE_KV_WRITE_CHOICES, "decode kv write")
-
-
-def decode_kv_write() -> str:
-    return _choice(_decode_kv_write, DECODE_KV_WRITE_CHOICES, "ORTHRUS_DECODE_KV_WRITE")
-
-
+@_KV_WRITE_SWITCH.prober
 def _probe_kv_write_kernel(device: torch.device) -> None:
     """The RoPE + K/V write kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (the
     joint q/k view of a fused projection output, rows at different lengths), and checked bit for bit against the
     RoPE kernel followed by `LayerSlots.write`; raises if it cannot run or disagrees."""
     from .cache import LayerSlots
 
-    kernels = _rope_kernels(torch.empty(1, device=device))
+    kernels = _ROPE_SWITCH.kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 64, 8
     index = (torch.tensor([[0], [4]]) + torch.arange(T))[:, None, :, None].to(device)
@@ -329,7 +318,7 @@ def resolved_decode_kv_write(device: torch.device | str) -> str:
     where the decode RoPE resolves to "triton" too, and "auto" where the kernel's probe passed there; else "torch"."""
     if resolved_decode_rope(device) != "triton":
         return "torch"
-    return _resolved(decode_kv_write(), _TRITON_KV_WRITE_RUNS, _probe_kv_write_kernel, "kv write", device)
+    return _KV_WRITE_SWITCH.resolved(device)
 
 
 def _kv_write_kernels(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, kv):
@@ -340,7 +329,7 @@ def _kv_write_kernels(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, kv):
     if (kv.k.dtype != qk.dtype or kv.v.dtype != qk.dtype or v.dtype != qk.dtype or kv.k.stride(-1) != 1
             or kv.v.stride(-1) != 1 or cos.shape[-1] != qk.shape[-1]):
         return None
-    return _opt_in_kernels("rope", "decode kv write 'triton'", "ORTHRUS_DECODE_KV_WRITE=torch", qk)
+    return _KV_WRITE_SWITCH.kernels(qk)
 
 
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
@@ -407,7 +396,7 @@ def decode_add_rms_norm(module, h: torch.Tensor, r: torch.Tensor | None):
     if r is None:
         return h, norm(module, h, fast=True)
     if is_rms_norm(module) and _triton_norm_selected(h):
-        return _norm_kernels(h).add_rms_norm(h, r, module.weight, module.variance_epsilon)
+        return _NORM_SWITCH.kernels(h).add_rms_norm(h, r, module.weight, module.variance_epsilon)
     s = h + r
     return s, norm(module, s, fast=True)
 
@@ -673,17 +662,18 @@ LIVE_AUTO_MAX_BATCH = 16  # the largest batch "auto" gives to "live" (the larges
 # the head dims the live kernel runs (orthrus_kernels.decode_attn.SUPPORTED_HEAD_DIMS, which this module does not
 # import: Triton is optional; tests/model/test_decode_attn.py keeps the two equal)
 LIVE_HEAD_DIMS = (64, 128)
-_decode_attn = os.environ.get("ORTHRUS_DECODE_ATTN", "auto")
-_TRITON_ATTN_RUNS: dict[torch.device, bool] = {}
+_ATTN_SWITCH = DecodeSwitch("attention", "ORTHRUS_DECODE_ATTN", DECODE_ATTN_CHOICES, "decode_attn", kernel="live",
+                            fallback="sdpa")
+set_decode_attention, decode_attention = _ATTN_SWITCH.set, _ATTN_SWITCH.get
 
 
+@_ATTN_SWITCH.prober
 def _probe_live_attention(device: torch.device) -> None:
     """The live attention kernel compiled and run on `device` in float32 and bfloat16, with and without the split
     over keys, on a small grouped-head input, and checked against SDPA; raises if it cannot run or disagrees."""
     from . import masks
 
-    kernels = _opt_in_kernels("decode_attn", "decode attention 'live'", "ORTHRUS_DECODE_ATTN=sdpa",
-                              torch.empty(1, device=device))
+    kernels = _ATTN_SWITCH.kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([0, 90], device=device)
     mask = masks.draft_cached_mask(lengths, 300, 4)
@@ -699,7 +689,7 @@ def live_attention_runs(device: torch.device | str) -> bool:
     """Whether "auto" may give decode passes on `device` to "live": the setting is "auto", the device is a CUDA
     device and the kernel's probe passed there (decided once per device, with one warning if it failed). Engines
     call this when they are built, outside compiled or captured steps."""
-    return _resolved(decode_attention(), _TRITON_ATTN_RUNS, _probe_live_attention, "attention", device) == "triton"
+    return _ATTN_SWITCH.resolved(device) == "triton"
 
 
 def prepare_decode_kernels(device: torch.device | str) -> None:
@@ -729,15 +719,6 @@ def auto_decode_attention(batch: int, queries: int, head_dim: int | None, live_r
     return "fold" if queries > 1 and batch > 1 else "sdpa"
 
 
-def set_decode_attention(impl: str) -> None:
-    global _decode_attn
-    _decode_attn = _choice(impl, DECODE_ATTN_CHOICES, "decode attention")
-
-
-def decode_attention() -> str:
-    return _choice(_decode_attn, DECODE_ATTN_CHOICES, "ORTHRUS_DECODE_ATTN")
-
-
 class DecodeMask:
     """A cached pass's boolean mask (B, 1, T, S), prepared once per pass for `cached_attention` (not once per
     layer): the implementation chosen, and the mask in the form it takes, i.e. additive (0 / -inf in the query
@@ -752,7 +733,7 @@ class DecodeMask:
             impl = auto_decode_attention(B, T, head_dim, head_dim is not None and live_attention_runs(mask.device))
         self.impl = impl
         if impl == "live":
-            self.kernels = _opt_in_kernels("decode_attn", "decode attention 'live'", "ORTHRUS_DECODE_ATTN=sdpa", mask)
+            self.kernels = _ATTN_SWITCH.kernels(mask)
             self.mask, self.kv_len = mask, self.kernels.live_lengths(mask)
             return
         g = q_heads // kv_heads
@@ -821,30 +802,18 @@ def flex(q, k, v, block_mask, scale: float):
 # Set with ORTHRUS_DECODE_MLP or `set_decode_mlp`; an engine captures its CUDA graphs with the setting current at
 # capture time.
 DECODE_MLP_CHOICES = ("auto", "torch", "triton")
-_decode_mlp = os.environ.get("ORTHRUS_DECODE_MLP", "auto")
-_TRITON_MLP_RUNS: dict[torch.device, bool] = {}
+_MLP_SWITCH = DecodeSwitch("mlp", "ORTHRUS_DECODE_MLP", DECODE_MLP_CHOICES, "swiglu")
+set_decode_mlp, decode_mlp, resolved_decode_mlp = _MLP_SWITCH.set, _MLP_SWITCH.get, _MLP_SWITCH.resolved
 
 
-def set_decode_mlp(impl: str) -> None:
-    global _decode_mlp
-    _decode_mlp = _choice(impl, DECODE_MLP_CHOICES, "decode mlp")
-
-
-def decode_mlp() -> str:
-    return _choice(_decode_mlp, DECODE_MLP_CHOICES, "ORTHRUS_DECODE_MLP")
-
-
-def _mlp_kernels(x: torch.Tensor):
-    return _opt_in_kernels("swiglu", "decode mlp 'triton'", "ORTHRUS_DECODE_MLP=torch", x)
-
-
+@_MLP_SWITCH.prober
 def _probe_mlp_kernel(device: torch.device) -> None:
     """The SwiGLU kernel compiled and run on `device` on the two halves of a gate/up output: in bfloat16 over every
     finite gate value, checked bit for bit against `F.silu(g) * u` where no subnormal number is involved (gate,
     silu or product: `_no_subnormals`); in float32 within float32's tolerance. Raises if it cannot run or disagrees.
     (Subnormals are left to the tests: a device that flushes them inside the kernel is no reason to refuse it, and
     the CPU interpreter widens bfloat16 subnormals wrongly.)"""
-    kernels = _mlp_kernels(torch.empty(1, device=device))
+    kernels = _MLP_SWITCH.kernels(torch.empty(1, device=device))
     g = torch.Generator().manual_seed(0)
     gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gate = gate[torch.isfinite(gate)].view(-1, 255)  # 65,280 finite values
@@ -867,11 +836,6 @@ def _no_subnormals(*ts: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def resolved_decode_mlp(device: torch.device | str) -> str:
-    """The decode MLP product that runs on `device` under the current setting ("auto" resolved; SiLU MLPs only)."""
-    return _resolved(decode_mlp(), _TRITON_MLP_RUNS, _probe_mlp_kernel, "mlp", device)
-
-
 def is_silu(act) -> bool:
     """An activation module (or function) that computes `F.silu`: what the "triton" decode MLP product replaces."""
     return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
@@ -885,7 +849,7 @@ def mlp_out(layer, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
         n = fused[2][0]
         g, u = gu[..., :n], gu[..., n:]
         if is_silu(mlp.act_fn) and resolved_decode_mlp(h.device) == "triton":  # silu(g) * u in one kernel
-            return mlp.down_proj(_mlp_kernels(gu).silu_mul(g, u))
+            return mlp.down_proj(_MLP_SWITCH.kernels(gu).silu_mul(g, u))
         return mlp.down_proj(mlp.act_fn(g) * u)
     out = mlp(h)
     return out[0] if isinstance(out, tuple) else out  # older MoE blocks also return router logits

@@ -345,7 +345,7 @@ def test_compile_steps_policy_reaches_the_engine_and_the_report(qwen3_model, tmp
     seen.clear()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     from orthrus_train.model import layers
-    monkeypatch.setattr(layers, "_decode_attn", "sdpa")  # as ORTHRUS_DECODE_ATTN=sdpa would
+    monkeypatch.setattr(layers._ATTN_SWITCH, "value", "sdpa")  # as ORTHRUS_DECODE_ATTN=sdpa would
     rep = run_eval(qwen3_model, tok, {**base, "compile_steps": True}, tmp_path / "forced")
     assert rep["environment"]["decode_attention"] == "sdpa"
     assert rep["compile"]["used"] is True and rep["compile"]["reason"] == "compile_steps=true"

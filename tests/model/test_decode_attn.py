@@ -224,19 +224,18 @@ def test_auto_never_live_off_cuda_and_engine_probes_it(monkeypatch):
     from tests.model.triton_testlib import assert_auto_falls_back
 
     layers.set_decode_attention("auto")
-    monkeypatch.setattr(layers, "_probe_live_attention", lambda d: pytest.fail("probed on a CPU"))
+    monkeypatch.setattr(layers._ATTN_SWITCH, "probe", lambda d: pytest.fail("probed on a CPU"))
     mask = masks.draft_cached_mask(torch.tensor([3, 5]), 40, 4)
     assert layers.DecodeMask(mask, 4, 2, torch.float32, 64).impl == "fold"
     assert layers.live_attention_runs("cpu") is False
-    assert_auto_falls_back(monkeypatch, "attention", "_TRITON_ATTN_RUNS", "_probe_live_attention",
-                           layers.set_decode_attention,
+    assert_auto_falls_back(monkeypatch, "attention", layers._ATTN_SWITCH, layers.set_decode_attention,
                            lambda d: "triton" if layers.live_attention_runs(d) else "torch")
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="the probe runs the kernel on a CUDA device")
 def test_live_probe_passes_on_cuda():
     layers.set_decode_attention("auto")
-    layers._TRITON_ATTN_RUNS.clear()
+    layers._ATTN_SWITCH.runs.clear()
     assert layers.live_attention_runs(DEV)
     mask = masks.draft_cached_mask(torch.tensor([3, 5], device=DEV), 40, 4)
     assert layers.DecodeMask(mask, 4, 2, torch.bfloat16, 64).impl == "live"

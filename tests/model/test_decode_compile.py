@@ -28,11 +28,21 @@ def all_kernels(monkeypatch):
         set_(v)
 
 
+def tiny_model_and_prompts(hidden_size: int):
+    """A tiny random Qwen3 (4 heads, 2 kv heads, D = hidden_size / 4) on DEV, and 3 prompts of 1, 7 and 12 tokens."""
+    from orthrus_train.model import OrthrusModel, build_random, tiny_config
+
+    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=hidden_size, heads=4, kv_heads=2,
+                                  initializer_range=0.2), seed=0)
+    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    return m, [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+
+
 def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monkeypatch):
     from torch._dynamo.utils import counters
 
     from orthrus_train.decode.engine import DecodeEngine
-    from orthrus_train.model import OrthrusModel, build_random, tiny_config
 
     from orthrus_kernels import decode_attn, rmsnorm, rope, swiglu
 
@@ -41,11 +51,7 @@ def test_compiled_steps_with_every_kernel_have_no_graph_break(all_kernels, monke
                       (swiglu, "silu_mul"), (decode_attn, "live_attention")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=256, heads=4, kv_heads=2,
-                                  initializer_range=0.2), seed=0)
-    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    m, prompts = tiny_model_and_prompts(256)
     out = {}
     torch._dynamo.reset()
     counters.clear()
@@ -72,7 +78,6 @@ def test_compiled_steps_with_the_fused_greedy_lm_head_have_no_graph_break(monkey
     from torch._dynamo.utils import counters
 
     from orthrus_train.decode.engine import DecodeEngine
-    from orthrus_train.model import OrthrusModel, build_random, tiny_config
 
     from orthrus_kernels import lm_head_argmax as lha
 
@@ -80,11 +85,7 @@ def test_compiled_steps_with_the_fused_greedy_lm_head_have_no_graph_break(monkey
     calls = []
     real = lha.lm_head_argmax
     monkeypatch.setattr(lha, "lm_head_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
-    bb = build_random(tiny_config("qwen3", vocab_size=128, hidden_size=64, heads=4, kv_heads=2,
-                                  initializer_range=0.2), seed=0)
-    m = OrthrusModel(bb, block_size=4, vocab_len=120).to(DEV).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (1, 7, 12)]
+    m, prompts = tiny_model_and_prompts(64)
     out = {}
     torch._dynamo.reset()
     counters.clear()

@@ -242,8 +242,8 @@ def test_auto_falls_back_to_torch_where_the_kernel_fails(monkeypatch):
     """"auto" on a CUDA device whose Triton cannot run the fused kernel (the RoPE kernel set to "triton"): the
     scatter_ write, one warning, decided once per device."""
     layers.set_decode_rope("triton")
-    assert_auto_falls_back(monkeypatch, "kv write", "_TRITON_KV_WRITE_RUNS", "_probe_kv_write_kernel",
-                           layers.set_decode_kv_write, layers.resolved_decode_kv_write)
+    assert_auto_falls_back(monkeypatch, "kv write", layers._KV_WRITE_SWITCH, layers.set_decode_kv_write,
+                           layers.resolved_decode_kv_write)
 
 
 def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):

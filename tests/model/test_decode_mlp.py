@@ -174,7 +174,7 @@ def test_switch_and_refusals(monkeypatch):
 
 def test_auto_falls_back_to_torch_where_the_kernel_fails(monkeypatch):
     """"auto" on a CUDA device whose Triton cannot run the kernel: `act_fn(g) * u`, one warning, once per device."""
-    assert_auto_falls_back(monkeypatch, "mlp", "_TRITON_MLP_RUNS", "_probe_mlp_kernel", layers.set_decode_mlp,
+    assert_auto_falls_back(monkeypatch, "mlp", layers._MLP_SWITCH, layers.set_decode_mlp,
                            layers.resolved_decode_mlp)
 
 

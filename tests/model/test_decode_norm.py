@@ -264,7 +264,7 @@ def test_cached_passes_bit_identical_to_unfused_layer_steps(dtype):
 
 def test_auto_falls_back_to_torch_where_the_kernels_fail(monkeypatch):
     """"auto" on a CUDA device whose Triton cannot run the norm kernels: the torch norm, one warning, once."""
-    assert_auto_falls_back(monkeypatch, "norm", "_TRITON_NORM_RUNS", "_probe_norm_kernels", layers.set_decode_norm,
+    assert_auto_falls_back(monkeypatch, "norm", layers._NORM_SWITCH, layers.set_decode_norm,
                            layers.resolved_decode_norm)
 
 

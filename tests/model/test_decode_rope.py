@@ -116,7 +116,7 @@ def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
 
 def test_auto_falls_back_to_torch_where_the_kernel_fails(monkeypatch):
     """"auto" on a CUDA device whose Triton cannot run the RoPE kernel: `apply_rope`, one warning, once."""
-    assert_auto_falls_back(monkeypatch, "rope", "_TRITON_ROPE_RUNS", "_probe_rope_kernel", layers.set_decode_rope,
+    assert_auto_falls_back(monkeypatch, "rope", layers._ROPE_SWITCH, layers.set_decode_rope,
                            layers.resolved_decode_rope)
 
 

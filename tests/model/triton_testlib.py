@@ -58,23 +58,21 @@ def tiny_engine_tokens(select, impls, max_new: int):
     return out, accepted, m
 
 
-def assert_auto_falls_back(monkeypatch, what: str, cache: str, probe: str, select, resolve) -> None:
+def assert_auto_falls_back(monkeypatch, what: str, switch, select, resolve) -> None:
     """"auto" on a CUDA device whose Triton cannot compile or run a decode switch's kernels (a driver or compiler
     problem): the torch path with one warning, decided once per device, never a failed decode. `what` names the
-    switch as the warning does ("norm", "rope"); `cache` / `probe` are its `layers` attributes (the per-device
-    decision and the probe); `select` / `resolve` its setter and `resolved_decode_*`."""
-    from orthrus_train.model import layers
-
+    switch as the warning does ("norm", "rope"); `switch` is its `layers.DecodeSwitch` (`runs`: the per-device
+    decision, `probe`: the probe); `select` / `resolve` its setter and `resolved_decode_*`."""
     dev = torch.device("cuda", 7)  # a key of the per-device decision; nothing runs on it
-    monkeypatch.setattr(layers, cache, {})
+    monkeypatch.setattr(switch, "runs", {})
 
     def broken(*a, **k):
         raise RuntimeError("PTX compile failed\nsecond line")
-    monkeypatch.setattr(layers, probe, broken)
+    monkeypatch.setattr(switch, "probe", broken)
     select("auto")
     with pytest.warns(UserWarning, match=rf"decode {what} 'auto': .*cannot run on cuda:7 \(RuntimeError: PTX compile "
                                          rf"failed\); using the torch {what}"):
         assert resolve(dev) == "torch"
-    assert getattr(layers, cache) == {dev: False}
-    monkeypatch.setattr(layers, probe, lambda d: pytest.fail("probed twice"))
+    assert switch.runs == {dev: False}
+    monkeypatch.setattr(switch, "probe", lambda d: pytest.fail("probed twice"))
     assert resolve(dev) == "torch"  # decided once per device
