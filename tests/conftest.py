@@ -35,6 +35,16 @@ TINY_FAST = ["data.num_samples=40", "data.holdout_count=4", "data.max_new_tokens
              "train.save_every=2", "train.wandb.mode=disabled", "heads.block_size=4"]
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torch.distributed.run rendezvous (a fixed port fails the
+    test whenever another run on the machine holds it: seen with two test runs side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def orthrus(*args, cwd=None, env=None, timeout=600, check=True):
     e = dict(os.environ, ORTHRUS_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
     e.update(env or {})

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_FAST, orthrus
+from tests.conftest import REPO, TINY_FAST, free_port, orthrus
 
 FAST = TINY_FAST + ["train.wandb.mode=disabled"]
 # several CLI training runs per test (plus the module fixture's): generous on a loaded CI machine
@@ -209,9 +209,9 @@ def test_zero3_two_processes_start_from_the_exported_twins(trained, tiny_data, t
     src = trained["full"]
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
 
-    def two_procs(run, *extra, port):
+    def two_procs(run, *extra):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={port}", "-m", "orthrus_train", "recipe=tiny", f"run_dir={run}",
+                            f"--master_port={free_port()}", "-m", "orthrus_train", "recipe=tiny", f"run_dir={run}",
                             "stage=train", *FAST, "deepspeed=zero3", "train.lr=0", "train.max_steps=1",
                             "train.save_every=1", *extra], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=600)
@@ -221,7 +221,7 @@ def test_zero3_two_processes_start_from_the_exported_twins(trained, tiny_data, t
         return p, load_file(str(run / "checkpoints" / "step-00000001" / "heads.safetensors"))
 
     warm_run = _copy_data(tiny_data, tmp_path / "warm")
-    p, warm = two_procs(warm_run, f"heads.init_from={src}", port=29541)
+    p, warm = two_procs(warm_run, f"heads.init_from={src}")
     assert p.stdout.count(f"heads initialised from {src} (optimizer state fresh)") == 1  # rank 0 says it, once
     # the twins really were partitioned when the warm start wrote them (a partition's .shape is empty)
     assert "12 of 12 partitioned (ZeRO-3): gathered, written, re-partitioned" in p.stdout, p.stdout[-2000:]
@@ -231,7 +231,7 @@ def test_zero3_two_processes_start_from_the_exported_twins(trained, tiny_data, t
         assert torch.equal(warm[k], v), k
 
     cold_run = _copy_data(tiny_data, tmp_path / "cold")
-    _, cold = two_procs(cold_run, port=29542)
+    _, cold = two_procs(cold_run)
     assert any(not torch.equal(cold[k], v) for k, v in exported.items())
 
 

@@ -15,7 +15,7 @@ import torch
 
 from orthrus_train.train import checkpoint as ckpt
 from orthrus_train.train.engine import lr_lambda, make_plan, row_seed, step_rows
-from tests.conftest import REPO, TINY_FAST, orthrus
+from tests.conftest import REPO, TINY_FAST, free_port, orthrus
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -102,7 +102,7 @@ def test_two_processes_match_one(tiny_run, tmp_path, zero):
     shutil.copytree(tiny_run, one)
     orthrus("recipe=tiny", f"run_dir={one}", "stage=train", *TINY_FAST, "train.max_steps=3", "train.val_rows=2")
     env = dict(os.environ, ORTHRUS_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + int(zero[-1])}",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         "-m", "orthrus_train", "recipe=tiny", f"run_dir={tiny_run}", "stage=train", *TINY_FAST,
                         "train.max_steps=3", "train.val_rows=2", f"deepspeed={zero}"], cwd=REPO, env=env,
                        capture_output=True, text=True,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 RANK_SCRIPT = textwrap.dedent("""
     import types, torch
@@ -24,7 +24,7 @@ RANK_SCRIPT = textwrap.dedent("""
 def test_each_rank_leaves_the_process_group_after_a_successful_run(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.replace("RUN", str(tmp_path / "run")))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert p.stdout.count("rank=left world=2 rc=0") == 2, p.stdout + p.stderr[-2000:]
