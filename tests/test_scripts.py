@@ -134,7 +134,8 @@ def test_sweep_decode_kernels_smoke(tmp_path):
     silu = [r for r in rows if r["kernel"] == "silu_mul"]
     attn = [r for r in rows if r["kernel"] == "live_attention"]
     assert len(silu) == 7 and all(r["max_diff"] == 0 for r in silu)
-    assert [r["setting"] for r in attn][1:] == ["splits1", "splits2", "splits3", "splits4", "splits6"]
+    assert [r["setting"] for r in attn][1:] == ["splits1", "splits2", "splits3", "splits4", "splits6", "auto(1)+fused",
+                                                 "splits2+fused", "splits3+fused", "splits4+fused", "splits6+fused"]
     assert all(r["max_diff"] <= 2 ** -7 for r in attn)
 
 
