@@ -55,6 +55,20 @@ def test_profile_decode_step_fused_argmax(tmp_path):
     assert all(x["same_ids"] and x["fused_us"] > 0 and x["unfused_us"] > 0 for x in heads)
 
 
+def test_profile_decode_step_fused_merge(tmp_path):
+    """--fused-merge off on (the next GPU lease's comparison), on the CPU with the live attention in the Triton
+    interpreter, its key axis split (the interpreter's 4 "SMs"): each row says which merge ran, and the fused one
+    launches one kernel fewer per layer and pass (the tiny shape's 2 layers: 2 in an AR step, 4 in a drafted one)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "m.json"
+    _run(["scripts/profile_decode_step.py", "--tiny", "--batch", "2", "--prompt-len", "6", "--steps", "1", "--attn",
+          "live", "--block-size", "4", "--fused-merge", "off", "on", "--count-ops", "--out", str(out)], tmp_path,
+         env={"TRITON_INTERPRET": "1"})
+    off, on = json.loads(out.read_text())["rows"]
+    assert (off["fused_merge"], on["fused_merge"]) == ("off", "on") and on["decode_kernels"]["attention"] == "live"
+    assert (off["ar_ops"] - on["ar_ops"], off["spec_ops"] - on["spec_ops"]) == (2, 4)
+
+
 def test_profile_decode_step_one_json_per_shape(tmp_path):
     """The next GPU session's command, on the CPU at reduced width: one JSON per shape, op counts, floor fields."""
     _run(["scripts/profile_decode_step.py", "--tiny", "--shape", "smollm2-135m", "qwen3-8b", "--batch", "1", "2",
