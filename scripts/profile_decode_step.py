@@ -347,7 +347,7 @@ def profile_shape(a, shape, dev, gbps, out):
             (fm, f, r, n, k, ml, i, b, p) for fm in a.fused_merge for f in a.fused_argmax for r in a.rope
             for n in a.norm for k in a.kv_write for ml in a.mlp for i in a.attn for b in a.batch
             for p in a.prompt_len]:
-        if fm == "on" or "on" in a.fused_merge:  # only where asked: the module need not import otherwise
+        if "on" in a.fused_merge:  # only where asked: the module need not import otherwise
             from orthrus_kernels import decode_attn
             decode_attn.FUSED_MERGE = fm == "on"
         layers.set_decode_rope(rp)
