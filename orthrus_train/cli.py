@@ -143,5 +143,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             DistEnvError, SlurmConfigError, UnsupportedBackbone, TrainingDiverged, FileNotFoundError)
 
 
+def exit_process(rc: int):
+    """End the command with ``rc``. After a multi-rank run that left its process group, the process ends at once
+    (``os._exit``) once stdout, stderr and logging are flushed: leaving the group made the exit-time abort rarer
+    but not impossible ("terminate called without an active exception" after every stage had succeeded, CI
+    session 19), because gloo's C++ threads can outlive ``destroy_process_group`` while something still holds the
+    group, and die in interpreter finalization. Nothing is left to do by then: every stage wrote its files
+    atomically, the logger closed its writers, and the ranks met before leaving. A single-process run exits
+    normally."""
+    pipeline = sys.modules.get("orthrus_train.pipeline")  # not imported: no stage ran, nothing to tear down
+    if not getattr(pipeline, "LEFT_MULTI_RANK_RUN", False):
+        sys.exit(rc)
+    import logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it anyway
+            pass
+    os._exit(rc if isinstance(rc, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -31,6 +31,10 @@ from .run_dir import RunDir, atomic_write_json, atomic_write_text
 
 ALL = ("data", "train", "eval", "export")
 
+# Set once this process has run its stages as one rank of several and left the process group: the command's
+# exit then skips interpreter teardown (see :func:`orthrus_train.cli.exit_process`).
+LEFT_MULTI_RANK_RUN = False
+
 # Seconds to pause after each regeneration batch and before the eval starts (tests only: a kill -9 test can
 # land inside the stage on any machine). The trainer reads the same variable after each step.
 _DEBUG_SLEEP = float(os.environ.get("ORTHRUS_DEBUG_STEP_SLEEP", "0") or 0)
@@ -88,10 +92,12 @@ def _leave_process_group() -> None:
     succeeded: a re-run whose stages were all complete failed its Slurm job about one time in six (CI,
     session 11). The ranks meet first, so none leaves while another still talks to it. After an error nothing
     changes: the other ranks may be stuck elsewhere, and waiting for them would turn an error into a hang."""
+    global LEFT_MULTI_RANK_RUN
     if not torch.distributed.is_initialized():
         return
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    LEFT_MULTI_RANK_RUN = True
 
 
 def _run_stages(cfg, run: RunDir, dist) -> int:
