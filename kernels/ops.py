@@ -49,12 +49,13 @@ def _(x, cos, sin):
 
 @torch.library.custom_op("orthrus::rope_kv_write", mutates_args=("k_cache", "v_cache"))
 def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int) -> torch.Tensor:
-    return rope.rope_kv_write(x, v, cos, sin, k_cache, v_cache, index, q_heads)
+                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int, norm_weight: Optional[torch.Tensor] = None,
+                  eps: float = 0.0) -> torch.Tensor:
+    return rope.rope_kv_write(x, v, cos, sin, k_cache, v_cache, index, q_heads, norm_weight, eps)
 
 
 @rope_kv_write.register_fake
-def _(x, v, cos, sin, k_cache, v_cache, index, q_heads):
+def _(x, v, cos, sin, k_cache, v_cache, index, q_heads, norm_weight=None, eps=0.0):
     return rope._eager_layout_empty(x)
 
 

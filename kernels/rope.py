@@ -30,7 +30,9 @@ heads rotated, v heads copied (no arithmetic, bits kept). Where a row's slots re
 positions past the last slot onto it, the slack slot no committed token uses) the last position writes the slot,
 as the CPU's ``scatter_`` leaves it (CUDA's ``scatter_`` leaves any one of them): the index must be
 non-decreasing along t per row, as ``StaticKVCache.write_index`` makes it (the front door does not check: that
-would cost a host sync).
+would cost a host sync). Given ``norm_weight``, it also runs Qwen3's joint q/k RMSNorm on the q and k heads before
+rotating them (the norm kernel's arithmetic; each row's sum of squares is taken once and serves the row and its
+roll): norm, RoPE and K/V write in one launch instead of two.
 """
 
 from __future__ import annotations
@@ -96,11 +98,27 @@ if HAS_TRITON:
         tl.store(o_ptr + (b * so_b + h * so_h + t * so_t)[:, None] + cols[None, :], o, mask=ok)
 
     @triton.jit
+    def _normed(x, r, w, o_ptr, ROUND: tl.constexpr, BF16_RNE: tl.constexpr):
+        """rmsnorm's per-element arithmetic: x * r rounded to x's dtype, times the weight, rounded (float32)."""
+        y = x * r[:, None]
+        if ROUND:
+            if BF16_RNE:
+                y = _to_bf16_rne(y).to(tl.float32)
+            else:
+                y = y.to(o_ptr.dtype.element_ty).to(tl.float32)
+        if BF16_RNE:
+            return _to_bf16_rne(w * y).to(tl.float32)
+        if ROUND:
+            return (w * y).to(o_ptr.dtype.element_ty).to(tl.float32)
+        return w * y
+
+    @triton.jit
     def _rope_kv_kernel(
-        x_ptr, v_ptr, c_ptr, s_ptr, o_ptr, kc_ptr, vc_ptr, i_ptr, R, H, HQ, HKV, T, D,
+        x_ptr, v_ptr, c_ptr, s_ptr, o_ptr, kc_ptr, vc_ptr, i_ptr, w_ptr, eps, inv_n, R, H, HQ, HKV, T, D,
         sx_b, sx_h, sx_t, sv_b, sv_h, sv_t, sc_b, sc_t, ss_b, ss_t, so_b, so_h, so_t,
-        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, si_b, si_t,
+        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, si_b, si_t, sw_h,
         ROWS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, BF16_RNE: tl.constexpr,
+        NORM: tl.constexpr, BY_RECIPROCAL: tl.constexpr,
     ):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = (b * T + t) * (H + HKV) + head
         row_ok = rows < R
@@ -121,6 +139,18 @@ if HAS_TRITON:
         xrow = x_ptr + (b * sx_b + h * sx_h + t * sx_t)[:, None]
         x = tl.load(xrow + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         xr = tl.load(xrow + rolled[None, :], mask=okx, other=0.0).to(tl.float32)
+        if NORM:  # the joint q/k RMSNorm first (rmsnorm._rms_norm_kernel's arithmetic, weight row h): x and its roll
+            ss = tl.sum(x * x, axis=1)
+            if BY_RECIPROCAL:
+                ms = ss * inv_n
+            else:
+                ms = ss / D
+            rs = tl.math.rsqrt(ms + eps)
+            wrow = w_ptr + (h * sw_h)[:, None]
+            w = tl.load(wrow + cols[None, :], mask=okx, other=0.0).to(tl.float32)
+            wr = tl.load(wrow + rolled[None, :], mask=okx, other=0.0).to(tl.float32)
+            x = _normed(x, rs, w, o_ptr, ROUND, BF16_RNE)
+            xr = _normed(xr, rs, wr, o_ptr, ROUND, BF16_RNE)
         c = tl.load(c_ptr + (b * sc_b + t * sc_t)[:, None] + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + (b * ss_b + t * ss_t)[:, None] + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         o = _rotate(x, xr, c, s, o_ptr, ROUND, BF16_RNE)
@@ -182,14 +212,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int) -> torch.Tensor:
+                  v_cache: torch.Tensor, index: torch.Tensor, q_heads: int, norm_weight: torch.Tensor | None = None,
+                  eps: float = 0.0) -> torch.Tensor:
     """``apply_rope(x, cos, sin)`` (returned) with its k heads (``x[:, q_heads:]``) and ``v`` written into one layer's
     cache slots at ``index``, as ``StaticKVCache.write`` writes them, in one Triton kernel (module docstring).
 
     x (B, Hq + Hkv, T, D) and cos, sin as :func:`apply_rope` takes them; v (B, Hkv, T, D) in x's dtype, any strides
     with a contiguous last dim; k_cache, v_cache (B, Hkv, S, D) in x's dtype with a contiguous last dim (written in
-    place); index (B, 1, T, 1) integer slots in 0..S-1, non-decreasing along T (``StaticKVCache.write_index``)."""
+    place); index (B, 1, T, 1) integer slots in 0..S-1, non-decreasing along T (``StaticKVCache.write_index``).
+
+    norm_weight (Hq + Hkv, D) in x's dtype (Qwen3's joint q/k norm weight, ``layers._JointNormWeight``): x is
+    RMS-normed first, row by row with ``eps``, in the same kernel: ``rmsnorm.rms_norm(x, norm_weight, eps)``'s
+    arithmetic, so the result equals that norm followed by this RoPE (bit for bit under the interpreter; on a GPU
+    up to the order of the float32 sum of squares, as the norm kernel is to torch). One launch fewer per layer and
+    pass. The K/V written are the normed, rotated k heads and the plain v."""
     what = "rope_kv_write kernel"
+    if norm_weight is not None:
+        if x.dim() != 4 or norm_weight.shape != (x.shape[1], x.shape[3]):
+            raise ValueError(f"{what}: norm_weight must be (Hq + Hkv, D) = {(x.shape[1], x.shape[-1])}, got "
+                             f"{tuple(norm_weight.shape)}")
+        if norm_weight.dtype != x.dtype:
+            raise TypeError(f"{what}: norm_weight dtype {norm_weight.dtype} must be x's dtype {x.dtype}")
+        if norm_weight.stride(-1) != 1:
+            norm_weight = norm_weight.contiguous()
     if x.dim() != 4:
         raise ValueError(f"{what}: x must be (B, H, T, D), got shape {tuple(x.shape)}")
     B, H, T, D = x.shape
@@ -218,14 +263,16 @@ def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torc
         return out
     block = triton.next_power_of_2(D)
     per = min(triton.next_power_of_2(rows), max(1, MAX_TILE // block))  # rows per program
+    norm = norm_weight is not None
     _rope_kv_kernel[(triton.cdiv(rows, per),)](
-        x, v, cos, sin, out, k_cache, v_cache, index, rows, H, q_heads, hkv, T, D,
+        x, v, cos, sin, out, k_cache, v_cache, index, norm_weight if norm else x, float(eps), 1.0 / D, rows, H,
+        q_heads, hkv, T, D,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2),
         cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2), out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), index.stride(0), index.stride(2),
+        v_cache.stride(2), index.stride(0), index.stride(2), norm_weight.stride(0) if norm else 0,
         ROWS=per, BLOCK=block, ROUND=x.dtype != torch.float32,
-        BF16_RNE=interpreting() and x.dtype == torch.bfloat16,
+        BF16_RNE=interpreting() and x.dtype == torch.bfloat16, NORM=norm, BY_RECIPROCAL=x.is_cuda,
         num_warps=4 if per * block <= 2048 else 8, enable_fp_fusion=False,
     )
     return out

@@ -69,6 +69,22 @@ def test_profile_decode_step_fused_merge(tmp_path):
     assert (off["ar_ops"] - on["ar_ops"], off["spec_ops"] - on["spec_ops"]) == (2, 4)
 
 
+def test_profile_decode_step_qk_norm_in_rope(tmp_path):
+    """--qk-norm-in-rope off on (the next GPU lease's comparison) on a reduced Qwen3-8B (q/k norms) with the norm,
+    RoPE and K/V write kernels in the Triton interpreter: each row says which ran, and the fused one launches one
+    kernel fewer per layer and pass (2 layers: 2 in an AR step, 4 in a drafted one)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "q.json"
+    _run(["scripts/profile_decode_step.py", "--tiny", "--shape", "qwen3-8b", "--batch", "1", "--prompt-len", "6",
+          "--steps", "1", "--attn", "sdpa", "--block-size", "4", "--norm", "triton", "--rope", "triton", "--kv-write",
+          "triton", "--mlp", "torch", "--qk-norm-in-rope", "off", "on", "--count-ops", "--out", str(out)], tmp_path,
+         env={"TRITON_INTERPRET": "1"})
+    off, on = json.loads(out.read_text())["rows"]
+    assert (off["qk_norm_in_rope"], on["qk_norm_in_rope"]) == ("off", "on")
+    assert on["kv_write_resolved"] == "triton" and on["norm_resolved"] == "triton"
+    assert (off["ar_ops"] - on["ar_ops"], off["spec_ops"] - on["spec_ops"]) == (2, 4)
+
+
 def test_profile_decode_step_one_json_per_shape(tmp_path):
     """The next GPU session's command, on the CPU at reduced width: one JSON per shape, op counts, floor fields."""
     _run(["scripts/profile_decode_step.py", "--tiny", "--shape", "smollm2-135m", "qwen3-8b", "--batch", "1", "2",
@@ -114,7 +130,8 @@ def test_count_decode_ops_counts_the_fused_decode_kernels(tmp_path):
         for mode, passes in (("ar", 1), ("spec", 2)):
             f = row[mode]["layer_ops"]
             assert f["triton:_rope_kv_kernel"] == f["triton:_silu_mul_kernel"] == passes
-            assert f["triton:_rms_norm_kernel"] == 3 * passes  # input (+ add), joint q/k, post-attention (+ add)
+            # input (+ add), post-attention (+ add); the joint q/k norm runs in the RoPE + K/V write kernel
+            assert f["triton:_rms_norm_kernel"] == 2 * passes
             assert row[mode]["ops_per_layer"] == sum(f.values())
             assert not {"scatter_", "triton:_rope_kernel", "silu", "mul", "cat"} & set(f)
 

@@ -68,8 +68,8 @@ _COMPILED_KERNELS = {
     "rmsnorm": SimpleNamespace(rms_norm=lambda x, w, eps: torch.ops.orthrus.rms_norm(x, w, eps),
                                add_rms_norm=lambda x, r, w, eps: torch.ops.orthrus.add_rms_norm(x, r, w, eps)),
     "rope": SimpleNamespace(apply_rope=lambda x, cos, sin: torch.ops.orthrus.apply_rope(x, cos, sin),
-                            rope_kv_write=lambda x, v, cos, sin, kc, vc, idx, hq: torch.ops.orthrus.rope_kv_write(
-                                x, v, cos, sin, kc, vc, idx, hq)),
+                            rope_kv_write=lambda x, v, cos, sin, kc, vc, idx, hq, w=None, eps=0.0: (
+                                torch.ops.orthrus.rope_kv_write(x, v, cos, sin, kc, vc, idx, hq, w, eps))),
     "swiglu": SimpleNamespace(silu_mul=lambda g, u: torch.ops.orthrus.silu_mul(g, u)),
     "decode_attn": SimpleNamespace(
         live_lengths=lambda mask: torch.ops.orthrus.live_lengths(mask),
@@ -291,7 +291,8 @@ set_decode_kv_write, decode_kv_write = _KV_WRITE_SWITCH.set, _KV_WRITE_SWITCH.ge
 def _probe_kv_write_kernel(device: torch.device) -> None:
     """The RoPE + K/V write kernel compiled and run on `device` in float32 and bfloat16 on a decode-shaped input (the
     joint q/k view of a fused projection output, rows at different lengths), and checked bit for bit against the
-    RoPE kernel followed by `LayerSlots.write`; raises if it cannot run or disagrees."""
+    RoPE kernel followed by `LayerSlots.write`; with the joint q/k norm inside (`QK_NORM_IN_ROPE`), within an ulp of
+    `rms_norm` followed by both; raises if it cannot run or disagrees."""
     from .cache import LayerSlots
 
     kernels = _ROPE_SWITCH.kernels(torch.empty(1, device=device))
@@ -304,13 +305,20 @@ def _probe_kv_write_kernel(device: torch.device) -> None:
         v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
         ang = torch.rand(B, T, D // 2, generator=g) * 6.3
         cos, sin = rope_tables(*(f(torch.cat((ang, ang), -1)).to(device, dt) for f in (torch.cos, torch.sin)))
-        caches = [torch.randn(B, Hkv, S, D, generator=g).to(device, dt) for _ in range(2)]
-        ref_k, ref_v = (c.clone() for c in caches)
-        out = kernels.rope_kv_write(x, v, cos, sin, *caches, index, Hq)
-        ref = kernels.apply_rope(x, cos, sin)
-        LayerSlots(ref_k, ref_v, index).write(ref[:, Hq:], v)
-        for got, want in ((out, ref), (caches[0], ref_k), (caches[1], ref_v)):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        w = (1 + 0.1 * torch.randn(Hq + Hkv, D, generator=g)).to(device, dt)
+        for norm_w in (None, w):  # without, then with the joint q/k norm inside (`QK_NORM_IN_ROPE`)
+            caches = [torch.randn(B, Hkv, S, D, generator=g).to(device, dt) for _ in range(2)]
+            ref_k, ref_v = (c.clone() for c in caches)
+            if norm_w is None:
+                out = kernels.rope_kv_write(x, v, cos, sin, *caches, index, Hq)
+                ref, tol = kernels.apply_rope(x, cos, sin), 0  # bit for bit
+            else:  # the norm, then the RoPE: within an ulp (the sum of squares may add in another order)
+                out = kernels.rope_kv_write(x, v, cos, sin, *caches, index, Hq, norm_w, 1e-6)
+                ref, tol = kernels.apply_rope(rms_norm(x, norm_w[:, None], 1e-6), cos, sin), 2e-2
+            LayerSlots(ref_k, ref_v, index).write(ref[:, Hq:], v)
+            for got, want in ((out, ref), (caches[0], ref_k)):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            torch.testing.assert_close(caches[1], ref_v, rtol=0, atol=0)
 
 
 def resolved_decode_kv_write(device: torch.device | str) -> str:
@@ -330,6 +338,27 @@ def _kv_write_kernels(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, kv):
             or kv.v.stride(-1) != 1 or cos.shape[-1] != qk.shape[-1]):
         return None
     return _KV_WRITE_SWITCH.kernels(qk)
+
+
+# Qwen3's joint q/k RMSNorm inside the RoPE + K/V write kernel (`rope_kv_write(..., norm_weight, eps)`): where the
+# decode passes write K/V with that kernel ("triton" K/V write) and their norm is the "triton" norm, the norm runs in
+# it too: one launch fewer per layer and pass (36 per Qwen3-8B step). The norm kernel's arithmetic; on a GPU the
+# float32 sum of squares may add in another order than in the norm kernel (as that kernel's may differ from torch's):
+# bit-identical in the CPU interpreter, an ulp at most on a GPU. The K/V write's probe also checks this variant.
+# ORTHRUS_DECODE_QK_NORM_IN_ROPE=0 (or `set_decode_qk_norm_in_rope(False)`) keeps the norm kernel separate (the
+# profile script's --qk-norm-in-rope off on compares both). Not timed on a GPU when written (session 20).
+QK_NORM_IN_ROPE = os.environ.get("ORTHRUS_DECODE_QK_NORM_IN_ROPE", "1") not in ("0", "false", "off")
+
+
+def set_decode_qk_norm_in_rope(on: bool) -> None:
+    global QK_NORM_IN_ROPE
+    QK_NORM_IN_ROPE = bool(on)
+
+
+def _qk_norm_in_rope(qk: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the joint q/k norm of `qk` (weight `w`) runs inside the RoPE + K/V write kernel (`QK_NORM_IN_ROPE`):
+    the decode norm "triton" and the weight in qk's dtype (as the norm kernel needs it)."""
+    return QK_NORM_IN_ROPE and w.dtype == qk.dtype and _triton_norm_selected(qk)
 
 
 def norm(module, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
@@ -605,13 +634,19 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False,
         Hq, Hkv = q.shape[2], k.shape[2]
         # (B, T, Hq + Hkv, D): q heads then k heads, a view of the fused output (no cat)
         qk = qkv[..., :nq + nk].view(B, T, Hq + Hkv, D) if fused is not None else torch.cat([q, k], 2)
+        w = None
         if qn is not None:
             w = attn.__dict__.get(_QK_NORM[view])  # built once per fusion (`_JointNormWeight`)
             if w is None or w.shape != (Hq + Hkv, D):  # no fusion attached: built here, as before
                 w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
+        fused_kv = None if kv is None else _kv_write_kernels(qk, v, cos, kv)
+        if fused_kv is not None and w is not None and _qk_norm_in_rope(qk, w):  # norm, RoPE, cache write: one kernel
+            qk = fused_kv.rope_kv_write(qk.transpose(1, 2), v.transpose(1, 2), cos, sin, kv.k, kv.v, kv.index, Hq,
+                                        w, qn.variance_epsilon)
+            return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
+        if w is not None:
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)
-        fused_kv = None if kv is None else _kv_write_kernels(qk, v, cos, kv)
         if fused_kv is not None:  # the RoPE and the cache write in one kernel
             qk = fused_kv.rope_kv_write(qk, v, cos, sin, kv.k, kv.v, kv.index, Hq)
             return qk[:, :Hq], qk[:, Hq:], v

@@ -20,7 +20,8 @@ from tests.model.triton_testlib import (DEV, assert_auto_falls_back, interpreter
 pytestmark = requires_triton
 
 _SETTINGS = ((layers.decode_rope, layers.set_decode_rope), (layers.decode_kv_write, layers.set_decode_kv_write),
-             (layers.decode_norm, layers.set_decode_norm))
+             (layers.decode_norm, layers.set_decode_norm),
+             (lambda: layers.QK_NORM_IN_ROPE, layers.set_decode_qk_norm_in_rope))
 _setting = interpreter_and_restored(lambda: [get() for get, _ in _SETTINGS],
                                     lambda prev: [set_(p) for (_, set_), p in zip(_SETTINGS, prev)])
 
@@ -71,6 +72,35 @@ def test_kernel_equals_rope_then_scatter(D, T, heads, dtype):
     assert torch.equal(cache.v[0][1, :, S - 1], v[1, :, -1])  # the last position's v in the clamped slot
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 2), (9, 3)])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernel_with_the_joint_qk_norm_equals_the_norm_kernel_then_rope(D, T, heads, dtype):
+    """`norm_weight` (Qwen3's joint q/k norm inside the kernel): the q/k heads returned and the K/V written are those
+    of the norm kernel followed by the RoPE kernel + scatter_: bit for bit in the interpreter (on a GPU within an
+    ulp: the sum of squares may add in another order), and close to the eager norm + RoPE. v is written as it is."""
+    from orthrus_kernels import rmsnorm
+
+    Hq, Hkv = heads
+    S = 10
+    x, v, cos, sin, cache, index = decode_inputs(2, T, Hq, Hkv, D, S, [0, S - 2 if T > 1 else S - 1], dtype)
+    g = torch.Generator().manual_seed(7)
+    w = (1 + 0.2 * torch.randn(Hq + Hkv, D, generator=g)).to(DEV, dtype)
+    normed = rmsnorm.rms_norm(x.transpose(1, 2), w, 1e-6).transpose(1, 2)
+    ref, ref_k, ref_v = unfused(normed, v, cos, sin, cache.k[0], cache.v[0], index, Hq)
+    out = rope.rope_kv_write(x, v, cos, sin, cache.k[0], cache.v[0], index, Hq, w, 1e-6)
+    assert out.stride() == ref.stride()
+    exact = DEV.type == "cpu"  # the interpreter: the same sums; a GPU may order the sum of squares otherwise
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(cache.k[0].cpu(), ref_k, **tol)
+    assert torch.equal(cache.v[0].cpu(), ref_v)
+    eager = layers.apply_rope(layers.rms_norm(x, w[:, None], 1e-6), cos, sin)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out, rope.apply_rope(x, cos, sin))  # the norm really ran (w is not all ones)
+
+
 def test_kernel_other_layouts():
     """Contiguous x and v, tables of batch 1 broadcast over B, int32 slots, and cache views whose rows are not
     contiguous (a slice of a longer cache: the slots' stride is not S * D): the same bits as the unfused path."""
@@ -101,6 +131,9 @@ def test_kernel_refusals():
         (dict(v=v[:, :1]), ValueError, "v must be"),
         (dict(q_heads=6), ValueError, "q_heads must be in 1..5"),
         (dict(cos=cos[..., :32]), ValueError, "cos/sin must be"),
+        (dict(norm_weight=torch.ones(6, 32, device=DEV)), ValueError, r"norm_weight must be \(Hq \+ Hkv, D\)"),
+        (dict(norm_weight=torch.ones(6, 64, device=DEV, dtype=torch.bfloat16)), TypeError,
+         "norm_weight dtype torch.bfloat16 must be x's dtype"),
     ]
     for change, err, msg in bad:
         args = dict(x=x, v=v, cos=cos, sin=sin, k_cache=cache.k[0], v_cache=cache.v[0], index=index, q_heads=4)
@@ -177,6 +210,43 @@ def test_cached_passes_bit_identical_with_the_fused_write(family, dtype, monkeyp
     assert ops_f["scatter_"] == 0 and ops_f["triton:_rope_kernel"] == 0 and ops_f["triton:_rope_kv_kernel"] == n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_joint_qk_norm_runs_in_the_rope_kernel(dtype, monkeypatch):
+    """Qwen3 decode passes with the "triton" norm, RoPE and K/V write: the joint q/k norm runs inside the RoPE + K/V
+    write kernel (`QK_NORM_IN_ROPE`, the default): the same hidden states, caches and attention inputs bit for bit
+    (the interpreter: the same sums) as with the norm kernel apart, and one norm kernel fewer per layer and pass.
+    Off, or with the "torch" norm, the norm is not fused (the "torch" norm keeps its eager ops)."""
+    from orthrus_train.decode import opcount
+
+    assert layers.QK_NORM_IN_ROPE  # on by default
+    m = _model("qwen3", dtype)
+    for setting in (layers.set_decode_rope, layers.set_decode_kv_write, layers.set_decode_norm):
+        setting("triton")
+    res = {}
+    for on in (False, True):
+        layers.set_decode_qk_norm_in_rope(on)
+        with opcount.counting() as c:
+            res[on] = _passes(m, monkeypatch) + (c.ops,)
+    (out_0, caches_0, seen_0, ops_0), (out_1, caches_1, seen_1, ops_1) = res[False], res[True]
+    exact = DEV.type == "cpu"
+    for a, b in zip(out_1 + caches_1 + [t for row in seen_1 for t in row if isinstance(t, torch.Tensor)],
+                    out_0 + caches_0 + [t for row in seen_0 for t in row if isinstance(t, torch.Tensor)]):
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    n = 3 * len(m.decoder.layers)  # layer passes
+    assert ops_1["triton:_rope_kv_kernel"] == ops_0["triton:_rope_kv_kernel"] == n
+    assert ops_0["triton:_rms_norm_kernel"] - ops_1["triton:_rms_norm_kernel"] == n
+    # the "torch" norm: nothing fused (its eager ops kept), whatever the flag says
+    layers.set_decode_norm("torch")
+    calls = []
+    real_kv = rope.rope_kv_write
+    monkeypatch.setattr(rope, "rope_kv_write", lambda *a: calls.append(len(a)) or real_kv(*a))
+    _passes(m, monkeypatch)
+    assert calls and set(calls) == {8}  # no norm weight passed
+
+
 def test_falls_back_where_the_fusion_cannot_apply(monkeypatch):
     """The K/V write stays the scatter_ (same results, the kernel not called) where the fused kernel does not apply:
     the decode RoPE "torch" (that setting wins: today's torch path whole), a cache in another dtype than the pass,
@@ -251,9 +321,15 @@ def test_the_probe_checks_the_kernels_arithmetic(monkeypatch):
     else (here: the v slots left unwritten)."""
     layers._probe_kv_write_kernel(DEV)
 
-    def no_v(x, v, cos, sin, kc, vc, index, hq):
-        return real(x, v, cos, sin, kc, vc.clone(), index, hq)
+    def no_v(x, v, cos, sin, kc, vc, index, hq, *norm):
+        return real(x, v, cos, sin, kc, vc.clone(), index, hq, *norm)
     monkeypatch.setattr(rope, "rope_kv_write", no_v)
+    with pytest.raises(AssertionError):
+        layers._probe_kv_write_kernel(DEV)
+
+    def no_norm(x, v, cos, sin, kc, vc, index, hq, *norm):  # the norm weight ignored: refused too
+        return real(x, v, cos, sin, kc, vc, index, hq)
+    monkeypatch.setattr(rope, "rope_kv_write", no_norm)
     with pytest.raises(AssertionError):
         layers._probe_kv_write_kernel(DEV)
 
@@ -273,3 +349,16 @@ def test_engine_greedy_tokens_unchanged_with_the_fused_write(monkeypatch):
     assert all(len(t) == 12 for t in out["triton"][0])
     assert max(accepted) > 0  # some drafts accepted: multi-token steps are exercised
     assert {1, 4} <= set(calls)  # the AR step (T = 1) and the drafted step's passes (T = K = 4)
+
+
+def test_engine_greedy_tokens_unchanged_with_the_qk_norm_in_the_rope_kernel(monkeypatch):
+    """The same with the "triton" norm, RoPE and K/V write, the joint q/k norm in the RoPE kernel or apart: the
+    same greedy tokens, and the fused variant really served the passes."""
+    calls = []
+    monkeypatch.setattr(rope, "rope_kv_write", lambda *a: calls.append(len(a)) or real(*a))
+    for setting in (layers.set_decode_rope, layers.set_decode_kv_write, layers.set_decode_norm):
+        setting("triton")
+    out, accepted, m = tiny_engine_tokens(layers.set_decode_qk_norm_in_rope, (False, True), 12)
+    assert out[True] == out[False]
+    assert max(accepted) > 0
+    assert set(calls) == {8, 10}  # apart (8 arguments), then with the norm weight and eps (10)
