@@ -11,7 +11,7 @@ from orthrus_train.decode.engine import DecodeEngine, RefillCost, SamplingParams
 from orthrus_train.decode.rng import counter_uniforms, row_seed
 from orthrus_train.eval import metrics
 from orthrus_train.eval.benchmarks import stop_token_ids
-from orthrus_train.model import MedusaModel, build_random, tiny_config
+from orthrus_train.model import MedusaModel, OrthrusModel, build_random, tiny_config
 
 LENGTHS = (1, 12)  # prompt lengths in a batch differ (1 token: nothing to prefill)
 
@@ -526,6 +526,24 @@ def cpu_prefill_graphs(monkeypatch):
 
         monkeypatch.setattr(cls, "_prefill_graphs", forced)
     return E
+
+
+@pytest.mark.parametrize("mode", ["spec", "ar"])
+def test_warm_prefill_leaves_the_first_call_nothing_to_capture_with_long_prompts(cpu_prefill_graphs, mode):
+    """Prompts all longer than one length bucket: warm_prefill's own shapes need fewer rows and slots than a
+    `generate_many` call reserves first (here 4 rows of 192 against 1,024 slots and 16 rows). The warm-up reserves
+    the call's scratch too, so the call neither grows the scratch (which drops every graph) nor captures anything:
+    before, the eval's first timed run recaptured every prefill graph inside its clock (session 20, humaneval)."""
+    bb = build_random(tiny_config("qwen3", vocab_size=128, initializer_range=0.2), seed=2)
+    m = OrthrusModel(bb, block_size=3, vocab_len=VOCAB_LEN).eval()
+    prompts = random_prompts(7, (130, 180), seed=8)
+    eng = DecodeEngine(m, batch_size=3, max_len=256, verify_backend="torch", prefill_ahead_tokens=1024)
+    assert eng.warm_prefill([len(p) for p in prompts]) == len(eng._pg) > 0
+    version, captures = eng._pg.scratch.version, eng._pg.captures
+    assert all(have >= need for have, need in zip(eng._pg.scratch.capacity, eng._call_scratch()))
+    out = eng.generate_many(prompts, 8, seeds=list(range(7)), mode=mode)
+    assert eng._pg.scratch.version == version and eng._pg.captures == captures
+    assert out.prefill_graph_replays == out.prefill_passes > 0
 
 
 def test_scratch_reserve_keeps_its_storage_until_a_shape_needs_more(qwen3_model):
