@@ -30,9 +30,7 @@ length at run time (``cdiv(kv_len, splits)`` rounded up to BLOCK_N), so splits p
 nothing and exit. Each split writes its running max, sum and unnormalised float32 output; a second kernel
 merges them: per BLOCK_R = 16 folded query rows, the global max over the splits first, then the partial outputs
 summed with their weights exp(m_split - max) (the online-softmax rescaling, in one step; float32). With one split
-the first kernel writes the output itself. With ``FUSED_MERGE`` (off until timed) there is no second kernel: each
-split counts itself done on its tile's counter (an acquire-release atomic after a barrier) and the last one merges
-the tile's partials, read through L2, and resets the counter.
+the first kernel writes the output itself.
 
 Under the Triton interpreter (CPU tests) the dots run on float32 operands (16-bit products are exact in
 float32): the interpreter's 16-bit ``tl.dot`` is not trustworthy (see ``fused_kl._logit_tiles``).
@@ -58,23 +56,18 @@ MIN_SPLIT_KEYS = 128  # a split of a full cache holds at least this many slots (
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 2
 MERGE_BLOCK_R = 16  # folded query rows per merge program (a power of two <= the attention's BLOCK_M)
-# With splits > 1: merge the partials in the attention kernel itself, by the split that finishes last for its
-# (row, kv head, query tile) (a per-tile counter, `tl.atomic_add`; it resets it), instead of a second kernel. One
-# launch fewer per layer and pass; not yet timed on a GPU (`scripts/sweep_decode_kernels.py` times both), so off.
-FUSED_MERGE = False
-_LOCKS: dict[torch.device, torch.Tensor] = {}  # per device: int32 counters, all 0 between launches
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _live_attn_kernel(
-        q_ptr, k_ptr, v_ptr, m_ptr, len_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, lock_ptr,
+        q_ptr, k_ptr, v_ptr, m_ptr, len_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr,
         scale, T, M, Hkv, G, M_PAD,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
         sm_b, sm_t, sm_s, so_b, so_h, so_t,
         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, FUSED: tl.constexpr, SPLITS_P2: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(2)
@@ -133,41 +126,6 @@ if HAS_TRITON:
             tl.store(pm_ptr + prow, m_i)
             tl.store(pl_ptr + prow, l_i)
             tl.store(pacc_ptr + prow[:, None] * HEAD_D + d[None, :], acc)
-            if FUSED:  # the split that finishes last for this tile merges all of them, and resets the counter
-                tile = pid * tl.num_programs(1) + tl.program_id(1)
-                tl.debug_barrier()  # every thread's partials stored before the release below
-                done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")  # splits finished before this one
-                if done == SPLITS - 1:
-                    tl.store(lock_ptr + tile, 0)
-                    _merge_rows(pm_ptr, pl_ptr, pacc_ptr, o_ptr, pid.to(tl.int64) * SPLITS, rows, row_ok, head, t,
-                                b64, M_PAD, so_b, so_h, so_t, HEAD_D, BLOCK_M, SPLITS, SPLITS_P2, ".cg")
-
-    @triton.jit
-    def _merge_rows(pm_ptr, pl_ptr, pacc_ptr, o_ptr, base, rows, row_ok, head, t, b64, M_PAD, so_b, so_h, so_t,
-                    HEAD_D: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                    CACHE: tl.constexpr):
-        # The splits' partials of folded query rows `rows` (of the tile whose first split is `base`) merged and
-        # stored: the splits' maxima and sums in one (SPLITS_P2, rows) tile, the global max and each split's weight
-        # exp(m_s - max) once, then the partial outputs summed with those weights in an unrolled loop whose loads
-        # do not wait on each other. CACHE: the loads' cache modifier (".cg" where other programs of this launch
-        # wrote the partials: read through L2, not a stale L1 line).
-        d = tl.arange(0, HEAD_D)
-        s_idx = tl.arange(0, SPLITS_P2)
-        s_ok = s_idx[:, None] < SPLITS
-        prow2 = (base + s_idx[:, None]) * M_PAD + rows[None, :]
-        m_all = tl.load(pm_ptr + prow2, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)  # (SPLITS_P2, R)
-        m_max = tl.max(m_all, axis=0)
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row no split saw: every weight 0
-        l_all = tl.load(pl_ptr + prow2, mask=s_ok, other=0.0, cache_modifier=CACHE)
-        l_i = tl.sum(l_all * tl.exp(m_all - m_safe[None, :]), axis=0)
-        acc = tl.zeros([ROWS, HEAD_D], dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            prow = (base + s) * M_PAD + rows
-            w = tl.exp(tl.load(pm_ptr + prow, cache_modifier=CACHE) - m_safe)
-            acc += tl.load(pacc_ptr + prow[:, None] * HEAD_D + d[None, :], cache_modifier=CACHE) * w[:, None]
-        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)  # nothing seen: 0
-        tl.store(o_ptr + b64 * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _live_attn_merge_kernel(
@@ -187,8 +145,23 @@ if HAS_TRITON:
         row_ok = rows < M
         head = (hk * G + rows // T).to(tl.int64)
         t = rows % T
-        _merge_rows(pm_ptr, pl_ptr, pacc_ptr, o_ptr, pid.to(tl.int64) * SPLITS, rows, row_ok, head, t, b64, M_PAD,
-                    so_b, so_h, so_t, HEAD_D, BLOCK_R, SPLITS, SPLITS_P2, "")
+        d = tl.arange(0, HEAD_D)
+        base = pid.to(tl.int64) * SPLITS
+        s_idx = tl.arange(0, SPLITS_P2)
+        s_ok = s_idx[:, None] < SPLITS
+        prow2 = (base + s_idx[:, None]) * M_PAD + rows[None, :]
+        m_all = tl.load(pm_ptr + prow2, mask=s_ok, other=float("-inf"))  # (SPLITS_P2, BLOCK_R)
+        m_max = tl.max(m_all, axis=0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row no split saw: every weight 0
+        l_i = tl.sum(tl.load(pl_ptr + prow2, mask=s_ok, other=0.0) * tl.exp(m_all - m_safe[None, :]), axis=0)
+        acc = tl.zeros([BLOCK_R, HEAD_D], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            prow = (base + s) * M_PAD + rows
+            w = tl.exp(tl.load(pm_ptr + prow) - m_safe)
+            acc += tl.load(pacc_ptr + prow[:, None] * HEAD_D + d[None, :]) * w[:, None]
+        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)  # nothing seen: 0
+        tl.store(o_ptr + b64 * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def live_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -220,24 +193,14 @@ def check_head_dim(head_dim: int) -> None:
                          "use ORTHRUS_DECODE_ATTN=sdpa (or set_decode_attention('sdpa')) for this model")
 
 
-def _locks(n: int, device: torch.device) -> torch.Tensor:
-    """At least n int32 counters on `device`, all 0 (the fused merge leaves them 0): allocated once and grown
-    outside CUDA-graph capture (an engine's warm-up steps run every shape before it captures)."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return locks
-
-
 def live_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kv_len: torch.Tensor,
-                   scale: float, splits: int | None = None, fused_merge: bool | None = None) -> torch.Tensor:
+                   scale: float, splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v over keys below kv_len[b] only.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (head h reads kv head h // (Hq / Hkv)); mask
     (B, 1, T, S) bool, True = attend (may be an expanded view); kv_len (B,) int32 (:func:`live_lengths` of the
     mask, or any bound with no attended slot at or past it); splits: programs per (row, kv head, query tile)
-    along the key axis (None: :func:`num_splits`); fused_merge: with splits > 1, the last split of each tile merges
-    in the attention kernel (None: ``FUSED_MERGE``). Returns (B, Hq, T, D) in q's dtype (a transposed view of a
+    along the key axis (None: :func:`num_splits`). Returns (B, Hq, T, D) in q's dtype (a transposed view of a
     (B, T, Hq, D) buffer)."""
     if not HAS_TRITON:
         raise RuntimeError("decode attention 'live' needs triton")
@@ -267,27 +230,25 @@ def live_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if splits < 1:
         raise ValueError(f"decode attention 'live': splits must be >= 1, got {splits}")
     m_pad = m_tiles * block_m
-    fused = splits > 1 and (FUSED_MERGE if fused_merge is None else fused_merge)
     if splits > 1:  # per split: running max, sum and unnormalised output of every folded query row
         pm = torch.empty((B * Hkv, splits, m_pad), dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         pacc = torch.empty((B * Hkv, splits, m_pad, D), dtype=torch.float32, device=q.device)
     else:
         pm = pl = pacc = out  # not read (the kernel writes the output itself)
-    locks = _locks(B * Hkv * m_tiles, q.device) if fused else kv_len  # kv_len: not touched without the fusion
     warps = 8 if block_m * D >= 128 * 128 else 4
     _live_attn_kernel[(B * Hkv, m_tiles, splits)](
-        q, k, v, m8, kv_len, out, pm, pl, pacc, locks,
+        q, k, v, m8, kv_len, out, pm, pl, pacc,
         float(scale), T, M, Hkv, g, m_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), m8.stride(0), m8.stride(2), m8.stride(3),
         out.stride(0), out.stride(2), out.stride(1),
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SPLITS=splits,
         PRECISION="ieee" if (q.dtype == torch.float32 or interpreting()) else "tf32",
-        UPCAST=interpreting() and q.dtype != torch.float32, FUSED=fused, SPLITS_P2=triton.next_power_of_2(splits),
+        UPCAST=interpreting() and q.dtype != torch.float32,
         num_warps=warps,
     )
-    if splits > 1 and not fused:
+    if splits > 1:
         block_r = min(block_m, MERGE_BLOCK_R)
         _live_attn_merge_kernel[(B * Hkv, m_pad // block_r)](
             pm, pl, pacc, out, T, M, Hkv, g, m_pad, out.stride(0), out.stride(2), out.stride(1),

@@ -290,9 +290,6 @@ def main(argv=None):
     ap.add_argument("--mlp", nargs="+", default=["auto"],
                     help="decode SwiGLU products to compare (layers.DECODE_MLP_CHOICES: 'torch', silu + mul; "
                          "'triton', one kernel (SiLU MLPs); 'auto' (default) as --norm; mlp_resolved in the row)")
-    ap.add_argument("--fused-merge", nargs="+", default=["off"], choices=["off", "on"],
-                    help="the live attention's split merge as a second kernel ('off', default) or in the attention "
-                         "kernel itself ('on': orthrus_kernels.decode_attn.FUSED_MERGE); both to compare")
     ap.add_argument("--qk-norm-in-rope", nargs="+", default=["on"], choices=["off", "on"],
                     help="Qwen3's joint q/k norm inside the RoPE + K/V write kernel ('on', default, where the norm and "
                          "the K/V write are 'triton': layers.QK_NORM_IN_ROPE) or as its own norm kernel ('off'); both "
@@ -347,14 +344,11 @@ def profile_shape(a, shape, dev, gbps, out):
     floor_ms = wbytes / (gbps * 1e9) * 1e3 if gbps else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results = []
-    for qn, fm, fa, rp, nrm, kvw, mlp, impl, B, P in [
-            (qn, fm, f, r, n, k, ml, i, b, p) for qn in a.qk_norm_in_rope for fm in a.fused_merge
-            for f in a.fused_argmax for r in a.rope for n in a.norm for k in a.kv_write for ml in a.mlp
-            for i in a.attn for b in a.batch for p in a.prompt_len]:
+    for qn, fa, rp, nrm, kvw, mlp, impl, B, P in [
+            (qn, f, r, n, k, ml, i, b, p) for qn in a.qk_norm_in_rope for f in a.fused_argmax for r in a.rope
+            for n in a.norm for k in a.kv_write for ml in a.mlp for i in a.attn for b in a.batch
+            for p in a.prompt_len]:
         layers.set_decode_qk_norm_in_rope(qn == "on")
-        if "on" in a.fused_merge:  # only where asked: the module need not import otherwise
-            from orthrus_kernels import decode_attn
-            decode_attn.FUSED_MERGE = fm == "on"
         layers.set_decode_rope(rp)
         layers.set_decode_norm(nrm)
         layers.set_decode_kv_write(kvw)
@@ -371,7 +365,7 @@ def profile_shape(a, shape, dev, gbps, out):
                "mlp_resolved": layers.resolved_decode_mlp(dev), "decode_kernels": layers.resolved_decode_kernels(dev),
                "compile": a.compile,
                "fused_projections": not a.no_fuse, "batch": B, "prompt_len": P, "slots": S,
-               "fused_argmax": fa, "fused_argmax_active": eng.fused_argmax_active, "fused_merge": fm,
+               "fused_argmax": fa, "fused_argmax_active": eng.fused_argmax_active,
                "qk_norm_in_rope": qn}
         if eng.fused_argmax_error:
             row["fused_argmax_error"] = eng.fused_argmax_error

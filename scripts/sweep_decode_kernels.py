@@ -5,8 +5,7 @@ inside a CUDA graph, as the engine runs them.
 * ``silu_mul`` (orthrus_kernels.swiglu): the tile (``MAX_BLOCK`` columns, ``MAX_TILE`` elements per program)
   against eager ``F.silu(g) * u``, on the strided halves of a fused gate/up output, for the decode shapes' rows.
 * ``live_attention`` (orthrus_kernels.decode_attn): the split count along the keys (1, 2, 3, 4, 6 and ``auto`` =
-  ``num_splits``), each with the merge as a second kernel and (``+fused``) in the attention kernel itself
-  (``fused_merge``), AR (T = 1) and drafted (T = K) queries, at live lengths inside a static cache.
+  ``num_splits``), AR (T = 1) and drafted (T = K) queries, at live lengths inside a static cache.
 
     python scripts/sweep_decode_kernels.py --out sweep.json          # about a minute on one H200
     python scripts/sweep_decode_kernels.py --smoke --out /tmp/s.json  # CPU (Triton interpreter): the logic only
@@ -110,14 +109,14 @@ def sweep_attn(dev, dtype, calls, reps, smoke, shapes):
         kv_len = decode_attn.live_lengths(mask)
         scale = D ** -0.5
         ref = decode_attn.live_attention(q, k, v, mask, kv_len, scale, splits=1)
-        auto = decode_attn.num_splits(B * Hkv * -(-(Hq // Hkv * T) // decode_attn.MAX_BLOCK_M), S, q.device)
-        for splits, fused in [(n, False) for n in SPLITS] + [(n, True) for n in SPLITS if n != 1]:
-            def call():
-                return decode_attn.live_attention(q, k, v, mask, kv_len, scale, splits=splits, fused_merge=fused)
-            got = call()
-            setting = (f"auto({auto})" if splits is None else f"splits{splits}") + ("+fused" if fused else "")
+        for splits in SPLITS:
+            got = decode_attn.live_attention(q, k, v, mask, kv_len, scale, splits=splits)
+            auto = decode_attn.num_splits(B * Hkv * -(-(Hq // Hkv * T) // decode_attn.MAX_BLOCK_M), S, q.device)
             rows_out.append({"kernel": "live_attention", "shape": name, "B": B, "T": T, "live": live,
-                             "setting": setting, "us": per_call_us(call, calls, reps, smoke),
+                             "setting": f"auto({auto})" if splits is None else f"splits{splits}",
+                             "us": per_call_us(lambda: decode_attn.live_attention(q, k, v, mask, kv_len, scale,
+                                                                                   splits=splits),
+                                               calls, reps, smoke),
                              "max_diff": float((got.float() - ref.float()).abs().max())})
             print(json.dumps(rows_out[-1]), flush=True)
     return rows_out

@@ -55,20 +55,6 @@ def test_profile_decode_step_fused_argmax(tmp_path):
     assert all(x["same_ids"] and x["fused_us"] > 0 and x["unfused_us"] > 0 for x in heads)
 
 
-def test_profile_decode_step_fused_merge(tmp_path):
-    """--fused-merge off on (the next GPU lease's comparison), on the CPU with the live attention in the Triton
-    interpreter, its key axis split (the interpreter's 4 "SMs"): each row says which merge ran, and the fused one
-    launches one kernel fewer per layer and pass (the tiny shape's 2 layers: 2 in an AR step, 4 in a drafted one)."""
-    pytest.importorskip("triton")
-    out = tmp_path / "m.json"
-    _run(["scripts/profile_decode_step.py", "--tiny", "--batch", "2", "--prompt-len", "6", "--steps", "1", "--attn",
-          "live", "--block-size", "4", "--fused-merge", "off", "on", "--count-ops", "--out", str(out)], tmp_path,
-         env={"TRITON_INTERPRET": "1"})
-    off, on = json.loads(out.read_text())["rows"]
-    assert (off["fused_merge"], on["fused_merge"]) == ("off", "on") and on["decode_kernels"]["attention"] == "live"
-    assert (off["ar_ops"] - on["ar_ops"], off["spec_ops"] - on["spec_ops"]) == (2, 4)
-
-
 def test_profile_decode_step_qk_norm_in_rope(tmp_path):
     """--qk-norm-in-rope off on (the next GPU lease's comparison) on a reduced Qwen3-8B (q/k norms) with the norm,
     RoPE and K/V write kernels in the Triton interpreter: each row says which ran, and the fused one launches one
@@ -165,8 +151,7 @@ def test_sweep_decode_kernels_smoke(tmp_path):
     silu = [r for r in rows if r["kernel"] == "silu_mul"]
     attn = [r for r in rows if r["kernel"] == "live_attention"]
     assert len(silu) == 7 and all(r["max_diff"] == 0 for r in silu)
-    assert [r["setting"] for r in attn][1:] == ["splits1", "splits2", "splits3", "splits4", "splits6", "auto(1)+fused",
-                                                 "splits2+fused", "splits3+fused", "splits4+fused", "splits6+fused"]
+    assert [r["setting"] for r in attn][1:] == ["splits1", "splits2", "splits3", "splits4", "splits6"]
     assert all(r["max_diff"] <= 2 ** -7 for r in attn)
 
 

@@ -157,30 +157,6 @@ def test_live_split_over_keys_matches_sdpa(splits, dtype):
             torch.testing.assert_close(out, one, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_merge_equals_the_merge_kernel(dtype):
-    """The merge done in the attention kernel by the split that finishes last (`fused_merge=True`) gives the
-    two-kernel merge's bits: T = 1, 17 and 50 (3, 51 and 150 folded query rows per kv head: one tile of 16 or 64
-    rows, or two of 128, so the counters of several tiles per kv head are exercised), NaN past each row's live
-    length, a row attending nothing, 2, 3 and 8 splits; and every tile's counter is back at 0 after each call
-    (CUDA-graph replays start from there)."""
-    B, S, D, hq, hkv = 4, 300, 64, 6, 2
-    for T in (1, 17, 50):
-        q, k, v = qkv(B, hq, hkv, T, S, D, dtype, seed=7 + T)
-        lengths = torch.tensor([0, 20, 150, S - T], device=DEV)
-        mask = masks.draft_cached_mask(lengths, S, T).clone()
-        mask[0] = False  # row 0 attends nothing
-        kv_len = decode_attn.live_lengths(mask)
-        past = torch.arange(S, device=DEV)[None, None, :, None] >= kv_len[:, None, None, None]
-        kn, vn = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
-        for splits in (2, 3, 8):
-            two = decode_attn.live_attention(q, kn, vn, mask, kv_len, 0.125, splits=splits, fused_merge=False)
-            one = decode_attn.live_attention(q, kn, vn, mask, kv_len, 0.125, splits=splits, fused_merge=True)
-            assert torch.equal(one, two) and one.stride() == two.stride()
-            assert (one[0] == 0).all() and one[1:].isfinite().all()
-            assert not decode_attn._LOCKS[torch.device(DEV)].any()
-
-
 def test_live_split_fully_masked_rows_are_zero():
     """A row attending nothing (kv_len 0) and a query attending nothing give 0 after the merge too."""
     B, hq, hkv, T, S, D = 2, 4, 2, 3, 200, 64
@@ -225,10 +201,6 @@ def test_engine_greedy_tokens_unchanged_with_split_live(monkeypatch):
     assert out["live"] == out["sdpa"]
     long_caches = [n for slots, n in chosen if slots >= 16]
     assert max(accepted) > 0 and len(long_caches) > 10 and min(long_caches) > 1
-    # the same with the splits merged in the attention kernel (decode_attn.FUSED_MERGE)
-    monkeypatch.setattr(decode_attn, "FUSED_MERGE", True)
-    fused, _, _ = tiny_engine_tokens(layers.set_decode_attention, ("live",), 16)
-    assert fused["live"] == out["sdpa"]
 
 
 def test_auto_rule_takes_live_where_it_was_timed_faster():
