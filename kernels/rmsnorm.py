@@ -51,6 +51,31 @@ if HAS_TRITON:
         return u.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
+    def _inv_rms(x, eps, inv_n, N, BY_RECIPROCAL: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) of each row of the float32 tile x (columns past N zero): the float32 sum of
+        squares, then divided by N (CPU) or times 1/N (CUDA), as torch's mean does on each."""
+        ss = tl.sum(x * x, axis=1)
+        if BY_RECIPROCAL:
+            ms = ss * inv_n
+        else:
+            ms = ss / N
+        return tl.math.rsqrt(ms + eps)
+
+    @triton.jit
+    def _scale_rows(x, r, w, o_ptr, ROUND: tl.constexpr, BF16_RNE: tl.constexpr):
+        """The norm's output in o_ptr's dtype: x * r (r per row) rounded to that dtype (16-bit x), then times the
+        weight w (float32 tile; the product of two 16-bit values is exact in float32) and rounded once more."""
+        y = x * r[:, None]
+        if ROUND:
+            if BF16_RNE:
+                y = _to_bf16_rne(y).to(tl.float32)
+            else:
+                y = y.to(o_ptr.dtype.element_ty).to(tl.float32)
+        if BF16_RNE:
+            return _to_bf16_rne(w * y)
+        return (w * y).to(o_ptr.dtype.element_ty)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr, w_ptr, o_ptr, r_ptr, s_ptr, eps, inv_n, N, H, R, sx_g, sx_h, sr_g, sr_h, sw_h,
         ROWS: tl.constexpr, BLOCK: tl.constexpr, BY_RECIPROCAL: tl.constexpr, ROUND: tl.constexpr,
@@ -75,23 +100,9 @@ if HAS_TRITON:
             else:
                 s = x
             tl.store(s_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], s, mask=ok)
-        ss = tl.sum(x * x, axis=1)
-        if BY_RECIPROCAL:
-            ms = ss * inv_n
-        else:
-            ms = ss / N
-        r = tl.math.rsqrt(ms + eps)
-        y = x * r[:, None]
-        if ROUND:  # 16-bit x: rounded to x's dtype once, then times the weight (exact product, rounded once)
-            if BF16_RNE:
-                y = _to_bf16_rne(y).to(tl.float32)
-            else:
-                y = y.to(o_ptr.dtype.element_ty).to(tl.float32)
+        r = _inv_rms(x, eps, inv_n, N, BY_RECIPROCAL)
         w = tl.load(w_ptr + h[:, None] * sw_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        if BF16_RNE:
-            o = _to_bf16_rne(w * y)
-        else:
-            o = (w * y).to(o_ptr.dtype.element_ty)
+        o = _scale_rows(x, r, w, o_ptr, ROUND, BF16_RNE)
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], o, mask=ok)
 
 

@@ -45,7 +45,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from orthrus_kernels.rmsnorm import _to_bf16_rne
+    from orthrus_kernels.rmsnorm import _inv_rms, _scale_rows, _to_bf16_rne
 
 __all__ = ["apply_rope", "rope_kv_write", "SUPPORTED_DTYPES"]
 
@@ -98,21 +98,6 @@ if HAS_TRITON:
         tl.store(o_ptr + (b * so_b + h * so_h + t * so_t)[:, None] + cols[None, :], o, mask=ok)
 
     @triton.jit
-    def _normed(x, r, w, o_ptr, ROUND: tl.constexpr, BF16_RNE: tl.constexpr):
-        """rmsnorm's per-element arithmetic: x * r rounded to x's dtype, times the weight, rounded (float32)."""
-        y = x * r[:, None]
-        if ROUND:
-            if BF16_RNE:
-                y = _to_bf16_rne(y).to(tl.float32)
-            else:
-                y = y.to(o_ptr.dtype.element_ty).to(tl.float32)
-        if BF16_RNE:
-            return _to_bf16_rne(w * y).to(tl.float32)
-        if ROUND:
-            return (w * y).to(o_ptr.dtype.element_ty).to(tl.float32)
-        return w * y
-
-    @triton.jit
     def _rope_kv_kernel(
         x_ptr, v_ptr, c_ptr, s_ptr, o_ptr, kc_ptr, vc_ptr, i_ptr, w_ptr, eps, inv_n, R, H, HQ, HKV, T, D,
         sx_b, sx_h, sx_t, sv_b, sv_h, sv_t, sc_b, sc_t, ss_b, ss_t, so_b, so_h, so_t,
@@ -140,17 +125,12 @@ if HAS_TRITON:
         x = tl.load(xrow + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         xr = tl.load(xrow + rolled[None, :], mask=okx, other=0.0).to(tl.float32)
         if NORM:  # the joint q/k RMSNorm first (rmsnorm._rms_norm_kernel's arithmetic, weight row h): x and its roll
-            ss = tl.sum(x * x, axis=1)
-            if BY_RECIPROCAL:
-                ms = ss * inv_n
-            else:
-                ms = ss / D
-            rs = tl.math.rsqrt(ms + eps)
+            rs = _inv_rms(x, eps, inv_n, D, BY_RECIPROCAL)
             wrow = w_ptr + (h * sw_h)[:, None]
             w = tl.load(wrow + cols[None, :], mask=okx, other=0.0).to(tl.float32)
             wr = tl.load(wrow + rolled[None, :], mask=okx, other=0.0).to(tl.float32)
-            x = _normed(x, rs, w, o_ptr, ROUND, BF16_RNE)
-            xr = _normed(xr, rs, wr, o_ptr, ROUND, BF16_RNE)
+            x = _scale_rows(x, rs, w, o_ptr, ROUND, BF16_RNE).to(tl.float32)
+            xr = _scale_rows(xr, rs, wr, o_ptr, ROUND, BF16_RNE).to(tl.float32)
         c = tl.load(c_ptr + (b * sc_b + t * sc_t)[:, None] + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + (b * ss_b + t * ss_t)[:, None] + cols[None, :], mask=okx, other=0.0).to(tl.float32)
         o = _rotate(x, xr, c, s, o_ptr, ROUND, BF16_RNE)
