@@ -207,17 +207,16 @@ def rope_kv_write(x: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torc
     up to the order of the float32 sum of squares, as the norm kernel is to torch). One launch fewer per layer and
     pass. The K/V written are the normed, rotated k heads and the plain v."""
     what = "rope_kv_write kernel"
+    if x.dim() != 4:
+        raise ValueError(f"{what}: x must be (B, H, T, D), got shape {tuple(x.shape)}")
+    B, H, T, D = x.shape
     if norm_weight is not None:
-        if x.dim() != 4 or norm_weight.shape != (x.shape[1], x.shape[3]):
-            raise ValueError(f"{what}: norm_weight must be (Hq + Hkv, D) = {(x.shape[1], x.shape[-1])}, got "
-                             f"{tuple(norm_weight.shape)}")
+        if norm_weight.shape != (H, D):
+            raise ValueError(f"{what}: norm_weight must be (Hq + Hkv, D) = {(H, D)}, got {tuple(norm_weight.shape)}")
         if norm_weight.dtype != x.dtype:
             raise TypeError(f"{what}: norm_weight dtype {norm_weight.dtype} must be x's dtype {x.dtype}")
         if norm_weight.stride(-1) != 1:
             norm_weight = norm_weight.contiguous()
-    if x.dim() != 4:
-        raise ValueError(f"{what}: x must be (B, H, T, D), got shape {tuple(x.shape)}")
-    B, H, T, D = x.shape
     hkv = H - q_heads
     if not 0 < q_heads < H:
         raise ValueError(f"{what}: q_heads must be in 1..{H - 1} for x of {H} heads, got {q_heads}")

@@ -109,9 +109,9 @@ def sweep_attn(dev, dtype, calls, reps, smoke, shapes):
         kv_len = decode_attn.live_lengths(mask)
         scale = D ** -0.5
         ref = decode_attn.live_attention(q, k, v, mask, kv_len, scale, splits=1)
+        auto = decode_attn.num_splits(B * Hkv * -(-(Hq // Hkv * T) // decode_attn.MAX_BLOCK_M), S, q.device)
         for splits in SPLITS:
             got = decode_attn.live_attention(q, k, v, mask, kv_len, scale, splits=splits)
-            auto = decode_attn.num_splits(B * Hkv * -(-(Hq // Hkv * T) // decode_attn.MAX_BLOCK_M), S, q.device)
             rows_out.append({"kernel": "live_attention", "shape": name, "B": B, "T": T, "live": live,
                              "setting": f"auto({auto})" if splits is None else f"splits{splits}",
                              "us": per_call_us(lambda: decode_attn.live_attention(q, k, v, mask, kv_len, scale,

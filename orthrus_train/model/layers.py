@@ -641,15 +641,13 @@ def project_qkv(attn, h: torch.Tensor, view: str, cos, sin, joint: bool = False,
             if w is None or w.shape != (Hq + Hkv, D):  # no fusion attached: built here, as before
                 w = torch.cat([qn.weight.expand(Hq, D), kn.weight.expand(Hkv, D)])
         fused_kv = None if kv is None else _kv_write_kernels(qk, v, cos, kv)
-        if fused_kv is not None and w is not None and _qk_norm_in_rope(qk, w):  # norm, RoPE, cache write: one kernel
-            qk = fused_kv.rope_kv_write(qk.transpose(1, 2), v.transpose(1, 2), cos, sin, kv.k, kv.v, kv.index, Hq,
-                                        w, qn.variance_epsilon)
-            return qk[:, :Hq], qk[:, Hq:], v.transpose(1, 2)
-        if w is not None:
+        # the norm in the RoPE + K/V write kernel (`QK_NORM_IN_ROPE`), or here before it
+        norm_args = (w, qn.variance_epsilon) if fused_kv is not None and w is not None and _qk_norm_in_rope(qk, w) else ()
+        if w is not None and not norm_args:
             qk = decode_rms_norm(qk, w, qn.variance_epsilon)
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)
-        if fused_kv is not None:  # the RoPE and the cache write in one kernel
-            qk = fused_kv.rope_kv_write(qk, v, cos, sin, kv.k, kv.v, kv.index, Hq)
+        if fused_kv is not None:  # the RoPE and the cache write (and the norm: norm_args) in one kernel
+            qk = fused_kv.rope_kv_write(qk, v, cos, sin, kv.k, kv.v, kv.index, Hq, *norm_args)
             return qk[:, :Hq], qk[:, Hq:], v
         qk = decode_apply_rope(qk, cos, sin)
         q, k = qk[:, :Hq], qk[:, Hq:]
